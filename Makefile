@@ -1,0 +1,41 @@
+# aivh-ens: `make demo` (install, build the demo dataset, cv x2, blend, submit) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Offline-safe: no hub look-ups (each costs ~47 s offline before failing), no albumentations update check.
+export HF_HUB_OFFLINE ?= 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PYTHONUNBUFFERED := 1
+DEMO ?= demo
+DEMO_N ?= 2000
+
+.PHONY: install demo test bench lint clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision pinned here only to the versions this machine serves from disk; pyproject allows a range.
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/aivh-ens demo-data $(DEMO)/data --n $(DEMO_N) --force
+	$(VENV)/bin/aivh-ens cv --recipe tiny --model test_efficientnet --name tiny-effnet --data $(DEMO)/data --group pairs --workdir $(DEMO) --quiet
+	$(VENV)/bin/aivh-ens cv --recipe tiny --model test_convnext --name tiny-convnext --data $(DEMO)/data --group pairs --workdir $(DEMO) --quiet
+	@echo "demo OOF files: $$(ls $(DEMO)/oof/*.csv | tr '\n' ' ')"
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: install
+	$(VENV)/bin/ruff check aivh_ens tests bench
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,205 @@
+"""The resolved configuration of one run: frozen, built as defaults -> recipe -> CLI flags, saved as JSON.
+
+A (run, fold) training job is a pure function of a ``RunConfig`` plus the fold index, so it can be sent to
+another process, GPU or machine. Nothing mutates a config after it is built: use ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from aivh_ens.errors import UserError
+
+CONFIG_VERSION = 1
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "lamb")
+SCHEDULERS = ("cosine", "step", "onecycle", "constant")
+MODES = ("resize", "crop")
+AMP_MODES = ("bf16", "fp16", "none")
+SELECT = ("f1", "auc", "loss", "last")
+ON_BAD_IMAGE = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one run's training. Field docs double as the CLI/recipe reference."""
+
+    # -- identity and data
+    name: str = ""  # run name: runs/<name>/, oof/<name>.csv (default: derived from model and recipe)
+    model: str = "efficientnet_b0"  # any timm name, or "a+b" for a fused two-backbone model
+    recipe: str = "none"
+    data: str = "."  # dataset folder holding train.csv / test.csv (paths inside are relative to it)
+    train_csv: str = "train.csv"
+    test_csv: str = "test.csv"
+    file_col: str = "file_name"
+    label_col: str = "label"
+    id_col: str = "id"
+    on_bad_image: str = "error"  # error | skip (skipped rows are recorded in runs/<run>/skipped.csv)
+
+    # -- folds
+    folds: int = 5
+    seed: int = 42
+    group: str | None = None  # None | "pairs" (row // 2) | a column of train.csv
+
+    # -- model
+    pretrained: bool = False  # timm pretrained weights from the HF cache (offline: needs a populated cache)
+    weights: str | None = None  # local weights file (.safetensors/.pth); "a,b" for fused models
+    head_hidden: tuple[int, ...] = ()  # () = timm's own classifier; else an MLP on pooled features
+    head_dropout: float = 0.0
+    head_bn: bool = False  # BatchNorm on the pooled features before the MLP head
+    train_last: int | None = None  # None = train everything; 0 = frozen backbone; N = last N param tensors
+    drop_rate: float | None = None  # timm drop_rate override
+    drop_path_rate: float | None = None
+
+    # -- preprocessing and augmentation
+    mode: str = "resize"  # resize: whole image to img_size; crop: native-resolution crops of img_size
+    img_size: int | None = None  # None = the model's default input size
+    train_resize: int | None = None  # resize to this before a random crop (e.g. 255 -> RRC 224)
+    eval_resize: int | None = None  # resize to this, then centre crop img_size (e.g. 232 -> 224)
+    rrc_scale: tuple[float, float] | None = None  # RandomResizedCrop area range; None = no RRC
+    hflip: float = 0.5
+    rotate: float = 0.0  # degrees, uniform in [-rotate, rotate]
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength (hue at a quarter of it)
+    jpeg_p: float = 0.0  # probability of re-compressing as JPEG
+    jpeg_quality: tuple[int, int] = (60, 95)
+    blur_p: float = 0.0
+    mean: tuple[float, float, float] | None = None  # None = the model's data config
+    std: tuple[float, float, float] | None = None
+    interpolation: str = "area"  # area | linear | cubic (cv2) for resizes
+    tta: str = "none"  # the run's default test-time augmentation
+
+    # -- optimisation
+    epochs: int = 10
+    batch_size: int = 32
+    accum_steps: int = 1
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    cosine_epochs: float | None = None  # cosine period (T_max) in epochs; None = the whole run
+    step_gamma: float = 0.7
+    step_epochs: float = 1.0
+    onecycle_pct_start: float = 0.3
+    onecycle_div: float = 25.0
+    onecycle_final_div: float = 1e4
+    label_smoothing: float = 0.0
+    clip_grad: float | None = None
+    ema_decay: float | None = None  # e.g. 0.999; evaluation and best weights then use the EMA model
+    early_stop: int | None = None  # patience in epochs on the selection metric
+    select: str = "f1"  # metric picking the best epoch: f1 | auc | loss | last
+
+    # -- hardware
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "bf16"  # bf16 | fp16 | none (CUDA only; CPU always runs fp32)
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    workers: int | None = None  # DataLoader workers; None = one per core (up to 8) on CUDA, 0 on CPU
+    eval_batch_size: int | None = None  # None = 2 x batch_size
+    deterministic: bool = False  # cudnn deterministic algorithms (slower on GPU; CPU is deterministic)
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into config.json
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def backbones(self) -> list[str]:
+        """The timm names this run's model is made of (two for a fused model)."""
+        return self.model.split("+")
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise UserError(f"{name} must be one of {', '.join(options)}; got {value!r}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check ranges and choices; raise UserError naming the field and what was expected."""
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _choice("scheduler", cfg.scheduler, SCHEDULERS)
+    _choice("mode", cfg.mode, MODES)
+    _choice("amp", cfg.amp, AMP_MODES)
+    _choice("select", cfg.select, SELECT)
+    _choice("on_bad_image", cfg.on_bad_image, ON_BAD_IMAGE)
+    if cfg.folds < 2:
+        raise UserError(f"--folds must be at least 2 (got {cfg.folds}): one fold leaves nothing to train on")
+    for name in ("epochs", "batch_size", "accum_steps"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
+    if cfg.img_size is not None and cfg.img_size < 8:
+        raise UserError(f"--img-size must be >= 8 (got {cfg.img_size})")
+    if not cfg.lr > 0:
+        raise UserError(f"--lr must be > 0 (got {cfg.lr})")
+    if cfg.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", cfg.name):
+        raise UserError(f"run name {cfg.name!r} must use letters, digits, '_', '-', '.' (it names a folder)")
+    if cfg.rrc_scale is not None and not (0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1):
+        raise UserError(f"rrc_scale must satisfy 0 < lo <= hi <= 1 (got {cfg.rrc_scale})")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UserError(f"--label-smoothing must be in [0, 1) (got {cfg.label_smoothing})")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        raise UserError(f"--ema must be in (0, 1) (got {cfg.ema_decay})")
+    if not cfg.model or any(not m for m in cfg.backbones) or len(cfg.backbones) > 2:
+        raise UserError(f"--model must be a timm name or two joined by '+' (got {cfg.model!r})")
+    if cfg.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
+
+
+def default_run_name(model: str, recipe: str) -> str:
+    """A folder-safe run name: the model, plus the recipe when one is used."""
+    base = re.sub(r"[^A-Za-z0-9_.\-]+", "-", model)
+    return base if recipe in ("", "none") else f"{base}-{recipe}"
+
+
+_TUPLE_FIELDS = {f.name for f in fields(RunConfig) if str(f.type).startswith("tuple")}
+# Fields that may differ between two configs of the same run without changing what it trains.
+RUNTIME_FIELDS = ("device", "workers", "eval_batch_size", "compile", "extra", "on_bad_image")
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain-JSON dict of a config (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def from_dict(d: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from a dict, rejecting unknown keys with the list of valid ones."""
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise UserError(f"unknown config keys {unknown}; valid keys are {sorted(known)}")
+    kw = {k: tuple(v) if k in _TUPLE_FIELDS and isinstance(v, list) else v for k, v in d.items()}
+    try:
+        return RunConfig(**kw)
+    except TypeError as e:
+        raise UserError(f"invalid config: {e}") from None
+
+
+def training_identity(cfg: RunConfig) -> dict[str, Any]:
+    """The part of a config that defines what a run trains (everything but runtime-only fields)."""
+    d = to_dict(cfg)
+    for k in RUNTIME_FIELDS:
+        d.pop(k, None)
+    return d
+
+
+def load_run_config(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
+    """Read runs/<run>/config.json: returns the RunConfig and the whole JSON (fold file, versions, ...)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: run `aivh-ens cv` for this run first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); delete the run folder and re-run cv") from None
+    if not isinstance(doc, dict) or doc.get("version") != CONFIG_VERSION or "config" not in doc:
+        raise UserError(f"{path}: expected a run config with version {CONFIG_VERSION} and a 'config' object")
+    if not isinstance(doc["config"], dict):
+        raise UserError(f"{path}: 'config' must be an object")
+    return from_dict(doc["config"]), doc

@@ -1,0 +1,216 @@
+"""`aivh-ens cv` end to end on generated data: OOF contract, resume, locks, refusals, bad images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from aivh_ens import train as train_mod
+from aivh_ens.cli import main
+from aivh_ens.metrics import f1
+from aivh_ens.synth import make_demo_dataset
+
+# Tiny and fast: 32 px, 1-2 epochs, 3 folds over 120 images.
+FAST = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", "3", "--group", "pairs",
+        "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("demo") / "data"
+    make_demo_dataset(d, n=120, n_test=20, seed=3)
+    return d
+
+
+def cv(workdir: Path, data: Path, *extra: str):
+    res = CliRunner().invoke(main, ["cv", *FAST, "--data", str(data), "--workdir", str(workdir), *extra])
+    return res
+
+
+def assert_user_error(res, *needles: str) -> None:
+    """Exit 2, one line starting with 'error:', no traceback, each needle in it."""
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.output
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def no_temp_files(root: Path) -> bool:
+    return not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_cv_writes_the_oof_contract(tmp_path, data):
+    res = cv(tmp_path, data, "--epochs", "2", "--name", "r1")
+    assert res.exit_code == 0, res.output
+    assert "fold file: " in res.output and "k3_s42_gpairs.csv" in res.output
+    assert "OOF at 0.5: f1" in res.output
+    oof = pd.read_csv(tmp_path / "oof" / "r1.csv")
+    train = pd.read_csv(data / "train.csv")
+    folds = pd.read_csv(tmp_path / "folds" / "k3_s42_gpairs.csv")
+    assert list(oof.columns) == ["file_name", "label", "fold", "prob"]
+    assert oof["file_name"].tolist() == train["file_name"].tolist()  # train.csv order, every row once
+    assert (oof["label"] == train["label"]).all() and (oof["fold"] == folds["fold"]).all()
+    assert oof["prob"].between(0, 1).all() and oof["prob"].nunique() > 10
+    cfg = json.loads((tmp_path / "runs" / "r1" / "config.json").read_text())
+    assert cfg["fold_file"] == "folds/k3_s42_gpairs.csv" and len(cfg["fold_sha256"]) == 64
+    assert cfg["config"]["model"] == "test_efficientnet" and "torch" in cfg["versions"]
+    for k in range(3):
+        fdir = tmp_path / "runs" / "r1" / f"fold{k}"
+        m = pd.read_csv(fdir / "metrics.csv")
+        assert list(m["epoch"]) == [1, 2]
+        assert {"train_loss", "val_loss", "val_acc", "val_f1", "val_auc", "lr", "img_s", "seconds"} <= set(m)
+        assert (fdir / "best.safetensors").stat().st_size > 0 and not (fdir / "state.pt").exists()
+        done = json.loads((fdir / "done.json").read_text())
+        assert done["best_epoch"] in (1, 2)
+        # The OOF rows of this fold are the best epoch's validation predictions.
+        rows = oof[oof["fold"] == k]
+        assert abs(done["val_f1"] - f1(rows["label"], rows["prob"] >= 0.5)) < 1e-9
+        assert abs(done["val_f1"] - m.loc[done["best_epoch"] - 1, "val_f1"]) < 1e-5
+    assert no_temp_files(tmp_path)
+
+
+def test_finished_folds_are_not_retrained(tmp_path, data, monkeypatch):
+    assert cv(tmp_path, data, "--epochs", "1", "--name", "r").exit_code == 0
+    before = (tmp_path / "oof" / "r.csv").read_bytes()
+
+    def boom(*a, **k):
+        raise AssertionError("a finished fold was retrained")
+
+    monkeypatch.setattr("aivh_ens.cv.fit_fold", boom)
+    res = cv(tmp_path, data, "--epochs", "1", "--name", "r")
+    assert res.exit_code == 0, res.output
+    assert res.output.count("already done") == 3
+    assert (tmp_path / "oof" / "r.csv").read_bytes() == before
+
+
+def test_resume_equals_uninterrupted(tmp_path, data, monkeypatch):
+    ref = tmp_path / "ref"
+    assert cv(ref, data, "--epochs", "3", "--fold", "0", "--name", "r").exit_code == 0
+
+    # Interrupt after the first epoch's state is saved (as a kill would), then resume.
+    real_save = train_mod._save_state
+    calls = {"n": 0}
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_mod, "_save_state", save_then_die)
+    res = cv(run, data, "--epochs", "3", "--fold", "0", "--name", "r")
+    assert res.exit_code != 0 and (run / "runs/r/fold0/state.pt").exists()
+    assert not (run / "runs/r/fold0/done.json").exists()
+
+    refused = cv(run, data, "--epochs", "3", "--fold", "0", "--name", "r")
+    assert_user_error(refused, "--resume")
+
+    res = cv(run, data, "--epochs", "3", "--fold", "0", "--name", "r", "--resume")
+    assert res.exit_code == 0, res.output
+    assert "resuming after epoch 1" in res.output
+    a = pd.read_csv(ref / "runs/r/fold0/oof.csv")
+    b = pd.read_csv(run / "runs/r/fold0/oof.csv")
+    np.testing.assert_array_equal(a["prob"].to_numpy(), b["prob"].to_numpy())
+    ma, mb = pd.read_csv(ref / "runs/r/fold0/metrics.csv"), pd.read_csv(run / "runs/r/fold0/metrics.csv")
+    np.testing.assert_allclose(ma["train_loss"], mb["train_loss"], rtol=0, atol=0)
+
+
+def test_folds_in_separate_invocations_assemble_oof_once(tmp_path, data):
+    r1 = cv(tmp_path, data, "--epochs", "1", "--fold", "0", "--name", "s")
+    assert r1.exit_code == 0 and "OOF not written yet: fold(s) 1, 2" in r1.output
+    assert not (tmp_path / "oof" / "s.csv").exists()
+    r2 = cv(tmp_path, data, "--epochs", "1", "--fold", "1,2", "--name", "s")
+    assert r2.exit_code == 0, r2.output
+    assert r2.output.count("wrote ") == 1
+    assert len(pd.read_csv(tmp_path / "oof" / "s.csv")) == 120
+
+
+def test_changed_config_and_fold_file_are_refused(tmp_path, data):
+    assert cv(tmp_path, data, "--epochs", "1", "--fold", "0", "--name", "c").exit_code == 0
+    assert_user_error(cv(tmp_path, data, "--epochs", "2", "--fold", "0", "--name", "c"), "epochs", "--force")
+    fold_file = tmp_path / "folds" / "k3_s42_gpairs.csv"
+    df = pd.read_csv(fold_file)
+    df.loc[[0, 1], "fold"] = (df.loc[[0, 1], "fold"] + 1) % 3
+    df.to_csv(fold_file, index=False)
+    assert_user_error(cv(tmp_path, data, "--epochs", "1", "--fold", "0", "--name", "c"), "fold file", "changed")
+
+
+def test_live_lock_refused_and_stale_lock_taken_over(tmp_path, data):
+    lock = tmp_path / "runs" / "l" / "fold0.lock"
+    lock.parent.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        res = cv(tmp_path, data, "--epochs", "1", "--fold", "0", "--name", "l")
+        assert_user_error(res, "locked by PID", str(sleeper.pid), "fold0.lock")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    res = cv(tmp_path, data, "--epochs", "1", "--fold", "0", "--name", "l")  # the PID is dead now: stale
+    assert res.exit_code == 0, res.output
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--model", "efficientnet_b44"], ["unknown timm model", "efficientnet_b4"]),
+        (["--recipe", "tinyy"], ["unknown recipe", "tiny"]),
+        (["--folds", "1"], ["--folds", "at least 2"]),
+        (["--folds", "70"], ["smallest class"]),
+        (["--fold", "7"], ["--fold 7", "0..2"]),
+        (["--group", "site"], ["site"]),
+        (["--device", "cuda"], ["no CUDA device"]),
+        (["--train-csv", "nope.csv"], ["nope.csv"]),
+    ],
+)
+def test_bad_cv_input_is_one_line_exit_2(tmp_path, data, args, needles):
+    res = cv(tmp_path, data, "--epochs", "1", *args)
+    assert_user_error(res, *needles)
+    assert not list((tmp_path / "oof").glob("*.csv")) if (tmp_path / "oof").exists() else True
+    assert no_temp_files(tmp_path)
+
+
+def test_corrupt_image_stops_or_is_skipped(tmp_path, data):
+    bad_data = tmp_path / "data"
+    shutil.copytree(data, bad_data)
+    victim = pd.read_csv(bad_data / "train.csv")["file_name"][5]
+    raw = (bad_data / victim).read_bytes()
+    (bad_data / victim).write_bytes(raw[: len(raw) // 3])  # truncated JPEG: header fine, pixels missing
+    res = cv(tmp_path / "w1", bad_data, "--epochs", "1", "--fold", "0")
+    assert_user_error(res, victim, "--on-bad-image skip")
+    res = cv(tmp_path / "w2", bad_data, "--epochs", "1", "--on-bad-image", "skip", "--name", "sk")
+    assert res.exit_code == 0, res.output
+    skipped = pd.read_csv(tmp_path / "w2" / "runs" / "sk" / "skipped.csv")
+    assert skipped["file_name"].tolist() == [victim]
+    oof = pd.read_csv(tmp_path / "w2" / "oof" / "sk.csv")
+    assert len(oof) == 119 and victim not in set(oof["file_name"])
+
+
+def test_cli_help_lists_examples():
+    res = CliRunner().invoke(main, ["cv", "--help"])
+    assert res.exit_code == 0 and "aivh-ens cv --recipe tiny" in res.output and "--resume" in res.output
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_console_script_exit_code_for_bad_input(tmp_path):
+    exe = Path(sys.executable).with_name("aivh-ens")
+    res = subprocess.run([str(exe), "cv", "--model", "test_efficientnet", "--data", str(tmp_path)],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error:") and "train.csv" in res.stderr
+    assert "Traceback" not in res.stderr
