@@ -1,0 +1,800 @@
+"""Tests for aivh_ens.data: CSV tables, path safety, image decoding; every fixture is made in tmp_path."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageFile, ImageOps
+
+from aivh_ens.data import (
+    MAX_PIXELS,
+    MIN_SIDE,
+    BadImageError,
+    image_size,
+    load_image,
+    read_test_table,
+    read_train_table,
+    resolve_image_path,
+)
+from aivh_ens.errors import UserError
+
+FIX = "remove or replace the file, or pass --on-bad-image skip"
+TRAIN_FILES = [f"train_data/{c}.jpg" for c in "abcde"]  # all exist in the data fixture
+TEST_FILES = [f"test_data_v2/{c}.jpg" for c in "xyz"]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """A Kaggle-layout folder: data/train_data/{a..e}.jpg and data/test_data_v2/{x,y,z}.jpg (empty files)."""
+    root = tmp_path / "data"
+    for rel in TRAIN_FILES + TEST_FILES:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).touch()
+    return root
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+def _one_line_naming(err: pytest.ExceptionInfo[UserError], *fragments: str) -> None:
+    msg = str(err.value)
+    assert "\n" not in msg
+    for frag in fragments:
+        assert frag in msg, f"{frag!r} not in {msg!r}"
+
+
+# ---- train table: good files --------------------------------------------------------------------------
+
+A, B, C = TRAIN_FILES[:3]
+GOOD_TRAIN = [
+    pytest.param(f"file_name,label\n{A},1\n{B},0\n", {}, [A, B], [1, 0], None, id="plain"),
+    pytest.param(
+        f"Unnamed: 0,file_name,label\n0,{A},1\n1,{B},0\n", {}, [A, B], [1, 0], None, id="unnamed-index"
+    ),
+    pytest.param(f",file_name,label\n0,{A},1\n1,{B},0\n", {}, [A, B], [1, 0], None, id="empty-index-header"),
+    pytest.param(f"file_name,label\n0,{A},1\n1,{B},0\n", {}, [A, B], [1, 0], None, id="index-without-header"),
+    pytest.param(
+        f"\ufefffile_name,label\r\n{A},1\r\n{B},0\r\n", {}, [A, B], [1, 0], None, id="utf8-bom-and-crlf"
+    ),
+    pytest.param(f"file_name,label\n{A},1.0\n{B}, 0.00\n", {}, [A, B], [1, 0], None, id="integral-floats"),
+    pytest.param(
+        f"\nfile_name,label\n\n{A},1\n\n{B},0\n,\n,\n", {}, [A, B], [1, 0], None, id="blank-and-empty-rows"
+    ),
+    pytest.param(f"file_name,label,\n{A},1,\n{B},0,\n", {}, [A, B], [1, 0], None, id="trailing-commas"),
+    pytest.param(f"file_name,label\n{A},1,\n{B},0,\n", {}, [A, B], [1, 0], None, id="trailing-commas-rows"),
+    pytest.param(f'"file_name","label"\n"{A}","1"\n', {}, [A], [1], None, id="quoted"),
+    pytest.param(f"label,extra,file_name\n0,x,{B}\n1,y,{A}\n", {}, [B, A], [0, 1], None, id="column-order"),
+    pytest.param(
+        f"image,target\n{A},1\n{B},0\n",
+        {"file_col": "image", "label_col": "target"},
+        [A, B],
+        [1, 0],
+        None,
+        id="renamed-columns",
+    ),
+    pytest.param(
+        f"file_name,label,src\n{A},1,07\n{B},0,07\n{C},1,x\n",
+        {"group_col": "src"},
+        [A, B, C],
+        [1, 0, 1],
+        ["07", "07", "x"],
+        id="group-column",
+    ),
+    pytest.param(f"file_name,label\n./{A},1\n", {}, [f"./{A}"], [1], None, id="dot-slash-kept-as-written"),
+]
+
+
+@pytest.mark.parametrize(("text", "kwargs", "files", "labels", "groups"), GOOD_TRAIN)
+def test_read_train_table_good(
+    data: Path, text: str, kwargs: dict, files: list, labels: list, groups
+) -> None:
+    _write(data / "train.csv", text)
+    df = read_train_table(data, **kwargs)
+    assert list(df.columns) == ["file_name", "label"] + (["group"] if groups else [])
+    assert df["file_name"].tolist() == files
+    assert df["label"].dtype == np.int64
+    assert df["label"].tolist() == labels
+    assert isinstance(df.index, pd.RangeIndex)
+    if groups:
+        assert df["group"].tolist() == groups
+
+
+# ---- train table: bad files ---------------------------------------------------------------------------
+
+BAD_TRAIN = [
+    pytest.param(
+        f"file_name;label\n{A};1\n",
+        {},
+        ["train.csv looks semicolon-separated; expected comma-separated columns file_name,label"],
+        id="semicolon",
+    ),
+    pytest.param(
+        f"file_name\tlabel\n{A}\t1\n", {}, ["train.csv looks tab-separated", "file_name,label"], id="tab"
+    ),
+    pytest.param(None, {}, ["train.csv not found", "--data"], id="missing-file"),
+    pytest.param("", {}, ["train.csv is empty", "file_name,label"], id="empty-file"),
+    pytest.param(" \n\n", {}, ["train.csv is empty"], id="blank-file"),
+    pytest.param(',,\n""\n', {}, ["train.csv is empty"], id="only-empty-cells"),
+    pytest.param("file_name,label\n", {}, ["train.csv has a header", "no rows"], id="header-only"),
+    pytest.param(
+        f"file_name,target\n{A},1\n",
+        {},
+        ["no column 'label'", "columns found: file_name, target", "--label-col target"],
+        id="no-label-column",
+    ),
+    pytest.param(
+        f"Unnamed: 0,image_path,label\n0,{A},1\n",
+        {},
+        ["no column 'file_name'", "columns found: image_path, label", "--file-col image_path"],
+        id="no-file-column",
+    ),
+    pytest.param(f"a,b\n{A},1\n", {}, ["columns found: a, b", "--file-col COLUMN"], id="no-guess"),
+    pytest.param(f"file_name,label\n{A},1\n{B},ai\n", {}, ["line 3", "'ai'", "must be 0"], id="label-string"),
+    pytest.param(f"file_name,label\n{A},2\n", {}, ["line 2", "'2'", "0 (human-made) or 1"], id="label-2"),
+    pytest.param(f"file_name,label\n{A},-1\n", {}, ["line 2", "'-1'", "0 or 1"], id="label-minus-1"),
+    pytest.param(f"file_name,label\n{A},1\n{B},NaN\n", {}, ["line 3", "'NaN'"], id="label-nan"),
+    pytest.param(f"file_name,label\n{A},\n", {}, ["line 2", "''", "0 or 1"], id="label-empty"),
+    pytest.param(
+        f"file_name,label\n{A},0.5\n{B},7\n", {}, ["line 2", "'0.5'", "2 bad rows"], id="label-float"
+    ),
+    pytest.param(f"file_name,label\n\n\n{A},1\n{B},x\n", {}, ["line 5", "'x'"], id="line-counts-blank-lines"),
+    pytest.param(
+        f'file_name,label,note\n{A},1,"two\nlines"\n{B},3,x\n',
+        {},
+        ["line 4", "'3'"],
+        id="line-counts-multiline",
+    ),
+    pytest.param(
+        f"file_name,label\n{A},1\n{B},0\n{A},0\n{B},1\n",
+        {},
+        ["2 images more than once", f"{A} on lines 2, 4", f"{B} on lines 3, 5"],
+        id="duplicates",
+    ),
+    pytest.param(
+        f"file_name,label\n{A},1\n./{A},0\n",
+        {},
+        ["1 image more than once", "lines 2, 3"],
+        id="duplicate-normalized",
+    ),
+    pytest.param(f"file_name,label\n{A},1\n,0\n", {}, ["line 3", "file_name is empty"], id="file-empty"),
+    pytest.param(
+        f"file_name,label\n{A},1\nNaN,0\n", {}, ["line 3", "file_name is missing ('NaN')"], id="file-nan"
+    ),
+    pytest.param(
+        f"file_name,label\n{A},1\n",
+        {"group_col": "src"},
+        ["no column 'src'", "columns found: file_name, label", "--group"],
+        id="group-missing",
+    ),
+    pytest.param(
+        f"file_name,label,src\n{A},1,g\n{B},0,\n",
+        {"group_col": "src"},
+        ["line 3", "src is empty"],
+        id="group-empty",
+    ),
+    pytest.param(
+        f"file_name,label,src\n{A},1,nan\n",
+        {"group_col": "src"},
+        ["line 2", "src is missing"],
+        id="group-nan",
+    ),
+    pytest.param(
+        f"file_name,label\n{A},1\n/etc/passwd,0\n", {}, ["line 3", "'/etc/passwd' is absolute"], id="abs"
+    ),
+    pytest.param(
+        "file_name,label\n../secret.jpg,0\n", {}, ["line 2", "escapes the data folder"], id="dotdot"
+    ),
+    pytest.param(
+        "file_name,label\ntrain_data/../../x.jpg,0\n",
+        {},
+        ["line 2", "escapes the data folder"],
+        id="dotdot-inner",
+    ),
+    pytest.param(
+        f"file_name,label\n{A},1\ntrain_data/x.jpg,0\n{B},1\ntrain_data/y.jpg,1\n",
+        {},
+        [
+            "2 of 4 images listed in train.csv are missing under",
+            "train_data/x.jpg line 3, train_data/y.jpg line 5",
+        ],
+        id="missing-images",
+    ),
+    pytest.param(
+        "file_name,label\n" + "".join(f"nope/{i}.jpg,1\n" for i in range(7)),
+        {},
+        ["7 of 7 images", "nope/0.jpg line 2", "nope/4.jpg line 6, ...", "the folder that holds nope"],
+        id="all-missing",
+    ),
+    pytest.param(
+        f"file_name,label\n{A},1\ntrain_data/x,y.jpg,0\n",
+        {},
+        ["line 3 has 3 cells", "header (line 1) has 2"],
+        id="cells",
+    ),
+    pytest.param(
+        f"file_name,label,label\n{A},1,0\n", {}, ["two columns named 'label'"], id="duplicate-column"
+    ),
+    pytest.param("file_name,label\n".encode("utf-16"), {}, ["UTF-16", "UTF-8"], id="utf16"),
+    pytest.param(
+        b"file_name,label\ntrain_data/\xe9.jpg,1\n", {}, ["line 2 is not UTF-8", "0xe9"], id="latin1"
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "kwargs", "fragments"), BAD_TRAIN)
+def test_read_train_table_bad(
+    data: Path, text: str | bytes | None, kwargs: dict, fragments: list[str]
+) -> None:
+    if text is not None:
+        _write(data / "train.csv", text)
+    with pytest.raises(UserError) as err:
+        read_train_table(data, **kwargs)
+    _one_line_naming(err, *fragments)
+
+
+def test_missing_data_dir_names_the_option(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as err:
+        read_train_table(tmp_path / "nowhere")
+    _one_line_naming(err, "data folder", "nowhere does not exist", "--data")
+
+
+def test_missing_csv_lists_csvs_found(data: Path) -> None:
+    _write(data / "labels.csv", "x\n")
+    with pytest.raises(UserError) as err:
+        read_train_table(data)
+    _one_line_naming(err, "train.csv not found", "labels.csv", "--data")
+
+
+def test_missing_images_message_matches_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "data"
+    (root / "train_data").mkdir(parents=True)
+    for i in range(10):
+        (root / f"train_data/{i}.jpg").touch()
+    rows = [f"train_data/{i}.jpg,{i % 2}" for i in range(13)]
+    _write(root / "train.csv", "file_name,label\n" + "\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as err:
+        read_train_table("data")
+    assert str(err.value).startswith(
+        "3 of 13 images listed in train.csv are missing under data/ "
+        "(first: train_data/10.jpg line 12, train_data/11.jpg line 13, train_data/12.jpg line 14)"
+    )
+
+
+def test_check_files_false_skips_existence_not_escapes(data: Path) -> None:
+    _write(data / "train.csv", "file_name,label\nnot/there.jpg,1\n")
+    assert read_train_table(data, check_files=False)["file_name"].tolist() == ["not/there.jpg"]
+    _write(data / "train.csv", "file_name,label\n../there.jpg,1\n")
+    with pytest.raises(UserError, match="escapes"):
+        read_train_table(data, check_files=False)
+
+
+def test_csv_path_outside_data_dir_is_allowed(data: Path, tmp_path: Path) -> None:
+    # A cleaned copy of the CSV may live elsewhere; image paths stay relative to data_dir.
+    csv = _write(tmp_path / "clean.csv", f"file_name,label\n{A},1\n")
+    assert read_train_table(data, csv=str(csv))["file_name"].tolist() == [A]
+
+
+# ---- symlinks and resolve_image_path ------------------------------------------------------------------
+
+
+def _symlinks(data: Path, outside: Path) -> None:
+    outside.mkdir()
+    (outside / "o.jpg").touch()
+    (data / "train_data" / "in_link.jpg").symlink_to(data / "train_data" / "a.jpg")
+    (data / "train_data" / "out_link.jpg").symlink_to(outside / "o.jpg")
+    (data / "linked_dir").symlink_to(outside, target_is_directory=True)
+    (data / "train_data" / "dangling.jpg").symlink_to(data / "train_data" / "gone.jpg")
+
+
+SYMLINK_CASES = [
+    pytest.param("train_data/in_link.jpg", None, id="symlink-inside-ok"),
+    pytest.param("train_data/out_link.jpg", "outside --data", id="file-symlink-outside"),
+    pytest.param("linked_dir/o.jpg", "outside --data", id="dir-symlink-outside"),
+    pytest.param("train_data/dangling.jpg", "missing under", id="dangling-symlink"),
+]
+
+
+@pytest.mark.parametrize(("rel", "error"), SYMLINK_CASES)
+def test_symlinks_in_table(data: Path, tmp_path: Path, rel: str, error: str | None) -> None:
+    _symlinks(data, tmp_path / "outside")
+    _write(data / "train.csv", f"file_name,label\n{A},0\n{rel},1\n")
+    if error is None:
+        assert read_train_table(data)["file_name"].tolist() == [A, rel]
+        return
+    with pytest.raises(UserError) as err:
+        read_train_table(data)
+    _one_line_naming(err, error, rel)
+    if "outside" in error:
+        _one_line_naming(err, "line 3", str(tmp_path / "outside"))
+
+
+RESOLVE_CASES = [
+    pytest.param("train_data/a.jpg", None, id="plain"),
+    pytest.param("train_data/in_link.jpg", None, id="symlink-inside"),
+    pytest.param("train_data/../train_data/a.jpg", None, id="dotdot-staying-inside"),
+    pytest.param("", "is empty", id="empty"),
+    pytest.param("/etc/passwd", "is absolute", id="absolute"),
+    pytest.param("../x.jpg", "escapes", id="dotdot"),
+    pytest.param("train_data/out_link.jpg", "outside --data", id="symlink-outside"),
+    pytest.param("linked_dir/o.jpg", "outside --data", id="dir-symlink-outside"),
+]
+
+
+@pytest.mark.parametrize(("rel", "error"), RESOLVE_CASES)
+def test_resolve_image_path(data: Path, tmp_path: Path, rel: str, error: str | None) -> None:
+    _symlinks(data, tmp_path / "outside")
+    if error is None:
+        got = resolve_image_path(data, rel)
+        assert got.is_absolute() and got == Path(os.path.abspath(data / rel))
+        return
+    with pytest.raises(UserError) as err:
+        resolve_image_path(data, rel)
+    _one_line_naming(err, error, repr(rel))
+
+
+# ---- test table ---------------------------------------------------------------------------------------
+
+X, Y, Z = TEST_FILES
+TEST_TABLE_CASES = [
+    pytest.param(f"id\n{X}\n{Y}\n{Z}\n", {}, [X, Y, Z], id="kaggle"),
+    pytest.param(f"\ufeffid\r\n{Z}\r\n{X}\r\n", {}, [Z, X], id="bom-crlf-order-kept"),
+    pytest.param(f",id\n0,{X}\n", {}, [X], id="unnamed-index"),
+    pytest.param(f"image,other\n{X},1\n", {"id_col": "image"}, [X], id="id-col"),
+    pytest.param(
+        f"file_name\n{X}\n",
+        {},
+        ["no column 'id'", "columns found: file_name", "--id-col file_name"],
+        id="no-id",
+    ),
+    pytest.param(f"id\n{X}\n{X}\n", {}, ["more than once in id", f"{X} on lines 2, 3"], id="duplicate"),
+    pytest.param(
+        f"id\n{X}\ntest_data_v2/q.jpg\n", {}, ["1 of 2 images listed in test.csv", "--id-col"], id="missing"
+    ),
+    pytest.param("id\n", {}, ["no rows"], id="header-only"),
+    pytest.param(f"id\n{X}\nnan\n", {}, ["line 3", "id is missing"], id="nan-id"),
+]
+
+
+@pytest.mark.parametrize(("text", "kwargs", "expect"), TEST_TABLE_CASES)
+def test_read_test_table(data: Path, text: str, kwargs: dict, expect: list[str]) -> None:
+    _write(data / "test.csv", text)
+    if all(e in TEST_FILES for e in expect):
+        df = read_test_table(data, **kwargs)
+        assert list(df.columns) == ["id"] and df["id"].tolist() == expect
+        assert isinstance(df.index, pd.RangeIndex)
+        return
+    with pytest.raises(UserError) as err:
+        read_test_table(data, **kwargs)
+    _one_line_naming(err, *expect)
+
+
+# ---- images: fixtures ---------------------------------------------------------------------------------
+
+H, W = 24, 40  # non-square, so a transposed result cannot pass
+
+
+def _two_tone(color: tuple, other: tuple, mode: str = "RGB") -> Image.Image:
+    """Left half ``color``, right half ``other``; a JPEG keeps block-aligned flat areas almost exact."""
+    im = Image.new(mode, (W, H), other)
+    im.paste(color, (0, 0, W // 2, H))
+    return im
+
+
+def _save(im: Image.Image, path: Path, fmt: str, **kw) -> Path:
+    im.save(path, fmt, **kw)
+    return path
+
+
+def _png_palette(path: Path, transparency: bool) -> Path:
+    im = Image.new("P", (W, H), 1)
+    im.putpalette([250, 10, 20, 5, 240, 15] + [0] * 762)
+    im.paste(0, (0, 0, W // 2, H))
+    # Per-entry alpha (a tRNS table): Pillow warns when such an image goes straight to RGB.
+    return _save(im, path, "PNG", **({"transparency": bytes([0, 128])} if transparency else {}))
+
+
+def _png16(path: Path) -> Path:
+    a = np.full((H, W), 257 * 100, np.uint16)  # 100 in 8 bits exactly
+    a[:, W // 2 :] = 65535
+    a[0, 0] = 32768  # 127.5 -> 128: rounded, not truncated
+    return _save(Image.fromarray(a), path, "PNG")
+
+
+def _tiff_i32(path: Path) -> Path:
+    a = np.full((H, W), 60000, np.int32)  # mode I: 16-bit data in a 32-bit container
+    a[:, W // 2 :] = 0
+    return _save(Image.fromarray(a), path, "TIFF")
+
+
+def _rgba(path: Path) -> Path:
+    a = np.zeros((H, W, 4), np.uint8)
+    a[..., :3] = (10, 20, 30)
+    a[:, W // 2 :, 3] = 255  # left half fully transparent: its colour is kept, not composited
+    return _save(Image.fromarray(a), path, "PNG")
+
+
+def _bilevel(path: Path) -> Path:
+    im = Image.new("1", (W, H), 1)
+    im.paste(0, (0, 0, W // 2, H))
+    return _save(im, path, "PNG")
+
+
+# (maker, pixel at (1, 1), pixel at (1, W - 2), tolerance): left and right half colours after decoding.
+GOOD_IMAGES = [
+    pytest.param(
+        lambda p: _save(_two_tone((200, 30, 60), (0, 0, 255)), p, "JPEG", quality=95),
+        (200, 30, 60),
+        (0, 0, 255),
+        4,
+        id="jpeg-rgb",
+    ),
+    pytest.param(
+        lambda p: _save(_two_tone(90, 200, "L"), p, "JPEG", quality=95),
+        (90,) * 3,
+        (200,) * 3,
+        2,
+        id="jpeg-gray",
+    ),
+    pytest.param(
+        lambda p: _save(_two_tone((0, 255, 255, 0), (0, 0, 0, 128), "CMYK"), p, "JPEG", quality=95),
+        (255, 0, 0),
+        (127, 127, 127),
+        3,
+        id="jpeg-cmyk",
+    ),
+    pytest.param(lambda p: _save(_two_tone(90, 200, "L"), p, "PNG"), (90,) * 3, (200,) * 3, 0, id="png-gray"),
+    pytest.param(
+        lambda p: _save(_two_tone((90, 0), (200, 255), "LA"), p, "PNG"), (90,) * 3, (200,) * 3, 0, id="png-la"
+    ),
+    pytest.param(_rgba, (10, 20, 30), (10, 20, 30), 0, id="png-rgba-alpha-dropped"),
+    pytest.param(
+        lambda p: _png_palette(p, True), (250, 10, 20), (5, 240, 15), 0, id="png-palette-transparency"
+    ),
+    pytest.param(lambda p: _png_palette(p, False), (250, 10, 20), (5, 240, 15), 0, id="png-palette"),
+    pytest.param(_png16, (100,) * 3, (255,) * 3, 0, id="png-16bit"),
+    pytest.param(_tiff_i32, (233,) * 3, (0,) * 3, 0, id="tiff-mode-I"),
+    pytest.param(_bilevel, (0,) * 3, (255,) * 3, 0, id="png-1bit"),
+    pytest.param(
+        lambda p: _save(_two_tone((1, 2, 3), (250, 251, 252)), p, "WEBP", lossless=True),
+        (1, 2, 3),
+        (250, 251, 252),
+        0,
+        id="webp-lossless",
+    ),
+    pytest.param(
+        lambda p: _save(_two_tone((200, 30, 60), (0, 0, 255)), p, "WEBP", quality=90),
+        (200, 30, 60),
+        (0, 0, 255),
+        12,
+        id="webp-lossy",
+    ),
+    pytest.param(
+        lambda p: _save(_two_tone((1, 2, 3), (250, 251, 252)), p, "BMP"),
+        (1, 2, 3),
+        (250, 251, 252),
+        0,
+        id="bmp",
+    ),
+    pytest.param(
+        lambda p: _save(_two_tone((255, 0, 0), (0, 0, 255)), p, "GIF"), (255, 0, 0), (0, 0, 255), 0, id="gif"
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "left", "right", "tol"), GOOD_IMAGES)
+def test_load_image_modes(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder, make: Callable, left: tuple, right: tuple, tol: int
+) -> None:
+    path = make(tmp_path / "img")
+    recwarn.clear()
+    rgb = load_image(path)
+    assert not recwarn.list, [str(w.message) for w in recwarn]  # e.g. Pillow's palette-transparency warning
+    assert rgb.shape == (H, W, 3) and rgb.dtype == np.uint8
+    assert rgb.flags.c_contiguous and rgb.flags.writeable
+    np.testing.assert_allclose(rgb[1, 1], left, atol=tol)
+    np.testing.assert_allclose(rgb[1, W - 2], right, atol=tol)
+    assert image_size(path) == (W, H)
+
+
+def test_png_mode_i16_stays_16_bit(tmp_path: Path) -> None:
+    with Image.open(_png16(tmp_path / "a.png")) as im:
+        assert im.mode == "I;16"  # so test_load_image_modes[png-16bit] covers the I;16 branch
+    assert load_image(tmp_path / "a.png")[0, 0, 0] == 128
+
+
+def _exif_jpeg(path: Path, orientation: int, fmt: str = "JPEG") -> Path:
+    """A 40x24 (stored) image: blue, with a red 8x8 block at the stored top-left, EXIF orientation set."""
+    im = Image.new("RGB", (W, H), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    kw = {"quality": 95} if fmt == "JPEG" else {}
+    return _save(im, path, fmt, exif=exif.tobytes(), **kw)
+
+
+def test_exif_rotated_jpeg_is_turned_upright(tmp_path: Path) -> None:
+    path = _exif_jpeg(tmp_path / "r.jpg", 6)  # 6: display rotated 90 degrees clockwise
+    rgb = load_image(path)
+    assert rgb.shape == (W, H, 3)
+    assert image_size(path) == (H, W)
+    np.testing.assert_allclose(rgb[2, H - 3], (255, 0, 0), atol=4)  # stored top-left is now top-right
+    np.testing.assert_allclose(rgb[2, 2], (0, 0, 255), atol=4)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_matches_exif_transpose(tmp_path: Path, orientation: int, fmt: str) -> None:
+    path = _exif_jpeg(tmp_path / "o", orientation, fmt)
+    with Image.open(path) as im:
+        want = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    got = load_image(path)
+    np.testing.assert_array_equal(got, want)
+    assert image_size(path) == (want.shape[1], want.shape[0])
+
+
+def _noisy(w: int = 96, h: int = 64, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.stack([xx * 2, yy * 3, xx + yy], -1) + rng.normal(0, 25, (h, w, 3))
+    im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    return im.convert(mode)
+
+
+def _reference(path: Path, max_side: int | None = None) -> np.ndarray:
+    """Pillow-only decode: what the OpenCV fast path must reproduce exactly."""
+    with Image.open(path) as im:
+        if max_side:
+            im.draft(None, (max_side, max_side))
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+JPEG_FLAVOURS = [
+    pytest.param({"quality": 90}, "RGB", id="420"),
+    pytest.param({"quality": 95, "subsampling": 0}, "RGB", id="444"),
+    pytest.param({"quality": 80, "subsampling": 1}, "RGB", id="422"),
+    pytest.param({"quality": 85, "progressive": True}, "RGB", id="progressive"),
+    pytest.param({"quality": 85}, "L", id="gray"),
+    pytest.param({"quality": 85}, "CMYK", id="cmyk-pillow-path"),
+]
+
+
+@pytest.mark.parametrize(("kw", "mode"), JPEG_FLAVOURS)
+@pytest.mark.parametrize("max_side", [None, 30, 8])
+def test_jpeg_decode_matches_pillow(tmp_path: Path, kw: dict, mode: str, max_side: int | None) -> None:
+    path = _save(_noisy(mode=mode), tmp_path / "n.jpg", "JPEG", **kw)
+    np.testing.assert_array_equal(load_image(path, max_side=max_side), _reference(path, max_side))
+
+
+def test_jpeg_with_bytes_after_eoi_decodes_like_without(tmp_path: Path) -> None:
+    clean = _save(_noisy(), tmp_path / "c.jpg", "JPEG")
+    padded = _write(tmp_path / "p.jpg", clean.read_bytes() + b"\x00" * 64)
+    np.testing.assert_array_equal(load_image(padded), load_image(clean))
+
+
+DRAFT_CASES = [  # 800x600 JPEG: scale = largest of 8/4/2 with both sides // scale >= max_side
+    pytest.param(None, (600, 800), id="none-full"),
+    pytest.param(1000, (600, 800), id="bigger-than-image"),
+    pytest.param(600, (600, 800), id="equal-short-side"),
+    pytest.param(300, (300, 400), id="half"),
+    pytest.param(128, (150, 200), id="quarter"),
+    pytest.param(75, (75, 100), id="eighth"),
+    pytest.param(10, (75, 100), id="eighth-is-the-floor"),
+]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "CMYK"])
+@pytest.mark.parametrize(("max_side", "shape"), DRAFT_CASES)
+def test_draft_keeps_short_side(tmp_path: Path, max_side: int | None, shape: tuple, mode: str) -> None:
+    path = _save(Image.new(mode, (800, 600), (40, 80, 120, 0)[: len(mode)]), tmp_path / "d.jpg", "JPEG")
+    rgb = load_image(path, max_side=max_side)
+    assert rgb.shape == (*shape, 3)
+    assert min(rgb.shape[:2]) >= min(max_side or 0, 600)
+
+
+def test_draft_with_rotation_and_non_jpeg(tmp_path: Path) -> None:
+    im = Image.new("RGB", (800, 600), (9, 9, 9))
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    jpg = _save(im, tmp_path / "r.jpg", "JPEG", exif=exif.tobytes())
+    assert load_image(jpg, max_side=128).shape == (200, 150, 3)
+    png = _save(im, tmp_path / "r.png", "PNG")
+    assert load_image(png, max_side=128).shape == (600, 800, 3)  # only JPEG has a reduced decode
+
+
+def test_max_side_must_be_positive(tmp_path: Path) -> None:
+    path = _save(_noisy(), tmp_path / "n.jpg", "JPEG")
+    with pytest.raises(ValueError, match="max_side"):
+        load_image(path, max_side=0)
+
+
+# ---- images: bad files --------------------------------------------------------------------------------
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A valid 8x8 PNG whose IHDR claims w x h (CRC fixed): only the header is ever read."""
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, "PNG")
+    b = bytearray(buf.getvalue())
+    b[16:24] = struct.pack(">II", w, h)
+    b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])))
+    return bytes(b)
+
+
+def _jpeg_bytes() -> bytes:
+    buf = io.BytesIO()
+    _noisy().save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    _noisy().save(buf, "PNG")
+    return buf.getvalue()
+
+
+BOMB = f"over the limit of {MAX_PIXELS:,} pixels"
+# (file bytes or None for "no file", name, message fragments, image_size also refuses it)
+BAD_IMAGES = [
+    pytest.param(b"", "e.jpg", ["empty (0 bytes)"], True, id="zero-bytes"),
+    pytest.param(_jpeg_bytes()[:1500], "t.jpg", ["truncated"], False, id="truncated-jpeg"),
+    pytest.param(_jpeg_bytes()[:-2], "t.jpg", ["truncated"], False, id="jpeg-without-eoi"),
+    pytest.param(_png_bytes()[:-400], "t.png", ["truncated"], False, id="truncated-png"),
+    pytest.param(
+        b"hello, I am text\n", "x.jpg", ["not an image", "looks like text", "hello"], True, id="text"
+    ),
+    pytest.param(bytes(range(128, 256)) * 4, "x.png", ["not an image", "no format"], True, id="binary-junk"),
+    pytest.param(
+        _png_header(1, 1), "s.png", ["1x1 pixels is too small", f"at least {MIN_SIDE} px"], True, id="1x1"
+    ),
+    pytest.param(_png_header(100, 7), "s.png", ["100x7 pixels is too small"], True, id="7-high"),
+    pytest.param(
+        _png_header(8000, 7000), "b.png", ["8000x7000 = 56,000,000 pixels", BOMB], True, id="bomb-56M"
+    ),
+    pytest.param(_png_header(10000, 10000), "b.png", ["100,000,000 pixels", BOMB], True, id="bomb-100M"),
+    pytest.param(_png_header(20000, 20000), "b.png", ["400000000 pixels", BOMB], True, id="bomb-400M"),
+    pytest.param(None, "missing.jpg", ["does not exist"], True, id="missing"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow prints it for 89M-179M px
+@pytest.mark.parametrize(("content", "name", "fragments", "header_level"), BAD_IMAGES)
+def test_bad_images(
+    tmp_path: Path,
+    content: bytes | None,
+    name: str,
+    fragments: list,
+    header_level: bool,
+) -> None:
+    path = tmp_path / name
+    if content is not None:
+        _write(path, content)
+    with pytest.raises(BadImageError) as err:
+        load_image(path)
+    _one_line_naming(err, str(path), *fragments, FIX)
+    assert err.value.path == path
+    if header_level:
+        with pytest.raises(BadImageError) as err:
+            image_size(path)
+        _one_line_naming(err, str(path), *fragments, FIX)
+    else:
+        assert image_size(path) == (96, 64)  # the header alone is fine
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow prints it for 89M-179M px
+@pytest.mark.parametrize("side", [8000, 10000, 20000])  # below, between and above Pillow's two limits
+@pytest.mark.parametrize("action", ["default", "error", "ignore"])
+def test_bomb_is_a_bad_image_under_any_warnings_filter(tmp_path: Path, side: int, action: str) -> None:
+    path = _write(tmp_path / "b.png", _png_header(side, 7000 if side == 8000 else side))
+    with warnings.catch_warnings(record=True):  # record: "default" must not print into the test log
+        warnings.simplefilter(action)
+        for fn in (load_image, image_size):
+            with pytest.raises(BadImageError, match=BOMB):
+                fn(path)
+
+
+def test_directory_is_a_bad_image(tmp_path: Path) -> None:
+    for fn in (load_image, image_size):
+        with pytest.raises(BadImageError, match="directory"):
+            fn(tmp_path)
+
+
+def test_bad_image_error_pickles_and_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(BadImageError) as err:
+        load_image(tmp_path / "nope.jpg")
+    again = pickle.loads(pickle.dumps(err.value))
+    assert isinstance(again, UserError) and again.path == err.value.path and str(again) == str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow prints it for 89M-179M px
+def test_no_pil_or_warnings_state_changed(tmp_path: Path) -> None:
+    before = (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS, list(warnings.filters))
+    _write(tmp_path / "b.png", _png_header(10000, 10000))
+    _write(tmp_path / "t.jpg", _jpeg_bytes()[:1500])
+    for name in ("b.png", "t.jpg"):
+        with pytest.raises(BadImageError):
+            load_image(tmp_path / name)
+    load_image(_save(_noisy(), tmp_path / "ok.jpg", "JPEG"))
+    assert (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS, list(warnings.filters)) == before
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_module_does_not_import_torch() -> None:
+    code = "import sys, aivh_ens.data; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+ROUTES = [  # which decoder each kind of file must reach; the other one is made to fail
+    pytest.param(lambda p: _save(_noisy(), p, "JPEG"), "_decode_pil", id="rgb-jpeg-opencv"),
+    pytest.param(lambda p: _save(_noisy(mode="L"), p, "JPEG"), "_decode_pil", id="gray-jpeg-opencv"),
+    pytest.param(lambda p: _save(_noisy(mode="CMYK"), p, "JPEG"), "_decode_cv2", id="cmyk-jpeg-pillow"),
+    pytest.param(lambda p: _write(p, _jpeg_bytes() + b"junk"), "_decode_cv2", id="no-final-eoi-pillow"),
+    pytest.param(lambda p: _save(_noisy(), p, "PNG"), "_decode_cv2", id="png-pillow"),
+]
+
+
+@pytest.mark.parametrize(("make", "unused"), ROUTES)
+def test_decoder_routing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: Callable, unused: str
+) -> None:
+    def fail(*args: object) -> None:
+        raise AssertionError(f"{unused} must not be called")
+
+    path = make(tmp_path / "r")
+    monkeypatch.setattr(f"aivh_ens.data.{unused}", fail)
+    assert load_image(path).shape == (64, 96, 3)
+    assert load_image(path, max_side=16).shape[2] == 3
+
+
+def test_opencv_failure_falls_back_to_pillow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _save(_noisy(), tmp_path / "f.jpg", "JPEG")
+    want = load_image(path)
+    monkeypatch.setattr("aivh_ens.data.cv2.imdecode", lambda *a: None)
+    np.testing.assert_array_equal(load_image(path), want)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_threads_get_the_same_results_as_a_loop(tmp_path: Path) -> None:
+    # cv.scan_images and decode caches call these from thread pools.
+    paths = []
+    for i in range(24):
+        kind = i % 4
+        p = tmp_path / f"{i}.img"
+        if kind == 0:
+            _save(_noisy(mode="RGB" if i % 8 else "CMYK"), p, "JPEG")
+        elif kind == 1:
+            _exif_jpeg(p, 1 + i % 8)
+        elif kind == 2:
+            _write(p, _jpeg_bytes()[: 400 + i])
+        else:
+            _write(p, _png_header(10000, 10000))
+        paths.append(p)
+
+    def run(fn: Callable, p: Path) -> object:
+        try:
+            out = fn(p)
+            return out.tobytes() if isinstance(out, np.ndarray) else out
+        except BadImageError as e:
+            return str(e)
+
+    filters = list(warnings.filters)
+    for fn in (load_image, image_size):
+        serial = [run(fn, p) for p in paths]
+        with ThreadPoolExecutor(4) as ex:
+            assert list(ex.map(lambda p, fn=fn: run(fn, p), paths * 3)) == serial * 3
+    assert list(warnings.filters) == filters
