@@ -23,6 +23,8 @@ MODES = ("resize", "crop")
 AMP_MODES = ("bf16", "fp16", "none")
 SELECT = ("f1", "auc", "loss", "last")
 ON_BAD_IMAGE = ("error", "skip")
+CACHE = ("auto", "on", "off")
+RESERVED_RUN_NAMES = ("blend", "cache")
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ class RunConfig:
     workers: int | None = None  # DataLoader workers; None = one per core (up to 8) on CUDA, 0 on CPU
     eval_batch_size: int | None = None  # None = 2 x batch_size
     deterministic: bool = False  # cudnn deterministic algorithms (slower on GPU; CPU is deterministic)
+    cache: str = "auto"  # decode-once image cache: auto (on when it fits on disk) | on | off
+    cache_dir: str | None = None  # None = <workdir>/runs/cache
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into config.json
 
@@ -129,6 +133,9 @@ def validate(cfg: RunConfig) -> None:
     _choice("amp", cfg.amp, AMP_MODES)
     _choice("select", cfg.select, SELECT)
     _choice("on_bad_image", cfg.on_bad_image, ON_BAD_IMAGE)
+    _choice("cache", cfg.cache, CACHE)
+    if cfg.name in RESERVED_RUN_NAMES:
+        raise UserError(f"run name {cfg.name!r} is reserved (runs/{cfg.name}/ holds other files); use --name")
     if cfg.folds < 2:
         raise UserError(f"--folds must be at least 2 (got {cfg.folds}): one fold leaves nothing to train on")
     for name in ("epochs", "batch_size", "accum_steps"):
@@ -160,7 +167,7 @@ def default_run_name(model: str, recipe: str) -> str:
 
 _TUPLE_FIELDS = {f.name for f in fields(RunConfig) if str(f.type).startswith("tuple")}
 # Fields that may differ between two configs of the same run without changing what it trains.
-RUNTIME_FIELDS = ("device", "workers", "eval_batch_size", "compile", "extra", "on_bad_image")
+RUNTIME_FIELDS = ("device", "workers", "eval_batch_size", "compile", "extra", "on_bad_image", "cache", "cache_dir")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
