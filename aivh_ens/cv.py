@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from aivh_ens import __version__, metrics
+from aivh_ens import __version__, faults, metrics
 from aivh_ens.config import (
     CONFIG_VERSION,
     RunConfig,
@@ -219,10 +219,13 @@ def run_cv(cfg: RunConfig, workdir: str | Path = ".", *, fold_spec: str | None =
             if fold_done(fdir):  # finished by another process while we waited
                 summaries.append(pd.read_json(fdir / DONE, typ="series").to_dict())
                 continue
+            for tmp in fdir.glob(".*.tmp"):  # left by a process killed mid-write; never read, safe to drop
+                tmp.unlink(missing_ok=True)
             log(f"fold {k}/{cfg.folds - 1}: training {cfg.model} on {int((fold_table['fold'] != k).sum())} rows, "
                 f"validating on {int((fold_table['fold'] == k).sum())}")
             job = FoldJob(cfg, k, fdir, root, fold_table[["file_name", "label", "fold"]], frozenset(exclude))
             summaries.append(fit_fold(job, source, resume=resume, progress=progress, log=log))
+        faults.point("fold-done")
 
     oof = assemble_oof(workdir, cfg, fold_table, exclude, log)
     result: dict[str, Any] = {"run": cfg.name, "folds": summaries, "oof": oof, "oof_metrics": None}

@@ -17,6 +17,8 @@ from typing import IO, Any
 
 import pandas as pd
 
+from aivh_ens import faults
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -30,6 +32,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        faults.point(f"write:{path.name}")
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from aivh_ens import metrics
+from aivh_ens import faults, metrics
 from aivh_ens.config import RunConfig
 from aivh_ens.errors import UserError
 from aivh_ens.io import atomic_path, write_csv, write_json
@@ -167,6 +167,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             step += 1
             if ema is not None:
                 ema.update(model, step=step)
+        faults.point("batch")
         n = len(y)
         loss_sum += float(loss.detach()) * n
         n_seen += n

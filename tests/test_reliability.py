@@ -1,0 +1,144 @@
+"""Kill anywhere, resume, lose nothing; two processes on one run; untrusted resume state stays inert."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from aivh_ens.cli import main
+from aivh_ens.synth import make_demo_dataset
+
+ARGS = ["cv", "--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", "2", "--group", "pairs",
+        "--epochs", "2", "--quiet", "--name", "k"]
+EXE = str(Path(sys.executable).with_name("aivh-ens"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("rel") / "data"
+    make_demo_dataset(d, n=80, n_test=10, seed=5)
+    return d
+
+
+def _spawn(args: list[str], kill_at: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "TQDM_DISABLE": "1"}
+    env.pop("AIVH_ENS_KILL_AT", None)
+    if kill_at:
+        env["AIVH_ENS_KILL_AT"] = kill_at
+    return subprocess.Popen([EXE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _run(args: list[str], kill_at: str | None = None) -> tuple[int, str]:
+    p = _spawn(args, kill_at)
+    out, _ = p.communicate(timeout=300)
+    return p.returncode, out
+
+
+def _assert_every_file_whole(root: Path) -> None:
+    """Every file under its final name parses completely (temp files may be left; they are never read)."""
+    for f in root.rglob("*"):
+        if not f.is_file() or f.name.endswith(".tmp"):
+            continue
+        if f.suffix == ".json":
+            json.loads(f.read_text())
+        elif f.suffix == ".csv":
+            df = pd.read_csv(f)
+            assert len(df) > 0 and not df.isna().any().any(), f
+        elif f.suffix == ".safetensors":
+            assert load_file(str(f))
+        elif f.name == "state.pt":
+            assert "optimizer" in torch.load(f, weights_only=True)
+
+
+def test_kill_anywhere_then_resume_equals_uninterrupted(tmp_path, data):
+    ref = tmp_path / "ref"
+    res = CliRunner().invoke(main, [*ARGS, "--data", str(data), "--workdir", str(ref)])
+    assert res.exit_code == 0, res.output
+
+    w = tmp_path / "w"
+    args = [*ARGS, "--data", str(data), "--workdir", str(w), "--resume"]
+    fold0, fold1 = w / "runs/k/fold0", w / "runs/k/fold1"
+    # 1. during the first epoch of fold 0: nothing saved yet
+    code, out = _run(args, "batch@2")
+    assert code == -9, out
+    assert not (fold0 / "state.pt").exists()
+    # 2. while writing the checkpoint of epoch 2 (the one of epoch 1 is in place)
+    code, out = _run(args, "write:state.pt@2")
+    assert code == -9, out
+    assert list(fold0.glob(".state.pt.*.tmp")), "the kill happened mid-write"
+    assert torch.load(fold0 / "state.pt", weights_only=True)["epoch"] == 0
+    _assert_every_file_whole(w)
+    # 3. between folds: fold 0 done, fold 1 not started
+    code, out = _run(args, "fold-done@1")
+    assert code == -9 and "resuming after epoch 1" in out, out
+    assert (fold0 / "done.json").exists() and not fold1.exists()
+    assert not list(fold0.glob("*.tmp")) and not list(fold0.glob(".*.tmp"))  # orphan removed on resume
+    # 4. while writing oof/k.csv: fold 1 done, OOF not in place
+    code, out = _run(args, "write:k.csv@1")
+    assert code == -9 and "fold 0: already done" in out, out
+    assert (fold1 / "done.json").exists() and not (w / "oof/k.csv").exists()
+    _assert_every_file_whole(w)
+    # 5. uninterrupted finish: nothing retrained, OOF assembled
+    code, out = _run(args)
+    assert code == 0 and out.count("already done") == 2 and "wrote " in out, out
+
+    a, b = pd.read_csv(ref / "oof/k.csv"), pd.read_csv(w / "oof/k.csv")
+    pd.testing.assert_frame_equal(a, b)
+    _assert_every_file_whole(w)
+
+
+def test_two_processes_on_different_folds_assemble_once(tmp_path, data):
+    args = [*ARGS, "--data", str(data), "--workdir", str(tmp_path), "--epochs", "1"]
+    procs = [_spawn([*args, "--fold", "0"]), _spawn([*args, "--fold", "1"])]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum(o.count("wrote ") for o in outs) == 1, outs
+    oof = pd.read_csv(tmp_path / "oof/k.csv")
+    assert len(oof) == 80 and sorted(oof["fold"].unique()) == [0, 1]
+
+
+def test_same_fold_twice_second_names_lock_and_pid(tmp_path, data):
+    args = [*ARGS, "--data", str(data), "--workdir", str(tmp_path), "--fold", "0", "--epochs", "3"]
+    first = _spawn(args)
+    lock = tmp_path / "runs/k/fold0.lock"
+    try:
+        for _ in range(600):  # wait until the first process holds the lock
+            if lock.exists():
+                break
+            first.poll()
+            assert first.returncode is None, first.communicate()[0]
+            time.sleep(0.05)
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and f"PID {first.pid}" in res.output and "fold0.lock" in res.output
+        assert "Traceback" not in res.output
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_crafted_resume_state_is_refused(tmp_path, data):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    fdir = tmp_path / "runs/k/fold0"
+    args = [*ARGS, "--data", str(data), "--workdir", str(tmp_path), "--fold", "0", "--resume"]
+    # An interrupted fold whose resume state was replaced by a crafted pickle.
+    fdir.mkdir(parents=True)
+    with open(fdir / "state.pt", "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "refusing to resume" in res.output and "state.pt" in res.output
+    assert not (tmp_path / "pwned").exists()
