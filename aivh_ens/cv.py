@@ -173,6 +173,17 @@ def assemble_oof(workdir: Path, cfg: RunConfig, fold_table: pd.DataFrame, exclud
         lock.release()
 
 
+def check_run_inputs(cfg: RunConfig) -> None:
+    """Model names, weight files and the device, checked before any file is written."""
+    from aivh_ens.models import check_model_name, weights_files
+    from aivh_ens.train import resolve_device
+
+    for name in cfg.backbones:
+        check_model_name(name)
+    weights_files(cfg)
+    resolve_device(cfg.device)
+
+
 def run_cv(cfg: RunConfig, workdir: str | Path = ".", *, fold_spec: str | None = None, resume: bool = False,
            force: bool = False, progress: bool = True, log: Log = print) -> dict[str, Any]:
     """Train the requested folds of a run and assemble its OOF when every fold is done.
@@ -180,18 +191,19 @@ def run_cv(cfg: RunConfig, workdir: str | Path = ".", *, fold_spec: str | None =
     Returns ``{"run", "folds": [fold summaries], "oof": path or None, "oof_metrics": {...} or None}``.
     """
     workdir = Path(workdir)
+    # Everything that can be checked is checked before the first file is written.
     folds_to_run = parse_fold_list(fold_spec, cfg.folds)
+    check_run_inputs(cfg)
     table = load_train_table(cfg)
-    fold_path, fold_sha, fold_table, created = ensure_fold_file(workdir, table, cfg.folds, cfg.seed, cfg.group)
-    log(f"fold file: {fold_path} ({'created' if created else 'reused'}, sha256 {fold_sha[:12]}, "
-        f"{len(fold_table)} rows, {cfg.folds} folds{', grouped by ' + cfg.group if cfg.group else ''})")
-
     # Images: headers always (cheap); full decode with --on-bad-image skip, so bad rows are known up front.
     root = Path(cfg.data)
-    bad = scan_images(root, fold_table["file_name"], decode=cfg.on_bad_image == "skip")
+    bad = scan_images(root, table["file_name"], decode=cfg.on_bad_image == "skip")
     if bad and cfg.on_bad_image == "error":
         first = min(bad)
         raise UserError(f"{len(bad)} unreadable image(s) in {cfg.train_csv}; first: {bad[first]}")
+    fold_path, fold_sha, fold_table, created = ensure_fold_file(workdir, table, cfg.folds, cfg.seed, cfg.group)
+    log(f"fold file: {fold_path} ({'created' if created else 'reused'}, sha256 {fold_sha[:12]}, "
+        f"{len(fold_table)} rows, {cfg.folds} folds{', grouped by ' + cfg.group if cfg.group else ''})")
     rdir = run_dir(workdir, cfg.name)
     if force:
         for k in folds_to_run:

@@ -34,7 +34,8 @@ def check_model_name(name: str) -> None:
     raise UserError(f"unknown timm model {name!r}{hint}")
 
 
-def _weights_files(cfg: RunConfig) -> list[str | None]:
+def weights_files(cfg: RunConfig) -> list[str | None]:
+    """One local weights file (or None) per backbone; UserError if the count or a file is wrong."""
     names = cfg.backbones
     if cfg.weights is None:
         return [None] * len(names)
@@ -134,7 +135,7 @@ class DataConfig:
 def build_model(cfg: RunConfig) -> tuple[nn.Module, DataConfig]:
     """The model a run trains, and its data config (recipe/CLI values win over the model's defaults)."""
     names = cfg.backbones
-    files = _weights_files(cfg)
+    files = weights_files(cfg)
     fused = len(names) > 1 or bool(cfg.head_hidden) or cfg.head_bn
     extra = dict(drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, img_size=cfg.img_size)
     parts = [
