@@ -1,0 +1,539 @@
+"""The blend stage: input checks through the CLI, the numpy core, the methods, nested CV, blend.json."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import rankdata
+
+from aivh_ens import blend as B
+from aivh_ens.cli import main
+from aivh_ens.errors import UserError
+from aivh_ens.io import sha256_text
+from aivh_ens.metrics import best_threshold, f1
+
+FOLD_SHA = sha256_text("folds/k5_s42_gpairs.csv")
+N = 2000
+
+
+# ---- synthetic projects -----------------------------------------------------------------------------
+
+
+def write_run(
+    root: Path,
+    name: str,
+    prob: np.ndarray,
+    *,
+    y: np.ndarray | None = None,
+    folds: np.ndarray | None = None,
+    files: list[str] | None = None,
+    fold_sha: str = FOLD_SHA,
+    config: bool = True,
+) -> None:
+    """oof/<name>.csv and runs/<name>/config.json as the cv stage writes them."""
+    n = len(prob)
+    y = (np.arange(n) % 2 == 0).astype(int) if y is None else y  # pairs: row 2k AI, 2k+1 human
+    folds = (np.arange(n) // 2) % 5 if folds is None else folds
+    files = [f"train/{i:05d}.jpg" for i in range(n)] if files is None else files
+    (root / "oof").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"file_name": files, "label": y, "fold": folds, "prob": prob}).to_csv(
+        root / "oof" / f"{name}.csv", index=False
+    )
+    if config:
+        cfg = {
+            "name": name,
+            "model": "resnet18",
+            "fold_file": "folds/k5_s42_gpairs.csv",
+            "fold_sha256": fold_sha,
+        }
+        (root / "runs" / name).mkdir(parents=True, exist_ok=True)
+        (root / "runs" / name / "config.json").write_text(json.dumps(cfg))
+
+
+def complementary(n: int = N, seed: int = 0) -> dict[str, np.ndarray]:
+    """Runs a and b are each sharp on one half of the images (a hidden source) and vague on the other;
+    noise knows nothing. Together a and b are far better than either."""
+    rng = np.random.default_rng(seed)
+    sign = 2.0 * (np.arange(n) % 2 == 0) - 1.0
+    half = rng.random(n) < 0.5
+    logit = {
+        "a": np.where(half, 3.0, 0.3) * sign + rng.normal(0, 1, n),
+        "b": np.where(half, 0.3, 3.0) * sign + rng.normal(0, 1, n),
+    }
+    probs = {k: np.round(1 / (1 + np.exp(-v)), 6) for k, v in logit.items()}
+    probs["noise"] = np.round(rng.random(n), 6)
+    return probs
+
+
+def make_project(root: Path, n: int = N) -> Path:
+    for name, prob in complementary(n).items():
+        write_run(root, name, prob)
+    return root
+
+
+def invoke(root: Path, *args: str):
+    return CliRunner().invoke(main, ["blend", "--workdir", str(root), "--quiet", *args])
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> Path:
+    """A project blended once through the CLI (30 trials), shared by the read-only tests below."""
+    root = make_project(tmp_path_factory.mktemp("fitted"))
+    result = invoke(root, "--trials", "30", "--nested-trials", "10")
+    assert result.exit_code == 0, result.output
+    return root
+
+
+# ---- point 1: input checks ----------------------------------------------------------------------------
+
+
+def _bad(root: Path, case: str) -> list[str]:
+    """Set up one broken project; return extra CLI args."""
+    probs = complementary(200)
+    if case == "no_oof":
+        (root / "oof").mkdir()
+        return []
+    if case == "one_run":
+        write_run(root, "a", probs["a"])
+        return []
+    for name in ("a", "b"):
+        write_run(root, name, probs[name])
+    p = probs["b"].copy()
+    if case == "unknown_run":
+        return ["--runs", "a,zzz"]
+    if case == "runs_twice":
+        return ["--runs", "a,a,b"]
+    if case == "runs_one":
+        return ["--runs", "b"]
+    if case == "nan":
+        p[7] = np.nan
+        write_run(root, "b", p)
+    elif case == "above_one":
+        p[3] = 1.5
+        write_run(root, "b", p)
+    elif case == "negative":
+        p[3] = -0.01
+        write_run(root, "b", p)
+    elif case == "no_config":
+        write_run(root, "c", probs["noise"], config=False)
+    elif case == "fold_sha":
+        write_run(root, "b", p, fold_sha=sha256_text("another fold file"))
+    elif case == "row_order":
+        files = [f"train/{i:05d}.jpg" for i in range(200)]
+        files[10], files[11] = files[11], files[10]
+        write_run(root, "b", p, files=files)
+    elif case == "row_count":
+        write_run(root, "b", p[:-2], folds=((np.arange(198) // 2) % 5))
+    elif case == "labels":
+        y = (np.arange(200) % 2 == 0).astype(int)
+        y[5] = 1 - y[5]
+        write_run(root, "b", p, y=y)
+    elif case == "folds":
+        folds = (np.arange(200) // 2) % 5
+        folds[0] = 4
+        write_run(root, "b", p, folds=folds)
+    elif case == "column":
+        (root / "oof" / "b.csv").write_text("file_name,label,fold\nx.jpg,1,0\n")
+    elif case == "bad_label":
+        y = (np.arange(200) % 2 == 0).astype(int)
+        y[9] = 2
+        write_run(root, "b", p, y=y)
+    elif case == "bad_config":
+        (root / "runs" / "b" / "config.json").write_text("{not json")
+    return []
+
+
+ERRORS = [  # (case, words the one-line message must contain)
+    ("no_oof", ["no OOF files", "aivh-ens cv"]),
+    ("one_run", ["at least two runs", "(a)"]),
+    ("runs_one", ["at least two runs", "(b)"]),
+    ("unknown_run", ["'zzz'", "available runs: a, b"]),
+    ("runs_twice", ["a more than once"]),
+    ("nan", ["oof/b.csv", "NaN", "line 9"]),
+    ("above_one", ["oof/b.csv", "outside [0, 1]", "line 5"]),
+    ("negative", ["oof/b.csv", "outside [0, 1]"]),
+    ("no_config", ["'c'", "runs/c/config.json"]),
+    ("bad_config", ["runs/b/config.json", "not valid JSON"]),
+    ("fold_sha", ["'b'", "same fold file", "--runs"]),
+    ("row_order", ["oof/b.csv", "file_name", "line 12"]),
+    ("row_count", ["oof/b.csv", "198 rows"]),
+    ("labels", ["oof/b.csv", "label", "line 7"]),
+    ("folds", ["oof/b.csv", "fold", "line 2"]),
+    ("column", ["oof/b.csv", "lacks column(s) prob"]),
+    ("bad_label", ["oof/b.csv", "label other than 0 or 1"]),
+]
+
+
+@pytest.mark.parametrize(("case", "words"), ERRORS, ids=[c for c, _ in ERRORS])
+def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, case, words):
+    args = _bad(tmp_path, case)
+    result = invoke(tmp_path, "--trials", "5", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0]
+    assert not (tmp_path / "runs" / "blend").exists()
+
+
+def test_bad_storage_url_is_a_user_error(tmp_path):
+    make_project(tmp_path, 200)
+    result = invoke(tmp_path, "--trials", "2", "--storage", "nosuchdb://x")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: cannot open Optuna storage")
+    assert not (tmp_path / "runs" / "blend").exists()
+
+
+def test_load_oof_stacks_runs_in_order(tmp_path):
+    make_project(tmp_path, 100)
+    oof = B.load_oof(tmp_path, ["noise", "a"])
+    assert oof.runs == ("noise", "a") and oof.P.shape == (2, 100) and oof.P.flags.c_contiguous
+    expected = pd.read_csv(tmp_path / "oof" / "a.csv")["prob"].to_numpy()
+    assert np.array_equal(oof.P[1], expected)
+    assert oof.fold_sha256 == FOLD_SHA and oof.y.sum() == 50
+
+
+# ---- point 2: the numpy core --------------------------------------------------------------------------
+
+probs_matrix = st.integers(1, 4).flatmap(
+    lambda m: st.integers(1, 25).flatmap(
+        lambda n: st.lists(
+            st.lists(st.sampled_from([0.0, 0.1, 0.5, 0.5, 0.9, 1.0, 0.33]), min_size=n, max_size=n),
+            min_size=m,
+            max_size=m,
+        )
+    )
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(P=probs_matrix, data=st.data())
+def test_blend_properties(P, data):
+    P = np.array(P)
+    m = len(P)
+    w = np.array(data.draw(st.lists(st.floats(0.01, 1.0), min_size=m, max_size=m)))
+    for space in B.SPACES:
+        s = B.blend(P, w, space)
+        assert s.shape == (P.shape[1],) and np.all((s >= 0) & (s <= 1))
+        assert np.allclose(B.blend(P, 3 * w, space), s)  # weights are normalised
+        perm = np.arange(m)[::-1]
+        assert np.allclose(B.blend(P[perm], w[perm], space), s)  # runs are exchangeable
+    one_hot = np.eye(m)[0]
+    assert np.array_equal(B.blend(P, one_hot, "prob"), P[0])
+    assert np.allclose(B.blend(P, one_hot, "logit"), np.clip(P[0], B.LOGIT_EPS, 1 - B.LOGIT_EPS))
+    n = P.shape[1]
+    expected_rank = (rankdata(P[0]) - 1) / (n - 1) if n > 1 else np.array([0.5])
+    assert np.allclose(B.blend(P, one_hot, "rank"), expected_rank)
+
+
+@pytest.mark.parametrize(
+    ("w", "error"),
+    [
+        ([1.0], "2 finite"),
+        ([0.5, -0.1], "non-negative"),
+        ([0.0, 0.0], "positive sum"),
+        ([np.nan, 1], "finite"),
+    ],
+)
+def test_blend_rejects_bad_weights(w, error):
+    with pytest.raises(ValueError, match=error):
+        B.blend(np.full((2, 3), 0.5), np.array(w))
+
+
+def test_blend_rejects_unknown_space():
+    with pytest.raises(UserError, match="expected one of prob, logit, rank"):
+        B.blend(np.full((2, 3), 0.5), np.ones(2), "geometric")
+
+
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=8))
+def test_dirichlet_weights_sum_to_one(u):
+    w = B.dirichlet_weights(np.array(u))
+    assert np.all(w >= 0) and w.sum() == pytest.approx(1.0)
+
+
+def test_dirichlet_weights_favour_small_uniforms():
+    w = B.dirichlet_weights(np.array([0.01, 0.99]))
+    assert w[0] > 0.99
+
+
+# ---- methods ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data():
+    probs = complementary()
+    runs = list(probs)
+    P = np.stack([probs[r] for r in runs])
+    y = np.arange(N) % 2 == 0
+    return runs, P, y, B.spaces(P)
+
+
+@pytest.mark.parametrize("method", ["caruana", "hill_climb", "optuna"])
+def test_pure_noise_run_gets_near_zero_weight(data, method):
+    runs, _, y, S = data
+    fit = {
+        "caruana": lambda: B.fit_caruana(S, y, "f1"),
+        "hill_climb": lambda: B.fit_hill_climb(S, y, "f1"),
+        "optuna": lambda: B.fit_optuna(S, y, "f1", runs, n_trials=60, seed=0),
+    }[method]()
+    w = dict(zip(runs, fit.weights, strict=True))
+    assert w["noise"] < 0.1, w
+    assert fit.weights.sum() == pytest.approx(1.0)
+    # The fit reports the exact best threshold of its own blend.
+    assert (fit.threshold, fit.score) == pytest.approx(
+        best_threshold(y, B.blend(data[1], fit.weights, fit.space))
+    )
+
+
+def test_caruana_counts_rounds_with_replacement(data):
+    runs, _, y, S = data
+    fit = B.fit_caruana(S, y, "f1", rounds=4)
+    # Weights are counts over the best prefix of rounds: integers once multiplied by its length.
+    assert any(np.allclose(fit.weights * k, np.round(fit.weights * k)) for k in range(1, 5))
+    assert fit.score >= max(B.fit_single(S, y, "f1", i).score for i in range(len(runs)))
+    assert B.fit_caruana(S, y, "f1", rounds=1).weights.tolist() == [1.0, 0.0, 0.0]  # round 1: the best run
+
+
+def test_nested_cv_fits_on_other_folds_only(data):
+    _, P, y, _ = data
+    folds = (np.arange(N) // 2) % 5
+    seen: list[int] = []
+
+    def spy(S, y_train, seed):
+        seen.append(len(y_train))
+        return B.Fit("spy", "prob", np.array([1.0, 0, 0]), 2.0, 0.0)  # threshold above every score
+
+    per_fold = B.nested_cv(P, y, folds, "f1", [B.Method("spy", 0, spy)])
+    assert seen == [N - np.sum(folds == k) for k in range(5)]
+    # The fitted threshold is the one applied: nothing reaches 2.0, so F1 is 0 on every held-out fold.
+    assert per_fold == {"spy": [0.0] * 5}
+
+
+def _result(name: str, complexity: int, mean: float, score: float = 0.9) -> B.MethodResult:
+    return B.MethodResult(name, complexity, B.Fit(name, "prob", np.ones(1), 0.5, score), (mean, mean))
+
+
+@pytest.mark.parametrize(
+    ("means", "picked"),
+    [
+        ({"mean_prob": 0.90, "caruana": 0.95, "optuna": 0.94}, "caruana"),
+        ({"mean_prob": 0.90, "caruana": 0.95, "optuna": 0.95004}, "caruana"),  # a tie: the simpler one ships
+        ({"mean_prob": 0.90, "caruana": 0.95, "optuna": 0.96}, "optuna"),
+        ({"single:a": 0.95, "optuna": 0.95}, "single:a"),
+    ],
+)
+def test_pick_method_by_nested_score_ties_to_simpler(means, picked):
+    complexity = {"single:a": 0, "mean_prob": 1, "caruana": 2, "optuna": 4}
+    results = [_result(name, complexity[name], mean) for name, mean in means.items()]
+    chosen, reason = B.pick_method(results, "f1")
+    assert chosen.name == picked
+    assert reason.startswith(f"picked {picked}: nested f1")
+
+
+def test_pick_method_ignores_in_sample_score():
+    results = [_result("optuna", 4, 0.90, score=0.999), _result("mean_prob", 1, 0.92, score=0.93)]
+    chosen, reason = B.pick_method(results, "f1")
+    assert chosen.name == "mean_prob" and "optimistic" in reason
+
+
+# ---- the stage end to end -----------------------------------------------------------------------------
+
+
+def test_complementary_blend_beats_best_single_run_nested(fitted):
+    doc = json.loads((fitted / "runs" / "blend" / "blend.json").read_text())
+    rows = {b["method"]: b for b in doc["baselines"]}
+    best_single = max(rows[f"single:{r}"]["nested_mean"] for r in ("a", "b", "noise"))
+    assert doc["nested_score"]["mean"] > best_single + 0.05
+    assert not doc["method"].startswith("single:")
+    assert doc["weights"]["noise"] < 0.1
+    # Every method appears once, each with finite scores; the shipped one has the best nested mean (± tie).
+    assert list(rows) == ["single:a", "single:b", "single:noise", "mean_prob", "mean_logit", "mean_rank",
+                          "caruana", "hill_climb", "optuna"]  # fmt: skip
+    assert doc["nested_score"]["mean"] >= max(b["nested_mean"] for b in rows.values()) - B.TIE_TOL
+    assert len(doc["nested_score"]["per_fold"]) == 5
+    assert (fitted / "runs" / "blend" / "threshold.png").stat().st_size > 0
+    assert (fitted / "runs" / "blend" / "weights.png").stat().st_size > 0
+
+
+def test_blend_json_round_trips_through_load_blend(fitted):
+    path = fitted / "runs" / "blend" / "blend.json"
+    doc = B.load_blend(path)
+    assert doc == json.loads(path.read_text())
+    assert doc["version"] == 1 and doc["trials"] == 30 and doc["seed"] == 42 and doc["metric"] == "f1"
+    assert sum(doc["weights"].values()) == pytest.approx(1.0, abs=1e-9)
+    assert [r["oof"] for r in doc["runs"]] == ["oof/a.csv", "oof/b.csv", "oof/noise.csv"]
+
+
+def _oof_scores(root: Path) -> dict[str, np.ndarray]:
+    return {r: pd.read_csv(root / "oof" / f"{r}.csv")["prob"].to_numpy() for r in ("a", "b", "noise")}
+
+
+@pytest.mark.parametrize("space", B.SPACES)
+def test_apply_blend_reproduces_the_oof_blend(fitted, space):
+    doc = B.load_blend(fitted / "runs" / "blend" / "blend.json")
+    scores = _oof_scores(fitted)
+    P = np.stack(list(scores.values()))
+    w = np.array([0.5, 0.3, 0.2])
+    t, score = best_threshold(np.arange(N) % 2 == 0, B.blend(P, w, space))
+    doc = {**doc, "space": space, "weights": dict(zip(scores, w.tolist(), strict=True)), "threshold": t}
+    doc.pop("rank_reference", None)
+    probs, labels = B.apply_blend(doc, scores)
+    assert np.array_equal(probs, B.blend(P, w, space))
+    assert f1(np.arange(N) % 2 == 0, labels) == score
+
+
+def test_apply_blend_of_the_shipped_blend(fitted):
+    doc = B.load_blend(fitted / "runs" / "blend" / "blend.json")
+    probs, labels = B.apply_blend(doc, _oof_scores(fitted))
+    assert f1(np.arange(N) % 2 == 0, labels) == doc["oof_score"]
+
+
+@pytest.mark.parametrize("space", B.SPACES)
+def test_apply_blend_without_zero_weight_runs(fitted, space):
+    doc = B.load_blend(fitted / "runs" / "blend" / "blend.json")
+    doc = {**doc, "space": space, "weights": {"a": 0.7, "b": 0.3, "noise": 0.0}}
+    doc.pop("rank_reference", None)
+    scores = _oof_scores(fitted)
+    full = B.apply_blend(doc, scores)
+    without = B.apply_blend(doc, {r: scores[r] for r in ("a", "b")})
+    assert np.array_equal(full[0], without[0]) and np.array_equal(full[1], without[1])
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda s: s.pop("a"), "needs scores of run(s) a"),
+        (lambda s: s.update(zzz=np.zeros(N)), "zzz"),
+        (lambda s: s.update(a=np.zeros(5)), "one common length"),
+        (lambda s: s.update(a=np.full(N, 2.0)), "run 'a'"),
+    ],
+)
+def test_apply_blend_rejects_bad_scores(fitted, change, error):
+    doc = B.load_blend(fitted / "runs" / "blend" / "blend.json")
+    doc = {**doc, "weights": {"a": 0.5, "b": 0.5, "noise": 0.0}}
+    scores = _oof_scores(fitted)
+    change(scores)
+    with pytest.raises(UserError, match=re.escape(error)):
+        B.apply_blend(doc, scores)
+
+
+BAD_DOCS = [  # (edit of a valid blend.json, words in the error)
+    (lambda d: d.update(version=2), "version 2"),
+    (lambda d: d.update(extra=1), "unknown key(s) extra"),
+    (lambda d: d.pop("threshold"), "lacks key(s) threshold"),
+    (lambda d: d.update(threshold=1.5), "threshold must be a number in [0, 1]"),
+    (lambda d: d.update(weights={"a": 0.5, "b": 0.4, "noise": 0.0}), "sum to 1"),
+    (lambda d: d.update(weights={"a": 0.5, "b": 0.5}), "weights must map each run"),
+    (lambda d: d.update(space="median"), "space must be one of"),
+    (lambda d: d["runs"][0].update(extra="x"), "runs[0] has unknown key(s) extra"),
+    (lambda d: d["nested_score"].pop("std"), "nested_score lacks key(s) std"),
+    (lambda d: d.update(rank_reference="test_quantiles"), "rank_reference"),
+]
+
+
+@pytest.mark.parametrize(("edit", "error"), BAD_DOCS)
+def test_load_blend_rejects_invalid_documents(fitted, tmp_path, edit, error):
+    doc = json.loads((fitted / "runs" / "blend" / "blend.json").read_text())
+    doc["weights"] = {"a": 0.5, "b": 0.5, "noise": 0.0}
+    edit(doc)
+    path = tmp_path / "blend.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=re.escape(error)):
+        B.load_blend(path, workdir=fitted)
+
+
+def test_load_blend_checks_run_files(fitted, tmp_path):
+    doc = json.loads((fitted / "runs" / "blend" / "blend.json").read_text())
+    path = tmp_path / "blend.json"
+    path.write_text(json.dumps(doc))
+    assert B.load_blend(path, workdir=fitted)["method"] == doc["method"]
+    with pytest.raises(UserError, match="does not exist"):
+        B.load_blend(path, workdir=tmp_path)  # no runs/ there
+    B.load_blend(path, workdir=tmp_path, check_files=False)  # data only
+    with pytest.raises(UserError, match="no blend file"):
+        B.load_blend(tmp_path / "missing.json")
+    path.write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        B.load_blend(path)
+
+
+def test_changed_oof_file_makes_the_blend_stale(tmp_path):
+    root = make_project(tmp_path, 200)
+    assert invoke(root, "--trials", "3", "--nested-trials", "2").exit_code == 0
+    write_run(root, "a", complementary(200, seed=1)["a"])
+    with pytest.raises(UserError, match="oof/a.csv changed"):
+        B.load_blend(root / "runs" / "blend" / "blend.json")
+
+
+# ---- point 3: the study --------------------------------------------------------------------------------
+
+
+def _study_trials(root: Path) -> dict[str, int]:
+    url = f"sqlite:///{root / 'runs' / 'blend' / 'study.db'}"
+    return {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(url, include_best_trial=False)}
+
+
+def test_study_resumes_and_a_new_run_set_is_a_new_study(tmp_path):
+    root = make_project(tmp_path, 400)
+    args = ("--trials", "20", "--nested-trials", "3")
+    assert invoke(root, *args).exit_code == 0
+    first = json.loads((root / "runs" / "blend" / "blend.json").read_text())
+    result = invoke(root, *args)
+    assert result.exit_code == 0, result.output
+    assert "40 trials in the study" in result.stdout
+    doc = json.loads((root / "runs" / "blend" / "blend.json").read_text())
+    assert doc["trials"] == 40
+    assert list(_study_trials(root).values()) == [40]
+    # Resuming can only find an equal or better in-sample optimum.
+    rows = {b["method"]: b["oof_score"] for b in doc["baselines"]}
+    assert rows["optuna"] >= {b["method"]: b["oof_score"] for b in first["baselines"]}["optuna"]
+
+    assert invoke(root, "--runs", "a,b", *args).exit_code == 0
+    assert invoke(root, "--metric", "accuracy", *args).exit_code == 0
+    trials = _study_trials(root)
+    assert len(trials) == 3 and sorted(trials.values()) == [20, 20, 40]
+    assert any(name.startswith("blend:accuracy:a+b+noise:") for name in trials)
+
+
+def test_any_optuna_storage_url(tmp_path):
+    root = make_project(tmp_path, 200)
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    assert invoke(root, "--trials", "4", "--nested-trials", "2", "--storage", url).exit_code == 0
+    assert invoke(root, "--trials", "3", "--nested-trials", "2", "--storage", url).exit_code == 0
+    (summary,) = optuna.get_all_study_summaries(url, include_best_trial=False)
+    assert summary.n_trials == 7
+    assert not (root / "runs" / "blend" / "study.db").exists()
+
+
+def test_study_name_encodes_runs_metric_and_inputs(tmp_path):
+    root = make_project(tmp_path, 100)
+    oof = B.load_oof(root)
+    names = {
+        B.study_name(oof, "f1"),
+        B.study_name(oof, "macro_f1"),
+        B.study_name(B.load_oof(root, ["a", "b"]), "f1"),
+    }
+    assert len(names) == 3
+    assert B.study_name(B.load_oof(root, ["noise", "b", "a"]), "f1") == B.study_name(oof, "f1")
+    write_run(root, "a", complementary(100, seed=3)["a"])  # a re-trained run starts a new study
+    assert B.study_name(B.load_oof(root), "f1") != B.study_name(oof, "f1")
+
+
+def test_cli_prints_the_table_and_the_choice(fitted):
+    result = invoke(fitted, "--trials", "1", "--nested-trials", "2", "--metric", "macro_f1")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "oof macro_f1" in out and "nested macro_f1" in out and "<- picked" in out
+    assert "picked " in out and "wrote " in out
+    for method in ("single:a", "mean_logit", "caruana", "hill_climb", "optuna"):
+        assert method in out

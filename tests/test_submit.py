@@ -1,0 +1,272 @@
+"""`aivh-ens submit` / `predict` end to end on generated data: cv -> blend -> submit, the cache, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from aivh_ens import submit as submit_mod
+from aivh_ens.blend import apply_blend
+from aivh_ens.cli import main
+from aivh_ens.errors import UserError
+from aivh_ens.models import build_model
+from aivh_ens.submit import fold_average, rank_against, validate_submission
+from aivh_ens.synth import make_demo_dataset
+
+FAST = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", "3", "--group", "pairs",
+        "--epochs", "1", "--quiet"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(res, *needles: str) -> None:
+    """Exit 2, exactly one line starting with 'error:', no traceback, each needle in it."""
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.output
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, Path]:
+    """(data, workdir) with two finished 3-fold runs (a: test_efficientnet, b: test_convnext) and a blend."""
+    root = tmp_path_factory.mktemp("submit")
+    data, work = root / "data", root / "work"
+    make_demo_dataset(data, n=120, n_test=30, seed=5)
+    for extra in (["--name", "a"], ["--model", "test_convnext", "--name", "b"]):
+        res = invoke("cv", *FAST, "--data", data, "--workdir", work, *extra)
+        assert res.exit_code == 0, res.output
+    res = invoke("blend", "--workdir", work, "--trials", "20", "--nested-trials", "5", "--quiet")
+    assert res.exit_code == 0, res.output
+    return data, work
+
+
+@pytest.fixture
+def copy(project, tmp_path) -> tuple[Path, Path]:
+    """A private copy of the project (tests below modify data, runs and caches)."""
+    data, work = project
+    shutil.copytree(data, tmp_path / "data")
+    shutil.copytree(work, tmp_path / "work")
+    cfg_files = (tmp_path / "work" / "runs").glob("*/config.json")
+    for f in cfg_files:  # point the copied runs at the copied data
+        doc = json.loads(f.read_text())
+        doc["data"] = str(tmp_path / "data")
+        f.write_text(json.dumps(doc))
+    return tmp_path / "data", tmp_path / "work"
+
+
+def _count_builds(monkeypatch) -> list[int]:
+    calls: list[int] = []
+
+    def counting(cfg):
+        calls.append(1)
+        return build_model(cfg)
+
+    monkeypatch.setattr(submit_mod, "build_model", counting)
+    return calls
+
+
+def test_submit_end_to_end_and_its_cache(copy, monkeypatch):
+    data, work = copy
+    builds = _count_builds(monkeypatch)
+    out = work / "sub.csv"
+    res = invoke("submit", "--workdir", work, "--out", out, "--proba", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert len(builds) == 6  # 2 runs x 3 folds, each fold model built once
+    test_ids = pd.read_csv(data / "test.csv", dtype=str)["id"].tolist()
+    sub = validate_submission(out, test_ids)
+    assert sub["label"].isin(["0", "1"]).all() and len(sub) == 30
+    assert "predicted AI rate" in res.output and "training rate 50.0%" in res.output
+
+    # The submission is the fitted blend applied to the fold-averaged cached scores, threshold unchanged.
+    blend_doc = json.loads((work / "runs" / "blend" / "blend.json").read_text())
+    scores = {}
+    for run in ("a", "b"):
+        cache = pd.read_csv(work / "runs" / run / "test" / "hflip.csv", dtype={"id": str})
+        assert cache["id"].tolist() == test_ids
+        P = cache[["fold0", "fold1", "fold2"]].to_numpy().T  # (K, N)
+        np.testing.assert_allclose(cache["prob"], P.mean(axis=0), atol=1e-8)
+        assert json.loads((work / "runs" / run / "test" / "hflip.json").read_text())["key"]["tta"] == "hflip"
+        scores[run] = fold_average(P, blend_doc["space"])
+    probs, labels = apply_blend(blend_doc, scores)
+    np.testing.assert_array_equal(sub["label"].astype(int), labels)
+    proba = pd.read_csv(work / "sub_proba.csv", dtype={"id": str})
+    assert proba["id"].tolist() == test_ids
+    np.testing.assert_allclose(proba["prob"], probs, atol=1e-7)
+
+    # Second submit: no model is built, the same file comes out.
+    def no_build(cfg):
+        raise AssertionError("a model was built although the cache is valid")
+
+    monkeypatch.setattr(submit_mod, "build_model", no_build)
+    first = out.read_bytes()
+    res = invoke("submit", "--workdir", work, "--out", out, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "cached" in res.output and out.read_bytes() == first
+
+    # A new blend (another threshold) also costs no inference, and its threshold is applied as is.
+    blend_doc["threshold"] = 1.0
+    (work / "runs" / "blend" / "blend.json").write_text(json.dumps(blend_doc))
+    res = invoke("submit", "--workdir", work, "--out", work / "t1.csv", "--quiet")
+    assert res.exit_code == 0, res.output
+    expected = apply_blend(blend_doc, scores)[1]
+    np.testing.assert_array_equal(pd.read_csv(work / "t1.csv")["label"], expected)
+    assert expected.sum() <= 1  # so the predicted rate is far below the training rate: a warning, exit 0
+    assert "warning: the predicted AI rate" in res.output
+    assert "training rate 50.0% by more than 15 points" in res.output
+
+    # A changed test image invalidates the cache: the models are built again and the key changes.
+    builds = _count_builds(monkeypatch)
+    key_before = json.loads((work / "runs" / "a" / "test" / "hflip.json").read_text())["key"]
+    (data / test_ids[0]).write_bytes((data / test_ids[1]).read_bytes())
+    res = invoke("submit", "--workdir", work, "--out", out, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert len(builds) == 6
+    key_after = json.loads((work / "runs" / "a" / "test" / "hflip.json").read_text())["key"]
+    assert key_after["files_sha256"] != key_before["files_sha256"]
+    assert key_after["weights_sha256"] == key_before["weights_sha256"]
+    cache = pd.read_csv(work / "runs" / "a" / "test" / "hflip.csv")
+    assert cache.loc[0, "prob"] == pytest.approx(cache.loc[1, "prob"], abs=1e-6)  # now the same image
+
+
+def _no_submission(work: Path) -> bool:
+    return not (work / "submission.csv").exists() and not list(work.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("case", "needles"),
+    [
+        ("missing_run", ["'b'", "runs/b/config.json", "aivh-ens blend"]),
+        ("missing_fold", ["run a: fold 1", "best.safetensors", "--resume"]),
+        ("oof_changed", ["oof/a.csv", "changed", "aivh-ens blend"]),
+        ("unknown_test_id", ["not_here.jpg"]),
+        ("corrupt_test_image", ["unreadable test image", "every test id"]),
+        ("bad_tta", ["'flip'", "valid forms", "crops:N"]),
+        ("no_blend", ["no blend file", "aivh-ens blend"]),
+    ],
+)
+def test_submit_refusals(copy, monkeypatch, case, needles):
+    data, work = copy
+    args = ["submit", "--workdir", work, "--quiet"]
+    if case == "missing_run":
+        shutil.rmtree(work / "runs" / "b")
+    elif case == "missing_fold":
+        (work / "runs" / "a" / "fold1" / "best.safetensors").unlink()
+    elif case == "oof_changed":
+        with open(work / "oof" / "a.csv", "a") as f:
+            f.write("\n")
+    elif case == "unknown_test_id":
+        with open(data / "test.csv", "a") as f:
+            f.write("test_data_v2/not_here.jpg\n")
+    elif case == "corrupt_test_image":
+        first = pd.read_csv(data / "test.csv")["id"][3]
+        (data / first).write_bytes(b"definitely not a jpeg")
+    elif case == "bad_tta":
+        args += ["--tta", "flip"]
+    elif case == "no_blend":
+        (work / "runs" / "blend" / "blend.json").unlink()
+
+    def no_build(cfg):
+        raise AssertionError("inference started before the inputs were checked")
+
+    monkeypatch.setattr(submit_mod, "build_model", no_build)
+    assert_user_error(invoke(*args), *needles)
+    assert _no_submission(work)
+
+
+def test_predict_scores_good_images_and_reports_bad_ones(project, tmp_path):
+    data, work = project
+    ids = pd.read_csv(data / "test.csv")["id"].tolist()
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    images = [data / ids[0], bad, data / ids[1]]
+    blend_doc = json.loads((work / "runs" / "blend" / "blend.json").read_text())
+
+    res = invoke("predict", *images, "--workdir", work)  # the blend, a table
+    assert res.exit_code == 2, res.output
+    rows = [ln.split() for ln in res.stdout.splitlines()[1:] if ln.strip()]  # p_ai, label, (AI|human), image
+    assert [r[-1] for r in rows] == [str(images[0]), str(images[2])]
+    for r in rows:
+        assert 0.0 <= float(r[0]) <= 1.0
+        near = abs(float(r[0]) - blend_doc["threshold"]) < 1e-4  # the table rounds to 4 decimals
+        assert int(r[1]) == int(float(r[0]) >= blend_doc["threshold"]) or near
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "broken.jpg" in errors[0]
+
+    res = invoke("predict", *images, "--workdir", work, "--run", "b", "--json")  # one run, threshold 0.5
+    assert res.exit_code == 2
+    doc = json.loads(res.stdout)
+    assert doc["run"] == "b" and doc["space"] == "prob" and doc["threshold"] == 0.5
+    results = doc["results"]
+    assert [r["image"] for r in results] == [str(p) for p in images]
+    assert results[1]["prob"] is None and results[1]["label"] is None and "broken.jpg" in results[1]["error"]
+    for r in (results[0], results[2]):
+        assert 0.0 <= r["prob"] <= 1.0 and r["error"] is None and r["label"] == int(r["prob"] >= 0.5)
+    assert len([ln for ln in res.stderr.splitlines() if ln.startswith("error:")]) == 1
+
+    assert_user_error(invoke("predict", images[0], "--workdir", work, "--run", "nope"),
+                      "runs/nope/config.json")
+    assert_user_error(invoke("predict", images[0], "--workdir", work, "--tta", "d8"), "valid forms")
+    assert_user_error(invoke("predict", images[0], "--workdir", work, "--run", "a", "--blend", "x.json"),
+                      "either --blend or --run")
+
+
+def test_submit_tta_option_and_predict_agree(copy):
+    data, work = copy
+    res = invoke("submit", "--workdir", work, "--tta", "d4+crops:3", "--quiet")
+    assert res.exit_code == 0, res.output
+    # Both runs resize the whole image: the crops do not apply, and the log says so.
+    assert "crops:3 does not apply; using d4" in res.output
+    assert (work / "submission.csv").is_file() and not (work / "runs" / "a" / "test" / "hflip.csv").exists()
+    cache = pd.read_csv(work / "runs" / "a" / "test" / "d4.csv")
+    ids = cache["id"].tolist()[:3]
+    preds, source = submit_mod.predict_images([data / i for i in ids], work, run="a", tta="d4")
+    np.testing.assert_allclose([p.prob for p in preds], cache["prob"][:3], atol=1e-6)
+    assert source == {"run": "a", "space": "prob", "threshold": 0.5}
+
+
+# ---- pure helpers ----------------------------------------------------------------------------------------
+
+
+def test_validate_submission_catches_each_defect(tmp_path):
+    ids = ["x/1.jpg", "x/2.jpg", "x/3.jpg"]
+    cases = {
+        "ok": "id,label\nx/1.jpg,0\nx/2.jpg,1\nx/3.jpg,1\n",
+        "columns": "id,target\nx/1.jpg,0\nx/2.jpg,1\nx/3.jpg,1\n",
+        "rows": "id,label\nx/1.jpg,0\nx/2.jpg,1\n",
+        "missing id": "id,label\nx/1.jpg,0\nx/2.jpg,1\nx/4.jpg,1\n",
+        "order": "id,label\nx/2.jpg,0\nx/1.jpg,1\nx/3.jpg,1\n",
+        "nan": "id,label\nx/1.jpg,0\nx/2.jpg,\nx/3.jpg,1\n",
+        "float": "id,label\nx/1.jpg,0\nx/2.jpg,1.0\nx/3.jpg,1\n",
+        "two": "id,label\nx/1.jpg,0\nx/2.jpg,2\nx/3.jpg,1\n",
+    }
+    for name, text in cases.items():
+        (tmp_path / "s.csv").write_text(text)
+        if name == "ok":
+            assert len(validate_submission(tmp_path / "s.csv", ids)) == 3
+        else:
+            with pytest.raises(UserError):
+                validate_submission(tmp_path / "s.csv", ids)
+
+
+def test_fold_average_by_space():
+    P = np.array([[0.9, 0.2], [0.5, 0.2]])  # (K=2, N=2)
+    np.testing.assert_allclose(fold_average(P, "prob"), [0.7, 0.2])
+    np.testing.assert_allclose(fold_average(P, "rank"), [0.7, 0.2])  # ranks come later, from the mean
+    logit = np.log(P / (1 - P)).mean(axis=0)
+    np.testing.assert_allclose(fold_average(P, "logit"), 1 / (1 + np.exp(-logit)))
+
+
+def test_rank_against_reference():
+    ref = np.array([0.1, 0.2, 0.2, 0.3])
+    np.testing.assert_allclose(rank_against(ref, np.array([0.0, 0.2, 0.25, 1.0])), [0.0, 0.5, 0.75, 1.0])

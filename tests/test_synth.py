@@ -1,0 +1,178 @@
+"""The demo data set: Kaggle layout, determinism, no metadata shortcut, a learnable signal, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GroupKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from aivh_ens.cli import main
+from aivh_ens.errors import UserError
+from aivh_ens.synth import DEFAULT_DIFFICULTY, MARKER, is_demo_dataset, make_demo_dataset
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("demo") / "d"
+    return root, make_demo_dataset(root, n=40, n_test=21, seed=3)
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """400 train images (200 pairs) at the default difficulty, for the statistical tests."""
+    root = tmp_path_factory.mktemp("demo") / "m"
+    make_demo_dataset(root, n=400, n_test=2, seed=11)
+    return root
+
+
+def _sizes(root: Path, files: pd.Series) -> np.ndarray:
+    return np.array([Image.open(root / f).size for f in files])  # (N, 2) width, height
+
+
+def test_layout(small: tuple[Path, dict]) -> None:
+    root, info = small
+    train = pd.read_csv(root / "train.csv")
+    test = pd.read_csv(root / "test.csv")
+    solution = pd.read_csv(root / "solution.csv")
+    assert list(train.columns) == ["file_name", "label"]
+    assert list(test.columns) == ["id"]
+    assert list(solution.columns) == ["id", "label"]
+    assert len(train) == info["n_train"] == 40 and len(test) == info["n_test"] == 21
+    assert train["label"].tolist() == [1, 0] * 20  # row 2k AI, row 2k+1 human
+    assert train["file_name"].str.match(r"^train_data/[0-9a-f]+\.jpg$").all()
+    assert test["id"].str.match(r"^test_data_v2/[0-9a-f]+\.jpg$").all()
+    assert train["file_name"].is_unique and test["id"].is_unique
+    assert all((root / f).is_file() for f in train["file_name"]) and all((root / f).is_file() for f in test["id"])
+    # Only the listed images are on disk, and no staging folder is left behind.
+    assert len(list((root / "train_data").iterdir())) == 40 and len(list((root / "test_data_v2").iterdir())) == 21
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        ["train.csv", "test.csv", "solution.csv", MARKER, "train_data", "test_data_v2"])
+
+    sizes = _sizes(root, train["file_name"])
+    assert (sizes[0::2] == sizes[1::2]).all()  # pair members share the size
+    assert sizes.min() >= 48 and sizes.max() <= 128 and len({tuple(s) for s in sizes}) > 5
+    test_sizes = _sizes(root, test["id"])
+    assert test_sizes.min() >= 96 and test_sizes.max() <= 160
+    with Image.open(root / train["file_name"][0]) as im:
+        assert im.format == "JPEG" and im.mode == "RGB"
+
+    assert solution["id"].tolist() == test["id"].tolist()
+    assert set(solution["label"]) == {0, 1}
+    assert info["n_test_ai"] + info["n_test_human"] == 21 and abs(info["n_test_ai"] - info["n_test_human"]) <= 1
+    assert info["n_test_ai"] == int(solution["label"].sum())
+    assert is_demo_dataset(root) and json.loads((root / MARKER).read_text())["seed"] == 3
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(small: tuple[Path, dict], tmp_path: Path) -> None:
+    root, _ = small
+    make_demo_dataset(tmp_path / "again", n=40, n_test=21, seed=3)
+    make_demo_dataset(tmp_path / "other", n=40, n_test=21, seed=4)
+    same, other = _tree_digest(tmp_path / "again"), _tree_digest(tmp_path / "other")
+    assert same == _tree_digest(root)
+    assert set(other.values()).isdisjoint(v for k, v in same.items() if k.endswith(".jpg"))
+
+
+def test_file_names_do_not_follow_the_label(small: tuple[Path, dict]) -> None:
+    root, _ = small
+    train = pd.read_csv(root / "train.csv")
+    # Sorted by name (what a directory listing does), the labels must be mixed, not in two blocks.
+    order = train.sort_values("file_name")["label"].to_numpy()
+    assert (np.diff(order) != 0).sum() > len(order) // 4
+
+
+def test_metadata_is_no_shortcut(medium: Path) -> None:
+    train = pd.read_csv(medium / "train.csv")
+    wh = _sizes(medium, train["file_name"]).astype(float)
+    size = np.array([(medium / f).stat().st_size for f in train["file_name"]], float)
+    x = np.column_stack([wh, size, size / wh.prod(1)])  # width, height, bytes, bytes per pixel
+    clf = make_pipeline(StandardScaler(), LogisticRegression())
+    acc = cross_val_score(clf, x, train["label"], groups=np.arange(len(train)) // 2, cv=GroupKFold(5)).mean()
+    assert acc < 0.6
+
+
+def _high_freq_ratio(path: Path) -> float:
+    """Share of the luminance spectrum's energy above half the Nyquist frequency (DC removed)."""
+    g = np.asarray(Image.open(path).convert("L"), np.float64)
+    power = np.abs(np.fft.fft2(g - g.mean())) ** 2
+    fy, fx = np.meshgrid(np.fft.fftfreq(g.shape[0]), np.fft.fftfreq(g.shape[1]), indexing="ij")
+    return float(power[np.maximum(np.abs(fy), np.abs(fx)) > 0.25].sum() / power.sum())
+
+
+def test_a_spectral_feature_separates_the_classes(medium: Path) -> None:
+    train = pd.read_csv(medium / "train.csv")
+    ratio = np.array([_high_freq_ratio(medium / f) for f in train["file_name"]])
+    ai, human = ratio[0::2], ratio[1::2]  # (pairs,) each
+    # Within a pair the scene is the same, so the comparison isolates the generator's traces.
+    assert (human > ai).mean() > 0.7
+
+
+def test_previous_demo_data_set_is_replaced(tmp_path: Path) -> None:
+    make_demo_dataset(tmp_path, n=20, n_test=4, seed=0)
+    make_demo_dataset(tmp_path, n=24, n_test=2, seed=1)
+    assert len(pd.read_csv(tmp_path / "train.csv")) == 24
+    assert len(list((tmp_path / "train_data").iterdir())) == 24  # old images gone
+
+
+def test_foreign_folder_needs_force_and_keeps_other_files(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="--force"):
+        make_demo_dataset(tmp_path, n=20, n_test=2)
+    assert not (tmp_path / "train.csv").exists()
+    make_demo_dataset(tmp_path, n=20, n_test=2, force=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "train.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"n": 21}, "even"), ({"n": 18}, ">= 20"), ({"n_test": 1}, "n-test"), ({"difficulty": 1.5}, r"\[0, 1\]"),
+     ({"difficulty": -0.1}, r"\[0, 1\]")],
+)
+def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        make_demo_dataset(tmp_path / "x", **{"n": 20, "n_test": 2, **kwargs})
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_writes_the_data_set(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    res = CliRunner().invoke(main, ["demo-data", str(out), "--n", "200", "--n-test", "50"])
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(out / "train.csv")) == 200 and len(pd.read_csv(out / "test.csv")) == 50
+    assert "100 AI" in res.output and str(out / "train.csv") in res.output
+
+
+@pytest.mark.parametrize("args", [["--n", "201"], ["--n", "10"], ["--difficulty", "2"]])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str]) -> None:
+    res = CliRunner().invoke(main, ["demo-data", str(tmp_path / "d"), *args])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+
+
+def test_cli_refuses_a_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "keep.csv").write_text("a\n1\n")
+    res = CliRunner().invoke(main, ["demo-data", str(tmp_path), "--n", "20", "--n-test", "2"])
+    assert res.exit_code == 2 and "--force" in res.output
+    res = CliRunner().invoke(main, ["demo-data", str(tmp_path), "--n", "20", "--n-test", "2", "--force"])
+    assert res.exit_code == 0, res.output
+
+
+def test_cli_help_shows_the_default_difficulty() -> None:
+    res = CliRunner().invoke(main, ["demo-data", "--help"])
+    assert res.exit_code == 0 and "aivh-ens demo-data data/" in res.output
+    assert f"[default: {DEFAULT_DIFFICULTY:g}]" in res.output
