@@ -26,7 +26,10 @@ demo: install
 	$(VENV)/bin/aivh-ens demo-data $(DEMO)/data --n $(DEMO_N) --force
 	$(VENV)/bin/aivh-ens cv --recipe tiny --model test_efficientnet --name tiny-effnet --data $(DEMO)/data --group pairs --workdir $(DEMO) --quiet
 	$(VENV)/bin/aivh-ens cv --recipe tiny --model test_convnext --name tiny-convnext --data $(DEMO)/data --group pairs --workdir $(DEMO) --quiet
-	@echo "demo OOF files: $$(ls $(DEMO)/oof/*.csv | tr '\n' ' ')"
+	$(VENV)/bin/aivh-ens blend --workdir $(DEMO) --quiet
+	$(VENV)/bin/aivh-ens submit --data $(DEMO)/data --workdir $(DEMO) --out $(DEMO)/submission.csv --quiet
+	$(PY) -c "import pandas as pd; s = pd.read_csv('$(DEMO)/data/solution.csv').merge(pd.read_csv('$(DEMO)/submission.csv'), on='id', suffixes=('', '_pred')); from aivh_ens.metrics import f1; print(f'demo test F1 against solution.csv: {f1(s.label, s.label_pred):.4f} ({len(s)} images)')"
+	@echo "submission: $(DEMO)/submission.csv"
 
 test: install
 	$(PY) -m pytest -q

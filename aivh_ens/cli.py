@@ -234,7 +234,7 @@ def cache_cmd(data, recipe, model, mode, img_size, size, train_csv, test_csv, fi
         raise UserError(f"--jobs must be >= 1 (got {jobs})")
     cfg = resolve_config(recipe, model=model, mode=mode, img_size=img_size, data=str(data) if data else None,
                          train_csv=train_csv, test_csv=test_csv, file_col=file_col, id_col=id_col,
-                         cache_dir=cache_dir, name="cache-build")
+                         cache_dir=cache_dir)
     out = cache_dataset(cfg, workdir, size=size, jobs=jobs, progress=not quiet, log=click.echo)
     bad = f", {out['bad']} unreadable" if out["bad"] else ""
     click.echo(f"cache ready: {out['path']} ({out['images']} images, {out['bytes'] / 1e9:.3g} GB, "
@@ -381,7 +381,7 @@ def predict_cmd(images, blend_path, run, tta, as_json, device, batch_size, workd
               help="Test images (shifted sizes and generator, not in pairs, about half AI).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
 @click.option("--difficulty", type=float, default=None,
-              help="0..1; higher = weaker generator traces and more noise in AI images.  [default: 0.3]")
+              help="0..1; higher = weaker generator traces and more noise in AI images.  [default: 0.25]")
 @click.option("--force", is_flag=True,
               help="Write into a non-empty folder that is not a demo data set (replaces only train.csv, "
                    "test.csv, solution.csv, demo.json, train_data/, test_data_v2/).")

@@ -217,9 +217,9 @@ def run_cv(cfg: RunConfig, workdir: str | Path = ".", *, fold_spec: str | None =
             "reason": [bad[i] for i in sorted(exclude)]}))
         log(f"skipping {len(exclude)} unreadable image(s) (listed in {rdir / 'skipped.csv'})")
 
-    from aivh_ens.loader import FileSource
+    from aivh_ens.cache import open_source
 
-    source = FileSource(root, fold_table["file_name"].tolist())
+    source = open_source(cfg, root, fold_table["file_name"].tolist(), workdir, progress=progress, log=log)
     summaries = []
     for k in folds_to_run:
         fdir = rdir / f"fold{k}"

@@ -3,14 +3,15 @@
 Every image starts as a procedural scene with natural-image statistics (1/f^beta power spectrum textures,
 soft-edged shapes, smooth lighting). A "human" image is that scene through a camera model: full-resolution
 detail plus signal-dependent sensor noise. An "AI" image is the same scene through a generator model: the
-scene is rendered at half resolution, its texture smoothed, and upsampled by a stride-2 transposed
+scene is rendered at half resolution with smoothed texture and upsampled by a stride-2 transposed
 convolution whose kernel phases do not sum to the same value, which leaves the periodic (checkerboard)
-spectral peaks reported for GAN and diffusion decoders; the sensor noise is mostly missing. Both classes are
-saved as JPEG with the quality drawn from one range, at the same size per pair, so that dimensions, format
-and file size reveal nothing about the label.
+spectral peaks reported for GAN and diffusion decoders; the lost fine detail is filled with invented
+texture, and the sensor noise is mostly missing. ``difficulty`` moves the generator from crude (0) to one
+that leaves no trace (1). Both classes are saved as JPEG with the quality drawn from one range, at the same
+size per pair, so that dimensions, format and file size reveal nothing about the label.
 
-The test split is shifted the way Kaggle's is: larger images, a second generator (bilinear upsampling by a
-non-integer factor plus sharpening instead of a transposed convolution), other cameras, and no pairs.
+The test split is shifted the way Kaggle's is: larger images, a second generator (rendered 3-5x smaller,
+bilinear upsampling and sharpening instead of a transposed convolution), other cameras, and no pairs.
 
 Layout written under ``out_dir``::
 
@@ -47,7 +48,7 @@ from aivh_ens.io import write_csv, write_text
 TRAIN_DIR = "train_data"
 TEST_DIR = "test_data_v2"
 MARKER = "demo.json"
-DEFAULT_DIFFICULTY = 0.5
+DEFAULT_DIFFICULTY = 0.25
 _STAGING_PREFIX = ".demo-data-staging-"
 # What a demo data set consists of: the only entries replaced when a previous one is overwritten.
 _OWNED = ("train.csv", "test.csv", "solution.csv", MARKER, TRAIN_DIR, TEST_DIR)
@@ -62,12 +63,13 @@ class _Split:
     key: int  # mixed into every random stream, so the splits never share scenes
     size_range: tuple[int, int]  # inclusive, per side
     generator: str  # "tconv" (train) or "bilinear" (test)
+    render_factor: tuple[float, float]  # the generator renders at size / factor (tconv: always 2)
     noise_range: tuple[float, float]  # human sensor noise std, in [0, 1] intensity units
     quality_range: tuple[int, int]  # inclusive JPEG quality, the same for both classes
 
 
-_TRAIN = _Split("train", 1, (48, 128), "tconv", (0.008, 0.03), (70, 95))
-_TEST = _Split("test", 2, (96, 160), "bilinear", (0.005, 0.04), (65, 95))
+_TRAIN = _Split("train", 1, (48, 128), "tconv", (2.0, 2.0), (0.008, 0.03), (70, 95))
+_TEST = _Split("test", 2, (96, 160), "bilinear", (3.0, 5.0), (0.005, 0.04), (65, 95))
 
 
 def _file_stem(seed: int, split: str, index: int) -> str:
@@ -112,7 +114,9 @@ def _scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         r = rng.uniform(0.1, 0.45) * min(h, w)
         if rng.random() < 0.5:
             axes = (max(2, int(r)), max(2, int(r * rng.uniform(0.3, 1.0))))
-            cv2.ellipse(mask, (int(cx), int(cy)), axes, float(rng.uniform(0, 180)), 0, 360, 255, -1, cv2.LINE_AA)
+            cv2.ellipse(
+                mask, (int(cx), int(cy)), axes, float(rng.uniform(0, 180)), 0, 360, 255, -1, cv2.LINE_AA
+            )
         else:
             m = int(rng.integers(3, 7))
             ang = np.sort(rng.uniform(0, 2 * np.pi, m))
@@ -167,45 +171,57 @@ def _tconv_up2(low: np.ndarray, strength: float) -> np.ndarray:
     return cv2.filter2D(z, -1, kernel, anchor=(1, 1), borderType=cv2.BORDER_REFLECT)
 
 
+# Generator strengths at difficulty 0 (all scale with 1 - difficulty). Tuned so that at DEFAULT_DIFFICULTY
+# a tiny CNN on 64 px resizes is clearly better than chance and clearly short of perfect, and so that the
+# JPEG sizes of the two classes match (tests/test_synth.py checks both the signal and the sizes).
+_CHECKER = 0.04  # transposed-conv kernel perturbation: phase gains differ by a few % of the intensity
+_SMOOTH = 0.6  # Gaussian blur of the low-resolution render, in its pixels
+_GRAIN = 1.0  # the generator's low-resolution grain, relative to the paired camera's noise
+_INVENTED = 0.8  # invented fine texture, relative to the fine detail the low-resolution render lost
+_SHARPEN = 0.15  # the test generator's unsharp-mask amount
+# A share of AI images comes from a much better generator (traces at this fraction of their strength), so
+# that even a detector that finds every trace stays clearly short of perfect, as on real data.
+_GOOD_SHARE = 0.25
+_GOOD_TRACE = 0.2
+
+
+def _image_difficulty(rng: np.random.Generator, difficulty: float) -> float:
+    good = rng.random() < _GOOD_SHARE
+    return 1.0 - (1.0 - difficulty) * _GOOD_TRACE if good else difficulty
+
+
 def _generator(
-    rng: np.random.Generator, scene: np.ndarray, variant: str, difficulty: float, sigma: float
+    rng: np.random.Generator, scene: np.ndarray, split: _Split, difficulty: float, sigma: float
 ) -> np.ndarray:
     """The scene as a generator would produce it: low-resolution render, smoothed, upsampled with traces."""
     h, w, _ = scene.shape
     trace = max(0.0, 1.0 - difficulty)  # 1 at difficulty 0, gone at difficulty 1
-    if variant == "tconv":
+    if split.generator == "tconv":
         lh, lw = (h + 1) // 2, (w + 1) // 2
     else:
-        factor = rng.uniform(_P["tf0"], _P["tf1"])
+        factor = rng.uniform(*split.render_factor)
         lh, lw = max(8, round(h / factor)), max(8, round(w / factor))
     low_clean = cv2.resize(scene, (lw, lh), interpolation=cv2.INTER_AREA)
-    # Over-smoothed texture, plus the generator's own low-resolution grain.
-    blur = _P["blur0"] + _P["blur1"] * trace
+    blur = _SMOOTH * trace
     low = cv2.GaussianBlur(low_clean, (0, 0), blur) if blur > 0 else low_clean.copy()
-    low += _P["grain"] * rng.uniform(0.5, 1.5) * sigma * rng.standard_normal(low.shape).astype(np.float32)
-    if variant == "tconv":
-        up = _tconv_up2(low, _P["ckb"] * trace * rng.uniform(0.3, 1.7))[:h, :w]
+    low += _GRAIN * trace * rng.uniform(0.5, 1.5) * sigma * rng.standard_normal(low.shape).astype(np.float32)
+    if split.generator == "tconv":
+        # The trace strength varies per image, as it does across a generator's checkpoints and prompts.
+        up = _tconv_up2(low, _CHECKER * trace * rng.uniform(0.3, 1.7))[:h, :w]
         plain = _tconv_up2(low_clean, 0.0)[:h, :w]
     else:
         up = cv2.resize(low, (w, h), interpolation=cv2.INTER_LINEAR)
         plain = cv2.resize(low_clean, (w, h), interpolation=cv2.INTER_LINEAR)
         # Over-sharpening, as some decoders' last layers do.
-        soft = cv2.GaussianBlur(up, (0, 0), 1.0)
-        up = up + _P["sharp"] * (0.5 + trace) * (up - soft)
-    # The fine detail a low-resolution render loses, which a better generator gets back, and the camera
-    # noise it misses: both grow with the difficulty.
+        up = up + _SHARPEN * (0.5 + trace) * (up - cv2.GaussianBlur(up, (0, 0), 1.0))
     lost = scene - plain  # (h, w, 3) the band a low-resolution render cannot hold
     # Generators fill that band with invented texture that ignores the scene's edges; a better generator
-    # (higher difficulty) gets more of the real detail back instead.
+    # (higher difficulty) gets more of the real detail back instead, and more of the camera noise.
     field = _powerlaw_fields(rng, 1, h, w, np.array([2.0]))[0]
     invented = (field - cv2.GaussianBlur(field, (0, 0), 1.0))[..., None]
     invented *= lost.std() / (invented.std() + 1e-6)
-    up = up + _P["detail"] * difficulty * lost + _P["halluc"] * trace * invented
-    return up + _sensor_noise(rng, np.clip(up, 0, 1), _P["noise"] * difficulty * sigma)
-
-
-_P = {"blur0": 0.0, "blur1": 0.6, "grain": 1.0, "ckb": 0.04, "detail": 1.0, "noise": 1.0, "tf0": 2.5, "tf1": 4.0, "sharp": 0.15, "halluc": 0.8}
-_P.update(json.loads(os.environ.get("SYNTH_P", "{}")))
+    up = up + difficulty * lost + _INVENTED * trace * invented
+    return up + _sensor_noise(rng, np.clip(up, 0, 1), difficulty * sigma)
 
 
 def _encode_jpeg(img: np.ndarray, quality: int) -> bytes:
@@ -228,7 +244,7 @@ def _pair(seed: int, k: int, difficulty: float) -> tuple[bytes, bytes]:
     scene = _scene(rng, h, w)
     sigma = rng.uniform(*_TRAIN.noise_range)
     q_ai, q_human = (int(v) for v in rng.integers(_TRAIN.quality_range[0], _TRAIN.quality_range[1] + 1, 2))
-    ai = _generator(rng, scene, _TRAIN.generator, difficulty, sigma)
+    ai = _generator(rng, scene, _TRAIN, _image_difficulty(rng, difficulty), sigma)
     human = _camera(rng, scene, sigma)
     return _encode_jpeg(ai, q_ai), _encode_jpeg(human, q_human)
 
@@ -241,7 +257,8 @@ def _test_image(seed: int, i: int, label: int, difficulty: float) -> bytes:
     scene = _scene(rng, h, w)
     sigma = rng.uniform(*_TEST.noise_range)
     quality = int(rng.integers(_TEST.quality_range[0], _TEST.quality_range[1] + 1))
-    img = _generator(rng, scene, _TEST.generator, difficulty, sigma) if label else _camera(rng, scene, sigma)
+    d = _image_difficulty(rng, difficulty)
+    img = _generator(rng, scene, _TEST, d, sigma) if label else _camera(rng, scene, sigma)
     return _encode_jpeg(img, quality)
 
 
@@ -337,9 +354,14 @@ def make_demo_dataset(
             (stage / name).write_bytes(_test_image(seed, i, int(labels[i]), difficulty))
             test_rows.append((name, int(labels[i])))
 
-        # Swap in: first remove the old CSVs, so a crash in between leaves an incomplete-looking folder.
-        for entry in ("train.csv", "test.csv", "solution.csv", MARKER):
+        # Swap in. The CSVs go first and come back last, so a crash in between leaves a folder that looks
+        # incomplete; the marker is written before the folders move, so a re-run recognises the folder.
+        for entry in ("train.csv", "test.csv", "solution.csv"):
             (out / entry).unlink(missing_ok=True)
+        params = {"made_by": "aivh_ens.synth", "format": _FORMAT_VERSION, "n": n, "n_test": n_test}
+        write_text(
+            out / MARKER, json.dumps({**params, "seed": seed, "difficulty": difficulty}, indent=2) + "\n"
+        )
         for sub in (TRAIN_DIR, TEST_DIR):
             target = out / sub
             if target.is_dir() and not target.is_symlink():
@@ -350,9 +372,6 @@ def make_demo_dataset(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
-    params = {"made_by": "aivh_ens.synth", "format": _FORMAT_VERSION, "n": n, "n_test": n_test}
-    params |= {"seed": seed, "difficulty": difficulty}
-    write_text(out / MARKER, json.dumps(params, indent=2, sort_keys=True) + "\n")
     test = pd.DataFrame(test_rows, columns=["id", "label"])
     write_csv(out / "solution.csv", test)
     write_csv(out / "test.csv", test[["id"]])

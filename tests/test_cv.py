@@ -133,7 +133,7 @@ def test_folds_in_separate_invocations_assemble_oof_once(tmp_path, data):
     assert not (tmp_path / "oof" / "s.csv").exists()
     r2 = cv(tmp_path, data, "--epochs", "1", "--fold", "1,2", "--name", "s")
     assert r2.exit_code == 0, r2.output
-    assert r2.output.count("wrote ") == 1
+    assert r2.output.count("oof/s.csv (120 rows)") == 1
     assert len(pd.read_csv(tmp_path / "oof" / "s.csv")) == 120
 
 

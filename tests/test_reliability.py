@@ -102,7 +102,7 @@ def test_two_processes_on_different_folds_assemble_once(tmp_path, data):
     procs = [_spawn([*args, "--fold", "0"]), _spawn([*args, "--fold", "1"])]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert sum(o.count("wrote ") for o in outs) == 1, outs
+    assert sum(o.count("oof/k.csv (80 rows)") for o in outs) == 1, outs
     oof = pd.read_csv(tmp_path / "oof/k.csv")
     assert len(oof) == 80 and sorted(oof["fold"].unique()) == [0, 1]
 

@@ -12,18 +12,23 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from aivh_ens import synth
 from aivh_ens.cli import main
 from aivh_ens.errors import UserError
 from aivh_ens.synth import DEFAULT_DIFFICULTY, MARKER, is_demo_dataset, make_demo_dataset
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +62,17 @@ def test_layout(small: tuple[Path, dict]) -> None:
     assert train["file_name"].str.match(r"^train_data/[0-9a-f]+\.jpg$").all()
     assert test["id"].str.match(r"^test_data_v2/[0-9a-f]+\.jpg$").all()
     assert train["file_name"].is_unique and test["id"].is_unique
-    assert all((root / f).is_file() for f in train["file_name"]) and all((root / f).is_file() for f in test["id"])
+    assert all((root / f).is_file() for f in train["file_name"]) and all(
+        (root / f).is_file() for f in test["id"]
+    )
     # Only the listed images are on disk, and no staging folder is left behind.
-    assert len(list((root / "train_data").iterdir())) == 40 and len(list((root / "test_data_v2").iterdir())) == 21
+    assert (
+        len(list((root / "train_data").iterdir())) == 40
+        and len(list((root / "test_data_v2").iterdir())) == 21
+    )
     assert sorted(p.name for p in root.iterdir()) == sorted(
-        ["train.csv", "test.csv", "solution.csv", MARKER, "train_data", "test_data_v2"])
+        ["train.csv", "test.csv", "solution.csv", MARKER, "train_data", "test_data_v2"]
+    )
 
     sizes = _sizes(root, train["file_name"])
     assert (sizes[0::2] == sizes[1::2]).all()  # pair members share the size
@@ -73,7 +84,9 @@ def test_layout(small: tuple[Path, dict]) -> None:
 
     assert solution["id"].tolist() == test["id"].tolist()
     assert set(solution["label"]) == {0, 1}
-    assert info["n_test_ai"] + info["n_test_human"] == 21 and abs(info["n_test_ai"] - info["n_test_human"]) <= 1
+    assert (
+        info["n_test_ai"] + info["n_test_human"] == 21 and abs(info["n_test_ai"] - info["n_test_human"]) <= 1
+    )
     assert info["n_test_ai"] == int(solution["label"].sum())
     assert is_demo_dataset(root) and json.loads((root / MARKER).read_text())["seed"] == 3
 
@@ -105,20 +118,39 @@ def test_metadata_is_no_shortcut(medium: Path) -> None:
     assert acc < 0.6
 
 
-def _high_freq_ratio(path: Path) -> float:
-    """Share of the luminance spectrum's energy above half the Nyquist frequency (DC removed)."""
+def _nyquist_ratio(path: Path) -> float:
+    """Mean luminance power on the Nyquist lines over that of the band just inside them.
+
+    A stride-2 transposed convolution whose kernel phases differ modulates the image with period 2 pixels,
+    which puts a peak exactly there; natural images and cameras have a smooth spectrum.
+    """
     g = np.asarray(Image.open(path).convert("L"), np.float64)
+    g = g[: g.shape[0] // 2 * 2, : g.shape[1] // 2 * 2]  # even sides, so the Nyquist bin exists
     power = np.abs(np.fft.fft2(g - g.mean())) ** 2
-    fy, fx = np.meshgrid(np.fft.fftfreq(g.shape[0]), np.fft.fftfreq(g.shape[1]), indexing="ij")
-    return float(power[np.maximum(np.abs(fy), np.abs(fx)) > 0.25].sum() / power.sum())
+    h, w = g.shape
+    ky = np.minimum(np.arange(h), h - np.arange(h))[:, None]  # |frequency index|; h // 2 is the Nyquist row
+    kx = np.minimum(np.arange(w), w - np.arange(w))[None, :]
+    nyquist = (ky == h // 2) | (kx == w // 2)
+    near = ((ky > 0.8 * (h // 2)) | (kx > 0.8 * (w // 2))) & ~nyquist
+    return float(power[nyquist].mean() / power[near].mean())
 
 
 def test_a_spectral_feature_separates_the_classes(medium: Path) -> None:
     train = pd.read_csv(medium / "train.csv")
-    ratio = np.array([_high_freq_ratio(medium / f) for f in train["file_name"]])
-    ai, human = ratio[0::2], ratio[1::2]  # (pairs,) each
-    # Within a pair the scene is the same, so the comparison isolates the generator's traces.
-    assert (human > ai).mean() > 0.7
+    ratio = np.array([_nyquist_ratio(medium / f) for f in train["file_name"]])
+    assert roc_auc_score(train["label"], ratio) > 0.8
+    # Within a pair the scene is the same, so the comparison isolates the generator's trace.
+    assert (ratio[0::2] > ratio[1::2]).mean() > 0.8
+
+
+def test_difficulty_weakens_the_trace(tmp_path: Path) -> None:
+    aucs = []
+    for difficulty in (0.0, 1.0):
+        root = tmp_path / str(difficulty)
+        make_demo_dataset(root, n=60, n_test=2, seed=5, difficulty=difficulty)
+        train = pd.read_csv(root / "train.csv")
+        aucs.append(roc_auc_score(train["label"], [_nyquist_ratio(root / f) for f in train["file_name"]]))
+    assert aucs[0] > 0.8 and aucs[1] < 0.8  # at difficulty 1 an AI image is drawn like a photo
 
 
 def test_previous_demo_data_set_is_replaced(tmp_path: Path) -> None:
@@ -126,6 +158,32 @@ def test_previous_demo_data_set_is_replaced(tmp_path: Path) -> None:
     make_demo_dataset(tmp_path, n=24, n_test=2, seed=1)
     assert len(pd.read_csv(tmp_path / "train.csv")) == 24
     assert len(list((tmp_path / "train_data").iterdir())) == 24  # old images gone
+
+
+def test_a_failed_run_leaves_the_old_data_set_or_none_that_looks_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_demo_dataset(tmp_path, n=20, n_test=2, seed=0)
+    before = _tree_digest(tmp_path)
+
+    def boom(*args: object, **kwargs: object) -> bytes:
+        raise RuntimeError("killed")
+
+    # Killed while drawing images: the previous data set is untouched and no staging folder is left.
+    with monkeypatch.context() as m:
+        m.setattr(synth, "_test_image", boom)
+        with pytest.raises(RuntimeError):
+            make_demo_dataset(tmp_path, n=30, n_test=2, seed=1)
+    assert _tree_digest(tmp_path) == before and len(list(tmp_path.iterdir())) == 6
+
+    # Killed while swapping folders in: no train.csv/test.csv, and a re-run needs no --force.
+    with monkeypatch.context() as m:
+        m.setattr(synth.os, "replace", boom)
+        with pytest.raises(RuntimeError):
+            make_demo_dataset(tmp_path, n=30, n_test=2, seed=1)
+    assert not (tmp_path / "train.csv").exists() and not (tmp_path / "test.csv").exists()
+    make_demo_dataset(tmp_path, n=30, n_test=2, seed=1)
+    assert len(pd.read_csv(tmp_path / "train.csv")) == 30
 
 
 def test_foreign_folder_needs_force_and_keeps_other_files(tmp_path: Path) -> None:
@@ -139,8 +197,13 @@ def test_foreign_folder_needs_force_and_keeps_other_files(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"n": 21}, "even"), ({"n": 18}, ">= 20"), ({"n_test": 1}, "n-test"), ({"difficulty": 1.5}, r"\[0, 1\]"),
-     ({"difficulty": -0.1}, r"\[0, 1\]")],
+    [
+        ({"n": 21}, "even"),
+        ({"n": 18}, ">= 20"),
+        ({"n_test": 1}, "n-test"),
+        ({"difficulty": 1.5}, r"\[0, 1\]"),
+        ({"difficulty": -0.1}, r"\[0, 1\]"),
+    ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(UserError, match=match):

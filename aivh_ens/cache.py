@@ -1,0 +1,524 @@
+"""Decode-once image cache: every image decoded and put through the storage step once, then read from a
+memory-mapped uint8 file for every fold, model and epoch.
+
+A cross-validation of M models x K folds x E epochs otherwise decodes (and resizes) each file K*M*E times.
+The cache stores exactly what the storage step (:func:`aivh_ens.transforms.storage_step`) makes of each
+image, and training without the cache runs that same step on the fly: a run gives the same results with or
+without it.
+
+One file per (data folder, storage step, decoder versions): ``<cache_dir>/<data>-<tag>-<hash>.imgcache``::
+
+    [images: C-order (h, w, 3) uint8, back to back][index: UTF-8 JSON][offset: u64][length: u64][magic: 8 B]
+
+The index holds, per image path (relative to the data folder): byte offset, shape, file size and mtime (ns)
+at decode time, or the reason the image could not be decoded. One cache serves any subset of its images
+(``cv`` reads the train images of a cache that ``aivh-ens cache`` filled with train and test images).
+
+Guarantees:
+
+- A build writes a temporary file next to the target, fsyncs it and renames it over the target: a reader
+  sees the previous complete file or the new one, never a half-written one. A file whose trailer or index
+  does not check out is treated as absent (rebuilt).
+- An image that is new, or whose size or mtime changed, is decoded again; the others are copied from the
+  previous file. Decoding runs in parallel (joblib threads: OpenCV and Pillow release the GIL).
+- One builder at a time per file (a lock file naming its PID); another process that needs the same cache
+  waits for it, then uses what it built.
+- The size is computed from the image headers and printed before a build. A build that would not leave
+  ``DISK_MARGIN`` free stops with a :class:`UserError` (``cache="on"``), or falls back to decoding on the
+  fly (``"auto"``).
+- Readers map the file lazily in each process (a dataset sent to a worker carries no array), copy one
+  image out per read and give its pages back (``MADV_DONTNEED``): resident memory stays bounded by the
+  batches in flight, whatever the data set's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import struct
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from aivh_ens.config import RunConfig
+from aivh_ens.data import BadImageError, image_size, read_test_table, read_train_table
+from aivh_ens.errors import UserError
+from aivh_ens.io import atomic_path
+from aivh_ens.loader import FileSource, ImageSource
+from aivh_ens.locks import FileLock, read_owner
+from aivh_ens.transforms import StorageStep, storage_step
+
+Log = Callable[[str], None]
+
+SUFFIX = ".imgcache"
+MAGIC = b"AIVHIMC1"
+FORMAT = 1
+DISK_MARGIN = 512 << 20  # bytes a build leaves free on the cache's disk (checkpoints and logs need room too)
+CHUNK = 32  # images per parallel task
+_TRAILER = struct.Struct("<QQ8s")  # index offset, index length, magic
+RELEASE_BYTES = 32 << 20  # a reader gives its mapped pages back after this many bytes (bounds its RSS)
+_MISSING = (-1, -1)  # (size, mtime_ns) recorded for a file that could not be stat'ed
+
+
+# ---- keys and index ------------------------------------------------------------------------------------
+
+
+def cache_key(root: str | Path, storage: StorageStep) -> dict[str, Any]:
+    """What a cache file's pixels depend on besides the images themselves (compared as a whole)."""
+    import cv2
+    import PIL
+
+    return {"format": FORMAT, "data": os.path.realpath(root), "storage": storage.describe(),
+            "decoders": {"opencv": cv2.__version__, "pillow": PIL.__version__}}
+
+
+def cache_file(cache_dir: str | Path, root: str | Path, storage: StorageStep) -> Path:
+    """The cache file for a data folder and storage step."""
+    key = cache_key(root, storage)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(key["data"]).name) or "data"
+    return Path(cache_dir) / f"{stem}-{storage.tag}-{digest}{SUFFIX}"
+
+
+@dataclass
+class CacheIndex:
+    """The index of a complete cache file."""
+
+    names: list[str]
+    offsets: np.ndarray  # (N,) int64 byte offsets; -1 for bad images
+    shapes: np.ndarray  # (N, 3) int64
+    stats: np.ndarray  # (N, 2) int64 (file size, mtime_ns) when decoded
+    bad: dict[str, str]  # name -> reason
+    data_bytes: int
+
+    def __post_init__(self) -> None:
+        self.pos = {n: i for i, n in enumerate(self.names)}
+
+    def fresh(self, name: str, stat: tuple[int, int]) -> bool:
+        """True if ``name`` is in the cache and its file still has the recorded size and mtime."""
+        i = self.pos.get(name)
+        return i is not None and tuple(self.stats[i]) == stat
+
+    def nbytes(self, i: int) -> int:
+        return int(np.prod(self.shapes[i])) if self.offsets[i] >= 0 else 0
+
+
+def read_index(path: str | Path, key: dict[str, Any]) -> CacheIndex | None:
+    """The index of the cache file at ``path``; None if it is missing, incomplete, corrupt or another key's."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _TRAILER.size:
+                return None
+            f.seek(size - _TRAILER.size)
+            offset, length, magic = _TRAILER.unpack(f.read(_TRAILER.size))
+            if magic != MAGIC or offset + length + _TRAILER.size != size:
+                return None
+            f.seek(offset)
+            doc = json.loads(f.read(length))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if doc.get("key") != key:
+        return None
+    try:
+        idx = CacheIndex(list(doc["names"]), np.asarray(doc["offsets"], np.int64).reshape(-1),
+                         np.asarray(doc["shapes"], np.int64).reshape(-1, 3),
+                         np.asarray(doc["stats"], np.int64).reshape(-1, 2), dict(doc["bad"]), int(offset))
+    except (KeyError, TypeError, ValueError):
+        return None
+    ends = idx.offsets + idx.shapes.prod(axis=1)
+    good = idx.offsets >= 0
+    if not (len(idx.names) == len(idx.offsets) == len(idx.shapes) == len(idx.stats)) or \
+            (good.any() and (ends[good].max() > offset or idx.offsets[good].min() < 0)):
+        return None
+    return idx
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _MISSING
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+# ---- reading -------------------------------------------------------------------------------------------
+
+
+class CachedSource:
+    """An :class:`~aivh_ens.loader.ImageSource` over a cache file, in the caller's order of images.
+
+    The file is mapped lazily, once per process; pickling (to a spawned worker) leaves the mapping behind.
+    ``get`` returns a writable copy; mapped pages are given back every ``RELEASE_BYTES`` (see :meth:`release`).
+    """
+
+    def __init__(self, path: str | Path, root: str | Path, names: Sequence[str], index: CacheIndex):
+        self.path = Path(path)
+        self.root = Path(root)
+        self.names = list(names)
+        pos = np.array([index.pos[n] for n in self.names], dtype=np.int64)  # (N,) rows of the index
+        self.offsets = index.offsets[pos] if len(pos) else np.zeros(0, np.int64)  # (N,)
+        self.shapes = index.shapes[pos] if len(pos) else np.zeros((0, 3), np.int64)  # (N, 3)
+        self.reasons = {i: index.bad[n] for i, n in enumerate(self.names) if n in index.bad}
+        self.data_bytes = index.data_bytes
+        self.nbytes = int(sum(int(np.prod(s)) for s, o in zip(self.shapes, self.offsets, strict=True) if o >= 0))
+        self._mm: mmap.mmap | None = None
+        self._arr: np.ndarray | None = None
+        self._pid = -1
+        self._unreleased = 0  # bytes read since the last release()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_mm=None, _arr=None, _pid=-1, _unreleased=0)
+        return state
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The whole image area of the file: a read-only (data_bytes,) uint8 memory map."""
+        if self._arr is None or self._pid != os.getpid():
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._arr = np.frombuffer(self._mm, dtype=np.uint8, count=self.data_bytes)
+            self._pid = os.getpid()
+        return self._arr
+
+    def get(self, i: int) -> np.ndarray:
+        if i in self.reasons:
+            raise BadImageError(self.root / self.names[i], self.reasons[i])
+        off = int(self.offsets[i])
+        h, w, c = (int(v) for v in self.shapes[i])
+        img = self.array[off:off + h * w * c].reshape(h, w, c).copy()  # (h, w, 3) uint8
+        self._unreleased += h * w * c
+        if self._unreleased >= RELEASE_BYTES:
+            self.release()
+        return img
+
+    def release(self) -> None:
+        """Give the mapped pages back (``MADV_DONTNEED``): they stay in the page cache, out of this RSS.
+
+        Pages of a shared file mapping count towards a process's resident memory until it gives them back,
+        so without this a pass over the cache would look like it loads the whole file. Done every
+        ``RELEASE_BYTES`` read, over the whole mapping (which also drops the pages the kernel mapped around
+        each read); a later read of a released page costs a minor fault, not disk I/O.
+        """
+        self._unreleased = 0
+        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError):  # not supported here: only the RSS accounting differs
+                self._mm.madvise(mmap.MADV_DONTNEED)
+
+    def describe(self, i: int) -> str:
+        return self.names[i]
+
+
+# ---- building ------------------------------------------------------------------------------------------
+
+
+class _Writer:
+    """Appends images to an open file and records the index; ``finish`` writes index and trailer."""
+
+    def __init__(self, f: BinaryIO, key: dict[str, Any]):
+        self.f, self.key, self.offset = f, key, 0
+        self.names: list[str] = []
+        self.offsets: list[int] = []
+        self.shapes: list[list[int]] = []
+        self.stats: list[list[int]] = []
+        self.bad: dict[str, str] = {}
+
+    def add(self, name: str, img: np.ndarray | memoryview, shape: tuple[int, ...], stat: tuple[int, int]) -> None:
+        """Append one image's bytes (an (h, w, 3) uint8 array, or its raw bytes with ``shape``)."""
+        data = memoryview(np.ascontiguousarray(img, dtype=np.uint8)).cast("B")
+        if data.nbytes != int(np.prod(shape)):
+            raise ValueError(f"{name}: {data.nbytes} bytes do not make shape {shape}")
+        self.f.write(data)
+        self._record(name, self.offset, shape, stat)
+        self.offset += data.nbytes
+
+    def add_bad(self, name: str, reason: str, stat: tuple[int, int]) -> None:
+        self._record(name, -1, (0, 0, 3), stat)
+        self.bad[name] = reason
+
+    def _record(self, name: str, offset: int, shape: Sequence[int], stat: Sequence[int]) -> None:
+        self.names.append(name)
+        self.offsets.append(int(offset))
+        self.shapes.append([int(v) for v in shape])  # plain ints: numpy's do not serialise to JSON
+        self.stats.append([int(v) for v in stat])
+
+    def finish(self) -> None:
+        doc = {"key": self.key, "names": self.names, "offsets": self.offsets, "shapes": self.shapes,
+               "stats": self.stats, "bad": self.bad}
+        index = json.dumps(doc, separators=(",", ":")).encode()
+        self.f.write(index)
+        self.f.write(_TRAILER.pack(self.offset, len(index), MAGIC))
+
+
+def _decode(path: Path, storage: StorageStep) -> np.ndarray | str:
+    """The stored image, or the reason it cannot be decoded."""
+    try:
+        return storage.load(path)
+    except BadImageError as e:
+        return e.reason
+
+
+def _decode_chunk(root: Path, names: Sequence[str], storage: StorageStep) -> list[np.ndarray | str]:
+    return [_decode(root / n, storage) for n in names]
+
+
+def _decode_all(root: Path, names: Sequence[str], storage: StorageStep, jobs: int) -> Iterator[np.ndarray | str]:
+    """Stored images in ``names`` order, decoded by ``jobs`` threads (a bounded number in flight)."""
+    chunks = [names[i:i + CHUNK] for i in range(0, len(names), CHUNK)]
+    if jobs <= 1 or len(chunks) <= 1:
+        for c in chunks:
+            yield from _decode_chunk(root, c, storage)
+        return
+    from joblib import Parallel, delayed
+
+    with _single_threaded_cv2():
+        par = Parallel(n_jobs=jobs, prefer="threads", return_as="generator", pre_dispatch="2*n_jobs")
+        for out in par(delayed(_decode_chunk)(root, c, storage) for c in chunks):
+            yield from out
+
+
+class _single_threaded_cv2:
+    """OpenCV's own thread pool off while many decoding threads run (they already use every core)."""
+
+    def __enter__(self) -> None:
+        import cv2
+
+        self.cv2, self.before = cv2, cv2.getNumThreads()
+        cv2.setNumThreads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        self.cv2.setNumThreads(self.before)
+
+
+def _estimate(root: Path, names: Sequence[str], storage: StorageStep, jobs: int) -> int:
+    """Bytes the stored images of ``names`` take, from their headers (unreadable ones count 0)."""
+
+    def one(n: str) -> int:
+        try:
+            w, h = image_size(root / n)
+        except BadImageError:
+            return 0
+        sh, sw = storage.shape(h, w)
+        return sh * sw * 3
+
+    with ThreadPoolExecutor(max(1, jobs)) as ex:
+        return int(sum(ex.map(one, names, chunksize=256)))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def _free_bytes(folder: Path) -> int:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return int(shutil.disk_usage(probe).free)
+
+
+def _take_lock(path: Path, log: Log) -> FileLock:
+    """The build lock of a cache file; waits while another live process holds it."""
+    lock = FileLock(path.with_name(path.name + ".lock"), what=f"image cache {path.name}")
+    told = False
+    while True:
+        try:
+            lock.acquire()
+            return lock
+        except UserError:
+            owner = read_owner(lock.path) or {}
+            if owner.get("pid") == os.getpid():
+                raise
+            if not told:
+                log(f"image cache {path.name}: waiting for PID {owner.get('pid', '?')}, which is building it")
+                told = True
+            time.sleep(1.0)
+
+
+def ensure_cache(root: str | Path, names: Sequence[str], storage: StorageStep, cache_dir: str | Path, *,
+                 required: bool = True, jobs: int | None = None, progress: bool = True,
+                 log: Log = print) -> CachedSource | None:
+    """A :class:`CachedSource` of ``names`` (paths relative to ``root``), building or updating the file.
+
+    Args:
+        root: data folder.
+        names: image paths relative to ``root``, in the order the source serves them.
+        storage: the storage step the cache holds the output of.
+        cache_dir: folder of the cache files.
+        required: a build that does not fit on the disk raises (True) or returns None (False: the caller
+            decodes on the fly instead).
+        jobs: decoding threads (default: every core).
+        progress: show a progress bar while decoding.
+        log: where the one-line messages go (size before a build, reuse, fallback).
+
+    Raises:
+        UserError: ``required`` and the disk lacks room for the build.
+    """
+    root, cache_dir = Path(root), Path(cache_dir)
+    key = cache_key(root, storage)
+    path = cache_file(cache_dir, root, storage)
+    wanted = list(dict.fromkeys(names))
+    jobs = jobs or _cores()
+    with ThreadPoolExecutor(max(1, jobs)) as ex:
+        stats = dict(zip(wanted, ex.map(lambda n: _stat(root / n), wanted, chunksize=512), strict=True))
+
+    def usable(idx: CacheIndex | None) -> bool:
+        return idx is not None and all(idx.fresh(n, stats[n]) for n in wanted)
+
+    idx = read_index(path, key)
+    if usable(idx):
+        src = CachedSource(path, root, names, idx)  # type: ignore[arg-type]
+        log(f"image cache: {path} ({len(wanted)} images, {_gb(src.nbytes)}, storage {storage.tag})")
+        return src
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(path, log)
+    try:
+        idx = read_index(path, key)  # another process may have built it while we waited
+        if not usable(idx):
+            if not _build(path, key, root, wanted, stats, idx, storage, required=required, jobs=jobs,
+                          progress=progress, log=log):
+                return None
+            idx = read_index(path, key)
+            if idx is None:
+                raise RuntimeError(f"image cache {path} was written but cannot be read back")
+        src = CachedSource(path, root, names, idx)  # type: ignore[arg-type]
+    finally:
+        lock.release()
+    return src
+
+
+def _build(path: Path, key: dict[str, Any], root: Path, wanted: list[str], stats: dict[str, tuple[int, int]],
+           old: CacheIndex | None, storage: StorageStep, *, required: bool, jobs: int, progress: bool,
+           log: Log) -> bool:
+    """Write the cache file (under its lock). False if it would not fit and ``required`` is False."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed build; only we may build now
+        stale.unlink(missing_ok=True)
+    keep: list[int] = []  # rows of the old index to copy: fresh entries, requested or not
+    if old is not None:
+        others = [n for n in old.names if n not in stats]
+        with ThreadPoolExecutor(max(1, jobs)) as ex:
+            other_stats = dict(zip(others, ex.map(lambda n: _stat(root / n), others, chunksize=512), strict=True))
+        for i, n in enumerate(old.names):
+            st = stats.get(n) or other_stats.get(n)
+            if st is not None and st != _MISSING and tuple(old.stats[i]) == st:
+                keep.append(i)
+    kept = {old.names[i] for i in keep} if old is not None else set()
+    todo = [n for n in wanted if n not in kept]
+    reuse_bytes = sum(old.nbytes(i) for i in keep) if old is not None else 0
+    need = reuse_bytes + _estimate(root, todo, storage, jobs)
+    log(f"image cache: {_gb(need)} for {len(keep) + len(todo)} images ({len(todo)} to decode, {len(keep)} "
+        f"reused), storage {storage.tag}, at {path}")
+    free = _free_bytes(path.parent)
+    if need + DISK_MARGIN > free:
+        msg = (f"the image cache needs {_gb(need)} (plus {_gb(DISK_MARGIN)} spare) but {path.parent} has only "
+               f"{_gb(free)} free")
+        if required:
+            raise UserError(f"{msg}; free some space, pass --cache-dir on a larger disk, or --cache off")
+        log(f"{msg}: decoding on the fly instead (--cache-dir DIR puts the cache elsewhere)")
+        return False
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        writer = _Writer(f, key)
+        if keep:
+            src = CachedSource(path, root, [old.names[i] for i in keep], old)  # type: ignore[union-attr]
+            for j, i in enumerate(keep):
+                name, stat = old.names[i], tuple(old.stats[i])  # type: ignore[union-attr]
+                if name in old.bad:  # type: ignore[union-attr]
+                    writer.add_bad(name, old.bad[name], stat)  # type: ignore[union-attr,arg-type]
+                else:
+                    writer.add(name, src.get(j), tuple(old.shapes[i]), stat)  # type: ignore[union-attr,arg-type]
+        with tqdm(total=len(todo), desc="image cache", unit="img", disable=not progress or not todo,
+                  dynamic_ncols=True, leave=False) as bar:
+            for n, out in zip(todo, _decode_all(root, todo, storage, jobs), strict=True):
+                if isinstance(out, str):
+                    writer.add_bad(n, out, stats[n])
+                else:
+                    writer.add(n, out, out.shape, stats[n])
+                bar.update()
+        writer.finish()
+    bad = sum(1 for n in wanted if n in writer.bad)
+    log(f"image cache: wrote {path.name} ({_gb(writer.offset)}, {len(todo)} decoded in "
+        f"{time.perf_counter() - t0:.1f}s{f', {bad} unreadable' if bad else ''})")
+    return True
+
+
+# ---- entry points --------------------------------------------------------------------------------------
+
+
+def model_img_size(cfg: RunConfig) -> int:
+    """The input size a run trains at: ``cfg.img_size``, else its (first) model's default, as built."""
+    if cfg.img_size:
+        return int(cfg.img_size)
+    import timm
+
+    from aivh_ens.models import check_model_name
+
+    name = cfg.backbones[0]
+    check_model_name(name)
+    pc = timm.models.get_pretrained_cfg(name)
+    if pc is not None and getattr(pc, "input_size", None):
+        return int(pc.input_size[-1])
+    model = timm.create_model(name, pretrained=False)
+    return int(timm.data.resolve_model_data_config(model)["input_size"][-1])
+
+
+def default_cache_dir(cfg: RunConfig, workdir: str | Path) -> Path:
+    """``cfg.cache_dir``, else ``<workdir>/runs/cache``."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(workdir) / "runs" / "cache"
+
+
+def open_source(cfg: RunConfig, root: str | Path, names: Sequence[str], workdir: str | Path = ".", *,
+                img_size: int | None = None, progress: bool = True, log: Log = print) -> ImageSource:
+    """The images a run reads: from the image cache (``cfg.cache`` on, or auto and it fits), else decoded on
+    the fly; both through the run's storage step, so they give the same pixels.
+
+    Raises:
+        UserError: ``cfg.cache == "on"`` and the disk lacks room for the cache.
+    """
+    storage = storage_step(cfg, img_size or model_img_size(cfg))
+    if cfg.cache != "off":
+        src = ensure_cache(root, names, storage, default_cache_dir(cfg, workdir), required=cfg.cache == "on",
+                           jobs=None, progress=progress, log=log)
+        if src is not None:
+            return src
+    return FileSource(root, names, storage)
+
+
+def cache_dataset(cfg: RunConfig, workdir: str | Path = ".", *, size: int | None = None, jobs: int | None = None,
+                  progress: bool = True, log: Log = print) -> dict[str, Any]:
+    """Cache every train and test image of ``cfg.data`` (test.csv when present) for ``cfg``'s pipeline.
+
+    Returns ``{"path", "images", "bytes", "storage", "bad"}``.
+
+    Raises:
+        UserError: a table is invalid, or the disk lacks room.
+    """
+    root = Path(cfg.data)
+    names = read_train_table(root, cfg.train_csv, file_col=cfg.file_col, label_col=cfg.label_col)["file_name"]
+    names = names.tolist()
+    if (root / cfg.test_csv).is_file():
+        names += read_test_table(root, cfg.test_csv, id_col=cfg.id_col)["id"].tolist()
+    storage = storage_step(cfg, model_img_size(cfg), size=size)
+    src = ensure_cache(root, names, storage, default_cache_dir(cfg, workdir), required=True, jobs=jobs,
+                       progress=progress, log=log)
+    assert src is not None  # required=True raises instead
+    return {"path": src.path, "images": len(src), "bytes": src.nbytes, "storage": storage.tag,
+            "bad": len(src.reasons)}
