@@ -381,7 +381,7 @@ def predict_cmd(images, blend_path, run, tta, as_json, device, batch_size, workd
               help="Test images (shifted sizes and generator, not in pairs, about half AI).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
 @click.option("--difficulty", type=float, default=None,
-              help="0..1; higher = weaker generator traces and more noise in AI images.  [default: 0.25]")
+              help="0..1; higher = weaker generator traces and more noise in AI images.  [default: 0.2]")
 @click.option("--force", is_flag=True,
               help="Write into a non-empty folder that is not a demo data set (replaces only train.csv, "
                    "test.csv, solution.csv, demo.json, train_data/, test_data_v2/).")

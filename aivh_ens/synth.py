@@ -7,7 +7,8 @@ scene is rendered at half resolution with smoothed texture and upsampled by a st
 convolution whose kernel phases do not sum to the same value, which leaves the periodic (checkerboard)
 spectral peaks reported for GAN and diffusion decoders; the lost fine detail is filled with invented
 texture, and the sensor noise is mostly missing. ``difficulty`` moves the generator from crude (0) to one
-that leaves no trace (1). Both classes are saved as JPEG with the quality drawn from one range, at the same
+that leaves no trace (1); a share of AI images comes from a much better generator, so that no detector is
+perfect. Both classes are saved as JPEG with the quality drawn from one range, at the same
 size per pair, so that dimensions, format and file size reveal nothing about the label.
 
 The test split is shifted the way Kaggle's is: larger images, a second generator (rendered 3-5x smaller,
@@ -23,7 +24,7 @@ Layout written under ``out_dir``::
     demo.json          the parameters the data set was made with (marks the folder as a demo data set)
 
 Every image comes from its own random stream keyed by (seed, split, index), so a data set is byte-identical
-for a seed, and a larger ``n`` only adds rows.
+for a seed (given the same NumPy and OpenCV builds), and a larger ``n`` only adds train rows.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from aivh_ens.io import write_csv, write_text
 TRAIN_DIR = "train_data"
 TEST_DIR = "test_data_v2"
 MARKER = "demo.json"
-DEFAULT_DIFFICULTY = 0.25
+DEFAULT_DIFFICULTY = 0.2
 _STAGING_PREFIX = ".demo-data-staging-"
 # What a demo data set consists of: the only entries replaced when a previous one is overwritten.
 _OWNED = ("train.csv", "test.csv", "solution.csv", MARKER, TRAIN_DIR, TEST_DIR)
@@ -181,7 +182,7 @@ _INVENTED = 0.8  # invented fine texture, relative to the fine detail the low-re
 _SHARPEN = 0.15  # the test generator's unsharp-mask amount
 # A share of AI images comes from a much better generator (traces at this fraction of their strength), so
 # that even a detector that finds every trace stays clearly short of perfect, as on real data.
-_GOOD_SHARE = 0.25
+_GOOD_SHARE = 0.15
 _GOOD_TRACE = 0.2
 
 

@@ -78,6 +78,11 @@ def _count_builds(monkeypatch) -> list[int]:
 
 def test_submit_end_to_end_and_its_cache(copy, monkeypatch):
     data, work = copy
+    # On data this small the fitted blend may ship one run alone; give both runs weight so both are used.
+    blend_path = work / "runs" / "blend" / "blend.json"
+    doc = json.loads(blend_path.read_text())
+    doc["weights"] = {"a": 0.6, "b": 0.4}
+    blend_path.write_text(json.dumps(doc))
     builds = _count_builds(monkeypatch)
     out = work / "sub.csv"
     res = invoke("submit", "--workdir", work, "--out", out, "--proba", "--quiet")
