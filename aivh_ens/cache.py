@@ -26,9 +26,12 @@ Guarantees:
 - The size is computed from the image headers and printed before a build. A build that would not leave
   ``DISK_MARGIN`` free stops with a :class:`UserError` (``cache="on"``), or falls back to decoding on the
   fly (``"auto"``).
+- A reader keeps the version of the file its index came from (an open descriptor, inherited by forked
+  workers), so a rebuild by another process (``aivh-ens cache`` adding the test images while ``cv`` runs)
+  never pairs one version's offsets with another's pixels.
 - Readers map the file lazily in each process (a dataset sent to a worker carries no array), copy one
-  image out per read and give its pages back (``MADV_DONTNEED``): resident memory stays bounded by the
-  batches in flight, whatever the data set's size.
+  image out per read and give the mapped pages back every ``RELEASE_BYTES`` (``MADV_DONTNEED``): resident
+  memory stays bounded by the batches in flight, whatever the data set's size.
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class CacheIndex:
     stats: np.ndarray  # (N, 2) int64 (file size, mtime_ns) when decoded
     bad: dict[str, str]  # name -> reason
     data_bytes: int
+    identity: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the file read: one version of the cache
 
     def __post_init__(self) -> None:
         self.pos = {n: i for i, n in enumerate(self.names)}
@@ -114,25 +118,52 @@ class CacheIndex:
 
 def read_index(path: str | Path, key: dict[str, Any]) -> CacheIndex | None:
     """The index of the cache file at ``path``; None if it is missing, incomplete, corrupt or another key's."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < _TRAILER.size:
-                return None
-            f.seek(size - _TRAILER.size)
-            offset, length, magic = _TRAILER.unpack(f.read(_TRAILER.size))
-            if magic != MAGIC or offset + length + _TRAILER.size != size:
-                return None
-            f.seek(offset)
-            doc = json.loads(f.read(length))
-    except (OSError, ValueError, UnicodeDecodeError):
+    opened = _open_index(path, key)
+    if opened is None:
         return None
-    if doc.get("key") != key:
+    os.close(opened[0])
+    return opened[1]
+
+
+def _open_index(path: str | Path, key: dict[str, Any]) -> tuple[int, CacheIndex] | None:
+    """An open file descriptor of the cache file and the index read through it (None as for read_index).
+
+    Index and pixels must come from one version of the file: a rebuild may rename a new one over the path
+    at any time, so the reader keeps this descriptor (see :class:`CachedSource`).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        idx = _parse_index(fd, key)
+    except BaseException:
+        os.close(fd)
+        raise
+    if idx is None:
+        os.close(fd)
+        return None
+    return fd, idx
+
+
+def _parse_index(fd: int, key: dict[str, Any]) -> CacheIndex | None:
+    try:
+        st = os.fstat(fd)
+        if st.st_size < _TRAILER.size:
+            return None
+        offset, length, magic = _TRAILER.unpack(os.pread(fd, _TRAILER.size, st.st_size - _TRAILER.size))
+        if magic != MAGIC or offset + length + _TRAILER.size != st.st_size:
+            return None
+        doc = json.loads(os.pread(fd, length, offset))
+    except (OSError, ValueError, UnicodeDecodeError, struct.error):
+        return None
+    if not isinstance(doc, dict) or doc.get("key") != key:
         return None
     try:
         idx = CacheIndex(list(doc["names"]), np.asarray(doc["offsets"], np.int64).reshape(-1),
                          np.asarray(doc["shapes"], np.int64).reshape(-1, 3),
-                         np.asarray(doc["stats"], np.int64).reshape(-1, 2), dict(doc["bad"]), int(offset))
+                         np.asarray(doc["stats"], np.int64).reshape(-1, 2), dict(doc["bad"]), int(offset),
+                         (int(st.st_dev), int(st.st_ino)))
     except (KeyError, TypeError, ValueError):
         return None
     ends = idx.offsets + idx.shapes.prod(axis=1)
@@ -157,11 +188,14 @@ def _stat(path: Path) -> tuple[int, int]:
 class CachedSource:
     """An :class:`~aivh_ens.loader.ImageSource` over a cache file, in the caller's order of images.
 
-    The file is mapped lazily, once per process; pickling (to a spawned worker) leaves the mapping behind.
-    ``get`` returns a writable copy; mapped pages are given back every ``RELEASE_BYTES`` (see :meth:`release`).
+    It reads the version of the file its index came from: it owns an open descriptor of it (inherited by
+    forked workers), so a rebuild renamed over the path meanwhile changes nothing here. The file is mapped
+    lazily, once per process; pickling (to a spawned worker) carries neither the mapping nor the descriptor,
+    and the worker reopens the path, refusing a file other than the one the index came from. ``get`` returns
+    a writable copy; mapped pages are given back every ``RELEASE_BYTES`` (see :meth:`release`).
     """
 
-    def __init__(self, path: str | Path, root: str | Path, names: Sequence[str], index: CacheIndex):
+    def __init__(self, path: str | Path, root: str | Path, names: Sequence[str], index: CacheIndex, fd: int):
         self.path = Path(path)
         self.root = Path(root)
         self.names = list(names)
@@ -170,6 +204,9 @@ class CachedSource:
         self.shapes = index.shapes[pos] if len(pos) else np.zeros((0, 3), np.int64)  # (N, 3)
         self.reasons = {i: index.bad[n] for i, n in enumerate(self.names) if n in index.bad}
         self.data_bytes = index.data_bytes
+        self.identity = index.identity
+        self._fd = fd  # owned: closed when this object goes
+        self._fd_pid = os.getpid()
         self.nbytes = int(sum(int(np.prod(s)) for s, o in zip(self.shapes, self.offsets, strict=True) if o >= 0))
         self._mm: mmap.mmap | None = None
         self._arr: np.ndarray | None = None
@@ -178,8 +215,13 @@ class CachedSource:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_mm=None, _arr=None, _pid=-1, _unreleased=0)
+        state.update(_mm=None, _arr=None, _pid=-1, _unreleased=0, _fd=-1, _fd_pid=-1)
         return state
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0 and self._fd_pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -188,8 +230,15 @@ class CachedSource:
     def array(self) -> np.ndarray:
         """The whole image area of the file: a read-only (data_bytes,) uint8 memory map."""
         if self._arr is None or self._pid != os.getpid():
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if self._fd >= 0:  # this process or a fork of it: the very file the index came from
+                self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            else:
+                with open(self.path, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    if (int(st.st_dev), int(st.st_ino)) != self.identity:
+                        raise UserError(f"image cache {self.path} was rebuilt while this run was reading it; "
+                                        "run the command again")
+                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._arr = np.frombuffer(self._mm, dtype=np.uint8, count=self.data_bytes)
             self._pid = os.getpid()
         return self._arr
@@ -378,37 +427,54 @@ def ensure_cache(root: str | Path, names: Sequence[str], storage: StorageStep, c
     with ThreadPoolExecutor(max(1, jobs)) as ex:
         stats = dict(zip(wanted, ex.map(lambda n: _stat(root / n), wanted, chunksize=512), strict=True))
 
-    def usable(idx: CacheIndex | None) -> bool:
-        return idx is not None and all(idx.fresh(n, stats[n]) for n in wanted)
+    def source_if_usable() -> CachedSource | None:
+        opened = _open_index(path, key)
+        if opened is None:
+            return None
+        fd, idx = opened
+        if not all(idx.fresh(n, stats[n]) for n in wanted):
+            os.close(fd)
+            return None
+        return CachedSource(path, root, names, idx, fd)
 
-    idx = read_index(path, key)
-    if usable(idx):
-        src = CachedSource(path, root, names, idx)  # type: ignore[arg-type]
+    src = source_if_usable()
+    if src is not None:
         log(f"image cache: {path} ({len(wanted)} images, {_gb(src.nbytes)}, storage {storage.tag})")
         return src
     cache_dir.mkdir(parents=True, exist_ok=True)
     lock = _take_lock(path, log)
     try:
-        idx = read_index(path, key)  # another process may have built it while we waited
-        if not usable(idx):
-            if not _build(path, key, root, wanted, stats, idx, storage, required=required, jobs=jobs,
+        src = source_if_usable()  # another process may have built it while we waited
+        if src is None:
+            if not _build(path, key, root, wanted, stats, storage, required=required, jobs=jobs,
                           progress=progress, log=log):
                 return None
-            idx = read_index(path, key)
-            if idx is None:
+            src = source_if_usable()
+            if src is None:
                 raise RuntimeError(f"image cache {path} was written but cannot be read back")
-        src = CachedSource(path, root, names, idx)  # type: ignore[arg-type]
     finally:
         lock.release()
     return src
 
 
 def _build(path: Path, key: dict[str, Any], root: Path, wanted: list[str], stats: dict[str, tuple[int, int]],
-           old: CacheIndex | None, storage: StorageStep, *, required: bool, jobs: int, progress: bool,
-           log: Log) -> bool:
+           storage: StorageStep, *, required: bool, jobs: int, progress: bool, log: Log) -> bool:
     """Write the cache file (under its lock). False if it would not fit and ``required`` is False."""
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed build; only we may build now
         stale.unlink(missing_ok=True)
+    opened = _open_index(path, key)  # the previous version, if any: its fresh images are copied, not decoded
+    old_fd, old = opened if opened is not None else (-1, None)
+    try:
+        return _write(path, key, root, wanted, stats, old, old_fd, storage, required=required, jobs=jobs,
+                      progress=progress, log=log)
+    finally:
+        if old_fd >= 0:
+            os.close(old_fd)
+
+
+def _write(path: Path, key: dict[str, Any], root: Path, wanted: list[str], stats: dict[str, tuple[int, int]],
+           old: CacheIndex | None, old_fd: int, storage: StorageStep, *, required: bool, jobs: int,
+           progress: bool, log: Log) -> bool:
     keep: list[int] = []  # rows of the old index to copy: fresh entries, requested or not
     if old is not None:
         others = [n for n in old.names if n not in stats]
@@ -438,7 +504,7 @@ def _build(path: Path, key: dict[str, Any], root: Path, wanted: list[str], stats
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         writer = _Writer(f, key)
         if keep:
-            src = CachedSource(path, root, [old.names[i] for i in keep], old)  # type: ignore[union-attr]
+            src = CachedSource(path, root, [old.names[i] for i in keep], old, os.dup(old_fd))  # type: ignore[arg-type]
             for j, i in enumerate(keep):
                 name, stat = old.names[i], tuple(old.stats[i])  # type: ignore[union-attr]
                 if name in old.bad:  # type: ignore[union-attr]

@@ -39,6 +39,7 @@ from aivh_ens.io import sha256_file, sha256_text, write_csv, write_json
 from aivh_ens.loader import FileSource, ImageSource, Normalizer, default_workers, make_loader
 from aivh_ens.models import DataConfig, build_model
 from aivh_ens.train import BEST, DONE, load_weights, resolve_device
+from aivh_ens.transforms import storage_step
 from aivh_ens.tta import TTADataset, TTASpec, effective_spec, parse_tta, score_views
 
 Log = Callable[[str], None]
@@ -311,7 +312,6 @@ def run_test_scores(workdir: str | Path, infos: Sequence[RunInfo], specs: dict[s
     if any(P is None for P in cached.values()):
         scan_test_images(data_dir, ids, test_csv)
     out = []
-    source = FileSource(data_dir, list(ids))
     for info in infos:
         spec = specs[info.name]
         P, t0 = cached[info.name], time.perf_counter()
@@ -319,6 +319,8 @@ def run_test_scores(workdir: str | Path, infos: Sequence[RunInfo], specs: dict[s
             log(f"run {info.name}: predicting {len(ids)} images x {spec.n_views} view(s) ({spec.name}) "
                 f"x {len(info.weights)} folds on {device}")
             models, dc = load_models(info, device)
+            # The run's own storage step, as in training (the cache and the uncached path share it).
+            source = FileSource(data_dir, list(ids), storage_step(info.cfg, dc.img_size))
             P, bad = predict_folds(models, dc, info.cfg, source, np.arange(len(ids)), spec, device,
                                    batch_size=batch_size, workers=workers, progress=progress,
                                    desc=f"{info.name} test")
@@ -453,13 +455,13 @@ def predict_images(images: Sequence[str | Path], workdir: str | Path = ".", *,
         source_info = {"blend": str(bpath), "space": space, "threshold": threshold}
     paths = [str(p) for p in images]
     dev = resolve_device(device or "auto")
-    source = FileSource(Path("."), paths)
     errors: dict[int, str] = {}
     scores: dict[str, np.ndarray] = {}
     good = np.arange(len(paths))
     for info in infos:
         spec = run_spec(info, forced)
         models, dc = load_models(info, dev)
+        source = FileSource(Path("."), paths, storage_step(info.cfg, dc.img_size))
         P, bad = predict_folds(models, dc, info.cfg, source, good, spec, dev, batch_size=batch_size,
                                workers=workers)
         del models

@@ -23,7 +23,14 @@ from aivh_ens.data import image_size
 from aivh_ens.errors import UserError
 from aivh_ens.loader import FileSource, ImageDataset, RingLoader, close_loaders, make_loader
 from aivh_ens.synth import make_demo_dataset
-from aivh_ens.transforms import RandomAffineCrop, StorageStep, affine_crop, storage_step, train_transform
+from aivh_ens.transforms import (
+    RandomAffineCrop,
+    StorageStep,
+    affine_crop,
+    eval_transform,
+    storage_step,
+    train_transform,
+)
 
 QUIET = dict(progress=False, log=lambda s: None)
 
@@ -336,3 +343,25 @@ def test_loader_workers_stop_when_the_loader_is_dropped(tmp_path, data):
         assert not worker.is_alive()
     finally:
         gc.enable()
+
+
+def test_a_reader_keeps_the_version_it_opened(tmp_path, data):
+    """A rebuild renamed over the file while a run reads it: the run (and its forked workers) keep reading
+    the version its index describes; a spawned worker that would reopen another version refuses."""
+    root, names = data
+    storage = StorageStep("square", 32)
+    src = C.ensure_cache(root, names[:10], storage, tmp_path / "c", **QUIET)
+    expect = [src.get(i) for i in range(10)]
+    fresh = pickle.loads(pickle.dumps(src))  # as a spawned worker gets it, before the rebuild
+    C.ensure_cache(root, names, storage, tmp_path / "c", **QUIET)  # more images: a new file, other offsets
+    later = pickle.loads(pickle.dumps(src))
+    reader = ImageDataset(src, np.arange(10), None, eval_transform(resolve_config("tiny", img_size=32), 32), 32)
+    loader = make_loader(reader, 5, train=False, device=torch.device("cpu"), workers=1)
+    got = torch.cat([x for x, *_ in loader])  # forked workers map the inherited descriptor: the old version
+    assert torch.equal(got, torch.from_numpy(np.stack(expect)).permute(0, 3, 1, 2))  # eval is the identity here
+    for i in range(10):
+        np.testing.assert_array_equal(src.get(i), expect[i])
+    with pytest.raises(UserError, match="rebuilt while this run was reading it"):
+        later.get(0)
+    with pytest.raises(UserError):
+        fresh.get(0)
