@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from cli_checks import assert_user_error
 from click.testing import CliRunner
 
 from aivh_ens import train as train_mod
@@ -34,16 +35,6 @@ def data(tmp_path_factory) -> Path:
 def cv(workdir: Path, data: Path, *extra: str):
     res = CliRunner().invoke(main, ["cv", *FAST, "--data", str(data), "--workdir", str(workdir), *extra])
     return res
-
-
-def assert_user_error(res, *needles: str) -> None:
-    """Exit 2, one line starting with 'error:', no traceback, each needle in it."""
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.output
-    assert "Traceback" not in res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def no_temp_files(root: Path) -> bool:

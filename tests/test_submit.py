@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from cli_checks import assert_user_error
 from click.testing import CliRunner
 
 from aivh_ens import submit as submit_mod
@@ -25,16 +26,6 @@ FAST = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds",
 
 def invoke(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_user_error(res, *needles: str) -> None:
-    """Exit 2, exactly one line starting with 'error:', no traceback, each needle in it."""
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.output
-    assert "Traceback" not in res.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
