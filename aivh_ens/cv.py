@@ -7,6 +7,7 @@ On disk (under the work dir): ``folds/<fold file>``, ``runs/<run>/config.json``,
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import shutil
 from collections.abc import Callable, Iterable
@@ -134,6 +135,11 @@ def fold_done(fdir: Path) -> bool:
     return (fdir / DONE).exists() and (fdir / FOLD_OOF).exists()
 
 
+def read_fold_summary(fdir: Path) -> dict[str, Any]:
+    """The summary a finished fold wrote to done.json."""
+    return json.loads((fdir / DONE).read_text())
+
+
 def assemble_oof(workdir: Path, cfg: RunConfig, fold_table: pd.DataFrame, exclude: set[int],
                  log: Log) -> Path | None:
     """Write oof/<run>.csv if every fold is done and it is not already written for these folds."""
@@ -160,11 +166,8 @@ def assemble_oof(workdir: Path, cfg: RunConfig, fold_table: pd.DataFrame, exclud
         oof = oof.sort_values("_row").drop(columns="_row")[["file_name", "label", "fold", "prob"]]
         sources = {d.name: sha256_file(d / FOLD_OOF) for d in fdirs}
         meta_path = rdir / "oof_sources.json"
-        if out.exists() and meta_path.exists():
-            import json
-
-            if json.loads(meta_path.read_text()) == sources:
-                return out  # already assembled from exactly these folds
+        if out.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == sources:
+            return out  # already assembled from exactly these folds
         write_csv(out, oof, float_format="%.8g")
         write_json(meta_path, sources)
         log(f"wrote {out} ({len(oof)} rows)")
@@ -225,11 +228,11 @@ def run_cv(cfg: RunConfig, workdir: str | Path = ".", *, fold_spec: str | None =
         fdir = rdir / f"fold{k}"
         if fold_done(fdir):
             log(f"fold {k}: already done (use --force to retrain)")
-            summaries.append(pd.read_json(fdir / DONE, typ="series").to_dict())
+            summaries.append(read_fold_summary(fdir))
             continue
         with FileLock(rdir / f"fold{k}.lock", what=f"fold {k} of run {cfg.name}"):
             if fold_done(fdir):  # finished by another process while we waited
-                summaries.append(pd.read_json(fdir / DONE, typ="series").to_dict())
+                summaries.append(read_fold_summary(fdir))
                 continue
             for tmp in fdir.glob(".*.tmp"):  # left by a process killed mid-write; never read, safe to drop
                 tmp.unlink(missing_ok=True)
