@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from aivh_ens import faults
 from aivh_ens.errors import UserError
 from aivh_ens.io import atomic_path, sha256_file, write_json
 from aivh_ens.metrics import METRICS, average_ranks, best_threshold, check_metric, threshold_sweep
@@ -263,6 +264,7 @@ def make_objective(
     def objective(trial: optuna.Trial) -> float:
         u = np.array([trial.suggest_float(name, 0.0, 1.0) for name in names])  # (M,)
         space = trial.suggest_categorical("space", SPACES)
+        faults.point("trial")
         return evaluate(S, y, dirichlet_weights(u), space, metric)[1]
 
     return objective

@@ -29,6 +29,24 @@ WORKDIR = click.option(
 )
 
 
+def cpu_threads(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``--threads N`` option (or ``AIVH_ENS_THREADS``): torch's CPU threads for this process."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, threads: int | None = None, **kwargs: Any) -> Any:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        return fn(*args, **kwargs)
+
+    return click.option(
+        "--threads", type=click.IntRange(min=1), default=None, envvar="AIVH_ENS_THREADS", show_envvar=True,
+        help="torch CPU threads in this process; 1 when several processes share the cores.  "
+             "[default: one per core]",
+    )(wrapper)
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a UserError into one line on stderr and exit code 2."""
 
@@ -158,6 +176,7 @@ def _floats(spec: str | None, n: int, what: str) -> tuple[float, ...] | None:
 @click.option("--cache-dir", default=None, help="Where the image cache lives.  [default: WORKDIR/runs/cache]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @WORKDIR
+@cpu_threads
 @user_errors
 def cv_cmd(model, recipe, data, train_csv, file_col, label_col, n_folds, seed, group, name, fold_spec, resume,
            force, rrc_scale, quiet, workdir, **flags) -> None:
@@ -309,6 +328,7 @@ _TTA_HELP = ("Test-time augmentation: none, hflip, d4 (8 flips/rotations), crops
               help="DataLoader workers.  [default: cores on CUDA, 0 on CPU]")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @WORKDIR
+@cpu_threads
 @user_errors
 def submit_cmd(blend_path, data, tta, out, proba, device, batch_size, workers, quiet, workdir) -> None:
     """Predict test.csv with every run of the blend (folds x TTA, cached per run) and write the submission.
@@ -344,6 +364,7 @@ def submit_cmd(blend_path, data, tta, out, proba, device, batch_size, workers, q
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Model inputs (images x TTA views) per forward pass.  [default: the run's eval batch]")
 @WORKDIR
+@cpu_threads
 @user_errors
 def predict_cmd(images, blend_path, run, tta, as_json, device, batch_size, workdir) -> None:
     """P(AI) and the label of single images; unreadable ones are reported and the rest still scored.

@@ -1,7 +1,8 @@
 """Fault injection for crash tests: ``AIVH_ENS_KILL_AT=point[@n]`` SIGKILLs this process at the n-th hit.
 
 Points: ``batch`` (inside a training epoch), ``write:<file name>`` (a temp file fully written, not yet
-renamed into place), ``fold-done`` (between folds). Unset (always, outside tests) this is one dict lookup.
+renamed into place), ``fold-done`` (between folds), ``trial`` (inside a blend search trial) and
+``infer-batch`` (inside test or OOF inference). Unset (always, outside tests) this is one dict lookup.
 """
 
 from __future__ import annotations

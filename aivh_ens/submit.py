@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from aivh_ens import faults
 from aivh_ens.blend import BLEND_DIR, apply_blend, blend, combine, load_blend
 from aivh_ens.config import RunConfig, training_identity
 from aivh_ens.cv import load_run, run_dir
@@ -128,6 +129,7 @@ def predict_folds(models: Sequence[nn.Module], dc: DataConfig, cfg: RunConfig, s
     P = np.full((len(models), len(ds)), np.nan, dtype=np.float32)  # (K, N)
     bad: dict[int, str] = {}
     for x, pos, ok, reasons in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+        faults.point("infer-batch")
         bad.update({int(i): r for i, r, good in zip(pos, reasons, ok, strict=True) if not good})
         if not bool(ok.any()):
             continue

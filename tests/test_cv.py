@@ -118,6 +118,50 @@ def test_resume_equals_uninterrupted(tmp_path, data, monkeypatch):
     np.testing.assert_allclose(ma["train_loss"], mb["train_loss"], rtol=0, atol=0)
 
 
+def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path, data):
+    runs = {w: tmp_path / w for w in ("a", "b", "c")}
+    for w, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        assert cv(runs[w], data, "--epochs", "1", "--seed", seed, "--name", "d").exit_code == 0
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    fold_file = "folds/k3_s7_gpairs.csv"
+    assert (a / fold_file).read_bytes() == (b / fold_file).read_bytes()
+    assert (a / "oof/d.csv").read_bytes() == (b / "oof/d.csv").read_bytes()
+    for k in range(3):  # the fold weights too, bit for bit (on CPU)
+        name = f"runs/d/fold{k}/best.safetensors"
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    other = pd.read_csv(c / "oof/d.csv")
+    assert not (c / fold_file).exists() and (c / "folds/k3_s8_gpairs.csv").exists()
+    assert not np.array_equal(other["prob"], pd.read_csv(a / "oof/d.csv")["prob"])
+
+
+def test_threads_option_and_env_set_torch_threads(tmp_path, data, monkeypatch):
+    import torch
+
+    from aivh_ens.errors import UserError
+
+    seen: list[int] = []
+
+    def stop(*a, **k):
+        seen.append(torch.get_num_threads())
+        raise UserError("stopped before training")
+
+    monkeypatch.setattr("aivh_ens.cv.run_cv", stop)
+    before = torch.get_num_threads()
+    args = ["cv", "--recipe", "tiny", "--data", str(data), "--workdir", str(tmp_path)]
+    try:
+        torch.set_num_threads(2)
+        assert_user_error(CliRunner().invoke(main, [*args, "--threads", "1"]), "stopped before training")
+        torch.set_num_threads(2)
+        assert_user_error(CliRunner(env={"AIVH_ENS_THREADS": "1"}).invoke(main, args), "stopped before")
+        torch.set_num_threads(2)
+        assert_user_error(CliRunner().invoke(main, args), "stopped before training")
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 2]
+    res = CliRunner().invoke(main, [*args, "--threads", "0"])
+    assert res.exit_code == 2 and "--threads" in res.output
+
+
 def test_folds_in_separate_invocations_assemble_oof_once(tmp_path, data):
     r1 = cv(tmp_path, data, "--epochs", "1", "--fold", "0", "--name", "s")
     assert r1.exit_code == 0 and "OOF not written yet: fold(s) 1, 2" in r1.output

@@ -1,18 +1,19 @@
-"""Kill anywhere, resume, lose nothing; two processes on one run; untrusted resume state stays inert."""
+"""Kill anywhere, resume, lose nothing (cv, blend); two processes on one run; untrusted resume state stays inert."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import torch
+from cli_checks import run, spawn
 from click.testing import CliRunner
+from oof_project import make_project
 from safetensors.torch import load_file
 
 from aivh_ens.cli import main
@@ -20,7 +21,6 @@ from aivh_ens.synth import make_demo_dataset
 
 ARGS = ["cv", "--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", "2", "--group", "pairs",
         "--epochs", "2", "--quiet", "--name", "k"]
-EXE = str(Path(sys.executable).with_name("aivh-ens"))
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +28,6 @@ def data(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("rel") / "data"
     make_demo_dataset(d, n=80, n_test=10, seed=5)
     return d
-
-
-def _spawn(args: list[str], kill_at: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "TQDM_DISABLE": "1"}
-    env.pop("AIVH_ENS_KILL_AT", None)
-    if kill_at:
-        env["AIVH_ENS_KILL_AT"] = kill_at
-    return subprocess.Popen([EXE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _run(args: list[str], kill_at: str | None = None) -> tuple[int, str]:
-    p = _spawn(args, kill_at)
-    out, _ = p.communicate(timeout=300)
-    return p.returncode, out
 
 
 def _assert_every_file_whole(root: Path) -> None:
@@ -69,27 +55,27 @@ def test_kill_anywhere_then_resume_equals_uninterrupted(tmp_path, data):
     args = [*ARGS, "--data", str(data), "--workdir", str(w), "--resume"]
     fold0, fold1 = w / "runs/k/fold0", w / "runs/k/fold1"
     # 1. during the first epoch of fold 0: nothing saved yet
-    code, out = _run(args, "batch@2")
+    code, out = run(args, "batch@2")
     assert code == -9, out
     assert not (fold0 / "state.pt").exists()
     # 2. while writing the checkpoint of epoch 2 (the one of epoch 1 is in place)
-    code, out = _run(args, "write:state.pt@2")
+    code, out = run(args, "write:state.pt@2")
     assert code == -9, out
     assert list(fold0.glob(".state.pt.*.tmp")), "the kill happened mid-write"
     assert torch.load(fold0 / "state.pt", weights_only=True)["epoch"] == 0
     _assert_every_file_whole(w)
     # 3. between folds: fold 0 done, fold 1 not started
-    code, out = _run(args, "fold-done@1")
+    code, out = run(args, "fold-done@1")
     assert code == -9 and "resuming after epoch 1" in out, out
     assert (fold0 / "done.json").exists() and not fold1.exists()
     assert not list(fold0.glob("*.tmp")) and not list(fold0.glob(".*.tmp"))  # orphan removed on resume
     # 4. while writing oof/k.csv: fold 1 done, OOF not in place
-    code, out = _run(args, "write:k.csv@1")
+    code, out = run(args, "write:k.csv@1")
     assert code == -9 and "fold 0: already done" in out, out
     assert (fold1 / "done.json").exists() and not (w / "oof/k.csv").exists()
     _assert_every_file_whole(w)
     # 5. uninterrupted finish: nothing retrained, OOF assembled
-    code, out = _run(args)
+    code, out = run(args)
     assert code == 0 and out.count("already done") == 2 and "wrote " in out, out
 
     a, b = pd.read_csv(ref / "oof/k.csv"), pd.read_csv(w / "oof/k.csv")
@@ -99,7 +85,7 @@ def test_kill_anywhere_then_resume_equals_uninterrupted(tmp_path, data):
 
 def test_two_processes_on_different_folds_assemble_once(tmp_path, data):
     args = [*ARGS, "--data", str(data), "--workdir", str(tmp_path), "--epochs", "1"]
-    procs = [_spawn([*args, "--fold", "0"]), _spawn([*args, "--fold", "1"])]
+    procs = [spawn([*args, "--fold", "0"]), spawn([*args, "--fold", "1"])]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert sum(o.count("oof/k.csv (80 rows)") for o in outs) == 1, outs
@@ -109,7 +95,7 @@ def test_two_processes_on_different_folds_assemble_once(tmp_path, data):
 
 def test_same_fold_twice_second_names_lock_and_pid(tmp_path, data):
     args = [*ARGS, "--data", str(data), "--workdir", str(tmp_path), "--fold", "0", "--epochs", "3"]
-    first = _spawn(args)
+    first = spawn(args)
     lock = tmp_path / "runs/k/fold0.lock"
     try:
         for _ in range(600):  # wait until the first process holds the lock
@@ -142,3 +128,22 @@ def test_crafted_resume_state_is_refused(tmp_path, data):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and "refusing to resume" in res.output and "state.pt" in res.output
     assert not (tmp_path / "pwned").exists()
+
+
+def test_killed_blend_keeps_its_trials_and_the_study_continues(tmp_path):
+    root = make_project(tmp_path, 400)
+    args = ["blend", "--workdir", root, "--quiet", "--trials", "20", "--nested-trials", "3"]
+    code, out = run(args, "trial@13")  # killed inside the 13th trial of the search
+    assert code == -9, out
+    assert not (root / "runs/blend/blend.json").exists()
+    url = f"sqlite:///{root / 'runs/blend/study.db'}"
+    (summary,) = optuna.get_all_study_summaries(url, include_best_trial=False)
+    study = optuna.load_study(study_name=summary.study_name, storage=url)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 12  # every finished trial was kept
+
+    code, out = run(args)
+    assert code == 0 and "32 trials in the study" in out, out
+    doc = json.loads((root / "runs/blend/blend.json").read_text())
+    assert doc["trials"] == 32
+    _assert_every_file_whole(root)

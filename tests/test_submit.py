@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from cli_checks import assert_user_error
+from cli_checks import run as run_cli
 from click.testing import CliRunner
 
 from aivh_ens import submit as submit_mod
@@ -149,6 +150,10 @@ def _no_submission(work: Path) -> bool:
         ("corrupt_test_image", ["unreadable test image", "every test id"]),
         ("bad_tta", ["'flip'", "valid forms", "crops:N"]),
         ("no_blend", ["no blend file", "aivh-ens blend"]),
+        ("blend_version", ["blend.json", "version 2"]),
+        ("blend_unknown_key", ["blend.json", "unknown key(s) tuned_by"]),
+        ("blend_threshold", ["blend.json", "threshold must be a number in [0, 1]"]),
+        ("blend_weights", ["blend.json", "sum to 1"]),
     ],
 )
 def test_submit_refusals(copy, monkeypatch, case, needles):
@@ -171,6 +176,17 @@ def test_submit_refusals(copy, monkeypatch, case, needles):
         args += ["--tta", "flip"]
     elif case == "no_blend":
         (work / "runs" / "blend" / "blend.json").unlink()
+    elif case.startswith("blend_"):  # a hand-edited or downloaded blend.json
+        path = work / "runs" / "blend" / "blend.json"
+        doc = json.loads(path.read_text())
+        first = next(iter(doc["weights"]))
+        edits = {
+            "blend_version": {"version": 2},
+            "blend_unknown_key": {"tuned_by": "someone"},
+            "blend_threshold": {"threshold": -0.1},
+            "blend_weights": {"weights": {**doc["weights"], first: doc["weights"][first] + 0.5}},
+        }
+        path.write_text(json.dumps({**doc, **edits[case]}))
 
     def no_build(cfg):
         raise AssertionError("inference started before the inputs were checked")
@@ -266,3 +282,23 @@ def test_fold_average_by_space():
 def test_rank_against_reference():
     ref = np.array([0.1, 0.2, 0.2, 0.3])
     np.testing.assert_allclose(rank_against(ref, np.array([0.0, 0.2, 0.25, 1.0])), [0.0, 0.5, 0.75, 1.0])
+
+
+def test_killed_submit_never_leaves_a_partial_submission(copy):
+    data, work = copy
+    args = ["submit", "--workdir", work, "--quiet", "--batch-size", "8"]
+    sub = work / "submission.csv"
+    code, out = run_cli(args, "infer-batch@2")  # mid-inference of the first run
+    assert code == -9, out
+    assert not sub.exists() and not list((work / "runs").glob("*/test/*.csv"))
+    code, out = run_cli(args, "write:submission.csv")  # every score cached, the file fully written, not renamed
+    assert code == -9, out
+    assert not sub.exists() and list(work.glob(".submission.csv.*.tmp"))
+    code, out = run_cli(args)
+    assert code == 0 and "cached test scores" in out and "predicting" not in out, out
+    first = sub.read_bytes()
+    validate_submission(sub, pd.read_csv(data / "test.csv")["id"].tolist())
+    # A kill while replacing a submission leaves the previous one whole.
+    code, out = run_cli([*args, "--tta", "none"], "write:submission.csv")
+    assert code == -9 and "predicting" in out, out
+    assert sub.read_bytes() == first
