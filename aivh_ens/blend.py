@@ -933,8 +933,8 @@ def _check_blend_doc(doc: Any, where: str = "blend.json") -> None:
     need(isinstance(doc["method"], str) and doc["method"], "method must be a non-empty string")
     w = doc["weights"]
     need(
-        isinstance(w, dict) and list(w) == names,
-        "weights must map each run, in the order of runs, to a number",
+        isinstance(w, dict) and sorted(w) == sorted(names),  # JSON objects are unordered: key set only
+        "weights must map each run of runs (and no other) to a number",
     )
     need(all(_is_number(v) and v >= 0 for v in w.values()), "weights must be finite and >= 0")
     need(abs(sum(w.values()) - 1.0) <= 1e-6, f"weights must sum to 1 (within 1e-6), got {sum(w.values())!r}")

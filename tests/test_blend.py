@@ -341,6 +341,18 @@ def test_apply_blend_of_the_shipped_blend(fitted):
     assert f1(np.arange(N) % 2 == 0, labels) == doc["oof_score"]
 
 
+def test_runs_in_any_order_round_trip(tmp_path):
+    """blend.json is written with sorted keys: --runs in non-alphabetical order must still load and apply."""
+    root = make_project(tmp_path, 400)
+    res = invoke(root, "--runs", "noise,b,a", "--trials", "10", "--nested-trials", "3")
+    assert res.exit_code == 0, res.output
+    doc = B.load_blend(root / "runs" / "blend" / "blend.json")
+    assert [r["name"] for r in doc["runs"]] == ["noise", "b", "a"]
+    scores = {r: pd.read_csv(root / "oof" / f"{r}.csv")["prob"].to_numpy() for r in ("a", "b", "noise")}
+    _, labels = B.apply_blend(doc, scores)
+    assert f1(np.arange(400) % 2 == 0, labels) == doc["oof_score"]
+
+
 @pytest.mark.parametrize("space", B.SPACES)
 def test_apply_blend_without_zero_weight_runs(fitted, space):
     doc = B.load_blend(fitted / "runs" / "blend" / "blend.json")
