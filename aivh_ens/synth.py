@@ -11,8 +11,9 @@ that leaves no trace (1); a share of AI images comes from a much better generato
 perfect. Both classes are saved as JPEG with the quality drawn from one range, at the same
 size per pair, so that dimensions, format and file size reveal nothing about the label.
 
-The test split is shifted the way Kaggle's is: larger images, a second generator (rendered 3-5x smaller,
-bilinear upsampling and sharpening instead of a transposed convolution), other cameras, and no pairs.
+The test split is shifted the way Kaggle's is: larger images, other cameras, no pairs, and half of its AI
+images from a second generator the training set never shows (rendered 3-5x smaller, bilinear upsampling and
+sharpening instead of a transposed convolution); the other half come from the training generator.
 
 Layout written under ``out_dir``::
 
@@ -29,6 +30,7 @@ for a seed (given the same NumPy and OpenCV builds), and a larger ``n`` only add
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -71,6 +73,8 @@ class _Split:
 
 _TRAIN = _Split("train", 1, (48, 128), "tconv", (2.0, 2.0), (0.008, 0.03), (70, 95))
 _TEST = _Split("test", 2, (96, 160), "bilinear", (3.0, 5.0), (0.005, 0.04), (65, 95))
+_TEST_KNOWN = dataclasses.replace(_TEST, generator="tconv", render_factor=(2.0, 2.0))
+_TEST_NEW_SHARE = 0.5  # share of test AI images from the generator that training never sees
 
 
 def _file_stem(seed: int, split: str, index: int) -> str:
@@ -251,7 +255,8 @@ def _pair(seed: int, k: int, difficulty: float) -> tuple[bytes, bytes]:
 
 
 def _test_image(seed: int, i: int, label: int, difficulty: float) -> bytes:
-    """Test image ``i``: its own scene and size, through the test generator (label 1) or a camera (0)."""
+    """Test image ``i``: its own scene and size, through a generator (label 1: the test one or the training
+    one, half and half) or a camera (0)."""
     rng = _rng(seed, _TEST, i)
     lo, hi = _TEST.size_range
     h, w = (int(v) for v in rng.integers(lo, hi + 1, size=2))
@@ -259,7 +264,8 @@ def _test_image(seed: int, i: int, label: int, difficulty: float) -> bytes:
     sigma = rng.uniform(*_TEST.noise_range)
     quality = int(rng.integers(_TEST.quality_range[0], _TEST.quality_range[1] + 1))
     d = _image_difficulty(rng, difficulty)
-    img = _generator(rng, scene, _TEST, d, sigma) if label else _camera(rng, scene, sigma)
+    split = _TEST if rng.random() < _TEST_NEW_SHARE else _TEST_KNOWN
+    img = _generator(rng, scene, split, d, sigma) if label else _camera(rng, scene, sigma)
     return _encode_jpeg(img, quality)
 
 

@@ -81,12 +81,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads on the CPU (1: OpenMP threads spinning at barriers on a shared machine "
                          "can make 2 threads 4x slower than 1)")
+    ap.add_argument("--workers", type=int, default=None, help="loader workers (default: as cv picks them)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
     data = make_jpegs(a.n)
     names = pd.read_csv(data / "train.csv")["file_name"].tolist()
-    cfg = resolve_config(a.recipe, img_size=a.img_size, device=a.device, data=str(data))
+    cfg = resolve_config(a.recipe, img_size=a.img_size, device=a.device, data=str(data), workers=a.workers)
     device = resolve_device(cfg.device)
     size = model_img_size(cfg)
     torch.manual_seed(0)

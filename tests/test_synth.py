@@ -153,6 +153,21 @@ def test_difficulty_weakens_the_trace(tmp_path: Path) -> None:
     assert aucs[0] > 0.8 and aucs[1] < 0.8  # at difficulty 1 an AI image is drawn like a photo
 
 
+def test_half_the_test_ai_images_come_from_an_unseen_generator(tmp_path: Path, monkeypatch) -> None:
+    """The training generator's trace (above every test photo) marks about half of the test AI images."""
+
+    def traced_share(root: Path) -> float:
+        sol = pd.read_csv(root / "solution.csv")
+        ratio = np.array([_nyquist_ratio(root / f) for f in sol["id"]])
+        return float((ratio[sol["label"] == 1] > ratio[sol["label"] == 0].max()).mean())
+
+    make_demo_dataset(tmp_path / "mixed", n=20, n_test=80, seed=1, difficulty=0.0)
+    monkeypatch.setattr(synth, "_TEST_NEW_SHARE", 1.0)  # every test AI image from the unseen generator
+    make_demo_dataset(tmp_path / "unseen", n=20, n_test=80, seed=1, difficulty=0.0)
+    assert 0.3 < traced_share(tmp_path / "mixed") < 0.7
+    assert traced_share(tmp_path / "unseen") < 0.05
+
+
 def test_previous_demo_data_set_is_replaced(tmp_path: Path) -> None:
     make_demo_dataset(tmp_path, n=20, n_test=4, seed=0)
     make_demo_dataset(tmp_path, n=24, n_test=2, seed=1)
