@@ -239,6 +239,8 @@ def test_submit_tta_option_and_predict_agree(copy):
     assert res.exit_code == 0, res.output
     # Both runs resize the whole image: the crops do not apply, and the log says so.
     assert "crops:3 does not apply; using d4" in res.output
+    # The runs trained with hflip and no rotation: d4's rotations are outside what they saw.
+    assert res.output.count("never saw rotated (90/180/270 degrees) or upside-down images") == 2
     assert (work / "submission.csv").is_file() and not (work / "runs" / "a" / "test" / "hflip.csv").exists()
     cache = pd.read_csv(work / "runs" / "a" / "test" / "d4.csv")
     ids = cache["id"].tolist()[:3]
@@ -248,6 +250,21 @@ def test_submit_tta_option_and_predict_agree(copy):
 
 
 # ---- pure helpers ----------------------------------------------------------------------------------------
+
+
+def test_unseen_views_names_what_training_never_produced():
+    from aivh_ens.config import RunConfig
+    from aivh_ens.tta import parse_tta
+
+    flip_only = RunConfig(hflip=0.5, rotate=0.0)
+    assert submit_mod.unseen_views(parse_tta("hflip"), flip_only) is None
+    assert submit_mod.unseen_views(parse_tta("none"), RunConfig(hflip=0.0)) is None
+    assert submit_mod.unseen_views(parse_tta("hflip"), RunConfig(hflip=0.0)) == "mirrored images"
+    assert submit_mod.unseen_views(parse_tta("d4"), flip_only) == (
+        "rotated (90/180/270 degrees) or upside-down images")
+    assert submit_mod.unseen_views(parse_tta("d4"), RunConfig(hflip=0.0)) == (
+        "rotated (90/180/270 degrees) or upside-down images or mirrored images")
+    assert submit_mod.unseen_views(parse_tta("d4"), RunConfig(hflip=0.5, rotate=90.0)) is None
 
 
 def test_validate_submission_catches_each_defect(tmp_path):
