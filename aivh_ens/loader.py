@@ -428,5 +428,10 @@ class Normalizer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)  # uint8: 4x cheaper
-        # A new float tensor (copy=True: never the caller's), normalised in place: the values of (x - mean) / std.
-        return x.to(torch.float32, copy=True).sub_(self.mean).div_(self.std)
+        # A new float tensor (never the caller's), normalised in place: the values of (x - mean) / std.
+        if x.device.type == "cpu" and x.is_contiguous():
+            # NumPy's uint8 -> float32 cast is ~3x faster than torch's on one CPU thread; same values.
+            f = torch.from_numpy(x.numpy().astype(np.float32))
+        else:
+            f = x.to(torch.float32, copy=True)
+        return f.sub_(self.mean).div_(self.std)

@@ -1,6 +1,6 @@
 """Benchmark the training input pipeline: images/s delivered as normalised 224 px batches, and memory.
 
-Run: ``python bench/bench_loader.py [--n 2000] [--epochs 4] [--workers CORES]``.
+Run: ``python bench/bench_loader.py [--n 2000] [--epochs 6] [--workers CORES]``.
 
 On ``--n`` generated 768x512 JPEGs (``bench/make_jpegs.py``; made once, kept under /tmp), batch 32, the same
 workers on both sides (default: every core):
@@ -180,7 +180,7 @@ def mb(n: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--epochs", type=int, default=4, help="epochs per side (the first is the cold one)")
+    ap.add_argument("--epochs", type=int, default=6, help="epochs per side (the first is the cold one)")
     ap.add_argument("--workers", type=int, default=cores())
     ap.add_argument("--skip-rss", action="store_true")
     a = ap.parse_args()

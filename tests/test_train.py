@@ -145,3 +145,21 @@ def test_training_options_run_and_learn(tmp_path):
     assert losses[-1] < losses[0]
     _, y, p = evaluate(ema.module, make_loader(vds, 32, train=False, device=torch.device("cpu"), workers=0), ctx)
     assert ((p >= 0.5) == y).mean() > 0.9
+
+
+def test_normalizer_values_on_both_cpu_paths():
+    """(x - mean) / std per channel as a new float tensor: the NumPy cast (contiguous batches) and torch's
+    (channels_last) give the same values."""
+    from aivh_ens.loader import Normalizer
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    before = x.clone()
+    m64, s64 = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (mean, std))
+    ref = (x.double() / 255 - m64) / s64
+    fast = Normalizer(mean, std, torch.device("cpu"))(x)
+    cl = Normalizer(mean, std, torch.device("cpu"), channels_last=True)(x)
+    assert fast.dtype == cl.dtype == torch.float32
+    assert torch.allclose(fast.double(), ref, atol=1e-5)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(fast, cl)
+    assert torch.equal(x, before)  # the input is never modified
