@@ -1,15 +1,19 @@
 """Atomic file writes and content hashes shared by every stage.
 
 Every file a stage produces is written to a temporary name in the same folder, flushed, fsynced and renamed
-over the target, so a reader (or a process killed mid-write) never sees a half-written file.
+over the target, so a reader (or a process killed mid-write) never sees a half-written file. The temporary
+name carries the writer's host and PID (``.<name>.<host>-<pid>.<random>.tmp``): a later successful write of
+the same file removes the ones left by dead processes of this host, never those of a live writer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +22,7 @@ from typing import IO, Any
 import pandas as pd
 
 from aivh_ens import faults
+from aivh_ens.locks import pid_alive
 
 
 def _read_umask() -> int:
@@ -27,6 +32,15 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # read once at import: os.umask is process-wide and not thread-safe to probe
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # folders may be shared between hosts
+
+
+def _sweep_orphans(path: Path) -> None:
+    """Remove temporary files of ``path`` left by processes of this host that died mid-write."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}-*.tmp"):
+        pid = tmp.name[len(path.name) + len(_HOST) + 3:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -34,7 +48,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed over ``path``, on error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     os.close(fd)
     tmp_path = Path(tmp)
@@ -44,6 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         faults.point(f"write:{path.name}")
         os.replace(tmp_path, path)
+        _sweep_orphans(path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -15,7 +15,7 @@ from pathlib import Path
 from aivh_ens.errors import UserError
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -60,7 +60,7 @@ class FileLock:
             if owner is None:
                 time.sleep(0.05)  # being written right now, or unreadable: look again
                 owner = read_owner(self.path)
-            if owner is not None and owner.get("host") == socket.gethostname() and not _pid_alive(
+            if owner is not None and owner.get("host") == socket.gethostname() and not pid_alive(
                 int(owner.get("pid", -1))
             ):
                 # Stale: its process is gone. Remove and race for it again (O_EXCL decides the winner).

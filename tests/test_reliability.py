@@ -147,3 +147,18 @@ def test_killed_blend_keeps_its_trials_and_the_study_continues(tmp_path):
     doc = json.loads((root / "runs/blend/blend.json").read_text())
     assert doc["trials"] == 32
     _assert_every_file_whole(root)
+
+
+def test_temp_files_of_dead_writers_are_swept_never_live_ones(tmp_path):
+    import aivh_ens.io as io
+
+    target = tmp_path / "submission.csv"
+    dead = tmp_path / f".submission.csv.{io._HOST}-{2**22 + 12345}.x1.tmp"  # above pid_max: never alive
+    live = tmp_path / f".submission.csv.{io._HOST}-{os.getppid()}.x2.tmp"  # a running process mid-write
+    other_host = tmp_path / ".submission.csv.0000ffff-1.x3.tmp"  # PIDs of another host mean nothing here
+    other_file = tmp_path / f".blend.json.{io._HOST}-{2**22 + 12345}.x4.tmp"  # another target's
+    for f in (dead, live, other_host, other_file):
+        f.write_text("partial")
+    io.write_text(target, "id,label\n")
+    assert target.read_text() == "id,label\n"
+    assert not dead.exists() and live.exists() and other_host.exists() and other_file.exists()

@@ -313,6 +313,7 @@ def test_killed_submit_never_leaves_a_partial_submission(copy):
     assert not sub.exists() and list(work.glob(".submission.csv.*.tmp"))
     code, out = run_cli(args)
     assert code == 0 and "cached test scores" in out and "predicting" not in out, out
+    assert not list(work.glob(".submission.csv.*.tmp"))  # the killed writer's temp file is swept
     first = sub.read_bytes()
     validate_submission(sub, pd.read_csv(data / "test.csv")["id"].tolist())
     # A kill while replacing a submission leaves the previous one whole.
