@@ -117,7 +117,8 @@ def combine(S: np.ndarray, w: np.ndarray, space: str) -> np.ndarray:
     s = np.einsum("m,mn->n", w, S)  # (N,)
     if space == "logit":
         return 1.0 / (1.0 + np.exp(-s))  # |s| <= ~16.2 because the weights sum to 1: no overflow
-    return s
+    # Weights that sum to 1 only up to rounding can carry an average of values in [0, 1] one ulp outside.
+    return np.clip(s, 0.0, 1.0, out=s)
 
 
 def _normalised(w: np.ndarray, m: int) -> np.ndarray:

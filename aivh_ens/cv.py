@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import shutil
 from collections.abc import Callable, Iterable
@@ -187,6 +188,26 @@ def check_run_inputs(cfg: RunConfig) -> None:
     resolve_device(cfg.device)
 
 
+def cpu_contention_note(device_name: str) -> str | None:
+    """A hint when CPU training would run several torch threads on cores other processes already use.
+
+    OpenMP threads wait for each other at every operator; when another process holds one of their cores,
+    each step waits for the slowest. Measured on 2 cores: 2 threads trained at 91-159 img/s beside other
+    work, against ~1,000 img/s with 1 thread in each of two processes (README, "CPU threads").
+    """
+    import torch
+
+    from aivh_ens.train import resolve_device
+
+    if resolve_device(device_name).type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    threads, load = torch.get_num_threads(), os.getloadavg()[0]
+    if threads <= 1 or load < 1.0:
+        return None
+    return (f"note: other processes are using the CPU (load average {load:.1f}) and torch runs {threads} "
+            "threads; with shared cores --threads 1 per process is often several times faster")
+
+
 def run_cv(cfg: RunConfig, workdir: str | Path = ".", *, fold_spec: str | None = None, resume: bool = False,
            force: bool = False, progress: bool = True, log: Log = print) -> dict[str, Any]:
     """Train the requested folds of a run and assemble its OOF when every fold is done.
@@ -207,6 +228,9 @@ def run_cv(cfg: RunConfig, workdir: str | Path = ".", *, fold_spec: str | None =
     fold_path, fold_sha, fold_table, created = ensure_fold_file(workdir, table, cfg.folds, cfg.seed, cfg.group)
     log(f"fold file: {fold_path} ({'created' if created else 'reused'}, sha256 {fold_sha[:12]}, "
         f"{len(fold_table)} rows, {cfg.folds} folds{', grouped by ' + cfg.group if cfg.group else ''})")
+    note = cpu_contention_note(cfg.device)
+    if note:
+        log(note)
     rdir = run_dir(workdir, cfg.name)
     if force:
         for k in folds_to_run:

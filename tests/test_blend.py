@@ -159,6 +159,15 @@ probs_matrix = st.integers(1, 4).flatmap(
 )
 
 
+def test_blend_stays_in_unit_interval_under_rounding():
+    """Weights that sum to 1 only up to rounding must not carry a blend of 1.0s above 1 (found by hypothesis)."""
+    P = np.array([[0.0, 0.0, 0.1, 0.0]] * 3)
+    for w in ([0.981, 0.689, 0.654], [0.1, 0.7, 0.2], [1 / 3, 1 / 3, 1 / 3]):
+        for space in B.SPACES:
+            s = B.blend(P, np.array(w), space)
+            assert np.all((s >= 0) & (s <= 1)), (w, space, s.max() - 1)
+
+
 @settings(max_examples=80, deadline=None)
 @given(P=probs_matrix, data=st.data())
 def test_blend_properties(P, data):

@@ -162,6 +162,26 @@ def test_threads_option_and_env_set_torch_threads(tmp_path, data, monkeypatch):
     assert res.exit_code == 2 and "--threads" in res.output
 
 
+def test_busy_cpu_note_with_several_threads(monkeypatch):
+    import torch
+
+    from aivh_ens.cv import cpu_contention_note
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr("os.getloadavg", lambda: (3.0, 3.0, 3.0))
+        note = cpu_contention_note("cpu")
+        assert note is not None and "load average 3.0" in note and "--threads 1" in note
+        torch.set_num_threads(1)
+        assert cpu_contention_note("cpu") is None  # one thread: nothing to wait for
+        torch.set_num_threads(2)
+        monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.2, 0.2))
+        assert cpu_contention_note("cpu") is None  # an idle machine
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_folds_in_separate_invocations_assemble_oof_once(tmp_path, data):
     r1 = cv(tmp_path, data, "--epochs", "1", "--fold", "0", "--name", "s")
     assert r1.exit_code == 0 and "OOF not written yet: fold(s) 1, 2" in r1.output
