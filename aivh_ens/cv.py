@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import shutil
 from collections.abc import Callable, Iterable
@@ -188,6 +187,24 @@ def check_run_inputs(cfg: RunConfig) -> None:
     resolve_device(cfg.device)
 
 
+def busy_elsewhere(samples: int = 5, interval: float = 0.05) -> int | None:
+    """Runnable tasks on this machine besides the caller, the least of a few instant samples of
+    /proc/loadavg (not the load average, which still counts a process that finished a minute ago);
+    None where that file does not exist."""
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]))
+        except (OSError, IndexError, ValueError):
+            return None
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0, min(counts) - 1)  # the reading thread itself is running
+
+
 def cpu_contention_note(device_name: str) -> str | None:
     """A hint when CPU training would run several torch threads on cores other processes already use.
 
@@ -199,12 +216,12 @@ def cpu_contention_note(device_name: str) -> str | None:
 
     from aivh_ens.train import resolve_device
 
-    if resolve_device(device_name).type != "cpu" or not hasattr(os, "getloadavg"):
+    if resolve_device(device_name).type != "cpu" or torch.get_num_threads() <= 1:
         return None
-    threads, load = torch.get_num_threads(), os.getloadavg()[0]
-    if threads <= 1 or load < 1.0:
+    others = busy_elsewhere()
+    if not others:
         return None
-    return (f"note: other processes are using the CPU (load average {load:.1f}) and torch runs {threads} "
+    return (f"note: {others} other process(es) are running on the CPU and torch uses {torch.get_num_threads()} "
             "threads; with shared cores --threads 1 per process is often several times faster")
 
 

@@ -165,21 +165,37 @@ def test_threads_option_and_env_set_torch_threads(tmp_path, data, monkeypatch):
 def test_busy_cpu_note_with_several_threads(monkeypatch):
     import torch
 
-    from aivh_ens.cv import cpu_contention_note
+    from aivh_ens import cv as cv_mod
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        monkeypatch.setattr("os.getloadavg", lambda: (3.0, 3.0, 3.0))
-        note = cpu_contention_note("cpu")
-        assert note is not None and "load average 3.0" in note and "--threads 1" in note
+        monkeypatch.setattr(cv_mod, "busy_elsewhere", lambda: 3)
+        note = cv_mod.cpu_contention_note("cpu")
+        assert note is not None and "3 other process(es)" in note and "--threads 1" in note
         torch.set_num_threads(1)
-        assert cpu_contention_note("cpu") is None  # one thread: nothing to wait for
+        assert cv_mod.cpu_contention_note("cpu") is None  # one thread: nothing to wait for
         torch.set_num_threads(2)
-        monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.2, 0.2))
-        assert cpu_contention_note("cpu") is None  # an idle machine
+        monkeypatch.setattr(cv_mod, "busy_elsewhere", lambda: 0)
+        assert cv_mod.cpu_contention_note("cpu") is None  # an idle machine
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_elsewhere_counts_a_spinning_process():
+    import subprocess
+    import sys
+
+    from aivh_ens.cv import busy_elsewhere
+
+    if busy_elsewhere() is None:
+        pytest.skip("no /proc/loadavg here")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert busy_elsewhere(samples=3, interval=0.2) >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_folds_in_separate_invocations_assemble_oof_once(tmp_path, data):
