@@ -165,7 +165,7 @@ def _floats(spec: str | None, n: int, what: str) -> tuple[float, ...] | None:
               "backbone (0 = frozen backbone).")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="CUDA mixed precision.")
-@click.option("--compile/--no-compile", default=None, help="torch.compile the model (CUDA).")
+@click.option("--compile/--no-compile", default=None, help="torch.compile the model (CUDA); falls back to eager, with a message, if compiling fails.")
 @click.option("--channels-last/--no-channels-last", default=None)
 @click.option("--workers", type=int, default=None, help="DataLoader workers.  [default: cores on CUDA, 0 on CPU]")
 @click.option("--deterministic", is_flag=True, default=None, help="Deterministic cuDNN (slower on GPU).")

@@ -220,6 +220,41 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def _is_compile_error(e: BaseException) -> bool:
+    return type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
+class CompileFallback(nn.Module):
+    """``torch.compile(model)`` that falls back to the eager model, with one message, when compiling fails.
+
+    Compilation happens lazily, at the first forward pass (and again for a new mode or shape), and fails on
+    machines without a C compiler or Triton, which is common on Kaggle images. Any error of the first pass,
+    and any torch._dynamo / torch._inductor error later, switches to eager for the rest of the run; a genuine
+    error then surfaces again from the eager model.
+    """
+
+    def __init__(self, model: nn.Module, log: Callable[[str], None] = print,
+                 compile_fn: Callable[[nn.Module], Any] = torch.compile):
+        super().__init__()
+        self._orig_mod = model  # what _unwrap, save_weights and train()/eval() reach
+        object.__setattr__(self, "_compiled", compile_fn(model))  # not a submodule: no duplicate state
+        self._log, self.fell_back, self._ran = log, False, False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.fell_back:
+            try:
+                out = self._compiled(*args, **kwargs)
+                self._ran = True
+                return out
+            except Exception as e:
+                if self._ran and not _is_compile_error(e):
+                    raise
+                self.fell_back = True
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                self._log(f"  --compile failed ({type(e).__name__}: {first}); continuing without compiling")
+        return self._orig_mod(*args, **kwargs)
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
     """Atomically write a model's weights as safetensors (contiguous CPU copies; shared tensors cloned)."""
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in _unwrap(model).state_dict().items()}
@@ -327,7 +362,7 @@ def fit_fold(job: FoldJob, source: ImageSource, *, resume: bool = False, progres
         best_score, best_epoch, bad_epochs = float(st["best_score"]), int(st["best_epoch"]), int(st["bad_epochs"])
         log(f"  fold {fold}: resuming after epoch {start_epoch} (best so far: epoch {best_epoch + 1})")
 
-    train_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    train_model = CompileFallback(model, log) if cfg.compile and device.type == "cuda" else model
     eval_model = ema.module if ema is not None else train_model
     t_fold = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):

@@ -163,3 +163,42 @@ def test_normalizer_values_on_both_cpu_paths():
     assert torch.allclose(fast.double(), ref, atol=1e-5)
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(fast, cl)
     assert torch.equal(x, before)  # the input is never modified
+
+
+def test_compile_fallback_runs_eager_after_a_compile_failure():
+    from aivh_ens.train import CompileFallback, _unwrap
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x = torch.randn(3, 4)
+    logs: list[str] = []
+
+    def broken(m):
+        def call(*a, **k):
+            raise RuntimeError("Compiler: cc is not found\nlong details")
+        return call
+
+    wrapped = CompileFallback(model, logs.append, compile_fn=broken)
+    assert torch.equal(wrapped(x), model(x)) and wrapped.fell_back
+    assert torch.equal(wrapped(x), model(x)) and len(logs) == 1
+    assert "--compile failed (RuntimeError: Compiler: cc is not found)" in logs[0]
+    assert _unwrap(wrapped) is model and set(wrapped.state_dict()) == {"_orig_mod.weight", "_orig_mod.bias"}
+    wrapped.eval()
+    assert not model.training  # modes reach the wrapped model
+
+    # A working compile: no message; a genuine error after the first pass is not swallowed.
+    calls = {"n": 0}
+
+    def works_then_fails(m):
+        def call(*a, **k):
+            calls["n"] += 1
+            if calls["n"] > 1:
+                raise ValueError("a real bug")
+            return m(*a, **k)
+        return call
+
+    ok = CompileFallback(model, logs.append, compile_fn=works_then_fails)
+    assert torch.equal(ok(x), model(x)) and not ok.fell_back
+    with pytest.raises(ValueError, match="a real bug"):
+        ok(x)
+    assert len(logs) == 1
