@@ -80,8 +80,12 @@ def lr_factor(cfg: RunConfig, step: int, total_steps: int, steps_per_epoch: int)
     return 1.0
 
 
+FUSED_OPTIMIZERS = ("adam", "adamw", "sgd")  # torch's own, with a fused CUDA kernel (timm's LAMB has none)
+
+
 def create_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """timm's optimizer factory (no weight decay on norms and biases), over trainable parameters only."""
+    """timm's optimizer factory (no weight decay on norms and biases), over trainable parameters only;
+    fused kernels for the models on CUDA (the model must be on its device already)."""
     from timm.optim import create_optimizer_v2
 
     if not any(p.requires_grad for p in model.parameters()):
@@ -89,6 +93,9 @@ def create_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     kwargs: dict[str, Any] = {}
     if cfg.optimizer == "sgd":
         kwargs["momentum"] = cfg.momentum
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if on_cuda and cfg.optimizer in FUSED_OPTIMIZERS:
+        kwargs["fused"] = True  # one kernel for all parameters instead of a few per tensor
     return create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 

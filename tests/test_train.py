@@ -202,3 +202,19 @@ def test_compile_fallback_runs_eager_after_a_compile_failure():
     with pytest.raises(ValueError, match="a real bug"):
         ok(x)
     assert len(logs) == 1
+
+
+def test_fused_optimizer_names_take_the_fused_flag():
+    """The optimizers marked fusable accept fused=True through timm (checked on the CPU, where torch has
+    fused kernels too); CPU training itself keeps the default kernels."""
+    from timm.optim import create_optimizer_v2
+
+    from aivh_ens.config import RunConfig
+    from aivh_ens.train import FUSED_OPTIMIZERS, create_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    for name in FUSED_OPTIMIZERS:
+        extra = {"momentum": 0.9} if name == "sgd" else {}
+        opt = create_optimizer_v2(model, opt=name, lr=1e-3, weight_decay=0.01, fused=True, **extra)
+        assert opt.defaults["fused"] is True
+        assert not create_optimizer(RunConfig(optimizer=name), model).defaults.get("fused")
