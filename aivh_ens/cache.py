@@ -192,7 +192,7 @@ class CachedSource:
     forked workers), so a rebuild renamed over the path meanwhile changes nothing here. The file is mapped
     lazily, once per process; pickling (to a spawned worker) carries neither the mapping nor the descriptor,
     and the worker reopens the path, refusing a file other than the one the index came from. ``get`` returns
-    a writable copy; mapped pages are given back every ``RELEASE_BYTES`` (see :meth:`release`).
+    a writable copy (``view``: a read-only view); mapped pages are given back every ``RELEASE_BYTES`` (see :meth:`release`).
     """
 
     def __init__(self, path: str | Path, root: str | Path, names: Sequence[str], index: CacheIndex, fd: int):
@@ -244,11 +244,16 @@ class CachedSource:
         return self._arr
 
     def get(self, i: int) -> np.ndarray:
+        return self.view(i).copy()
+
+    def view(self, i: int) -> np.ndarray:
+        """Image ``i`` as a read-only (h, w, 3) uint8 view of the mapping, for readers that only read it
+        (valid while this object lives: a released page faults back in from the page cache)."""
         if i in self.reasons:
             raise BadImageError(self.root / self.names[i], self.reasons[i])
         off = int(self.offsets[i])
         h, w, c = (int(v) for v in self.shapes[i])
-        img = self.array[off:off + h * w * c].reshape(h, w, c).copy()  # (h, w, 3) uint8
+        img = self.array[off:off + h * w * c].reshape(h, w, c)  # (h, w, 3) uint8
         self._unreleased += h * w * c
         if self._unreleased >= RELEASE_BYTES:
             self.release()

@@ -86,6 +86,9 @@ def test_cache_returns_the_storage_step_pixels(tmp_path, data, storage):
         got = src.get(i)
         assert got.dtype == np.uint8 and got.flags.writeable and got.flags.c_contiguous
         np.testing.assert_array_equal(got, direct, err_msg=n)
+        view = src.view(i)  # the same pixels, read-only, no copy
+        assert not view.flags.writeable
+        np.testing.assert_array_equal(view, direct, err_msg=n)
         w, h = image_size(root / n)
         # The size estimate from the header; a reduced JPEG decode may round the long side one pixel apart.
         assert np.abs(np.subtract(got.shape[:2], storage.shape(h, w))).max() <= 1, n
