@@ -130,16 +130,37 @@ def _check_batch(ctx: FoldContext, rows: torch.Tensor, ok: torch.Tensor) -> torc
     return ok
 
 
+SYNC_EVERY = 50  # batches between the host's reads of the loss on CUDA (each read waits for the GPU)
+
+
+def _sync_every(device: torch.device) -> int:
+    return SYNC_EVERY if device.type == "cuda" else 1  # on the CPU a read costs nothing
+
+
+def _good(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch without its bad samples. A batch that is all good is handed on as it is: a masked copy
+    would cost a pass over the batch and, on CUDA, lose the pinned memory its copy to the GPU overlaps from."""
+    return (x, y) if bool(keep.all()) else (x[keep], y[keep])
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, ctx: FoldContext, *,
                     epoch: int, step: int, total_steps: int, scaler: torch.amp.GradScaler | None,
                     ema: Any | None, progress: bool = True) -> tuple[dict[str, float], int]:
-    """One pass over the training rows. Returns (train metrics, optimizer steps taken so far)."""
+    """One pass over the training rows. Returns (train metrics, optimizer steps taken so far).
+
+    The loss is summed on the device and read by the host every batch on the CPU but only every
+    ``SYNC_EVERY`` batches (and at the end) on CUDA: each read waits for the GPU to finish, and the CPU could
+    not queue the next batch meanwhile. A non-finite loss therefore stops the epoch within that many batches.
+    """
     cfg, device = ctx.cfg, ctx.device
     model.train()
     for m in fully_frozen_backbones(model):
         m.eval()
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.accum_steps))
-    loss_sum, n_seen, t0 = 0.0, 0, time.perf_counter()
+    sync_every = _sync_every(device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum over samples, on the device
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last read
+    n_seen, first_unread, t0 = 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} train", leave=False, disable=not progress,
                unit="batch", dynamic_ncols=True)
     optimizer.zero_grad(set_to_none=True)
@@ -147,14 +168,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         keep = _check_batch(ctx, rows, ok)
         if not bool(keep.any()):
             continue
-        x, y = x[keep], y[keep]
+        x, y = _good(x, y, keep)
         x = ctx.normalize(x)
         y = y.to(device, non_blocking=True)
         with autocast(device, cfg.amp):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {i}; lower --lr")
+        bad |= ~torch.isfinite(loss.detach())
         scaled = loss / cfg.accum_steps
         (scaler.scale(scaled) if scaler else scaled).backward()
         last = i + 1 == len(loader)
@@ -176,35 +196,49 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                 ema.update(model, step=step)
         faults.point("batch")
         n = len(y)
-        loss_sum += float(loss.detach()) * n
+        loss_sum += loss.detach().double() * n
         n_seen += n
-        if progress:
-            bar.set_postfix(loss=f"{loss_sum / max(1, n_seen):.4f}",
-                            img_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
+        if (i + 1) % sync_every == 0 or last:
+            if bool(bad):  # the host waits for the GPU here, once per sync_every batches
+                where = f"batch {i}" if i == first_unread else f"batches {first_unread}-{i}"
+                raise FloatingPointError(f"loss became non-finite at epoch {epoch + 1}, {where}; lower --lr")
+            first_unread = i + 1
+            if progress:
+                bar.set_postfix(loss=f"{float(loss_sum) / max(1, n_seen):.4f}",
+                                img_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
+    if bool(bad):  # the last batches, when the loop ended on a skipped one
+        raise FloatingPointError(f"loss became non-finite at epoch {epoch + 1}, batch {first_unread} or later; "
+                                 "lower --lr")
     bar.close()
-    seconds = time.perf_counter() - t0
+    train_loss = float(loss_sum) / max(1, n_seen)
+    seconds = time.perf_counter() - t0  # after the read above: the GPU's work is done
     lr = optimizer.param_groups[0]["lr"]
-    return {"train_loss": loss_sum / max(1, n_seen), "lr": lr, "img_s": n_seen / max(seconds, 1e-9),
+    return {"train_loss": train_loss, "lr": lr, "img_s": n_seen / max(seconds, 1e-9),
             "train_seconds": seconds}, step
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, ctx: FoldContext, progress: bool = False,
              desc: str = "valid") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Score every row of ``loader``. Returns (rows (N,), labels (N,), P(label 1) (N,)) for good images."""
+    """Score every row of ``loader``. Returns (rows (N,), labels (N,), P(label 1) (N,)) for good images.
+
+    Probabilities stay on the device until the pass ends (one copy to the host, no wait per batch).
+    """
     model.eval()
     out_rows, out_y, out_p = [], [], []
     for x, y, rows, ok in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
         keep = _check_batch(ctx, rows, ok)
         if not bool(keep.any()):
             continue
+        x, y = _good(x, y, keep)
         with autocast(ctx.device, ctx.cfg.amp):
-            logits = model(ctx.normalize(x[keep]))
-        out_p.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
-        out_y.append(y[keep].numpy())
+            logits = model(ctx.normalize(x))
+        out_p.append(torch.softmax(logits.float(), dim=1)[:, 1])  # (B,) on the device
+        out_y.append(y.numpy())
         out_rows.append(rows[keep].numpy())
     cat = (lambda a, dt: np.concatenate(a).astype(dt) if a else np.zeros(0, dt))  # noqa: E731
-    return cat(out_rows, np.int64), cat(out_y, np.int64), cat(out_p, np.float64)
+    probs = torch.cat(out_p).cpu().numpy() if out_p else np.zeros(0)
+    return cat(out_rows, np.int64), cat(out_y, np.int64), probs.astype(np.float64)
 
 
 def _val_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:

@@ -259,3 +259,98 @@ def test_fused_optimizer_names_take_the_fused_flag():
         opt = create_optimizer_v2(model, opt=name, lr=1e-3, weight_decay=0.01, fused=True, **extra)
         assert opt.defaults["fused"] is True
         assert not create_optimizer(RunConfig(optimizer=name), model).defaults.get("fused")
+
+
+class _Spy:
+    """A Normalizer stand-in that records every batch it is handed."""
+
+    def __init__(self):
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x)
+        return x.float() / 255
+
+
+def _loop_ctx(normalize, **over):
+    from aivh_ens.train import FoldContext
+
+    cfg = resolve_config("tiny", img_size=8, batch_size=4, **over)
+    return FoldContext(cfg, torch.device("cpu"), normalize, str, set())
+
+
+def _batches(n: int, bad_row: int | None = None):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for b in range(n):
+        ok = torch.ones(4, dtype=torch.bool)
+        if bad_row is not None and b == 0:
+            ok[bad_row] = False
+        out.append((torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g), torch.tensor([0, 1, 0, 1]),
+                    torch.arange(b * 4, b * 4 + 4), ok))
+    return out
+
+
+def test_loop_hands_good_batches_on_uncopied_and_drops_bad_rows():
+    """A batch without bad images reaches the normalisation as the loader's own tensor (a masked copy would lose
+    its pinned memory on CUDA); a bad row (with --on-bad-image skip) is dropped, in training and evaluation."""
+    from aivh_ens.train import evaluate, train_one_epoch
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches = _batches(3, bad_row=2)
+    spy = _Spy()
+    ctx = _loop_ctx(spy, on_bad_image="skip")
+    tr, step = train_one_epoch(model, batches, opt, ctx, epoch=0, step=0, total_steps=3, scaler=None, ema=None,
+                               progress=False)
+    assert step == 3 and math.isfinite(tr["train_loss"]) and ctx.skipped == {2}
+    assert len(spy.seen[0]) == 3 and torch.equal(spy.seen[0], batches[0][0][[0, 1, 3]])
+    assert spy.seen[1] is batches[1][0] and spy.seen[2] is batches[2][0]
+    spy.seen.clear()
+    rows, y, p = evaluate(model, batches, ctx)
+    assert rows.tolist() == [0, 1, 3, *range(4, 12)] and len(y) == len(p) == 11
+    assert spy.seen[1] is batches[1][0]
+
+
+def test_epoch_loss_does_not_depend_on_the_read_interval(monkeypatch):
+    """The loss summed on the device gives the same epoch mean, read every batch or once at the end."""
+    from aivh_ens import train as T
+
+    losses = []
+    for every in (1, 50):
+        monkeypatch.setattr(T, "_sync_every", lambda device, every=every: every)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        tr, _ = T.train_one_epoch(model, _batches(5), opt, _loop_ctx(_Spy()), epoch=0, step=0, total_steps=5,
+                                  scaler=None, ema=None, progress=False)
+        losses.append(tr["train_loss"])
+    assert math.isfinite(losses[0]) and losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("every", [1, 2, 50])
+def test_non_finite_loss_stops_the_epoch_naming_the_batches(monkeypatch, every):
+    """The host reads the loss every ``_sync_every`` batches (1 on the CPU, more on CUDA, where each read waits
+    for the GPU): a non-finite loss stops the epoch at the next read, naming the batches since the last one."""
+    from aivh_ens import train as T
+
+    monkeypatch.setattr(T, "_sync_every", lambda device: every)
+
+    class NanAt(torch.nn.Module):
+        def __init__(self, at: int):
+            super().__init__()
+            self.lin, self.calls, self.at = torch.nn.Linear(3 * 8 * 8, 2), 0, at
+
+        def forward(self, x):
+            self.calls += 1
+            out = self.lin(x.flatten(1))
+            return out * float("nan") if self.calls == self.at + 1 else out
+
+    model = NanAt(at=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(FloatingPointError) as e:
+        T.train_one_epoch(model, _batches(6), opt, _loop_ctx(_Spy()), epoch=0, step=0, total_steps=6, scaler=None,
+                          ema=None, progress=False)
+    where = {1: "batch 2;", 2: "batches 2-3;", 50: "batches 0-5;"}[every]
+    assert where in str(e.value) and "lower --lr" in str(e.value)
+    assert model.calls == {1: 3, 2: 4, 50: 6}[every]  # how far the epoch ran before the read
