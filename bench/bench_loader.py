@@ -63,12 +63,12 @@ def cores() -> int:
 class NaiveDataset(torch.utils.data.Dataset):
     """PIL + torchvision transforms, the way many competition notebooks load images."""
 
-    def __init__(self, paths: list[Path]):
+    def __init__(self, paths: list[Path], size: int = SIZE):
         import torchvision.transforms as T
 
         self.paths = paths
-        self.tf = T.Compose([T.Resize(255), T.RandomHorizontalFlip(), T.RandomRotation(20),
-                             T.RandomResizedCrop(SIZE), T.ToTensor(), T.Normalize(MEAN, STD)])
+        self.tf = T.Compose([T.Resize(round(size * 255 / 224)), T.RandomHorizontalFlip(), T.RandomRotation(20),
+                             T.RandomResizedCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
 
     def __len__(self) -> int:
         return len(self.paths)
