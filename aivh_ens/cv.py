@@ -177,14 +177,22 @@ def assemble_oof(workdir: Path, cfg: RunConfig, fold_table: pd.DataFrame, exclud
 
 
 def check_run_inputs(cfg: RunConfig) -> None:
-    """Model names, weight files and the device, checked before any file is written."""
+    """Model names, weight files, the device and the loaders' shared memory, checked before any file is
+    written."""
+    from aivh_ens.cache import model_img_size
+    from aivh_ens.loader import default_workers, ring_prefetch
     from aivh_ens.models import check_model_name, weights_files
     from aivh_ens.train import resolve_device
 
     for name in cfg.backbones:
         check_model_name(name)
     weights_files(cfg)
-    resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    workers = default_workers(device, cfg.workers)
+    if workers > 0:  # the training and the validation loader of a fold, as fit_fold makes them
+        size = model_img_size(cfg)
+        for batch in (cfg.batch_size, cfg.eval_batch_size or cfg.batch_size * 2):
+            ring_prefetch(workers, batch, size)
 
 
 def busy_elsewhere(samples: int = 5, interval: float = 0.05) -> int | None:

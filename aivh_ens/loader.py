@@ -6,7 +6,8 @@ resumed fold replays exactly the batches an uninterrupted one would have seen (o
 Throughput: workers are persistent (one set per dataset, kept across epochs; the epoch travels with each
 index, see :class:`EpochSampler`), each keeps ``prefetch_factor`` batches in flight (sized to the cores and
 a memory budget) and writes them into a ring of shared-memory slots made once (:class:`RingLoader`);
-batches are uint8 (4x fewer bytes than float), pinned on CUDA, and normalised on the device.
+batches are uint8 (4x fewer bytes than float), pinned on CUDA, and normalised on the device; their labels
+and rows travel as NumPy arrays inside the message (a torch tensor gets a shared-memory segment each).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from aivh_ens.data import BadImageError, load_image
+from aivh_ens.errors import UserError
 from aivh_ens.transforms import FastGeometry, StorageStep, reseed, to_chw
 
 PREFETCH_BUDGET = 1 << 30  # bytes of uint8 batches in flight across all workers of one loader
@@ -190,6 +192,47 @@ def prefetch_factor(workers: int, batch_bytes: int, budget: int = PREFETCH_BUDGE
     return int(max(2, min(8, want, fit)))
 
 
+SHM_DIR = "/dev/shm"  # the tmpfs that torch's shared memory (the ring) lives in on Linux
+SHM_SHARE = 0.45  # of its free space, the most one loader's ring takes (a fold holds two: train, validation)
+
+
+def _shm_free() -> int | None:
+    """Bytes free in :data:`SHM_DIR`, or None where there is none (not Linux)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+def ring_prefetch(workers: int, batch_size: int, img_size: int, free: int | None = None) -> int:
+    """Batches each worker keeps in flight, within the memory budget and within the shared memory free.
+
+    The ring takes ``(workers * prefetch + 1)`` batches of shared memory at once. A container's ``/dev/shm``
+    is often small (Docker gives 64 MiB unless told ``--shm-size``), and touching a page beyond it kills the
+    worker with SIGBUS. So the prefetch depth shrinks (down to one batch a worker) to fit ``SHM_SHARE`` of
+    what is free, and where even that does not fit this stops with a :class:`UserError` naming the fix.
+
+    Args:
+        free: bytes free in shared memory (default: :data:`SHM_DIR` now; None: no check).
+    """
+    batch_bytes = batch_size * 3 * img_size * img_size
+    prefetch = prefetch_factor(workers, batch_bytes)
+    free = _shm_free() if free is None else free
+    if free is None:
+        return prefetch
+    budget = int(free * SHM_SHARE)
+    while prefetch > 1 and (workers * prefetch + 1) * batch_bytes > budget:
+        prefetch -= 1
+    need = (workers + 1) * batch_bytes
+    if need > budget:
+        raise UserError(
+            f"shared memory ({SHM_DIR}) has {free / 2**20:.0f} MiB free, and {workers} loader workers need "
+            f"{need / SHM_SHARE / 2**20:.0f} MiB ({workers + 1} batches of {batch_size} images at {img_size} px, "
+            f"uint8): give the container more (docker run --shm-size=8g), or lower --workers or --batch-size")
+    return prefetch
+
+
 def _single_threaded_cv2() -> None:
     # Forked workers inherit OpenCV's thread pool. Resizing it inside a child can deadlock on the parent's
     # condition variables, and a pool per worker would oversubscribe the cores (its threads spin while
@@ -229,10 +272,11 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, device: torch.devi
     loader = ref() if ref is not None else None
     if loader is None:
         img = int(getattr(ds, "img_size", 224))
-        prefetch = prefetch_factor(workers, batch_size * 3 * img * img)
         if isinstance(ds, ImageDataset):
+            prefetch = ring_prefetch(workers, batch_size, img)
             loader = RingLoader(ds, sampler, batch_size, drop_last, workers, prefetch, device)
         else:
+            prefetch = prefetch_factor(workers, batch_size * 3 * img * img)
             loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
                                 drop_last=drop_last, persistent_workers=True, prefetch_factor=prefetch)
             loader.epoch_sampler = sampler  # type: ignore[attr-defined]

@@ -25,7 +25,9 @@ Pipeline semantics (one definition, used by training, evaluation and the decode-
    than the separate operations. Rotation fills the corners from the image around the window (reflected
    only at the image border) instead of reflecting the already-cropped window. ``crop`` mode takes random
    crops of native pixels (centre crop for evaluation): resizing low-pass-filters away the high-frequency
-   traces that generators leave. Colour jitter, blur and JPEG re-compression follow the geometry.
+   traces that generators leave. Colour jitter, blur and JPEG re-compression follow the geometry. A
+   pipeline that is the warp alone runs through :class:`FastGeometry`: the same draws and pixels, straight
+   to (3, S, S) planes, without albumentations' per-call machinery.
 4. **Normalisation** on the uint8 batch tensor (:class:`aivh_ens.loader.Normalizer`, on the GPU when there
    is one), so workers move 4x fewer bytes than float tensors.
 

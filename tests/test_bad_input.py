@@ -148,6 +148,18 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("case_id,mutate,extra,needles", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_exit_2_one_line_nothing_written(tmp_path, base, case_id, mutate, extra, needles):
+    _assert_refused(tmp_path, base, case_id, mutate, extra, needles)
+
+
+def test_too_little_shared_memory_for_the_loader_is_refused_up_front(tmp_path, base, monkeypatch):
+    """A container's small /dev/shm would kill the loader's workers with SIGBUS mid-epoch: cv refuses first."""
+    from aivh_ens import loader
+
+    monkeypatch.setattr(loader, "_shm_free", lambda: 1 << 17)  # 128 KiB; 3 batches of 16 x 3 x 32 x 32 need 144 KiB
+    _assert_refused(tmp_path, base, "small-shm", NOOP, ["--workers", "2"], ["/dev/shm", "--shm-size", "--workers"])
+
+
+def _assert_refused(tmp_path, base, case_id, mutate, extra, needles):
     data = tmp_path / "data"
     shutil.copytree(base, data, symlinks=True)
     mutate(data)

@@ -21,7 +21,16 @@ from aivh_ens.cli import main
 from aivh_ens.cv import resolve_config
 from aivh_ens.data import image_size
 from aivh_ens.errors import UserError
-from aivh_ens.loader import FileSource, ImageDataset, RingLoader, close_loaders, make_loader
+from aivh_ens.loader import (
+    SHM_SHARE,
+    FileSource,
+    ImageDataset,
+    RingLoader,
+    close_loaders,
+    make_loader,
+    prefetch_factor,
+    ring_prefetch,
+)
 from aivh_ens.synth import make_demo_dataset
 from aivh_ens.transforms import (
     RandomAffineCrop,
@@ -368,3 +377,20 @@ def test_a_reader_keeps_the_version_it_opened(tmp_path, data):
         later.get(0)
     with pytest.raises(UserError):
         fresh.get(0)
+
+
+@pytest.mark.parametrize("workers", [1, 4, 15])
+@pytest.mark.parametrize("batch", [8, 64])
+def test_ring_fits_the_shared_memory_free(workers, batch):
+    """Ample room: the usual depth. Less: a shallower ring that fits. Too little: one line naming the fix."""
+    one = batch * 3 * 224 * 224  # bytes of one uint8 batch
+    usual = prefetch_factor(workers, one)
+    assert ring_prefetch(workers, batch, 224, free=None) == usual
+    assert ring_prefetch(workers, batch, 224, free=1 << 50) == usual
+    for room in range(workers + 1, (workers * usual + 1) + 1):
+        free = int(room * one / SHM_SHARE) + 1  # exactly `room` batches fit
+        p = ring_prefetch(workers, batch, 224, free=free)
+        assert 1 <= p <= usual and (workers * p + 1) <= room
+        assert p == usual or workers * (p + 1) + 1 > room  # the deepest ring that fits
+    with pytest.raises(UserError, match=r"/dev/shm.*--shm-size.*--workers or --batch-size"):
+        ring_prefetch(workers, batch, 224, free=int(workers * one / SHM_SHARE))
