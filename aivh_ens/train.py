@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from aivh_ens import faults, metrics
 from aivh_ens.config import RunConfig
-from aivh_ens.errors import UserError
+from aivh_ens.errors import TrainingDiverged, UserError
 from aivh_ens.io import atomic_path, write_csv, write_json
 from aivh_ens.loader import ImageDataset, ImageSource, Normalizer, default_workers, derive_seed, make_loader
 from aivh_ens.models import build_model, fully_frozen_backbones
@@ -133,6 +133,9 @@ def _check_batch(ctx: FoldContext, rows: torch.Tensor, ok: torch.Tensor) -> torc
 SYNC_EVERY = 50  # batches between the host's reads of the loss on CUDA (each read waits for the GPU)
 
 
+_DIVERGED_FIX = "run the fold again with a lower --lr (or a --clip-grad) and --force"
+
+
 def _sync_every(device: torch.device) -> int:
     return SYNC_EVERY if device.type == "cuda" else 1  # on the CPU a read costs nothing
 
@@ -201,14 +204,15 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if (i + 1) % sync_every == 0 or last:
             if bool(bad):  # the host waits for the GPU here, once per sync_every batches
                 where = f"batch {i}" if i == first_unread else f"batches {first_unread}-{i}"
-                raise FloatingPointError(f"loss became non-finite at epoch {epoch + 1}, {where}; lower --lr")
+                raise TrainingDiverged(f"training diverged: the loss became non-finite at epoch {epoch + 1}, "
+                                       f"{where}; {_DIVERGED_FIX}")
             first_unread = i + 1
             if progress:
                 bar.set_postfix(loss=f"{float(loss_sum) / max(1, n_seen):.4f}",
                                 img_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
     if bool(bad):  # the last batches, when the loop ended on a skipped one
-        raise FloatingPointError(f"loss became non-finite at epoch {epoch + 1}, batch {first_unread} or later; "
-                                 "lower --lr")
+        raise TrainingDiverged(f"training diverged: the loss became non-finite at epoch {epoch + 1}, batch "
+                               f"{first_unread} or later; {_DIVERGED_FIX}")
     bar.close()
     train_loss = float(loss_sum) / max(1, n_seen)
     seconds = time.perf_counter() - t0  # after the read above: the GPU's work is done
@@ -412,8 +416,11 @@ def fit_fold(job: FoldJob, source: ImageSource, *, resume: bool = False, progres
         train_loader = make_loader(train_ds, cfg.batch_size, train=True, device=device, workers=workers,
                                    seed=derive_seed(cfg.seed, fold, epoch, "order"))
         t0 = time.perf_counter()
-        tr, step = train_one_epoch(train_model, train_loader, optimizer, ctx, epoch=epoch, step=step,
-                                   total_steps=total_steps, scaler=scaler, ema=ema, progress=progress)
+        try:
+            tr, step = train_one_epoch(train_model, train_loader, optimizer, ctx, epoch=epoch, step=step,
+                                       total_steps=total_steps, scaler=scaler, ema=ema, progress=progress)
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"fold {fold}: {e}") from None
         _, vy, vp = evaluate(eval_model, val_loader, ctx)
         vm = _val_metrics(vy, vp)
         row = {"epoch": epoch + 1, **{k: tr[k] for k in ("train_loss", "lr", "img_s")}, **vm,

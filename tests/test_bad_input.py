@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from cli_checks import assert_user_error
 from click.testing import CliRunner
 from PIL import Image
 
@@ -205,3 +207,13 @@ def test_truncated_jpeg_names_the_file(tmp_path, base):
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert _csv(data)["file_name"][0] in res.output and "--on-bad-image skip" in res.output
     assert not (tmp_path / "w" / "oof").exists() or not list((tmp_path / "w" / "oof").glob("*.csv"))
+
+
+def test_a_diverging_run_stops_with_one_line_naming_fold_and_fix(tmp_path, base, monkeypatch):
+    """A non-finite loss is a setting to change, not a bug: exit 2, one line with the fold, the batch and the fix."""
+    def nan_loss(logits, y, **kw):
+        return (logits * float("nan")).sum()
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_loss)
+    res = CliRunner().invoke(main, ["cv", *BASE_ARGS, "--data", str(base), "--workdir", str(tmp_path / "w")])
+    assert_user_error(res, "fold 0: training diverged", "epoch 1, batch 0", "--lr", "--force")

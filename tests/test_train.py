@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from aivh_ens.cv import resolve_config
+from aivh_ens.errors import UserError
 from aivh_ens.loader import ImageDataset, derive_seed
 from aivh_ens.recipes import RECIPES
 from aivh_ens.train import lr_factor
@@ -351,6 +352,7 @@ def test_non_finite_loss_stops_the_epoch_naming_the_batches(monkeypatch, every):
     with pytest.raises(FloatingPointError) as e:
         T.train_one_epoch(model, _batches(6), opt, _loop_ctx(_Spy()), epoch=0, step=0, total_steps=6, scaler=None,
                           ema=None, progress=False)
+    assert isinstance(e.value, UserError)  # a setting to change: one line and exit 2 at the CLI, no traceback
     where = {1: "batch 2;", 2: "batches 2-3;", 50: "batches 0-5;"}[every]
-    assert where in str(e.value) and "lower --lr" in str(e.value)
+    assert where in str(e.value) and "--lr" in str(e.value) and "--force" in str(e.value)
     assert model.calls == {1: 3, 2: 4, 50: 6}[every]  # how far the epoch ran before the read
