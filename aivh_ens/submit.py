@@ -127,6 +127,7 @@ def predict_folds(models: Sequence[nn.Module], dc: DataConfig, cfg: RunConfig, s
     normalize = Normalizer(dc.mean, dc.std, device, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     P = np.full((len(models), len(ds)), np.nan, dtype=np.float32)  # (K, N)
+    done: list[tuple[np.ndarray, torch.Tensor]] = []  # (positions, (K, B) probs on the device) per batch
     bad: dict[int, str] = {}
     for x, pos, ok, reasons in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
         faults.point("infer-batch")
@@ -139,7 +140,9 @@ def predict_folds(models: Sequence[nn.Module], dc: DataConfig, cfg: RunConfig, s
         b, vc = x.shape[:2]
         xn = normalize(x.reshape(b * vc, *x.shape[2:])).reshape(b, vc, *x.shape[2:])
         p = score_views(models, xn, spec.flip_views, amp=cfg.amp, memory_format=fmt)  # (K, B, V)
-        P[:, pos] = p.mean(dim=2).cpu().numpy()
+        done.append((pos, p.mean(dim=2)))  # copied to the host once the pass ends: no wait per batch
+    if done:
+        P[:, np.concatenate([pos for pos, _ in done])] = torch.cat([p for _, p in done], dim=1).cpu().numpy()
     return P, bad
 
 
