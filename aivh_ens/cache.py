@@ -192,7 +192,8 @@ class CachedSource:
     forked workers), so a rebuild renamed over the path meanwhile changes nothing here. The file is mapped
     lazily, once per process; pickling (to a spawned worker) carries neither the mapping nor the descriptor,
     and the worker reopens the path, refusing a file other than the one the index came from. ``get`` returns
-    a writable copy (``view``: a read-only view); mapped pages are given back every ``RELEASE_BYTES`` (see :meth:`release`).
+    a writable copy, ``view`` a read-only view; mapped pages are given back every ``RELEASE_BYTES`` (see
+    :meth:`release`).
     """
 
     def __init__(self, path: str | Path, root: str | Path, names: Sequence[str], index: CacheIndex, fd: int):

@@ -182,7 +182,7 @@ def check_run_inputs(cfg: RunConfig) -> None:
     from aivh_ens.cache import model_img_size
     from aivh_ens.loader import default_workers, ring_prefetch
     from aivh_ens.models import check_model_name, weights_files
-    from aivh_ens.train import resolve_device
+    from aivh_ens.train import eval_batch_size, resolve_device
 
     for name in cfg.backbones:
         check_model_name(name)
@@ -191,7 +191,7 @@ def check_run_inputs(cfg: RunConfig) -> None:
     workers = default_workers(device, cfg.workers)
     if workers > 0:  # the training and the validation loader of a fold, as fit_fold makes them
         size = model_img_size(cfg)
-        for batch in (cfg.batch_size, cfg.eval_batch_size or cfg.batch_size * 2):
+        for batch in (cfg.batch_size, eval_batch_size(cfg)):
             ring_prefetch(workers, batch, size)
 
 

@@ -39,7 +39,7 @@ from aivh_ens.errors import UserError
 from aivh_ens.io import sha256_file, sha256_text, write_csv, write_json
 from aivh_ens.loader import FileSource, ImageSource, Normalizer, default_workers, make_loader
 from aivh_ens.models import DataConfig, build_model
-from aivh_ens.train import BEST, DONE, load_weights, resolve_device
+from aivh_ens.train import BEST, DONE, eval_batch_size, load_weights, resolve_device
 from aivh_ens.transforms import storage_step
 from aivh_ens.tta import TTADataset, TTASpec, effective_spec, parse_tta, score_views
 
@@ -119,7 +119,7 @@ def predict_folds(models: Sequence[nn.Module], dc: DataConfig, cfg: RunConfig, s
         images that could not be decoded.
     """
     spec = effective_spec(spec, cfg)
-    bs = batch_size or cfg.eval_batch_size or cfg.batch_size * 2
+    bs = batch_size or eval_batch_size(cfg)
     ds = TTADataset(source, rows, cfg, dc.img_size, spec.crops)
     loader = make_loader(ds, max(1, bs // spec.n_views), train=False, device=device,  # type: ignore[arg-type]
                          workers=default_workers(device, workers if workers is not None else cfg.workers))

@@ -136,6 +136,11 @@ SYNC_EVERY = 50  # batches between the host's reads of the loss on CUDA (each re
 _DIVERGED_FIX = "run the fold again with a lower --lr (or a --clip-grad) and --force"
 
 
+def eval_batch_size(cfg: RunConfig) -> int:
+    """Images per evaluation batch: ``--eval-batch-size``, else twice the training batch (no gradients)."""
+    return cfg.eval_batch_size or cfg.batch_size * 2
+
+
 def _sync_every(device: torch.device) -> int:
     return SYNC_EVERY if device.type == "cuda" else 1  # on the CPU a read costs nothing
 
@@ -380,7 +385,7 @@ def fit_fold(job: FoldJob, source: ImageSource, *, resume: bool = False, progres
     train_ds = ImageDataset(source, train_rows, labels[train_rows], train_transform(cfg, dc.img_size),
                             dc.img_size, seed=fold_seed)
     val_ds = ImageDataset(source, val_rows, labels[val_rows], eval_transform(cfg, dc.img_size), dc.img_size)
-    eval_bs = cfg.eval_batch_size or cfg.batch_size * 2
+    eval_bs = eval_batch_size(cfg)
     val_loader = make_loader(val_ds, eval_bs, train=False, device=device, workers=workers)
     ctx = FoldContext(cfg, device, Normalizer(dc.mean, dc.std, device, cfg.channels_last and device.type == "cuda"),
                       source.describe, set())
