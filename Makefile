@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision pinned here only to the versions this machine serves from disk; pyproject allows a range.
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,ray,slurm,serve]"
 	touch $@
 
 install: $(VENV)/.installed
