@@ -1,5 +1,52 @@
-"""aivh-ens: cross-validated timm ensembles for AI-generated vs human-made image classification."""
+"""aivh-ens: cross-validated timm ensembles for AI-generated vs human-made image classification.
+
+The same functions the CLI calls, for a notebook (every name is imported on first use, so ``import aivh_ens``
+loads no torch, optuna or matplotlib)::
+
+    import aivh_ens as ae
+
+    ae.make_demo_dataset("demo/data", n=400)
+    for model in ("test_efficientnet", "test_convnext"):
+        cfg = ae.resolve_config("tiny", model=model, name=model, data="demo/data", group="pairs", folds=3)
+        print(ae.run_cv(cfg, "demo").oof_metrics)
+    result = ae.run_blend("demo", trials=100)
+    print(result.reason)
+    print(ae.submit("demo", data="demo/data", out="demo/submission.csv").rate_note)
+
+Stages: :mod:`aivh_ens.data`, :mod:`aivh_ens.train`, :mod:`aivh_ens.blend`, :mod:`aivh_ens.infer`;
+every path under the work dir: :mod:`aivh_ens.layout`.
+"""
 
 from __future__ import annotations
 
+from aivh_ens._lazy import attach
+
 __version__ = "0.1.0"
+
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "UserError": ".errors",
+        "RunConfig": ".config",
+        "resolve_config": ".config",
+        "RECIPES": ".recipes",
+        "best_threshold": ".metrics",
+        "make_demo_dataset": ".synth",
+        "read_train_table": ".data.tables",
+        "read_test_table": ".data.tables",
+        "load_image": ".data.images",
+        "make_fold_table": ".data.folds",
+        "run_cv": ".train.cv",
+        "CVResult": ".train.cv",
+        "load_oof": ".blend.oof",
+        "run_blend": ".blend.stage",
+        "BlendResult": ".blend.stage",
+        "load_blend": ".blend.artifact",
+        "apply_blend": ".blend.artifact",
+        "submit": ".infer.submission",
+        "SubmitResult": ".infer.submission",
+        "predict_images": ".infer.predict",
+        "ImagePrediction": ".infer.predict",
+    },
+)
+__all__ = [*__all__, "__version__"]

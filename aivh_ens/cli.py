@@ -103,8 +103,9 @@ def folds_cmd(data, train_csv, file_col, label_col, n_folds, seed, group, workdi
     \b
     aivh-ens folds --data data/ --folds 5 --group pairs
     """
-    from aivh_ens.cv import load_train_table, resolve_config
-    from aivh_ens.folds import ensure_fold_file
+    from aivh_ens.config import resolve_config
+    from aivh_ens.data.folds import ensure_fold_file
+    from aivh_ens.train.cv import load_train_table
 
     cfg = resolve_config("none", data=str(data) if data else None, train_csv=train_csv, file_col=file_col,
                          label_col=label_col, folds=n_folds, seed=seed, group=group, model="none")
@@ -128,6 +129,57 @@ def _floats(spec: str | None, n: int, what: str) -> tuple[float, ...] | None:
     return vals
 
 
+def _options(*opts: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Apply click options in the order they are listed (the order --help shows)."""
+
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
+# Every RunConfig field a flag of `cv` can override (the recipe's value otherwise).
+_training_options = _options(
+    click.option("--epochs", type=int, default=None),
+    click.option("--img-size", type=int, default=None, help="Input size (default: the model's)."),
+    click.option("--batch-size", type=int, default=None),
+    click.option("--accum-steps", type=int, default=None, help="Gradient accumulation steps."),
+    click.option("--lr", type=float, default=None),
+    click.option("--weight-decay", type=float, default=None),
+    click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "lamb"]), default=None),
+    click.option("--scheduler", type=click.Choice(["cosine", "step", "onecycle", "constant"]), default=None),
+    click.option("--warmup-epochs", type=float, default=None),
+    click.option("--label-smoothing", type=float, default=None),
+    click.option("--clip-grad", type=float, default=None, help="Max gradient norm."),
+    click.option("--ema", "ema_decay", type=float, default=None, help="EMA decay, e.g. 0.999 (off by default)."),
+    click.option("--early-stop", type=int, default=None, help="Patience in epochs."),
+    click.option("--select", type=click.Choice(["f1", "auc", "loss", "last"]), default=None,
+              help="Validation metric that picks the saved epoch."),
+    click.option("--mode", type=click.Choice(["resize", "crop"]), default=None,
+              help="resize: whole image to --img-size; crop: native-resolution crops (keeps generator traces)."),
+    click.option("--rrc-scale", default=None, help="RandomResizedCrop area range, e.g. 0.8,1.0."),
+    click.option("--jpeg-p", type=float, default=None, help="Probability of JPEG re-compression augmentation."),
+    click.option("--blur-p", type=float, default=None, help="Probability of Gaussian blur augmentation."),
+    click.option("--pretrained/--no-pretrained", default=None, help="timm pretrained weights (HF cache)."),
+    click.option("--weights", default=None, help="Local weights (.safetensors/.pth); 'a,b' for a fused model."),
+    click.option("--train-last", type=int, default=None, help="Train only the last N parameter tensors of each "
+              "backbone (0 = frozen backbone)."),
+    click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]"),
+    click.option("--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="CUDA mixed precision."),
+    click.option("--compile/--no-compile", default=None, help="torch.compile the model (CUDA); falls back to eager, with a message, if compiling fails."),
+    click.option("--channels-last/--no-channels-last", default=None),
+    click.option("--workers", type=int, default=None, help="DataLoader workers.  [default: cores on CUDA, 0 on CPU]"),
+    click.option("--deterministic", is_flag=True, default=None, help="Deterministic cuDNN (slower on GPU)."),
+    click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default=None,
+              help="A corrupt image stops the run (error) or is skipped and recorded (skip)."),
+    click.option("--cache", type=click.Choice(["auto", "on", "off"]), default=None,
+              help="Decode every image once into a memory-mapped cache (auto: when it fits on disk)."),
+    click.option("--cache-dir", default=None, help="Where the image cache lives.  [default: WORKDIR/runs/cache]"),
+)
+
+
 @main.command("cv", context_settings={"show_default": False})
 @click.option("--model", default=None, help="Any timm model name, or two joined by '+' for a fused model.")
 @click.option("--recipe", default="none", show_default=True,
@@ -139,41 +191,7 @@ def _floats(spec: str | None, n: int, what: str) -> tuple[float, ...] | None:
               "in other processes).")
 @click.option("--resume", is_flag=True, help="Continue interrupted folds from their last finished epoch.")
 @click.option("--force", is_flag=True, help="Retrain folds that are already done (and replace the config).")
-@click.option("--epochs", type=int, default=None)
-@click.option("--img-size", type=int, default=None, help="Input size (default: the model's).")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--accum-steps", type=int, default=None, help="Gradient accumulation steps.")
-@click.option("--lr", type=float, default=None)
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "lamb"]), default=None)
-@click.option("--scheduler", type=click.Choice(["cosine", "step", "onecycle", "constant"]), default=None)
-@click.option("--warmup-epochs", type=float, default=None)
-@click.option("--label-smoothing", type=float, default=None)
-@click.option("--clip-grad", type=float, default=None, help="Max gradient norm.")
-@click.option("--ema", "ema_decay", type=float, default=None, help="EMA decay, e.g. 0.999 (off by default).")
-@click.option("--early-stop", type=int, default=None, help="Patience in epochs.")
-@click.option("--select", type=click.Choice(["f1", "auc", "loss", "last"]), default=None,
-              help="Validation metric that picks the saved epoch.")
-@click.option("--mode", type=click.Choice(["resize", "crop"]), default=None,
-              help="resize: whole image to --img-size; crop: native-resolution crops (keeps generator traces).")
-@click.option("--rrc-scale", default=None, help="RandomResizedCrop area range, e.g. 0.8,1.0.")
-@click.option("--jpeg-p", type=float, default=None, help="Probability of JPEG re-compression augmentation.")
-@click.option("--blur-p", type=float, default=None, help="Probability of Gaussian blur augmentation.")
-@click.option("--pretrained/--no-pretrained", default=None, help="timm pretrained weights (HF cache).")
-@click.option("--weights", default=None, help="Local weights (.safetensors/.pth); 'a,b' for a fused model.")
-@click.option("--train-last", type=int, default=None, help="Train only the last N parameter tensors of each "
-              "backbone (0 = frozen backbone).")
-@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="CUDA mixed precision.")
-@click.option("--compile/--no-compile", default=None, help="torch.compile the model (CUDA); falls back to eager, with a message, if compiling fails.")
-@click.option("--channels-last/--no-channels-last", default=None)
-@click.option("--workers", type=int, default=None, help="DataLoader workers.  [default: cores on CUDA, 0 on CPU]")
-@click.option("--deterministic", is_flag=True, default=None, help="Deterministic cuDNN (slower on GPU).")
-@click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default=None,
-              help="A corrupt image stops the run (error) or is skipped and recorded (skip).")
-@click.option("--cache", type=click.Choice(["auto", "on", "off"]), default=None,
-              help="Decode every image once into a memory-mapped cache (auto: when it fits on disk).")
-@click.option("--cache-dir", default=None, help="Where the image cache lives.  [default: WORKDIR/runs/cache]")
+@_training_options
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @WORKDIR
 @cpu_threads
@@ -188,7 +206,8 @@ def cv_cmd(model, recipe, data, train_csv, file_col, label_col, n_folds, seed, g
     aivh-ens cv --recipe effnet-b4-adam --data data/ --fold 0,1 --device cuda:0   # beside --fold 2,3,4 on cuda:1
     aivh-ens cv --recipe effnet-b4-adam --data data/ --resume                      # after an interruption
     """
-    from aivh_ens.cv import format_summary, resolve_config, run_cv
+    from aivh_ens.config import resolve_config
+    from aivh_ens.train.cv import format_summary, run_cv
 
     if flags.get("deterministic") is False:
         flags["deterministic"] = None
@@ -244,8 +263,8 @@ def cache_cmd(data, recipe, model, mode, img_size, size, train_csv, test_csv, fi
     aivh-ens cache --data data/ --model convnext_tiny --mode crop
     aivh-ens cache --data data/ --recipe tiny --cache-dir /fast/disk/cache
     """
-    from aivh_ens.cache import cache_dataset
-    from aivh_ens.cv import resolve_config
+    from aivh_ens.config import resolve_config
+    from aivh_ens.data.cache import cache_dataset
 
     if size is not None and size < 8:
         raise UserError(f"--size must be >= 8 (got {size})")
@@ -291,7 +310,7 @@ def blend_cmd(runs, metric, trials, timeout, storage, seed, nested_trials, quiet
     aivh-ens blend --runs effnet_b4,convnext_tiny --trials 1000 --metric macro_f1
     aivh-ens blend --storage sqlite:///shared/study.db --timeout 600
     """
-    from aivh_ens.blend import format_table, run_blend
+    from aivh_ens.blend.stage import format_table, run_blend
 
     result = run_blend(
         workdir, runs=runs.split(",") if runs is not None else None, metric=metric, trials=trials,
@@ -341,7 +360,7 @@ def submit_cmd(blend_path, data, tta, out, proba, device, batch_size, workers, q
     aivh-ens submit --data data/ --tta hflip+crops:5 --out sub_tta.csv --proba
     aivh-ens submit --blend runs/blend/blend.json --device cuda:0 --batch-size 256
     """
-    from aivh_ens.submit import submit
+    from aivh_ens.infer.submission import submit
 
     r = submit(workdir, blend_path=blend_path, data=data, tta=tta, out=out, proba=proba, device=device,
                batch_size=batch_size, workers=workers, progress=not quiet, log=click.echo)
@@ -376,7 +395,7 @@ def predict_cmd(images, blend_path, run, tta, as_json, device, batch_size, workd
     """
     import json
 
-    from aivh_ens.submit import format_predictions, predict_images
+    from aivh_ens.infer.predict import format_predictions, predict_images
 
     preds, source = predict_images(list(images), workdir, blend_path=blend_path, run=run, tta=tta,
                                    device=device, batch_size=batch_size)

@@ -7,13 +7,13 @@ another process, GPU or machine. Nothing mutates a config after it is built: use
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from aivh_ens.errors import UserError
+from aivh_ens.layout import RESERVED_RUN_NAMES
+from aivh_ens.recipes import get_recipe
 
 CONFIG_VERSION = 1
 
@@ -24,7 +24,6 @@ AMP_MODES = ("bf16", "fp16", "none")
 SELECT = ("f1", "auc", "loss", "last")
 ON_BAD_IMAGE = ("error", "skip")
 CACHE = ("auto", "on", "off")
-RESERVED_RUN_NAMES = ("blend", "cache")
 
 
 @dataclass(frozen=True)
@@ -196,17 +195,19 @@ def training_identity(cfg: RunConfig) -> dict[str, Any]:
     return d
 
 
-def load_run_config(path: str | Path) -> tuple[RunConfig, dict[str, Any]]:
-    """Read runs/<run>/config.json: returns the RunConfig and the whole JSON (fold file, versions, ...)."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: run `aivh-ens cv` for this run first") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); delete the run folder and re-run cv") from None
-    if not isinstance(doc, dict) or doc.get("version") != CONFIG_VERSION or "config" not in doc:
-        raise UserError(f"{path}: expected a run config with version {CONFIG_VERSION} and a 'config' object")
-    if not isinstance(doc["config"], dict):
-        raise UserError(f"{path}: 'config' must be an object")
-    return from_dict(doc["config"]), doc
+def resolve_config(recipe: str = "none", **overrides: Any) -> RunConfig:
+    """Defaults, then the recipe, then ``overrides`` (None values mean "not given").
+
+    Args:
+        recipe: a name in :data:`aivh_ens.recipes.RECIPES` (``--recipe``), or ``"none"``.
+        **overrides: any :class:`RunConfig` field, as the CLI flag of the same name sets it.
+
+    Raises:
+        UserError: an unknown recipe or field, or a value out of range (naming the field and the flag).
+    """
+    values = {**get_recipe(recipe), "recipe": recipe}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = from_dict({**to_dict(RunConfig()), **values})
+    if not cfg.name:
+        cfg = dataclasses.replace(cfg, name=default_run_name(cfg.model, recipe))
+    return cfg

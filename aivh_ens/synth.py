@@ -327,13 +327,7 @@ def make_demo_dataset(
         UserError: On an invalid count or difficulty, or a non-empty folder that is not a demo data set.
     """
     t0 = time.perf_counter()
-    if isinstance(n, bool) or int(n) != n or n < 20 or n % 2:
-        raise UserError(f"--n must be an even number >= 20 (pairs of AI and human images), got {n}")
-    if isinstance(n_test, bool) or int(n_test) != n_test or n_test < 2:
-        raise UserError(f"--n-test must be a whole number >= 2, got {n_test}")
-    if not 0.0 <= float(difficulty) <= 1.0:
-        raise UserError(f"--difficulty must be in [0, 1] (0 = strong generator traces), got {difficulty}")
-    n, n_test, seed, difficulty = int(n), int(n_test), int(seed), float(difficulty)
+    n, n_test, seed, difficulty = _check_counts(n, n_test, difficulty, seed)
     out = Path(out_dir)
     _check_target(out, force)
     out.mkdir(parents=True, exist_ok=True)
@@ -342,40 +336,9 @@ def make_demo_dataset(
 
     stage = out / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
     try:
-        (stage / TRAIN_DIR).mkdir(parents=True)
-        (stage / TEST_DIR).mkdir(parents=True)
-        train_rows: list[tuple[str, int]] = []
-        for k in range(n // 2):
-            for j, data in enumerate(_pair(seed, k, difficulty)):
-                name = f"{TRAIN_DIR}/{_file_stem(seed, 'train', 2 * k + j)}.jpg"
-                (stage / name).write_bytes(data)
-                train_rows.append((name, 1 - j))  # row 2k is AI (1), row 2k+1 human (0)
-
-        order_rng = np.random.default_rng([seed, _TEST.key, 2**31])
-        labels = np.zeros(n_test, np.int64)
-        labels[: n_test // 2] = 1
-        labels = order_rng.permutation(labels)
-        test_rows: list[tuple[str, int]] = []
-        for i in range(n_test):
-            name = f"{TEST_DIR}/{_file_stem(seed, 'test', i)}.jpg"
-            (stage / name).write_bytes(_test_image(seed, i, int(labels[i]), difficulty))
-            test_rows.append((name, int(labels[i])))
-
-        # Swap in. The CSVs go first and come back last, so a crash in between leaves a folder that looks
-        # incomplete; the marker is written before the folders move, so a re-run recognises the folder.
-        for entry in ("train.csv", "test.csv", "solution.csv"):
-            (out / entry).unlink(missing_ok=True)
-        params = {"made_by": "aivh_ens.synth", "format": _FORMAT_VERSION, "n": n, "n_test": n_test}
-        write_text(
-            out / MARKER, json.dumps({**params, "seed": seed, "difficulty": difficulty}, indent=2) + "\n"
-        )
-        for sub in (TRAIN_DIR, TEST_DIR):
-            target = out / sub
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-            os.replace(stage / sub, target)
+        train_rows = _write_train_images(stage, n, seed, difficulty)
+        test_rows = _write_test_images(stage, n_test, seed, difficulty)
+        _swap_in(stage, out, {"n": n, "n_test": n_test, "seed": seed, "difficulty": difficulty})
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -384,21 +347,67 @@ def make_demo_dataset(
     write_csv(out / "test.csv", test[["id"]])
     write_csv(out / "train.csv", pd.DataFrame(train_rows, columns=["file_name", "label"]))
 
-    n_test_ai = int(labels.sum())
+    n_test_ai = int(test["label"].sum())
     return {
-        "root": out,
-        "train_csv": out / "train.csv",
-        "test_csv": out / "test.csv",
-        "solution_csv": out / "solution.csv",
-        "train_dir": out / TRAIN_DIR,
-        "test_dir": out / TEST_DIR,
-        "n_train": n,
-        "n_train_ai": n // 2,
-        "n_train_human": n // 2,
-        "n_test": n_test,
-        "n_test_ai": n_test_ai,
-        "n_test_human": n_test - n_test_ai,
-        "seed": seed,
-        "difficulty": difficulty,
-        "seconds": time.perf_counter() - t0,
+        "root": out, "train_csv": out / "train.csv", "test_csv": out / "test.csv",
+        "solution_csv": out / "solution.csv", "train_dir": out / TRAIN_DIR, "test_dir": out / TEST_DIR,
+        "n_train": n, "n_train_ai": n // 2, "n_train_human": n // 2,
+        "n_test": n_test, "n_test_ai": n_test_ai, "n_test_human": n_test - n_test_ai,
+        "seed": seed, "difficulty": difficulty, "seconds": time.perf_counter() - t0,
     }
+
+
+def _check_counts(n: int, n_test: int, difficulty: float, seed: int) -> tuple[int, int, int, float]:
+    if isinstance(n, bool) or int(n) != n or n < 20 or n % 2:
+        raise UserError(f"n={n} (--n) must be an even number >= 20 (pairs of AI and human images)")
+    if isinstance(n_test, bool) or int(n_test) != n_test or n_test < 2:
+        raise UserError(f"n_test={n_test} (--n-test) must be a whole number >= 2")
+    if not 0.0 <= float(difficulty) <= 1.0:
+        raise UserError(f"difficulty={difficulty} (--difficulty) must be in [0, 1] (0 = strong generator traces)")
+    return int(n), int(n_test), int(seed), float(difficulty)
+
+
+def _write_train_images(stage: Path, n: int, seed: int, difficulty: float) -> list[tuple[str, int]]:
+    """``n // 2`` AI/human pairs under ``stage/TRAIN_DIR``; rows ``(file_name, label)``, row 2k AI."""
+    (stage / TRAIN_DIR).mkdir(parents=True)
+    rows: list[tuple[str, int]] = []
+    for k in range(n // 2):
+        for j, data in enumerate(_pair(seed, k, difficulty)):
+            name = f"{TRAIN_DIR}/{_file_stem(seed, 'train', 2 * k + j)}.jpg"
+            (stage / name).write_bytes(data)
+            rows.append((name, 1 - j))  # row 2k is AI (1), row 2k+1 human (0)
+    return rows
+
+
+def _write_test_images(stage: Path, n_test: int, seed: int, difficulty: float) -> list[tuple[str, int]]:
+    """``n_test`` shuffled test images (half AI) under ``stage/TEST_DIR``; rows ``(id, label)``."""
+    (stage / TEST_DIR).mkdir(parents=True)
+    order_rng = np.random.default_rng([seed, _TEST.key, 2**31])
+    labels = np.zeros(n_test, np.int64)
+    labels[: n_test // 2] = 1
+    labels = order_rng.permutation(labels)
+    rows: list[tuple[str, int]] = []
+    for i in range(n_test):
+        name = f"{TEST_DIR}/{_file_stem(seed, 'test', i)}.jpg"
+        (stage / name).write_bytes(_test_image(seed, i, int(labels[i]), difficulty))
+        rows.append((name, int(labels[i])))
+    return rows
+
+
+def _swap_in(stage: Path, out: Path, params: dict[str, Any]) -> None:
+    """Move the staged image folders into ``out``, the marker first.
+
+    The CSVs go first and come back last (written by the caller), so a crash in between leaves a folder that
+    looks incomplete; the marker is written before the folders move, so a re-run recognises the folder.
+    """
+    for entry in ("train.csv", "test.csv", "solution.csv"):
+        (out / entry).unlink(missing_ok=True)
+    marker = {"made_by": "aivh_ens.synth", "format": _FORMAT_VERSION, **params}
+    write_text(out / MARKER, json.dumps(marker, indent=2) + "\n")
+    for sub in (TRAIN_DIR, TEST_DIR):
+        target = out / sub
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(stage / sub, target)

@@ -22,7 +22,9 @@ import time
 import numpy as np
 from sklearn.metrics import f1_score
 
-from aivh_ens import blend as B
+from aivh_ens.blend import core as bcore
+from aivh_ens.blend import methods as bmethods
+from aivh_ens.blend import search as bsearch
 
 
 def synthetic_oof(n: int, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -48,7 +50,7 @@ def synthetic_oof(n: int, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 
 def naive_evaluate(S: dict[str, np.ndarray], y: np.ndarray, w: np.ndarray, space: str) -> float:
     """Blend, then scikit-learn F1 at 100 thresholds: the loop many notebooks run per trial."""
-    s = B.combine(S[space], w, space)
+    s = bcore.combine(S[space], w, space)
     return max(f1_score(y, s >= t) for t in np.linspace(0.0, 1.0, 100))
 
 
@@ -66,14 +68,14 @@ def main() -> None:
     y, P = synthetic_oof(args.rows, args.runs)
     runs = [f"run{i}" for i in range(args.runs)]
     t0 = time.perf_counter()
-    S = B.spaces(P)
+    S = bcore.spaces(P)
     print(
         f"data: {args.rows} rows x {args.runs} runs; spaces precomputed in {time.perf_counter() - t0:.2f} s"
     )
 
-    study = B.open_study(None, None, seed=0)
+    study = bsearch.open_study(None, None, seed=0)
     t0 = time.perf_counter()
-    fit = B.optimize(study, S, y, "f1", runs, args.trials)
+    fit = bsearch.optimize(study, S, y, "f1", runs, args.trials)
     search_s = time.perf_counter() - t0
     target = "ok" if args.trials != 1000 or search_s <= 20 else "MISSED"
     print(
@@ -82,10 +84,10 @@ def main() -> None:
     )
 
     with tempfile.TemporaryDirectory() as tmp:
-        storage = B.default_storage(tmp)
-        sql_study = B.open_study(storage, "bench", seed=0)
+        storage = bsearch.default_storage(tmp)
+        sql_study = bsearch.open_study(storage, "bench", seed=0)
         t0 = time.perf_counter()
-        B.optimize(sql_study, S, y, "f1", runs, args.sqlite_trials)
+        bsearch.optimize(sql_study, S, y, "f1", runs, args.sqlite_trials)
         sqlite_ms = 1e3 * (time.perf_counter() - t0) / args.sqlite_trials
         storage.engine.dispose()
     print(
@@ -94,10 +96,10 @@ def main() -> None:
 
     # The same trial parameters for both evaluations.
     trials = [
-        (B.fit_from_params(t.params, runs, S, y, "f1").weights, t.params["space"]) for t in study.trials
+        (bsearch.fit_from_params(t.params, runs, S, y, "f1").weights, t.params["space"]) for t in study.trials
     ]
     t0 = time.perf_counter()
-    ours_scores = [B.evaluate(S, y, w, space, "f1")[1] for w, space in trials]
+    ours_scores = [bmethods.score_weights(S, y, w, space, "f1")[1] for w, space in trials]
     ours_s = (time.perf_counter() - t0) / len(trials)
 
     rng = np.random.default_rng(1)
@@ -107,7 +109,7 @@ def main() -> None:
     t0 = time.perf_counter()
     naive_scores = [naive_evaluate(S, y, w, space) for w, space in picked]
     naive_s = (time.perf_counter() - t0) / len(picked)
-    exact = [B.evaluate(S, y, w, space, "f1")[1] for w, space in picked]
+    exact = [bmethods.score_weights(S, y, w, space, "f1")[1] for w, space in picked]
     gains = np.array(exact) - np.array(naive_scores)
     print(
         f"per-trial evaluation: ours {1e3 * ours_s:.2f} ms (exact, every distinct score; mean of {len(trials)} trials) "

@@ -42,11 +42,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_jpegs import link_copies, make_jpegs  # noqa: E402
 
-from aivh_ens.cache import CachedSource, _stat, _Writer, cache_file, cache_key, ensure_cache  # noqa: E402
-from aivh_ens.cv import resolve_config  # noqa: E402
+from aivh_ens.config import resolve_config
+from aivh_ens.data.cache import CachedSource, _stat, _Writer, cache_file, cache_key, ensure_cache
+from aivh_ens.data.loader import ImageDataset, Normalizer, close_loaders, make_loader
+from aivh_ens.data.transforms import storage_step, train_transform
 from aivh_ens.io import atomic_path  # noqa: E402
-from aivh_ens.loader import ImageDataset, Normalizer, close_loaders, make_loader  # noqa: E402
-from aivh_ens.transforms import storage_step, train_transform  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BATCH = 32

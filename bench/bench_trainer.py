@@ -35,12 +35,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_jpegs import make_jpegs  # noqa: E402
 
-from aivh_ens.cache import ensure_cache, model_img_size  # noqa: E402
-from aivh_ens.cv import resolve_config  # noqa: E402
-from aivh_ens.loader import FileSource, ImageDataset, Normalizer, close_loaders, default_workers, make_loader  # noqa: E402
-from aivh_ens.models import build_model  # noqa: E402
-from aivh_ens.train import FoldContext, create_optimizer, resolve_device, train_one_epoch  # noqa: E402
-from aivh_ens.transforms import storage_step, train_transform  # noqa: E402
+from aivh_ens.config import resolve_config
+from aivh_ens.data.cache import ensure_cache, model_img_size
+from aivh_ens.data.loader import (
+    FileSource,
+    ImageDataset,
+    Normalizer,
+    close_loaders,
+    default_workers,
+    make_loader,
+)
+from aivh_ens.data.transforms import storage_step, train_transform
+from aivh_ens.train.loop import FoldContext, create_optimizer, resolve_device, train_one_epoch
+from aivh_ens.train.models import build_model
 
 
 class Synthetic:

@@ -44,18 +44,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loader import NaiveDataset  # noqa: E402
 from make_jpegs import make_jpegs  # noqa: E402
 
-from aivh_ens.cache import ensure_cache, model_img_size  # noqa: E402
-from aivh_ens.cv import resolve_config  # noqa: E402
-from aivh_ens.loader import ImageDataset, Normalizer, close_loaders, default_workers, make_loader  # noqa: E402
-from aivh_ens.models import build_model  # noqa: E402
-from aivh_ens.train import (  # noqa: E402
+from aivh_ens.config import resolve_config
+from aivh_ens.data.cache import ensure_cache, model_img_size
+from aivh_ens.data.loader import ImageDataset, Normalizer, close_loaders, default_workers, make_loader
+from aivh_ens.data.transforms import storage_step, train_transform
+from aivh_ens.train.loop import (
     CompileFallback,
     FoldContext,
     create_optimizer,
     resolve_device,
     train_one_epoch,
 )
-from aivh_ens.transforms import storage_step, train_transform  # noqa: E402
+from aivh_ens.train.models import build_model
 
 
 class Pinned:

@@ -6,8 +6,7 @@ import dataclasses
 
 import pytest
 
-from aivh_ens.config import RunConfig, from_dict, to_dict
-from aivh_ens.cv import resolve_config
+from aivh_ens.config import RunConfig, from_dict, resolve_config, to_dict
 from aivh_ens.errors import UserError
 from aivh_ens.recipes import RECIPES, get_recipe
 

@@ -1,20 +1,21 @@
-"""Schedules, transforms per recipe, and the training loop's options (EMA, accumulation, clipping, freezing)."""
+"""Tests for aivh_ens.train.loop: schedules, optimizers, the epoch loop, compile fallback, divergence."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from aivh_ens.cv import resolve_config
+from aivh_ens.config import resolve_config
+from aivh_ens.data.loader import ImageDataset
+from aivh_ens.data.transforms import (
+    eval_transform,
+    train_transform,
+)
 from aivh_ens.errors import UserError
-from aivh_ens.loader import ImageDataset, derive_seed
-from aivh_ens.recipes import RECIPES
-from aivh_ens.train import lr_factor
-from aivh_ens.transforms import FastGeometry, affine_crop, eval_transform, reseed, to_chw, train_transform
+from aivh_ens.train.loop import lr_factor
 
 
 def _curve(cfg, total=100, spe=10):
@@ -51,100 +52,11 @@ def test_onecycle_matches_torch():
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
-@pytest.mark.parametrize("shape", [(40, 56, 3), (300, 200, 3)])
-def test_every_recipe_transform_gives_model_sized_uint8(name, shape):
-    cfg = resolve_config(name, model=None if RECIPES[name].get("model") else "test_convnext", img_size=32)
-    cfg = dataclasses.replace(cfg, train_resize=40 if cfg.train_resize else None,
-                              eval_resize=36 if cfg.eval_resize else None)
-    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    for tf in (train_transform(cfg, 32), eval_transform(cfg, 32)):
-        out = tf(image=img)["image"]
-        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
-
-
-# Stored images the fast path meets: smaller than the crop, about its size, and over twice it (area shrink).
-FAST_SHAPES = [(20, 28, 3), (32, 32, 3), (40, 56, 3), (56, 40, 3), (150, 90, 3)]
-
-
-@pytest.mark.parametrize("name", sorted(RECIPES))
-@pytest.mark.parametrize("extra", [{}, {"hflip": 1.0, "rotate": 0.0}, {"rotate": 30.0}, {"hflip": 0.0}],
-                         ids=["recipe", "flip-only", "rotate", "no-flip"])
-def test_fast_geometry_gives_the_pipelines_pixels(name, extra):
-    """Geometry-only pipelines skip albumentations: the same draws from the same seed, the same pixels."""
-    cfg = resolve_config(name, model=None if RECIPES[name].get("model") else "test_convnext", img_size=32, **extra)
-    cfg = dataclasses.replace(cfg, train_resize=40 if cfg.train_resize else None,
-                              eval_resize=36 if cfg.eval_resize else None)
-    pipe = train_transform(cfg, 32)
-    fast = FastGeometry.of(pipe)
-    geometry_only = cfg.mode == "resize" and cfg.color_jitter == 0 and cfg.blur_p == 0 and cfg.jpeg_p == 0
-    assert (fast is not None) == geometry_only
-    assert FastGeometry.of(eval_transform(cfg, 32)) is None
-    if fast is None:
-        return
-    rng = np.random.default_rng(0)
-    for seed in range(40):
-        img = rng.integers(0, 256, FAST_SHAPES[seed % len(FAST_SHAPES)], dtype=np.uint8)
-        img.flags.writeable = False  # the fast path only reads (it is handed read-only views of the cache)
-        reseed(pipe, seed)
-        want = to_chw(pipe(image=img.copy())["image"])
-        got = fast(img, seed)
-        assert got.shape == (3, 32, 32) and got.flags.c_contiguous
-        np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, shape {img.shape}")
-
-
-def test_affine_crop_planes_are_the_pixels_transposed():
-    rng = np.random.default_rng(4)
-    for img in (rng.integers(0, 256, (60, 80, 3), dtype=np.uint8), rng.integers(0, 256, (60, 80, 1), dtype=np.uint8)):
-        for window, flip, angle in (((5.0, 3.0, 48.0, 48.0), True, 0.0), ((2.5, 1.0, 50.0, 40.0), False, 12.0),
-                                    ((0.0, 0.0, 80.0, 60.0), True, -7.0)):
-            hwc = affine_crop(img, window, 32, flip, angle)
-            chw = affine_crop(img, window, 32, flip, angle, chw=True)
-            assert chw.flags.c_contiguous
-            np.testing.assert_array_equal(chw, hwc.transpose(2, 0, 1))
-
-
-def test_crop_mode_keeps_native_pixels():
-    cfg = resolve_config("crop-robust", model="test_convnext", img_size=16, jpeg_p=0.0, blur_p=0.0, hflip=0.0)
-    img = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    out = eval_transform(cfg, 16)(image=img)["image"]
-    np.testing.assert_array_equal(out, img[12:28, 17:33])  # the exact centre crop, no resampling
-    tr = train_transform(cfg, 16)(image=img)["image"]
-    found = any((img[y:y + 16, x:x + 16] == tr).all() for y in range(25) for x in range(35))
-    assert found  # a random crop of native pixels
-
-
-def test_augmentation_replays_per_epoch_and_row():
-    class Src:
-        def __len__(self):
-            return 4
-
-        def get(self, i):
-            return np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8)
-
-        def describe(self, i):
-            return str(i)
-
-    cfg = resolve_config("tiny", img_size=32, rotate=15.0, jpeg_p=0.5)
-    make = lambda: ImageDataset(Src(), np.arange(4), np.zeros(4), train_transform(cfg, 32), 32, seed=7)  # noqa: E731
-    a, b = make(), make()
-    b[3]  # consuming other rows first must not change what a row gets
-    for epoch in (0, 1):
-        a.set_epoch(epoch)
-        b.set_epoch(epoch)
-        assert torch.equal(a[2][0], b[2][0])
-    a.set_epoch(0)
-    x0 = a[2][0]
-    a.set_epoch(1)
-    assert not torch.equal(x0, a[2][0])  # a new epoch draws new augmentations
-    assert derive_seed(1, 2) == derive_seed(1, 2) != derive_seed(2, 1)
-
-
 def test_training_options_run_and_learn(tmp_path):
     """EMA + accumulation + clipping + label smoothing on a separable toy problem: the loop learns."""
-    from aivh_ens.loader import Normalizer
-    from aivh_ens.models import build_model
-    from aivh_ens.train import FoldContext, create_optimizer, evaluate, train_one_epoch
+    from aivh_ens.data.loader import Normalizer
+    from aivh_ens.train.loop import FoldContext, create_optimizer, evaluate, train_one_epoch
+    from aivh_ens.train.models import build_model
 
     class Src:  # label 1 = bright images, 0 = dark: trivially learnable
         def __init__(self):
@@ -173,7 +85,7 @@ def test_training_options_run_and_learn(tmp_path):
     opt = create_optimizer(cfg, model)
     ctx = FoldContext(cfg, torch.device("cpu"), Normalizer(dc.mean, dc.std, torch.device("cpu")), src.describe,
                       set())
-    from aivh_ens.loader import make_loader
+    from aivh_ens.data.loader import make_loader
 
     ds = ImageDataset(src, np.arange(96), src.labels, train_transform(cfg, 32), 32)
     vds = ImageDataset(src, np.arange(96), src.labels, eval_transform(cfg, 32), 32)
@@ -192,7 +104,7 @@ def test_training_options_run_and_learn(tmp_path):
 def test_normalizer_values_on_both_cpu_paths():
     """(x - mean) / std per channel as a new float tensor: the NumPy cast (contiguous batches) and torch's
     (channels_last) give the same values."""
-    from aivh_ens.loader import Normalizer
+    from aivh_ens.data.loader import Normalizer
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
@@ -208,7 +120,7 @@ def test_normalizer_values_on_both_cpu_paths():
 
 
 def test_compile_fallback_runs_eager_after_a_compile_failure():
-    from aivh_ens.train import CompileFallback, _unwrap
+    from aivh_ens.train.loop import CompileFallback, _unwrap
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
@@ -252,7 +164,7 @@ def test_fused_optimizer_names_take_the_fused_flag():
     from timm.optim import create_optimizer_v2
 
     from aivh_ens.config import RunConfig
-    from aivh_ens.train import FUSED_OPTIMIZERS, create_optimizer
+    from aivh_ens.train.loop import FUSED_OPTIMIZERS, create_optimizer
 
     model = torch.nn.Linear(3, 2)
     for name in FUSED_OPTIMIZERS:
@@ -274,7 +186,7 @@ class _Spy:
 
 
 def _loop_ctx(normalize, **over):
-    from aivh_ens.train import FoldContext
+    from aivh_ens.train.loop import FoldContext
 
     cfg = resolve_config("tiny", img_size=8, batch_size=4, **over)
     return FoldContext(cfg, torch.device("cpu"), normalize, str, set())
@@ -295,7 +207,7 @@ def _batches(n: int, bad_row: int | None = None):
 def test_loop_hands_good_batches_on_uncopied_and_drops_bad_rows():
     """A batch without bad images reaches the normalisation as the loader's own tensor (a masked copy would lose
     its pinned memory on CUDA); a bad row (with --on-bad-image skip) is dropped, in training and evaluation."""
-    from aivh_ens.train import evaluate, train_one_epoch
+    from aivh_ens.train.loop import evaluate, train_one_epoch
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -315,7 +227,7 @@ def test_loop_hands_good_batches_on_uncopied_and_drops_bad_rows():
 
 def test_epoch_loss_does_not_depend_on_the_read_interval(monkeypatch):
     """The loss summed on the device gives the same epoch mean, read every batch or once at the end."""
-    from aivh_ens import train as T
+    from aivh_ens.train import loop as T
 
     losses = []
     for every in (1, 50):
@@ -333,7 +245,7 @@ def test_epoch_loss_does_not_depend_on_the_read_interval(monkeypatch):
 def test_non_finite_loss_stops_the_epoch_naming_the_batches(monkeypatch, every):
     """The host reads the loss every ``_sync_every`` batches (1 on the CPU, more on CUDA, where each read waits
     for the GPU): a non-finite loss stops the epoch at the next read, naming the batches since the last one."""
-    from aivh_ens import train as T
+    from aivh_ens.train import loop as T
 
     monkeypatch.setattr(T, "_sync_every", lambda device: every)
 

@@ -16,7 +16,7 @@ Pipeline semantics (one definition, used by training, evaluation and the decode-
      max(2 * img_size, 512)) is downscaled to shorter side S; smaller images are kept pixel for pixel.
 
    In the shorter-side kinds the long side is also capped at ``MAX_ASPECT`` * S by a centre crop (only
-   panoramas are affected). The image cache (:mod:`aivh_ens.cache`) stores exactly this step's output;
+   panoramas are affected). The image cache (:mod:`aivh_ens.data.cache`) stores exactly this step's output;
    without the cache the step runs on the fly, so a run gives the same results with the cache or without.
 3. **Augmentation** (:func:`train_transform`, :func:`eval_transform`) of the stored uint8 image to
    (img_size, img_size, 3) uint8. ``resize`` mode trains with :class:`RandomAffineCrop`: the crop window
@@ -28,7 +28,7 @@ Pipeline semantics (one definition, used by training, evaluation and the decode-
    traces that generators leave. Colour jitter, blur and JPEG re-compression follow the geometry. A
    pipeline that is the warp alone runs through :class:`FastGeometry`: the same draws and pixels, straight
    to (3, S, S) planes, without albumentations' per-call machinery.
-4. **Normalisation** on the uint8 batch tensor (:class:`aivh_ens.loader.Normalizer`, on the GPU when there
+4. **Normalisation** on the uint8 batch tensor (:class:`aivh_ens.data.loader.Normalizer`, on the GPU when there
    is one), so workers move 4x fewer bytes than float tensors.
 
 Interpolation (``RunConfig.interpolation``): resizes use it as given; warps use linear for ``area`` (area
@@ -52,7 +52,7 @@ import cv2
 import numpy as np
 
 from aivh_ens.config import RunConfig
-from aivh_ens.data import load_image
+from aivh_ens.data.images import load_image
 
 INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 WARP_INTERPOLATION = {"area": cv2.INTER_LINEAR, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}

@@ -15,10 +15,9 @@ import pytest
 from cli_checks import assert_user_error
 from click.testing import CliRunner
 
-from aivh_ens import train as train_mod
 from aivh_ens.cli import main
 from aivh_ens.metrics import f1
-from aivh_ens.synth import make_demo_dataset
+from aivh_ens.train import fold as fold_mod
 
 # Tiny and fast: 32 px, 1-2 epochs, 3 folds over 120 images.
 FAST = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", "3", "--group", "pairs",
@@ -26,10 +25,8 @@ FAST = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds",
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("demo") / "data"
-    make_demo_dataset(d, n=120, n_test=20, seed=3)
-    return d
+def data(demo_data) -> Path:
+    return demo_data(n=120, n_test=20, seed=3)
 
 
 def cv(workdir: Path, data: Path, *extra: str):
@@ -78,7 +75,7 @@ def test_finished_folds_are_not_retrained(tmp_path, data, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished fold was retrained")
 
-    monkeypatch.setattr("aivh_ens.cv.fit_fold", boom)
+    monkeypatch.setattr("aivh_ens.train.cv.fit_fold", boom)
     res = cv(tmp_path, data, "--epochs", "1", "--name", "r")
     assert res.exit_code == 0, res.output
     assert res.output.count("already done") == 3
@@ -90,7 +87,7 @@ def test_resume_equals_uninterrupted(tmp_path, data, monkeypatch):
     assert cv(ref, data, "--epochs", "3", "--fold", "0", "--name", "r").exit_code == 0
 
     # Interrupt after the first epoch's state is saved (as a kill would), then resume.
-    real_save = train_mod._save_state
+    real_save = fold_mod._save_state
     calls = {"n": 0}
 
     def save_then_die(path, state):
@@ -100,7 +97,7 @@ def test_resume_equals_uninterrupted(tmp_path, data, monkeypatch):
             raise KeyboardInterrupt
 
     run = tmp_path / "run"
-    monkeypatch.setattr(train_mod, "_save_state", save_then_die)
+    monkeypatch.setattr(fold_mod, "_save_state", save_then_die)
     res = cv(run, data, "--epochs", "3", "--fold", "0", "--name", "r")
     assert res.exit_code != 0 and (run / "runs/r/fold0/state.pt").exists()
     assert not (run / "runs/r/fold0/done.json").exists()
@@ -145,7 +142,7 @@ def test_threads_option_and_env_set_torch_threads(tmp_path, data, monkeypatch):
         seen.append(torch.get_num_threads())
         raise UserError("stopped before training")
 
-    monkeypatch.setattr("aivh_ens.cv.run_cv", stop)
+    monkeypatch.setattr("aivh_ens.train.cv.run_cv", stop)
     before = torch.get_num_threads()
     args = ["cv", "--recipe", "tiny", "--data", str(data), "--workdir", str(tmp_path)]
     try:
@@ -165,7 +162,7 @@ def test_threads_option_and_env_set_torch_threads(tmp_path, data, monkeypatch):
 def test_busy_cpu_note_with_several_threads(monkeypatch):
     import torch
 
-    from aivh_ens import cv as cv_mod
+    from aivh_ens import system as cv_mod
 
     before = torch.get_num_threads()
     try:
@@ -186,7 +183,7 @@ def test_busy_elsewhere_counts_a_spinning_process():
     import subprocess
     import sys
 
-    from aivh_ens.cv import busy_elsewhere
+    from aivh_ens.system import busy_elsewhere
 
     if busy_elsewhere() is None:
         pytest.skip("no /proc/loadavg here")

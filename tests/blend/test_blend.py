@@ -16,7 +16,12 @@ from hypothesis import strategies as st
 from oof_project import FOLD_SHA, N, complementary, make_project, write_run
 from scipy.stats import rankdata
 
-from aivh_ens import blend as B
+from aivh_ens.blend import artifact as bartifact
+from aivh_ens.blend import core as bcore
+from aivh_ens.blend import methods as bmethods
+from aivh_ens.blend import oof as boof
+from aivh_ens.blend import search as bsearch
+from aivh_ens.blend import stage as bstage
 from aivh_ens.cli import main
 from aivh_ens.errors import UserError
 from aivh_ens.io import sha256_text
@@ -139,7 +144,7 @@ def test_bad_storage_url_is_a_user_error(tmp_path):
 
 def test_load_oof_stacks_runs_in_order(tmp_path):
     make_project(tmp_path, 100)
-    oof = B.load_oof(tmp_path, ["noise", "a"])
+    oof = boof.load_oof(tmp_path, ["noise", "a"])
     assert oof.runs == ("noise", "a") and oof.P.shape == (2, 100) and oof.P.flags.c_contiguous
     expected = pd.read_csv(tmp_path / "oof" / "a.csv")["prob"].to_numpy()
     assert np.array_equal(oof.P[1], expected)
@@ -163,8 +168,8 @@ def test_blend_stays_in_unit_interval_under_rounding():
     """Weights that sum to 1 only up to rounding must not carry a blend of 1.0s above 1 (found by hypothesis)."""
     P = np.array([[0.0, 0.0, 0.1, 0.0]] * 3)
     for w in ([0.981, 0.689, 0.654], [0.1, 0.7, 0.2], [1 / 3, 1 / 3, 1 / 3]):
-        for space in B.SPACES:
-            s = B.blend(P, np.array(w), space)
+        for space in bcore.SPACES:
+            s = bcore.blend(P, np.array(w), space)
             assert np.all((s >= 0) & (s <= 1)), (w, space, s.max() - 1)
 
 
@@ -174,18 +179,18 @@ def test_blend_properties(P, data):
     P = np.array(P)
     m = len(P)
     w = np.array(data.draw(st.lists(st.floats(0.01, 1.0), min_size=m, max_size=m)))
-    for space in B.SPACES:
-        s = B.blend(P, w, space)
+    for space in bcore.SPACES:
+        s = bcore.blend(P, w, space)
         assert s.shape == (P.shape[1],) and np.all((s >= 0) & (s <= 1))
-        assert np.allclose(B.blend(P, 3 * w, space), s)  # weights are normalised
+        assert np.allclose(bcore.blend(P, 3 * w, space), s)  # weights are normalised
         perm = np.arange(m)[::-1]
-        assert np.allclose(B.blend(P[perm], w[perm], space), s)  # runs are exchangeable
+        assert np.allclose(bcore.blend(P[perm], w[perm], space), s)  # runs are exchangeable
     one_hot = np.eye(m)[0]
-    assert np.array_equal(B.blend(P, one_hot, "prob"), P[0])
-    assert np.allclose(B.blend(P, one_hot, "logit"), np.clip(P[0], B.LOGIT_EPS, 1 - B.LOGIT_EPS))
+    assert np.array_equal(bcore.blend(P, one_hot, "prob"), P[0])
+    assert np.allclose(bcore.blend(P, one_hot, "logit"), np.clip(P[0], bcore.LOGIT_EPS, 1 - bcore.LOGIT_EPS))
     n = P.shape[1]
     expected_rank = (rankdata(P[0]) - 1) / (n - 1) if n > 1 else np.array([0.5])
-    assert np.allclose(B.blend(P, one_hot, "rank"), expected_rank)
+    assert np.allclose(bcore.blend(P, one_hot, "rank"), expected_rank)
 
 
 @pytest.mark.parametrize(
@@ -199,22 +204,22 @@ def test_blend_properties(P, data):
 )
 def test_blend_rejects_bad_weights(w, error):
     with pytest.raises(ValueError, match=error):
-        B.blend(np.full((2, 3), 0.5), np.array(w))
+        bcore.blend(np.full((2, 3), 0.5), np.array(w))
 
 
 def test_blend_rejects_unknown_space():
     with pytest.raises(UserError, match="expected one of prob, logit, rank"):
-        B.blend(np.full((2, 3), 0.5), np.ones(2), "geometric")
+        bcore.blend(np.full((2, 3), 0.5), np.ones(2), "geometric")
 
 
 @given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=8))
 def test_dirichlet_weights_sum_to_one(u):
-    w = B.dirichlet_weights(np.array(u))
+    w = bcore.dirichlet_weights(np.array(u))
     assert np.all(w >= 0) and w.sum() == pytest.approx(1.0)
 
 
 def test_dirichlet_weights_favour_small_uniforms():
-    w = B.dirichlet_weights(np.array([0.01, 0.99]))
+    w = bcore.dirichlet_weights(np.array([0.01, 0.99]))
     assert w[0] > 0.99
 
 
@@ -227,33 +232,33 @@ def data():
     runs = list(probs)
     P = np.stack([probs[r] for r in runs])
     y = np.arange(N) % 2 == 0
-    return runs, P, y, B.spaces(P)
+    return runs, P, y, bcore.spaces(P)
 
 
 @pytest.mark.parametrize("method", ["caruana", "hill_climb", "optuna"])
 def test_pure_noise_run_gets_near_zero_weight(data, method):
     runs, _, y, S = data
     fit = {
-        "caruana": lambda: B.fit_caruana(S, y, "f1"),
-        "hill_climb": lambda: B.fit_hill_climb(S, y, "f1"),
-        "optuna": lambda: B.fit_optuna(S, y, "f1", runs, n_trials=60, seed=0),
+        "caruana": lambda: bmethods.fit_caruana(S, y, "f1"),
+        "hill_climb": lambda: bmethods.fit_hill_climb(S, y, "f1"),
+        "optuna": lambda: bsearch.fit_optuna(S, y, "f1", runs, n_trials=60, seed=0),
     }[method]()
     w = dict(zip(runs, fit.weights, strict=True))
     assert w["noise"] < 0.1, w
     assert fit.weights.sum() == pytest.approx(1.0)
     # The fit reports the exact best threshold of its own blend.
     assert (fit.threshold, fit.score) == pytest.approx(
-        best_threshold(y, B.blend(data[1], fit.weights, fit.space))
+        best_threshold(y, bcore.blend(data[1], fit.weights, fit.space))
     )
 
 
 def test_caruana_counts_rounds_with_replacement(data):
     runs, _, y, S = data
-    fit = B.fit_caruana(S, y, "f1", rounds=4)
+    fit = bmethods.fit_caruana(S, y, "f1", rounds=4)
     # Weights are counts over the best prefix of rounds: integers once multiplied by its length.
     assert any(np.allclose(fit.weights * k, np.round(fit.weights * k)) for k in range(1, 5))
-    assert fit.score >= max(B.fit_single(S, y, "f1", i).score for i in range(len(runs)))
-    assert B.fit_caruana(S, y, "f1", rounds=1).weights.tolist() == [1.0, 0.0, 0.0]  # round 1: the best run
+    assert fit.score >= max(bmethods.fit_single(S, y, "f1", i).score for i in range(len(runs)))
+    assert bmethods.fit_caruana(S, y, "f1", rounds=1).weights.tolist() == [1.0, 0.0, 0.0]  # round 1: the best run
 
 
 def test_nested_cv_fits_on_other_folds_only(data):
@@ -263,16 +268,16 @@ def test_nested_cv_fits_on_other_folds_only(data):
 
     def spy(S, y_train, seed):
         seen.append(len(y_train))
-        return B.Fit("spy", "prob", np.array([1.0, 0, 0]), 2.0, 0.0)  # threshold above every score
+        return bmethods.Fit("spy", "prob", np.array([1.0, 0, 0]), 2.0, 0.0)  # threshold above every score
 
-    per_fold = B.nested_cv(P, y, folds, "f1", [B.Method("spy", 0, spy)])
+    per_fold = bmethods.nested_cv(P, y, folds, "f1", [bmethods.Method("spy", 0, spy)])
     assert seen == [N - np.sum(folds == k) for k in range(5)]
     # The fitted threshold is the one applied: nothing reaches 2.0, so F1 is 0 on every held-out fold.
     assert per_fold == {"spy": [0.0] * 5}
 
 
-def _result(name: str, complexity: int, mean: float, score: float = 0.9) -> B.MethodResult:
-    return B.MethodResult(name, complexity, B.Fit(name, "prob", np.ones(1), 0.5, score), (mean, mean))
+def _result(name: str, complexity: int, mean: float, score: float = 0.9) -> bstage.MethodResult:
+    return bstage.MethodResult(name, complexity, bmethods.Fit(name, "prob", np.ones(1), 0.5, score), (mean, mean))
 
 
 @pytest.mark.parametrize(
@@ -287,14 +292,14 @@ def _result(name: str, complexity: int, mean: float, score: float = 0.9) -> B.Me
 def test_pick_method_by_nested_score_ties_to_simpler(means, picked):
     complexity = {"single:a": 0, "mean_prob": 1, "caruana": 2, "optuna": 4}
     results = [_result(name, complexity[name], mean) for name, mean in means.items()]
-    chosen, reason = B.pick_method(results, "f1")
+    chosen, reason = bstage.pick_method(results, "f1")
     assert chosen.name == picked
     assert reason.startswith(f"picked {picked}: nested f1")
 
 
 def test_pick_method_ignores_in_sample_score():
     results = [_result("optuna", 4, 0.90, score=0.999), _result("mean_prob", 1, 0.92, score=0.93)]
-    chosen, reason = B.pick_method(results, "f1")
+    chosen, reason = bstage.pick_method(results, "f1")
     assert chosen.name == "mean_prob" and "optimistic" in reason
 
 
@@ -311,7 +316,7 @@ def test_complementary_blend_beats_best_single_run_nested(fitted):
     # Every method appears once, each with finite scores; the shipped one has the best nested mean (± tie).
     assert list(rows) == ["single:a", "single:b", "single:noise", "mean_prob", "mean_logit", "mean_rank",
                           "caruana", "hill_climb", "optuna"]  # fmt: skip
-    assert doc["nested_score"]["mean"] >= max(b["nested_mean"] for b in rows.values()) - B.TIE_TOL
+    assert doc["nested_score"]["mean"] >= max(b["nested_mean"] for b in rows.values()) - bstage.TIE_TOL
     assert len(doc["nested_score"]["per_fold"]) == 5
     assert (fitted / "runs" / "blend" / "threshold.png").stat().st_size > 0
     assert (fitted / "runs" / "blend" / "weights.png").stat().st_size > 0
@@ -319,7 +324,7 @@ def test_complementary_blend_beats_best_single_run_nested(fitted):
 
 def test_blend_json_round_trips_through_load_blend(fitted):
     path = fitted / "runs" / "blend" / "blend.json"
-    doc = B.load_blend(path)
+    doc = bartifact.load_blend(path)
     assert doc == json.loads(path.read_text())
     assert doc["version"] == 1 and doc["trials"] == 30 and doc["seed"] == 42 and doc["metric"] == "f1"
     assert sum(doc["weights"].values()) == pytest.approx(1.0, abs=1e-9)
@@ -330,23 +335,23 @@ def _oof_scores(root: Path) -> dict[str, np.ndarray]:
     return {r: pd.read_csv(root / "oof" / f"{r}.csv")["prob"].to_numpy() for r in ("a", "b", "noise")}
 
 
-@pytest.mark.parametrize("space", B.SPACES)
+@pytest.mark.parametrize("space", bcore.SPACES)
 def test_apply_blend_reproduces_the_oof_blend(fitted, space):
-    doc = B.load_blend(fitted / "runs" / "blend" / "blend.json")
+    doc = bartifact.load_blend(fitted / "runs" / "blend" / "blend.json")
     scores = _oof_scores(fitted)
     P = np.stack(list(scores.values()))
     w = np.array([0.5, 0.3, 0.2])
-    t, score = best_threshold(np.arange(N) % 2 == 0, B.blend(P, w, space))
+    t, score = best_threshold(np.arange(N) % 2 == 0, bcore.blend(P, w, space))
     doc = {**doc, "space": space, "weights": dict(zip(scores, w.tolist(), strict=True)), "threshold": t}
     doc.pop("rank_reference", None)
-    probs, labels = B.apply_blend(doc, scores)
-    assert np.array_equal(probs, B.blend(P, w, space))
+    probs, labels = bartifact.apply_blend(doc, scores)
+    assert np.array_equal(probs, bcore.blend(P, w, space))
     assert f1(np.arange(N) % 2 == 0, labels) == score
 
 
 def test_apply_blend_of_the_shipped_blend(fitted):
-    doc = B.load_blend(fitted / "runs" / "blend" / "blend.json")
-    probs, labels = B.apply_blend(doc, _oof_scores(fitted))
+    doc = bartifact.load_blend(fitted / "runs" / "blend" / "blend.json")
+    probs, labels = bartifact.apply_blend(doc, _oof_scores(fitted))
     assert f1(np.arange(N) % 2 == 0, labels) == doc["oof_score"]
 
 
@@ -355,21 +360,21 @@ def test_runs_in_any_order_round_trip(tmp_path):
     root = make_project(tmp_path, 400)
     res = invoke(root, "--runs", "noise,b,a", "--trials", "10", "--nested-trials", "3")
     assert res.exit_code == 0, res.output
-    doc = B.load_blend(root / "runs" / "blend" / "blend.json")
+    doc = bartifact.load_blend(root / "runs" / "blend" / "blend.json")
     assert [r["name"] for r in doc["runs"]] == ["noise", "b", "a"]
     scores = {r: pd.read_csv(root / "oof" / f"{r}.csv")["prob"].to_numpy() for r in ("a", "b", "noise")}
-    _, labels = B.apply_blend(doc, scores)
+    _, labels = bartifact.apply_blend(doc, scores)
     assert f1(np.arange(400) % 2 == 0, labels) == doc["oof_score"]
 
 
-@pytest.mark.parametrize("space", B.SPACES)
+@pytest.mark.parametrize("space", bcore.SPACES)
 def test_apply_blend_without_zero_weight_runs(fitted, space):
-    doc = B.load_blend(fitted / "runs" / "blend" / "blend.json")
+    doc = bartifact.load_blend(fitted / "runs" / "blend" / "blend.json")
     doc = {**doc, "space": space, "weights": {"a": 0.7, "b": 0.3, "noise": 0.0}}
     doc.pop("rank_reference", None)
     scores = _oof_scores(fitted)
-    full = B.apply_blend(doc, scores)
-    without = B.apply_blend(doc, {r: scores[r] for r in ("a", "b")})
+    full = bartifact.apply_blend(doc, scores)
+    without = bartifact.apply_blend(doc, {r: scores[r] for r in ("a", "b")})
     assert np.array_equal(full[0], without[0]) and np.array_equal(full[1], without[1])
 
 
@@ -383,12 +388,12 @@ def test_apply_blend_without_zero_weight_runs(fitted, space):
     ],
 )
 def test_apply_blend_rejects_bad_scores(fitted, change, error):
-    doc = B.load_blend(fitted / "runs" / "blend" / "blend.json")
+    doc = bartifact.load_blend(fitted / "runs" / "blend" / "blend.json")
     doc = {**doc, "weights": {"a": 0.5, "b": 0.5, "noise": 0.0}}
     scores = _oof_scores(fitted)
     change(scores)
     with pytest.raises(UserError, match=re.escape(error)):
-        B.apply_blend(doc, scores)
+        bartifact.apply_blend(doc, scores)
 
 
 BAD_DOCS = [  # (edit of a valid blend.json, words in the error)
@@ -413,22 +418,22 @@ def test_load_blend_rejects_invalid_documents(fitted, tmp_path, edit, error):
     path = tmp_path / "blend.json"
     path.write_text(json.dumps(doc))
     with pytest.raises(UserError, match=re.escape(error)):
-        B.load_blend(path, workdir=fitted)
+        bartifact.load_blend(path, workdir=fitted)
 
 
 def test_load_blend_checks_run_files(fitted, tmp_path):
     doc = json.loads((fitted / "runs" / "blend" / "blend.json").read_text())
     path = tmp_path / "blend.json"
     path.write_text(json.dumps(doc))
-    assert B.load_blend(path, workdir=fitted)["method"] == doc["method"]
+    assert bartifact.load_blend(path, workdir=fitted)["method"] == doc["method"]
     with pytest.raises(UserError, match="does not exist"):
-        B.load_blend(path, workdir=tmp_path)  # no runs/ there
-    B.load_blend(path, workdir=tmp_path, check_files=False)  # data only
+        bartifact.load_blend(path, workdir=tmp_path)  # no runs/ there
+    bartifact.load_blend(path, workdir=tmp_path, check_files=False)  # data only
     with pytest.raises(UserError, match="no blend file"):
-        B.load_blend(tmp_path / "missing.json")
+        bartifact.load_blend(tmp_path / "missing.json")
     path.write_text("{")
     with pytest.raises(UserError, match="not valid JSON"):
-        B.load_blend(path)
+        bartifact.load_blend(path)
 
 
 def test_changed_oof_file_makes_the_blend_stale(tmp_path):
@@ -436,7 +441,7 @@ def test_changed_oof_file_makes_the_blend_stale(tmp_path):
     assert invoke(root, "--trials", "3", "--nested-trials", "2").exit_code == 0
     write_run(root, "a", complementary(200, seed=1)["a"])
     with pytest.raises(UserError, match="oof/a.csv changed"):
-        B.load_blend(root / "runs" / "blend" / "blend.json")
+        bartifact.load_blend(root / "runs" / "blend" / "blend.json")
 
 
 # ---- point 3: the study --------------------------------------------------------------------------------
@@ -481,16 +486,16 @@ def test_any_optuna_storage_url(tmp_path):
 
 def test_study_name_encodes_runs_metric_and_inputs(tmp_path):
     root = make_project(tmp_path, 100)
-    oof = B.load_oof(root)
+    oof = boof.load_oof(root)
     names = {
-        B.study_name(oof, "f1"),
-        B.study_name(oof, "macro_f1"),
-        B.study_name(B.load_oof(root, ["a", "b"]), "f1"),
+        bsearch.study_name(oof, "f1"),
+        bsearch.study_name(oof, "macro_f1"),
+        bsearch.study_name(boof.load_oof(root, ["a", "b"]), "f1"),
     }
     assert len(names) == 3
-    assert B.study_name(B.load_oof(root, ["noise", "b", "a"]), "f1") == B.study_name(oof, "f1")
+    assert bsearch.study_name(boof.load_oof(root, ["noise", "b", "a"]), "f1") == bsearch.study_name(oof, "f1")
     write_run(root, "a", complementary(100, seed=3)["a"])  # a re-trained run starts a new study
-    assert B.study_name(B.load_oof(root), "f1") != B.study_name(oof, "f1")
+    assert bsearch.study_name(boof.load_oof(root), "f1") != bsearch.study_name(oof, "f1")
 
 
 def test_cli_prints_the_table_and_the_choice(fitted):

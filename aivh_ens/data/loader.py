@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import queue
 import threading
 import weakref
@@ -26,9 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from aivh_ens.data import BadImageError, load_image
+from aivh_ens import system
+from aivh_ens.data.images import BadImageError, load_image
+from aivh_ens.data.transforms import FastGeometry, StorageStep, reseed, to_chw
 from aivh_ens.errors import UserError
-from aivh_ens.transforms import FastGeometry, StorageStep, reseed, to_chw
 
 PREFETCH_BUDGET = 1 << 30  # bytes of uint8 batches in flight across all workers of one loader
 MAX_WORKERS = 16
@@ -50,7 +50,7 @@ class FileSource:
     Args:
         root: folder the paths are relative to.
         rel_paths: image paths.
-        storage: the pipeline's storage step (:func:`aivh_ens.transforms.storage_step`), applied after the
+        storage: the pipeline's storage step (:func:`aivh_ens.data.transforms.storage_step`), applied after the
             decode exactly as the image cache applies it; None returns the decoded image as is.
     """
 
@@ -173,12 +173,8 @@ def default_workers(device: torch.device, requested: int | None) -> int:
     if requested is not None:
         return max(0, requested)
     if device.type == "cuda":
-        return max(1, min(MAX_WORKERS, _cores() - 1))
+        return max(1, min(MAX_WORKERS, system.cores() - 1))
     return 0
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def prefetch_factor(workers: int, batch_bytes: int, budget: int = PREFETCH_BUDGET) -> int:
@@ -187,22 +183,12 @@ def prefetch_factor(workers: int, batch_bytes: int, budget: int = PREFETCH_BUDGE
     More workers need fewer batches each to hide a slow sample; the budget bounds pinned memory for large
     batches (e.g. 256 x 3 x 512 x 512 uint8 = 200 MB a batch).
     """
-    want = max(2, math.ceil(2 * _cores() / max(1, workers)))
+    want = max(2, math.ceil(2 * system.cores() / max(1, workers)))
     fit = budget // max(1, workers * batch_bytes)
     return int(max(2, min(8, want, fit)))
 
 
-SHM_DIR = "/dev/shm"  # the tmpfs that torch's shared memory (the ring) lives in on Linux
 SHM_SHARE = 0.45  # of its free space, the most one loader's ring takes (a fold holds two: train, validation)
-
-
-def _shm_free() -> int | None:
-    """Bytes free in :data:`SHM_DIR`, or None where there is none (not Linux)."""
-    try:
-        st = os.statvfs(SHM_DIR)
-    except OSError:
-        return None
-    return int(st.f_bavail) * int(st.f_frsize)
 
 
 def ring_prefetch(workers: int, batch_size: int, img_size: int, free: int | None = None) -> int:
@@ -214,11 +200,11 @@ def ring_prefetch(workers: int, batch_size: int, img_size: int, free: int | None
     what is free, and where even that does not fit this stops with a :class:`UserError` naming the fix.
 
     Args:
-        free: bytes free in shared memory (default: :data:`SHM_DIR` now; None: no check).
+        free: bytes free in shared memory (default: :data:`aivh_ens.system.SHM_DIR` now; None: no check).
     """
     batch_bytes = batch_size * 3 * img_size * img_size
     prefetch = prefetch_factor(workers, batch_bytes)
-    free = _shm_free() if free is None else free
+    free = system.shm_free() if free is None else free
     if free is None:
         return prefetch
     budget = int(free * SHM_SHARE)
@@ -227,21 +213,10 @@ def ring_prefetch(workers: int, batch_size: int, img_size: int, free: int | None
     need = (workers + 1) * batch_bytes
     if need > budget:
         raise UserError(
-            f"shared memory ({SHM_DIR}) has {free / 2**20:.0f} MiB free, and {workers} loader workers need "
+            f"shared memory ({system.SHM_DIR}) has {free / 2**20:.0f} MiB free, and {workers} loader workers need "
             f"{need / SHM_SHARE / 2**20:.0f} MiB ({workers + 1} batches of {batch_size} images at {img_size} px, "
             f"uint8): give the container more (docker run --shm-size=8g), or lower --workers or --batch-size")
     return prefetch
-
-
-def _single_threaded_cv2() -> None:
-    # Forked workers inherit OpenCV's thread pool. Resizing it inside a child can deadlock on the parent's
-    # condition variables, and a pool per worker would oversubscribe the cores (its threads spin while
-    # waiting). So the pool is made single-threaded in the parent, before the workers fork; a process with
-    # workers only feeds the model, it does no image work of its own.
-    import cv2
-
-    if cv2.getNumThreads() != 1:
-        cv2.setNumThreads(1)
 
 
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, device: torch.device, workers: int,
@@ -280,7 +255,7 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, device: torch.devi
             loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
                                 drop_last=drop_last, persistent_workers=True, prefetch_factor=prefetch)
             loader.epoch_sampler = sampler  # type: ignore[attr-defined]
-        _single_threaded_cv2()
+        system.set_cv2_single_threaded()
         pool[key] = weakref.ref(loader)
     loader.epoch_sampler.seed = seed  # type: ignore[attr-defined]
     return loader

@@ -27,11 +27,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from aivh_ens.config import RunConfig
-from aivh_ens.data import BadImageError
+from aivh_ens.data.images import BadImageError
+from aivh_ens.data.loader import ImageSource
+from aivh_ens.data.transforms import eval_transform
 from aivh_ens.errors import UserError
-from aivh_ens.loader import ImageSource
-from aivh_ens.train import autocast
-from aivh_ens.transforms import eval_transform
+from aivh_ens.train.loop import autocast
 
 FLIPS: dict[str, tuple[str, ...]] = {
     "none": ("id",),

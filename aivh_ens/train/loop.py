@@ -1,10 +1,7 @@
-"""One training loop for every backbone: ``fit_fold`` -> ``train_one_epoch`` / ``evaluate``.
+"""The training loop's parts: device, optimizer, learning-rate schedule, autocast, one epoch, evaluation.
 
-A fold's folder holds everything needed to resume it:
-``state.pt`` (after each epoch: model, optimizer, EMA, scaler, epoch, history; loaded with weights_only),
-``best.safetensors`` (weights of the best epoch), ``metrics.csv`` (one row per epoch), and when the fold is
-finished ``oof.csv`` (validation rows scored by the best weights) and ``done.json``.
-"""
+``train_one_epoch`` and ``evaluate`` are what a fold job calls each epoch; ``lr_factor`` is a pure function
+of the step (tested against torch's OneCycleLR); weights are saved and read as safetensors."""
 
 from __future__ import annotations
 
@@ -17,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -26,17 +22,17 @@ from tqdm.auto import tqdm
 
 from aivh_ens import faults, metrics
 from aivh_ens.config import RunConfig
+from aivh_ens.data.loader import (
+    Normalizer,
+)
 from aivh_ens.errors import TrainingDiverged, UserError
-from aivh_ens.io import atomic_path, write_csv, write_json
-from aivh_ens.loader import ImageDataset, ImageSource, Normalizer, default_workers, derive_seed, make_loader
-from aivh_ens.models import build_model, fully_frozen_backbones
-from aivh_ens.transforms import eval_transform, train_transform
+from aivh_ens.io import atomic_path
+from aivh_ens.train.models import fully_frozen_backbones
 
-STATE = "state.pt"
 BEST = "best.safetensors"
+
+
 METRICS = "metrics.csv"
-FOLD_OOF = "oof.csv"
-DONE = "done.json"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -187,43 +183,53 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         (scaler.scale(scaled) if scaler else scaled).backward()
         last = i + 1 == len(loader)
         if (i + 1) % cfg.accum_steps == 0 or last:
-            for g in optimizer.param_groups:
-                g["lr"] = cfg.lr * lr_factor(cfg, step, total_steps, steps_per_epoch) * g.get("lr_scale", 1.0)
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if ema is not None:
-                ema.update(model, step=step)
+            step = _optimizer_step(model, optimizer, cfg, step, total_steps, steps_per_epoch, scaler, ema)
         faults.point("batch")
         n = len(y)
         loss_sum += loss.detach().double() * n
         n_seen += n
         if (i + 1) % sync_every == 0 or last:
             if bool(bad):  # the host waits for the GPU here, once per sync_every batches
-                where = f"batch {i}" if i == first_unread else f"batches {first_unread}-{i}"
-                raise TrainingDiverged(f"training diverged: the loss became non-finite at epoch {epoch + 1}, "
-                                       f"{where}; {_DIVERGED_FIX}")
+                raise _diverged(epoch, f"batch {i}" if i == first_unread else f"batches {first_unread}-{i}")
             first_unread = i + 1
             if progress:
                 bar.set_postfix(loss=f"{float(loss_sum) / max(1, n_seen):.4f}",
                                 img_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
     if bool(bad):  # the last batches, when the loop ended on a skipped one
-        raise TrainingDiverged(f"training diverged: the loss became non-finite at epoch {epoch + 1}, batch "
-                               f"{first_unread} or later; {_DIVERGED_FIX}")
+        raise _diverged(epoch, f"batch {first_unread} or later")
     bar.close()
     train_loss = float(loss_sum) / max(1, n_seen)
     seconds = time.perf_counter() - t0  # after the read above: the GPU's work is done
     lr = optimizer.param_groups[0]["lr"]
     return {"train_loss": train_loss, "lr": lr, "img_s": n_seen / max(seconds, 1e-9),
             "train_seconds": seconds}, step
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int,
+                    total_steps: int, steps_per_epoch: int, scaler: torch.amp.GradScaler | None,
+                    ema: Any | None) -> int:
+    """One optimizer step at the schedule's learning rate (clipping, scaler, EMA); the new step count."""
+    for g in optimizer.param_groups:
+        g["lr"] = cfg.lr * lr_factor(cfg, step, total_steps, steps_per_epoch) * g.get("lr_scale", 1.0)
+    if scaler:
+        scaler.unscale_(optimizer)
+    if cfg.clip_grad:
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    if ema is not None:
+        ema.update(model, step=step)
+    return step
+
+
+def _diverged(epoch: int, where: str) -> TrainingDiverged:
+    return TrainingDiverged(f"training diverged: the loss became non-finite at epoch {epoch + 1}, {where}; "
+                            f"{_DIVERGED_FIX}")
 
 
 @torch.no_grad()
@@ -315,160 +321,3 @@ def save_weights(model: nn.Module, path: Path) -> None:
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load safetensors weights saved by ``save_weights`` (strict)."""
     _unwrap(model).load_state_dict(load_file(str(path)), strict=True)
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_state(path: Path) -> dict[str, Any]:
-    """Resume state, read with ``weights_only=True``: a file carrying code is refused."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError and friends: one line naming the file
-        raise UserError(
-            f"refusing to resume from {path}: not a plain tensor checkpoint ({str(e).splitlines()[0][:160]}); "
-            "delete it and re-run with --force"
-        ) from None
-
-
-@dataclass(frozen=True)
-class FoldJob:
-    """One unit of work: train fold ``fold`` of a run. A pure function of these fields (plus the files)."""
-
-    cfg: RunConfig
-    fold: int
-    fold_dir: Path
-    data_root: Path
-    fold_table: pd.DataFrame  # file_name,label,fold
-    exclude: frozenset[int] = frozenset()  # rows known to be bad (skipped)
-
-
-def fit_fold(job: FoldJob, source: ImageSource, *, resume: bool = False, progress: bool = True,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one fold (resuming from ``state.pt`` when asked), write its OOF rows, return its summary."""
-    cfg, fold, fdir = job.cfg, job.fold, job.fold_dir
-    fdir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    if cfg.deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    labels = job.fold_table["label"].to_numpy()
-    fold_col = job.fold_table["fold"].to_numpy()
-    keep = np.ones(len(labels), dtype=bool)
-    if job.exclude:
-        keep[list(job.exclude)] = False
-    train_rows = np.flatnonzero((fold_col != fold) & keep)
-    val_rows = np.flatnonzero((fold_col == fold) & keep)
-    if len(val_rows) == 0 or len(train_rows) == 0:
-        raise UserError(f"fold {fold} has no training or validation rows; check the fold file")
-
-    torch.manual_seed(derive_seed(cfg.seed, fold, "init"))
-    model, dc = build_model(cfg)
-    model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp == "fp16" else None
-    ema = None
-    if cfg.ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=cfg.ema_decay, device=device)
-
-    fold_seed = derive_seed(cfg.seed, fold)
-    workers = default_workers(device, cfg.workers)
-    train_ds = ImageDataset(source, train_rows, labels[train_rows], train_transform(cfg, dc.img_size),
-                            dc.img_size, seed=fold_seed)
-    val_ds = ImageDataset(source, val_rows, labels[val_rows], eval_transform(cfg, dc.img_size), dc.img_size)
-    eval_bs = eval_batch_size(cfg)
-    val_loader = make_loader(val_ds, eval_bs, train=False, device=device, workers=workers)
-    ctx = FoldContext(cfg, device, Normalizer(dc.mean, dc.std, device, cfg.channels_last and device.type == "cuda"),
-                      source.describe, set())
-
-    batches = len(train_rows) // cfg.batch_size if len(train_rows) > cfg.batch_size else 1
-    steps_per_epoch = max(1, math.ceil(batches / cfg.accum_steps))
-    total_steps = steps_per_epoch * cfg.epochs
-
-    start_epoch, step, history = 0, 0, []
-    best_score, best_epoch, bad_epochs = -math.inf, -1, 0
-    state_path = fdir / STATE
-    if state_path.exists():
-        if not resume:
-            raise UserError(f"{state_path} holds an interrupted fold: re-run with --resume to continue it, "
-                            "or --force to start over")
-        st = load_state(state_path)
-        _unwrap(model).load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        if scaler is not None and st.get("scaler"):
-            scaler.load_state_dict(st["scaler"])
-        if ema is not None and st.get("ema"):
-            ema.module.load_state_dict(st["ema"])
-        start_epoch, step, history = int(st["epoch"]) + 1, int(st["step"]), list(st["history"])
-        best_score, best_epoch, bad_epochs = float(st["best_score"]), int(st["best_epoch"]), int(st["bad_epochs"])
-        log(f"  fold {fold}: resuming after epoch {start_epoch} (best so far: epoch {best_epoch + 1})")
-
-    train_model = CompileFallback(model, log) if cfg.compile and device.type == "cuda" else model
-    eval_model = ema.module if ema is not None else train_model
-    t_fold = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(derive_seed(cfg.seed, fold, epoch))  # dropout, drop-path: replayable on resume
-        train_ds.set_epoch(epoch)
-        train_loader = make_loader(train_ds, cfg.batch_size, train=True, device=device, workers=workers,
-                                   seed=derive_seed(cfg.seed, fold, epoch, "order"))
-        t0 = time.perf_counter()
-        try:
-            tr, step = train_one_epoch(train_model, train_loader, optimizer, ctx, epoch=epoch, step=step,
-                                       total_steps=total_steps, scaler=scaler, ema=ema, progress=progress)
-        except TrainingDiverged as e:
-            raise TrainingDiverged(f"fold {fold}: {e}") from None
-        _, vy, vp = evaluate(eval_model, val_loader, ctx)
-        vm = _val_metrics(vy, vp)
-        row = {"epoch": epoch + 1, **{k: tr[k] for k in ("train_loss", "lr", "img_s")}, **vm,
-               "seconds": time.perf_counter() - t0}
-        history.append(row)
-        score = _score(vm, cfg.select)
-        improved = cfg.select == "last" or score > best_score
-        if improved:
-            best_score, best_epoch, bad_epochs = score, epoch, 0
-            save_weights(eval_model, fdir / BEST)
-        else:
-            bad_epochs += 1
-        write_csv(fdir / METRICS, pd.DataFrame(history), float_format="%.6g")
-        _save_state(state_path, {
-            "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler else {}, "ema": ema.module.state_dict() if ema else {},
-            "epoch": epoch, "step": step, "history": history, "best_score": best_score,
-            "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-        })
-        mark = " *" if improved else ""
-        log(f"  fold {fold} epoch {epoch + 1}/{cfg.epochs}: train_loss {tr['train_loss']:.4f}  "
-            f"val_loss {vm['val_loss']:.4f}  acc {vm['val_acc']:.4f}  f1 {vm['val_f1']:.4f}  "
-            f"auc {vm['val_auc']:.4f}  {tr['img_s']:.0f} img/s  {row['seconds']:.1f}s{mark}")
-        if cfg.early_stop and bad_epochs >= cfg.early_stop:
-            log(f"  fold {fold}: early stop after epoch {epoch + 1} ({cfg.early_stop} epochs without improvement)")
-            break
-
-    # Out-of-fold rows from the best weights (re-evaluated: exact even after a resume).
-    load_weights(eval_model, fdir / BEST)
-    rows, vy, vp = evaluate(eval_model, val_loader, ctx, progress=progress, desc="oof")
-    names = job.fold_table["file_name"].to_numpy()
-    oof = pd.DataFrame({"file_name": names[rows], "label": vy, "fold": fold, "prob": vp})
-    write_csv(fdir / FOLD_OOF, oof, float_format="%.8g")
-    if ctx.skipped:
-        write_csv(fdir / "skipped.csv", pd.DataFrame({"file_name": names[sorted(ctx.skipped)]}))
-    best = history[best_epoch] if 0 <= best_epoch < len(history) else history[-1]
-    summary = {
-        "fold": fold, "best_epoch": best["epoch"], "epochs_run": len(history), "val_f1": best["val_f1"],
-        "val_acc": best["val_acc"], "val_loss": best["val_loss"], "val_auc": best["val_auc"],
-        "minutes": sum(h["seconds"] for h in history) / 60, "n_train": int(len(train_rows)),
-        "n_val": int(len(oof)), "skipped": sorted(names[sorted(ctx.skipped)].tolist()),
-        "wall_minutes_this_process": (time.perf_counter() - t_fold) / 60,
-    }
-    write_json(fdir / DONE, summary)
-    state_path.unlink(missing_ok=True)  # the fold is finished: its resume state is no longer needed
-    return summary

@@ -6,66 +6,34 @@ On disk (under the work dir): ``folds/<fold file>``, ``runs/<run>/config.json``,
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import platform
 import shutil
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from aivh_ens import __version__, faults, metrics
+from aivh_ens import faults, metrics
 from aivh_ens.config import (
     CONFIG_VERSION,
     RunConfig,
-    default_run_name,
-    from_dict,
-    load_run_config,
     to_dict,
     training_identity,
 )
-from aivh_ens.data import BadImageError, image_size, load_image, read_train_table
+from aivh_ens.data.folds import ensure_fold_file
+from aivh_ens.data.images import BadImageError, image_size, load_image
+from aivh_ens.data.tables import read_train_table
 from aivh_ens.errors import UserError
-from aivh_ens.folds import ensure_fold_file
 from aivh_ens.io import sha256_file, write_csv, write_json
+from aivh_ens.layout import config_path, fold_dir, oof_path, read_run_config, run_dir
 from aivh_ens.locks import FileLock
-from aivh_ens.recipes import get_recipe
-from aivh_ens.train import DONE, FOLD_OOF, FoldJob, fit_fold
+from aivh_ens.system import cpu_contention_note, library_versions
+from aivh_ens.train.fold import DONE, FOLD_OOF, FoldJob, fit_fold
 
 Log = Callable[[str], None]
-
-
-def resolve_config(recipe: str = "none", **overrides: Any) -> RunConfig:
-    """Defaults, then the recipe, then ``overrides`` (None values mean "not given")."""
-    values = {**get_recipe(recipe), "recipe": recipe}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = from_dict({**to_dict(RunConfig()), **values})
-    if not cfg.name:
-        cfg = dataclasses.replace(cfg, name=default_run_name(cfg.model, recipe))
-    return cfg
-
-
-def run_dir(workdir: Path, name: str) -> Path:
-    return Path(workdir) / "runs" / name
-
-
-def oof_path(workdir: Path, name: str) -> Path:
-    return Path(workdir) / "oof" / f"{name}.csv"
-
-
-def library_versions() -> dict[str, str]:
-    import albumentations
-    import sklearn
-    import timm
-    import torch
-
-    return {"aivh_ens": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "numpy": np.__version__, "pandas": pd.__version__,
-            "sklearn": sklearn.__version__, "albumentations": albumentations.__version__}
 
 
 def load_train_table(cfg: RunConfig) -> pd.DataFrame:
@@ -94,12 +62,12 @@ def scan_images(root: Path, files: Iterable[str], decode: bool, workers: int = 8
 
 def write_run_config(cfg: RunConfig, workdir: Path, fold_path: Path, fold_sha: str, force: bool) -> Path:
     """Write runs/<run>/config.json, or check that an existing one describes the same training."""
-    path = run_dir(workdir, cfg.name) / "config.json"
+    path = config_path(workdir, cfg.name)
     doc = {"version": CONFIG_VERSION, "name": cfg.name, "model": cfg.model, "recipe": cfg.recipe,
            "fold_file": str(fold_path.relative_to(workdir)), "fold_sha256": fold_sha,
            "data": str(Path(cfg.data).resolve()), "config": to_dict(cfg), "versions": library_versions()}
     if path.exists() and not force:
-        old_cfg, old = load_run_config(path)
+        old_cfg, old = read_run_config(workdir, cfg.name)
         if old.get("fold_sha256") != fold_sha:
             raise UserError(
                 f"run {cfg.name} was trained on fold file {old.get('fold_file')} with sha256 "
@@ -179,10 +147,10 @@ def assemble_oof(workdir: Path, cfg: RunConfig, fold_table: pd.DataFrame, exclud
 def check_run_inputs(cfg: RunConfig) -> None:
     """Model names, weight files, the device and the loaders' shared memory, checked before any file is
     written."""
-    from aivh_ens.cache import model_img_size
-    from aivh_ens.loader import default_workers, ring_prefetch
-    from aivh_ens.models import check_model_name, weights_files
-    from aivh_ens.train import eval_batch_size, resolve_device
+    from aivh_ens.data.cache import model_img_size
+    from aivh_ens.data.loader import default_workers, ring_prefetch
+    from aivh_ens.train.loop import eval_batch_size, resolve_device
+    from aivh_ens.train.models import check_model_name, weights_files
 
     for name in cfg.backbones:
         check_model_name(name)
@@ -195,61 +163,61 @@ def check_run_inputs(cfg: RunConfig) -> None:
             ring_prefetch(workers, batch, size)
 
 
-def busy_elsewhere(samples: int = 5, interval: float = 0.05) -> int | None:
-    """Runnable tasks on this machine besides the caller, the least of a few instant samples of
-    /proc/loadavg (not the load average, which still counts a process that finished a minute ago);
-    None where that file does not exist."""
-    import time
+@dataclass(frozen=True)
+class CVResult:
+    """What :func:`run_cv` did: the fold summaries (``done.json`` contents), the OOF file when every fold is
+    done, and its metrics at threshold 0.5."""
 
-    counts = []
-    for i in range(samples):
-        try:
-            with open("/proc/loadavg") as f:
-                counts.append(int(f.read().split()[3].split("/")[0]))
-        except (OSError, IndexError, ValueError):
-            return None
-        if i + 1 < samples:
-            time.sleep(interval)
-    return max(0, min(counts) - 1)  # the reading thread itself is running
-
-
-def cpu_contention_note(device_name: str) -> str | None:
-    """A hint when CPU training would run several torch threads on cores other processes already use.
-
-    OpenMP threads wait for each other at every operator; when another process holds one of their cores,
-    each step waits for the slowest. Measured on 2 cores: 2 threads trained at 91-159 img/s beside other
-    work, against ~1,000 img/s with 1 thread in each of two processes (README, "CPU threads").
-    """
-    import torch
-
-    from aivh_ens.train import resolve_device
-
-    if resolve_device(device_name).type != "cpu" or torch.get_num_threads() <= 1:
-        return None
-    others = busy_elsewhere()
-    if not others:
-        return None
-    return (f"note: {others} other process(es) are running on the CPU and torch uses {torch.get_num_threads()} "
-            "threads; with shared cores --threads 1 per process is often several times faster")
+    run: str
+    folds: tuple[dict[str, Any], ...]
+    oof: Path | None
+    oof_metrics: dict[str, float] | None
 
 
 def run_cv(cfg: RunConfig, workdir: str | Path = ".", *, fold_spec: str | None = None, resume: bool = False,
-           force: bool = False, progress: bool = True, log: Log = print) -> dict[str, Any]:
+           force: bool = False, progress: bool = True, log: Log = print) -> CVResult:
     """Train the requested folds of a run and assemble its OOF when every fold is done.
 
-    Returns ``{"run", "folds": [fold summaries], "oof": path or None, "oof_metrics": {...} or None}``.
+    Args:
+        cfg: the resolved run config (:func:`aivh_ens.config.resolve_config`).
+        workdir: the project folder (``--workdir``) holding ``folds/``, ``runs/``, ``oof/``.
+        fold_spec: folds to train, ``"0,2"`` (``--fold``); None trains every fold.
+        resume: continue an interrupted fold from its last finished epoch (``--resume``).
+        force: retrain the requested folds from scratch (``--force``).
+        progress: progress bars; log: where one-line messages go.
+
+    Raises:
+        UserError: any bad input, before the first file is written.
     """
     workdir = Path(workdir)
-    # Everything that can be checked is checked before the first file is written.
+    folds_to_run, table, bad = check_inputs(cfg, fold_spec)  # every check before the first file is written
+    fold_table = prepare_run(cfg, workdir, table, bad, folds_to_run, force, log)
+    from aivh_ens.data.cache import open_source
+
+    source = open_source(cfg, Path(cfg.data), fold_table["file_name"].tolist(), workdir, progress=progress, log=log)
+    summaries = [run_fold(cfg, k, workdir, fold_table, frozenset(bad), source, resume=resume, progress=progress,
+                          log=log) for k in folds_to_run]
+    return finish_run(cfg, workdir, fold_table, set(bad), summaries, log)
+
+
+def check_inputs(cfg: RunConfig, fold_spec: str | None) -> tuple[list[int], pd.DataFrame, dict[int, str]]:
+    """The folds to train, the validated train table and ``{row: reason}`` of unreadable images.
+
+    Images: headers always (cheap); a full decode with ``--on-bad-image skip``, so bad rows are known up front.
+    """
     folds_to_run = parse_fold_list(fold_spec, cfg.folds)
     check_run_inputs(cfg)
     table = load_train_table(cfg)
-    # Images: headers always (cheap); full decode with --on-bad-image skip, so bad rows are known up front.
-    root = Path(cfg.data)
-    bad = scan_images(root, table["file_name"], decode=cfg.on_bad_image == "skip")
+    bad = scan_images(Path(cfg.data), table["file_name"], decode=cfg.on_bad_image == "skip")
     if bad and cfg.on_bad_image == "error":
         first = min(bad)
         raise UserError(f"{len(bad)} unreadable image(s) in {cfg.train_csv}; first: {bad[first]}")
+    return folds_to_run, table, bad
+
+
+def prepare_run(cfg: RunConfig, workdir: Path, table: pd.DataFrame, bad: dict[int, str], folds_to_run: list[int],
+                force: bool, log: Log) -> pd.DataFrame:
+    """Make or reuse the fold file, clear forced folds, write config.json and skipped.csv; the fold table."""
     fold_path, fold_sha, fold_table, created = ensure_fold_file(workdir, table, cfg.folds, cfg.seed, cfg.group)
     log(f"fold file: {fold_path} ({'created' if created else 'reused'}, sha256 {fold_sha[:12]}, "
         f"{len(fold_table)} rows, {cfg.folds} folds{', grouped by ' + cfg.group if cfg.group else ''})")
@@ -259,62 +227,59 @@ def run_cv(cfg: RunConfig, workdir: str | Path = ".", *, fold_spec: str | None =
     rdir = run_dir(workdir, cfg.name)
     if force:
         for k in folds_to_run:
-            shutil.rmtree(rdir / f"fold{k}", ignore_errors=True)
+            shutil.rmtree(fold_dir(workdir, cfg.name, k), ignore_errors=True)
         oof_path(workdir, cfg.name).unlink(missing_ok=True)
     write_run_config(cfg, workdir, fold_path, fold_sha, force)
-    exclude = set(bad)
-    if exclude:
+    if bad:
+        rows = sorted(bad)
         write_csv(rdir / "skipped.csv", pd.DataFrame({
-            "file_name": fold_table["file_name"].to_numpy()[sorted(exclude)],
-            "reason": [bad[i] for i in sorted(exclude)]}))
-        log(f"skipping {len(exclude)} unreadable image(s) (listed in {rdir / 'skipped.csv'})")
+            "file_name": fold_table["file_name"].to_numpy()[rows], "reason": [bad[i] for i in rows]}))
+        log(f"skipping {len(bad)} unreadable image(s) (listed in {rdir / 'skipped.csv'})")
+    return fold_table
 
-    from aivh_ens.cache import open_source
 
-    source = open_source(cfg, root, fold_table["file_name"].tolist(), workdir, progress=progress, log=log)
-    summaries = []
-    for k in folds_to_run:
-        fdir = rdir / f"fold{k}"
-        if fold_done(fdir):
-            log(f"fold {k}: already done (use --force to retrain)")
-            summaries.append(read_fold_summary(fdir))
-            continue
-        with FileLock(rdir / f"fold{k}.lock", what=f"fold {k} of run {cfg.name}"):
-            if fold_done(fdir):  # finished by another process while we waited
-                summaries.append(read_fold_summary(fdir))
-                continue
-            for tmp in fdir.glob(".*.tmp"):  # left by a process killed mid-write; never read, safe to drop
-                tmp.unlink(missing_ok=True)
-            log(f"fold {k}/{cfg.folds - 1}: training {cfg.model} on {int((fold_table['fold'] != k).sum())} rows, "
-                f"validating on {int((fold_table['fold'] == k).sum())}")
-            job = FoldJob(cfg, k, fdir, root, fold_table[["file_name", "label", "fold"]], frozenset(exclude))
-            summaries.append(fit_fold(job, source, resume=resume, progress=progress, log=log))
-        faults.point("fold-done")
+def run_fold(cfg: RunConfig, k: int, workdir: Path, fold_table: pd.DataFrame, exclude: frozenset[int],
+             source: Any, *, resume: bool, progress: bool, log: Log) -> dict[str, Any]:
+    """One (run, fold) job under the fold's lock: skipped when done, else trained; its done.json summary."""
+    rdir, fdir = run_dir(workdir, cfg.name), fold_dir(workdir, cfg.name, k)
+    if fold_done(fdir):
+        log(f"fold {k}: already done (use --force to retrain)")
+        return read_fold_summary(fdir)
+    with FileLock(rdir / f"fold{k}.lock", what=f"fold {k} of run {cfg.name}"):
+        if fold_done(fdir):  # finished by another process while we waited
+            return read_fold_summary(fdir)
+        for tmp in fdir.glob(".*.tmp"):  # left by a process killed mid-write; never read, safe to drop
+            tmp.unlink(missing_ok=True)
+        log(f"fold {k}/{cfg.folds - 1}: training {cfg.model} on {int((fold_table['fold'] != k).sum())} rows, "
+            f"validating on {int((fold_table['fold'] == k).sum())}")
+        job = FoldJob(cfg, k, fdir, Path(cfg.data), fold_table[["file_name", "label", "fold"]], exclude)
+        summary = fit_fold(job, source, resume=resume, progress=progress, log=log)
+    faults.point("fold-done")
+    return summary
 
+
+def finish_run(cfg: RunConfig, workdir: Path, fold_table: pd.DataFrame, exclude: set[int],
+               summaries: list[dict[str, Any]], log: Log) -> CVResult:
+    """Assemble the OOF when every fold is done and score it at 0.5; else say which folds remain."""
     oof = assemble_oof(workdir, cfg, fold_table, exclude, log)
-    result: dict[str, Any] = {"run": cfg.name, "folds": summaries, "oof": oof, "oof_metrics": None}
+    scores = None
     if oof is not None:
         df = pd.read_csv(oof)
-        result["oof_metrics"] = metrics.summary_at(df["label"].to_numpy(), df["prob"].to_numpy())
+        scores = metrics.summary_at(df["label"].to_numpy(), df["prob"].to_numpy())
     else:
-        missing = [k for k in range(cfg.folds) if not fold_done(rdir / f"fold{k}")]
+        missing = [k for k in range(cfg.folds) if not fold_done(fold_dir(workdir, cfg.name, k))]
         log(f"OOF not written yet: fold(s) {', '.join(map(str, missing))} still to train")
-    return result
+    return CVResult(cfg.name, tuple(summaries), oof, scores)
 
 
-def format_summary(result: dict[str, Any]) -> str:
+def format_summary(result: CVResult) -> str:
     """The end-of-run table: one row per fold, then OOF metrics at threshold 0.5."""
-    lines = [f"run {result['run']}",
+    lines = [f"run {result.run}",
              f"{'fold':>4} {'f1':>7} {'acc':>7} {'auc':>7} {'loss':>7} {'best_ep':>7} {'minutes':>8}"]
-    for s in result["folds"]:
+    for s in result.folds:
         lines.append(f"{s['fold']:>4} {s['val_f1']:>7.4f} {s['val_acc']:>7.4f} {s['val_auc']:>7.4f} "
                      f"{s['val_loss']:>7.4f} {s['best_epoch']:>7} {s['minutes']:>8.2f}")
-    m = result.get("oof_metrics")
+    m = result.oof_metrics
     if m:
-        lines.append(f"OOF at 0.5: f1 {m['f1']:.4f}  acc {m['acc']:.4f}  auc {m['auc']:.4f}  -> {result['oof']}")
+        lines.append(f"OOF at 0.5: f1 {m['f1']:.4f}  acc {m['acc']:.4f}  auc {m['auc']:.4f}  -> {result.oof}")
     return "\n".join(lines)
-
-
-def load_run(workdir: Path, name: str) -> tuple[RunConfig, dict[str, Any]]:
-    """The saved config of run ``name`` (for blend/submit)."""
-    return load_run_config(run_dir(workdir, name) / "config.json")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from aivh_ens.cv import resolve_config
+from aivh_ens.config import resolve_config
 from aivh_ens.errors import UserError
-from aivh_ens.models import PooledClassifier, build_model, count_params, create_backbone
 from aivh_ens.recipes import RECIPES
-from aivh_ens.train import create_optimizer
+from aivh_ens.train.loop import create_optimizer
+from aivh_ens.train.models import PooledClassifier, build_model, count_params, create_backbone
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -13,13 +13,15 @@ from cli_checks import assert_user_error
 from cli_checks import run as run_cli
 from click.testing import CliRunner
 
-from aivh_ens import submit as submit_mod
-from aivh_ens.blend import apply_blend
+from aivh_ens.blend.artifact import apply_blend
 from aivh_ens.cli import main
 from aivh_ens.errors import UserError
-from aivh_ens.models import build_model
-from aivh_ens.submit import fold_average, rank_against, validate_submission
-from aivh_ens.synth import make_demo_dataset
+from aivh_ens.infer import predict as predict_mod
+from aivh_ens.infer import runs as runs_mod
+from aivh_ens.infer.predict import rank_against
+from aivh_ens.infer.runs import fold_average
+from aivh_ens.infer.submission import validate_submission
+from aivh_ens.train.models import build_model
 
 FAST = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", "3", "--group", "pairs",
         "--epochs", "1", "--quiet"]
@@ -30,11 +32,10 @@ def invoke(*args: str):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, Path]:
+def project(tmp_path_factory, demo_data) -> tuple[Path, Path]:
     """(data, workdir) with two finished 3-fold runs (a: test_efficientnet, b: test_convnext) and a blend."""
     root = tmp_path_factory.mktemp("submit")
-    data, work = root / "data", root / "work"
-    make_demo_dataset(data, n=120, n_test=30, seed=5)
+    data, work = demo_data(n=120, n_test=30, seed=5), root / "work"
     for extra in (["--name", "a"], ["--model", "test_convnext", "--name", "b"]):
         res = invoke("cv", *FAST, "--data", data, "--workdir", work, *extra)
         assert res.exit_code == 0, res.output
@@ -64,7 +65,7 @@ def _count_builds(monkeypatch) -> list[int]:
         calls.append(1)
         return build_model(cfg)
 
-    monkeypatch.setattr(submit_mod, "build_model", counting)
+    monkeypatch.setattr(runs_mod, "build_model", counting)
     return calls
 
 
@@ -105,7 +106,7 @@ def test_submit_end_to_end_and_its_cache(copy, monkeypatch):
     def no_build(cfg):
         raise AssertionError("a model was built although the cache is valid")
 
-    monkeypatch.setattr(submit_mod, "build_model", no_build)
+    monkeypatch.setattr(runs_mod, "build_model", no_build)
     first = out.read_bytes()
     res = invoke("submit", "--workdir", work, "--out", out, "--quiet")
     assert res.exit_code == 0, res.output
@@ -191,7 +192,7 @@ def test_submit_refusals(copy, monkeypatch, case, needles):
     def no_build(cfg):
         raise AssertionError("inference started before the inputs were checked")
 
-    monkeypatch.setattr(submit_mod, "build_model", no_build)
+    monkeypatch.setattr(runs_mod, "build_model", no_build)
     assert_user_error(invoke(*args), *needles)
     assert _no_submission(work)
 
@@ -244,7 +245,7 @@ def test_submit_tta_option_and_predict_agree(copy):
     assert (work / "submission.csv").is_file() and not (work / "runs" / "a" / "test" / "hflip.csv").exists()
     cache = pd.read_csv(work / "runs" / "a" / "test" / "d4.csv")
     ids = cache["id"].tolist()[:3]
-    preds, source = submit_mod.predict_images([data / i for i in ids], work, run="a", tta="d4")
+    preds, source = predict_mod.predict_images([data / i for i in ids], work, run="a", tta="d4")
     np.testing.assert_allclose([p.prob for p in preds], cache["prob"][:3], atol=1e-6)
     assert source == {"run": "a", "space": "prob", "threshold": 0.5}
 
@@ -254,17 +255,17 @@ def test_submit_tta_option_and_predict_agree(copy):
 
 def test_unseen_views_names_what_training_never_produced():
     from aivh_ens.config import RunConfig
-    from aivh_ens.tta import parse_tta
+    from aivh_ens.infer.tta import parse_tta
 
     flip_only = RunConfig(hflip=0.5, rotate=0.0)
-    assert submit_mod.unseen_views(parse_tta("hflip"), flip_only) is None
-    assert submit_mod.unseen_views(parse_tta("none"), RunConfig(hflip=0.0)) is None
-    assert submit_mod.unseen_views(parse_tta("hflip"), RunConfig(hflip=0.0)) == "mirrored images"
-    assert submit_mod.unseen_views(parse_tta("d4"), flip_only) == (
+    assert runs_mod.unseen_views(parse_tta("hflip"), flip_only) is None
+    assert runs_mod.unseen_views(parse_tta("none"), RunConfig(hflip=0.0)) is None
+    assert runs_mod.unseen_views(parse_tta("hflip"), RunConfig(hflip=0.0)) == "mirrored images"
+    assert runs_mod.unseen_views(parse_tta("d4"), flip_only) == (
         "rotated (90/180/270 degrees) or upside-down images")
-    assert submit_mod.unseen_views(parse_tta("d4"), RunConfig(hflip=0.0)) == (
+    assert runs_mod.unseen_views(parse_tta("d4"), RunConfig(hflip=0.0)) == (
         "rotated (90/180/270 degrees) or upside-down images or mirrored images")
-    assert submit_mod.unseen_views(parse_tta("d4"), RunConfig(hflip=0.5, rotate=90.0)) is None
+    assert runs_mod.unseen_views(parse_tta("d4"), RunConfig(hflip=0.5, rotate=90.0)) is None
 
 
 def test_validate_submission_catches_each_defect(tmp_path):

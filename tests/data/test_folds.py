@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from aivh_ens.data.folds import assign_folds, ensure_fold_file, fold_file_name, make_fold_table
 from aivh_ens.errors import UserError
-from aivh_ens.folds import assign_folds, ensure_fold_file, fold_file_name, make_fold_table
 
 
 def _table(n: int = 200, pos_rate: float = 0.5, seed: int = 0) -> pd.DataFrame:

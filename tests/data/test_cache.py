@@ -16,12 +16,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from aivh_ens import cache as C
 from aivh_ens.cli import main
-from aivh_ens.cv import resolve_config
-from aivh_ens.data import image_size
-from aivh_ens.errors import UserError
-from aivh_ens.loader import (
+from aivh_ens.config import resolve_config
+from aivh_ens.data import cache as C
+from aivh_ens.data import cache_format as CF
+from aivh_ens.data.images import image_size
+from aivh_ens.data.loader import (
     SHM_SHARE,
     FileSource,
     ImageDataset,
@@ -31,8 +31,7 @@ from aivh_ens.loader import (
     prefetch_factor,
     ring_prefetch,
 )
-from aivh_ens.synth import make_demo_dataset
-from aivh_ens.transforms import (
+from aivh_ens.data.transforms import (
     RandomAffineCrop,
     StorageStep,
     affine_crop,
@@ -40,15 +39,14 @@ from aivh_ens.transforms import (
     storage_step,
     train_transform,
 )
+from aivh_ens.errors import UserError
 
 QUIET = dict(progress=False, log=lambda s: None)
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("demo") / "data"
-    make_demo_dataset(d, n=120, n_test=20, seed=3)
-    return d
+def demo(demo_data) -> Path:
+    return demo_data(n=120, n_test=20, seed=3)
 
 
 @pytest.fixture
@@ -192,7 +190,7 @@ def test_interrupted_build_is_never_used(tmp_path, data, monkeypatch):
     monkeypatch.setattr(C._Writer, "add", add_then_die)
     with pytest.raises(KeyboardInterrupt):
         C.ensure_cache(root, names, storage, cdir, **QUIET)
-    path = C.cache_file(cdir, root, storage)
+    path = CF.cache_file(cdir, root, storage)
     assert not path.exists() and no_tmp(cdir)  # nothing half-written is left under any name
     monkeypatch.setattr(C._Writer, "add", real_add)
     good = C.ensure_cache(root, names, storage, cdir, **QUIET)
@@ -213,7 +211,7 @@ def test_interrupted_build_is_never_used(tmp_path, data, monkeypatch):
     stale = cdir / f".{path.name}.abc123.tmp"
     stale.write_bytes(b"garbage" * 100)
     path.write_bytes(old_bytes[: len(old_bytes) // 2])
-    assert C.read_index(path, C.cache_key(root, storage)) is None
+    assert CF.read_index(path, CF.cache_key(root, storage)) is None
     src = C.ensure_cache(root, names, storage, cdir, **QUIET)
     assert not stale.exists() and no_tmp(cdir)
     for i, n in enumerate(names):
@@ -226,7 +224,7 @@ def test_bad_images_are_recorded_not_fatal(tmp_path, data):
     (root / "broken.jpg").write_bytes((root / names[0]).read_bytes()[:200])
     src = C.ensure_cache(root, [*names, "broken.jpg", "missing.jpg"], StorageStep("square", 32), tmp_path / "c",
                          **QUIET)
-    from aivh_ens.data import BadImageError
+    from aivh_ens.data.images import BadImageError
 
     for i in (len(names), len(names) + 1):
         with pytest.raises(BadImageError):
@@ -242,7 +240,7 @@ def test_disk_space_check(tmp_path, data, monkeypatch):
     with pytest.raises(UserError, match=r"needs .* GB .* free.*--cache-dir"):
         C.ensure_cache(root, names, storage, tmp_path / "c", **QUIET)
     assert C.ensure_cache(root, names, storage, tmp_path / "c", required=False, **QUIET) is None
-    assert not C.cache_file(tmp_path / "c", root, storage).exists()
+    assert not CF.cache_file(tmp_path / "c", root, storage).exists()
     # cv's auto mode decodes on the fly instead, through the same storage step.
     cfg = resolve_config("tiny", img_size=32, cache="auto")
     src = C.open_source(cfg, root, names, tmp_path, **QUIET)
@@ -299,7 +297,7 @@ def test_workers_see_each_epoch_and_match_in_process(tmp_path, data):
 
 
 def test_model_img_size_matches_the_built_model():
-    from aivh_ens.models import build_model
+    from aivh_ens.train.models import build_model
 
     for model in ("test_efficientnet", "test_vit"):
         cfg = resolve_config("none", model=model)
@@ -321,7 +319,7 @@ def test_cv_gives_the_same_oof_with_and_without_the_cache(tmp_path, demo, one_th
 
 
 def test_background_producer_yields_stops_and_raises():
-    from aivh_ens.loader import _in_background
+    from aivh_ens.data.loader import _in_background
 
     cpu = torch.device("cpu")
     assert list(_in_background(lambda: iter(range(10)), 2, cpu)) == list(range(10))

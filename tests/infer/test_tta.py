@@ -11,13 +11,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aivh_ens.cv import resolve_config
-from aivh_ens.data import BadImageError
+from aivh_ens.config import resolve_config
+from aivh_ens.data.images import BadImageError
+from aivh_ens.data.transforms import eval_transform
 from aivh_ens.errors import UserError
-from aivh_ens.models import build_model
-from aivh_ens.recipes import RECIPES
-from aivh_ens.transforms import eval_transform
-from aivh_ens.tta import (
+from aivh_ens.infer.tta import (
     FLIPS,
     TTADataset,
     TTASpec,
@@ -30,6 +28,8 @@ from aivh_ens.tta import (
     parse_tta,
     score_views,
 )
+from aivh_ens.recipes import RECIPES
+from aivh_ens.train.models import build_model
 
 # ---- specs -----------------------------------------------------------------------------------------------
 
@@ -85,7 +85,7 @@ def test_effective_spec_drops_crops_only_for_whole_image_resize():
 
 
 def _numpy_d4(a: np.ndarray) -> dict[str, np.ndarray]:
-    """The 8 D4 views of an (H, W) array by numpy, named like aivh_ens.tta.FLIPS."""
+    """The 8 D4 views of an (H, W) array by numpy, named like aivh_ens.infer.tta.FLIPS."""
     out = {}
     for k in range(4):
         out["id" if k == 0 else f"rot{90 * k}"] = np.rot90(a, k)

@@ -17,17 +17,14 @@ from oof_project import make_project
 from safetensors.torch import load_file
 
 from aivh_ens.cli import main
-from aivh_ens.synth import make_demo_dataset
 
 ARGS = ["cv", "--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", "2", "--group", "pairs",
         "--epochs", "2", "--quiet", "--name", "k"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("rel") / "data"
-    make_demo_dataset(d, n=80, n_test=10, seed=5)
-    return d
+def data(demo_data) -> Path:
+    return demo_data(n=80, n_test=10, seed=5)
 
 
 def _assert_every_file_whole(root: Path) -> None:

@@ -16,17 +16,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from aivh_ens.cli import main
-from aivh_ens.synth import make_demo_dataset
 
 BASE_ARGS = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", "2", "--epochs", "1",
              "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("bad") / "data"
-    make_demo_dataset(d, n=40, n_test=10, seed=11)
-    return d
+def base(demo_data) -> Path:
+    return demo_data(n=40, n_test=10, seed=11)
 
 
 def _csv(d: Path) -> pd.DataFrame:
@@ -155,9 +152,9 @@ def test_bad_input_exit_2_one_line_nothing_written(tmp_path, base, case_id, muta
 
 def test_too_little_shared_memory_for_the_loader_is_refused_up_front(tmp_path, base, monkeypatch):
     """A container's small /dev/shm would kill the loader's workers with SIGBUS mid-epoch: cv refuses first."""
-    from aivh_ens import loader
+    from aivh_ens import system
 
-    monkeypatch.setattr(loader, "_shm_free", lambda: 1 << 17)  # 128 KiB; 3 batches of 16 x 3 x 32 x 32 need 144 KiB
+    monkeypatch.setattr(system, "shm_free", lambda: 1 << 17)  # 128 KiB; 3 batches of 16 x 3 x 32 x 32 need 144 KiB
     _assert_refused(tmp_path, base, "small-shm", NOOP, ["--workers", "2"], ["/dev/shm", "--shm-size", "--workers"])
 
 

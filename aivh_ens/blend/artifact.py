@@ -1,0 +1,222 @@
+"""``runs/blend/blend.json``: its schema, :func:`load_blend` and :func:`apply_blend` (what submit uses)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from aivh_ens.blend.core import SPACES, combine, to_space
+from aivh_ens.errors import UserError
+from aivh_ens.io import sha256_file
+from aivh_ens.layout import workdir_of_blend
+from aivh_ens.metrics import METRICS
+
+if TYPE_CHECKING:
+    pass
+
+
+BLEND_VERSION = 1
+
+
+RANK_REFERENCE = "within_set"
+"""How rank-space blends rank new scores: among the rows scored together (see the module docstring)."""
+
+
+_REQUIRED_KEYS = frozenset(
+    {
+        "version",
+        "runs",
+        "fold_sha256",
+        "space",
+        "weights",
+        "threshold",
+        "metric",
+        "method",
+        "oof_score",
+        "nested_score",
+        "baselines",
+        "trials",
+        "seed",
+    }
+)
+
+
+_OPTIONAL_KEYS = frozenset({"rank_reference"})
+
+
+_RUN_KEYS = frozenset({"name", "config", "oof", "oof_sha256"})
+
+
+_NESTED_KEYS = frozenset({"mean", "std", "per_fold"})
+
+
+_BASELINE_KEYS = frozenset({"method", "oof_score", "nested_mean", "nested_std", "threshold"})
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_sha256(x: Any) -> bool:
+    return isinstance(x, str) and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
+
+
+def _keys(obj: Any, required: frozenset[str], where: str, optional: frozenset[str] = frozenset()) -> None:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where} must be a JSON object, got {type(obj).__name__}")
+    missing, unknown = sorted(required - obj.keys()), sorted(obj.keys() - required - optional)
+    if missing:
+        raise UserError(f"{where} lacks key(s) {', '.join(missing)}")
+    if unknown:
+        raise UserError(
+            f"{where} has unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(required | optional))}"
+        )
+
+
+def _check_blend_doc(doc: Any, where: str = "blend.json") -> None:
+    """Validate a blend document as data (no file access); raise UserError naming the first problem."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise UserError(f"{where}: {what}; re-create it with `aivh-ens blend`")
+
+    if isinstance(doc, dict) and doc.get("version") != BLEND_VERSION:
+        raise UserError(
+            f"{where} has version {doc.get('version')!r}; this aivh-ens reads version {BLEND_VERSION}"
+        )
+    _keys(doc, _REQUIRED_KEYS, where, _OPTIONAL_KEYS)
+    need(isinstance(doc["runs"], list) and len(doc["runs"]) >= 1, "runs must be a non-empty list")
+    for i, run in enumerate(doc["runs"]):
+        _keys(run, _RUN_KEYS, f"{where} runs[{i}]")
+        need(
+            all(isinstance(run[k], str) and run[k] for k in ("name", "config", "oof")),
+            f"runs[{i}] needs strings",
+        )
+        need(_is_sha256(run["oof_sha256"]), f"runs[{i}].oof_sha256 must be a hex sha256")
+    names = [run["name"] for run in doc["runs"]]
+    need(len(set(names)) == len(names), "runs lists a run twice")
+    need(_is_sha256(doc["fold_sha256"]), "fold_sha256 must be a hex sha256")
+    need(doc["space"] in SPACES, f"space must be one of {', '.join(SPACES)}")
+    need(doc["metric"] in METRICS, f"metric must be one of {', '.join(METRICS)}")
+    need(isinstance(doc["method"], str) and doc["method"], "method must be a non-empty string")
+    w = doc["weights"]
+    need(
+        isinstance(w, dict) and sorted(w) == sorted(names),  # JSON objects are unordered: key set only
+        "weights must map each run of runs (and no other) to a number",
+    )
+    need(all(_is_number(v) and v >= 0 for v in w.values()), "weights must be finite and >= 0")
+    need(abs(sum(w.values()) - 1.0) <= 1e-6, f"weights must sum to 1 (within 1e-6), got {sum(w.values())!r}")
+    need(
+        _is_number(doc["threshold"]) and 0.0 <= doc["threshold"] <= 1.0,
+        "threshold must be a number in [0, 1]",
+    )
+    need(_is_number(doc["oof_score"]), "oof_score must be a number")
+    _keys(doc["nested_score"], _NESTED_KEYS, f"{where} nested_score")
+    nested = doc["nested_score"]
+    need(
+        _is_number(nested["mean"]) and _is_number(nested["std"]), "nested_score mean and std must be numbers"
+    )
+    need(
+        isinstance(nested["per_fold"], list) and all(map(_is_number, nested["per_fold"])), "per_fold: numbers"
+    )
+    need(isinstance(doc["baselines"], list), "baselines must be a list")
+    for i, b in enumerate(doc["baselines"]):
+        _keys(b, _BASELINE_KEYS, f"{where} baselines[{i}]")
+        need(isinstance(b["method"], str), f"baselines[{i}].method must be a string")
+        need(all(_is_number(b[k]) for k in _BASELINE_KEYS - {"method"}), f"baselines[{i}] needs numbers")
+    need(
+        isinstance(doc["trials"], int) and not isinstance(doc["trials"], bool) and doc["trials"] >= 0,
+        "trials: int",
+    )
+    need(isinstance(doc["seed"], int) and not isinstance(doc["seed"], bool), "seed must be an integer")
+    if "rank_reference" in doc:
+        need(doc["rank_reference"] == RANK_REFERENCE, f"rank_reference must be {RANK_REFERENCE!r}")
+
+
+def load_blend(
+    path: str | Path, workdir: str | Path | None = None, check_files: bool = True
+) -> dict[str, Any]:
+    """Read and validate ``blend.json``.
+
+    Args:
+        path: the blend file.
+        workdir: the project folder its relative paths start from; default the folder holding ``runs/``
+            when ``path`` is ``.../runs/blend/<file>``, else the current folder.
+        check_files: also require each run's config and OOF file to exist and the OOF file to be the one
+            the blend was fitted on (same sha256).
+
+    Raises:
+        UserError: a missing or invalid file, an unknown version, missing or unknown keys, weights that do
+            not sum to 1, a threshold outside [0, 1], or runs whose files are gone or changed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no blend file at {path}; fit one with `aivh-ens blend`")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); re-create it with `aivh-ens blend`") from e
+    _check_blend_doc(doc, str(path))
+    if check_files:
+        root = Path(workdir) if workdir is not None else workdir_of_blend(path)
+        for run in doc["runs"]:
+            for key in ("config", "oof"):
+                if not (root / run[key]).is_file():
+                    raise UserError(
+                        f"{path} blends run {run['name']!r} but {root / run[key]} does not exist; restore the run "
+                        "or re-fit the blend with `aivh-ens blend`"
+                    )
+            if sha256_file(root / run["oof"]) != run["oof_sha256"]:
+                raise UserError(
+                    f"{root / run['oof']} changed since {path} was fitted (sha256 differs); re-fit with `aivh-ens blend`"
+                )
+    return doc
+
+
+def apply_blend(
+    blend_json: Mapping[str, Any], scores: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply a fitted blend to new scores, as the submit stage does.
+
+    Args:
+        blend_json: a blend document (see :func:`load_blend`).
+        scores: ``{run: (N,) P(label 1)}`` for the same N rows; runs with weight 0 may be left out.
+
+    Returns:
+        ``(probs, labels)``: the (N,) blended scores in [0, 1] and the (N,) int64 labels
+        (``probs >= threshold``). Rank-space blends rank the N rows among themselves (module docstring).
+    """
+    _check_blend_doc(dict(blend_json))
+    runs = [run["name"] for run in blend_json["runs"]]
+    weights = np.array([blend_json["weights"][r] for r in runs], dtype=np.float64)  # (M,)
+    unknown = sorted(set(scores) - set(runs))
+    if unknown:
+        raise UserError(
+            f"scores given for run(s) {', '.join(unknown)} that the blend does not use ({', '.join(runs)})"
+        )
+    missing = [r for r, w in zip(runs, weights, strict=True) if w > 0 and r not in scores]
+    if missing:
+        raise UserError(f"the blend needs scores of run(s) {', '.join(missing)}; predict with them first")
+    arrays = {r: np.asarray(scores[r], dtype=np.float64) for r in scores}
+    shapes = {r: a.shape for r, a in arrays.items()}
+    if (
+        len(set(shapes.values())) != 1
+        or len(next(iter(shapes.values()))) != 1
+        or next(iter(arrays.values())).size == 0
+    ):
+        raise UserError(f"scores must be 1-D arrays of one common length N >= 1, got shapes {shapes}")
+    n = next(iter(arrays.values())).size
+    for r, a in arrays.items():
+        if not np.all((a >= 0) & (a <= 1)):  # also catches NaN
+            raise UserError(f"scores of run {r!r} must be probabilities in [0, 1] without NaN")
+    # Runs with weight 0 that were left out get a constant row: 0 * anything adds nothing, and keeping
+    # all M rows makes the arithmetic identical to the OOF blend's.
+    P = np.stack([arrays.get(r, np.full(n, 0.5)) for r in runs])  # (M, N)
+    space = blend_json["space"]
+    probs = combine(to_space(P, space), weights, space)  # (N,)
+    return probs, (probs >= blend_json["threshold"]).astype(np.int64)

@@ -1,0 +1,212 @@
+"""Blend methods, each returning weights, a space and the exact best threshold; nested CV to pick one.
+
+``fit_*``: one function per method (single run, equal-weight mean, Caruana selection, hill climbing; the
+Optuna search lives in :mod:`aivh_ens.blend.search`). :func:`nested_cv`: per fold, every method fitted on
+the other folds and scored on that fold with the weights and threshold it fitted, the honest estimate used
+to pick the method to ship."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from aivh_ens.blend.core import SPACES, combine, spaces
+from aivh_ens.metrics import METRICS, best_threshold, check_metric
+
+if TYPE_CHECKING:
+    pass
+
+
+CARUANA_ROUNDS = 25
+
+
+HILL_STEPS: tuple[float, ...] = (0.5, 0.25, 0.1, 0.05, 0.02)
+"""Step sizes hill climbing tries: move this fraction of the total weight onto one run."""
+
+
+# Simplest first: on a nested-CV tie the method with the lower number ships.
+_COMPLEXITY = {
+    "single": 0,
+    "mean_prob": 1,
+    "mean_logit": 1,
+    "mean_rank": 1,
+    "caruana": 2,
+    "hill_climb": 3,
+    "optuna": 4,
+}
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A fitted blend: weights (M,) summing to 1 in ``space``, its threshold and its score where fitted."""
+
+    method: str
+    space: str
+    weights: np.ndarray
+    threshold: float
+    score: float
+
+
+def score_weights(
+    S: Mapping[str, np.ndarray], y: np.ndarray, w: np.ndarray, space: str, metric: str
+) -> tuple[float, float]:
+    """Exact best ``(threshold, score)`` of the blend with weights ``w`` (M,) of precomputed spaces ``S``."""
+    return best_threshold(y, combine(S[space], w, space), metric)
+
+
+def _fit(
+    method: str, S: Mapping[str, np.ndarray], y: np.ndarray, w: np.ndarray, space: str, metric: str
+) -> Fit:
+    t, score = score_weights(S, y, w, space, metric)
+    return Fit(method, space, w, t, score)
+
+
+def fit_single(
+    S: Mapping[str, np.ndarray], y: np.ndarray, metric: str, m: int, method: str = "single"
+) -> Fit:
+    """Run ``m`` alone: weight 1 on it, threshold tuned on its probabilities."""
+    w = np.zeros(len(S["prob"]))
+    w[m] = 1.0
+    return _fit(method, S, y, w, "prob", metric)
+
+
+def fit_mean(S: Mapping[str, np.ndarray], y: np.ndarray, metric: str, space: str) -> Fit:
+    """Equal weights in ``space``, threshold tuned."""
+    m = len(S[space])
+    return _fit(f"mean_{space}", S, y, np.full(m, 1.0 / m), space, metric)
+
+
+def fit_caruana(
+    S: Mapping[str, np.ndarray], y: np.ndarray, metric: str, rounds: int = CARUANA_ROUNDS, space: str = "prob"
+) -> Fit:
+    """Greedy ensemble selection with replacement (Caruana et al. 2004, AutoGluon's weighted ensemble).
+
+    Each round adds the run whose inclusion scores best (exact best threshold each time); the weights are
+    the counts of the best prefix of rounds, divided by its length. Ties go to the lower run index.
+    """
+    m = len(S[space])
+    counts = np.zeros(m)
+    best: tuple[float, float, np.ndarray] | None = None  # (score, threshold, counts)
+    for r in range(rounds):
+        pick: tuple[float, float, int] | None = None
+        for i in range(m):
+            trial = counts.copy()
+            trial[i] += 1
+            t, score = score_weights(S, y, trial / (r + 1), space, metric)
+            if pick is None or score > pick[0]:
+                pick = (score, t, i)
+        assert pick is not None
+        counts[pick[2]] += 1
+        if best is None or pick[0] > best[0]:
+            best = (pick[0], pick[1], counts.copy())
+    assert best is not None
+    return Fit("caruana", space, best[2] / best[2].sum(), best[1], best[0])
+
+
+def fit_hill_climb(
+    S: Mapping[str, np.ndarray],
+    y: np.ndarray,
+    metric: str,
+    space: str = "prob",
+    steps: Sequence[float] = HILL_STEPS,
+    max_iter: int = 100,
+) -> Fit:
+    """Hill climbing from the best single run: move a fraction of the weight onto one run while it helps.
+
+    Every iteration tries each run with each step size in ``steps`` and takes the best strict improvement;
+    it stops when none improves the score or after ``max_iter`` moves.
+    """
+    m = len(S[space])
+    start = max((fit_single(S, y, metric, i) for i in range(m)), key=lambda f: f.score)
+    w = start.weights
+    t, best = score_weights(S, y, w, space, metric)
+    for _ in range(max_iter):
+        move: tuple[float, float, np.ndarray] | None = None
+        for i in range(m):
+            for step in steps:
+                cand = (1.0 - step) * w
+                cand[i] += step
+                ct, score = score_weights(S, y, cand, space, metric)
+                if score > best and (move is None or score > move[0]):
+                    move = (score, ct, cand)
+        if move is None:
+            break
+        best, t, w = move
+    return Fit("hill_climb", space, w / w.sum(), t, best)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A blend method: its name, how simple it is (lower ships on a tie) and how to fit it."""
+
+    name: str
+    complexity: int
+    fit: Callable[[Mapping[str, np.ndarray], np.ndarray, int], Fit]  # (spaces, labels, seed) -> Fit
+
+
+def methods(runs: Sequence[str], metric: str, optuna_trials: int) -> list[Method]:
+    """Every method in table order: each single run, the three means, Caruana, hill climbing, Optuna."""
+    from aivh_ens.blend.search import fit_optuna  # search imports this module (Fit, score_weights)
+
+    def single(i: int) -> Callable[[Mapping[str, np.ndarray], np.ndarray, int], Fit]:
+        return lambda S, y, _seed: fit_single(S, y, metric, i, f"single:{runs[i]}")
+
+    def mean(space: str) -> Callable[[Mapping[str, np.ndarray], np.ndarray, int], Fit]:
+        return lambda S, y, _seed: fit_mean(S, y, metric, space)
+
+    out = [Method(f"single:{run}", _COMPLEXITY["single"], single(i)) for i, run in enumerate(runs)]
+    out += [Method(f"mean_{space}", _COMPLEXITY[f"mean_{space}"], mean(space)) for space in SPACES]
+    out += [
+        Method("caruana", _COMPLEXITY["caruana"], lambda S, y, _seed: fit_caruana(S, y, metric)),
+        Method("hill_climb", _COMPLEXITY["hill_climb"], lambda S, y, _seed: fit_hill_climb(S, y, metric)),
+        Method(
+            "optuna",
+            _COMPLEXITY["optuna"],
+            lambda S, y, seed: fit_optuna(S, y, metric, runs, optuna_trials, seed),
+        ),
+    ]
+    return out
+
+
+def nested_cv(
+    P: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    metric: str,
+    candidates: Sequence[Method],
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, list[float]]:
+    """Per fold k: fit every method on the other folds, score fold k with the fitted weights AND threshold.
+
+    Spaces are recomputed on each side of the split, so rank-space blends rank the held-out fold among
+    itself, as the test set is ranked at submission time.
+
+    Args:
+        P: (M, N) OOF probabilities.
+        y: (N,) labels.
+        folds: (N,) fold ids.
+        metric: a name in :data:`METRICS`.
+        candidates: the methods to fit.
+        seed: Optuna methods use ``seed + 1 + fold index``.
+        progress: show a progress bar over folds.
+
+    Returns:
+        ``{method name: [score on each fold, in sorted fold order]}``.
+    """
+    from tqdm.auto import tqdm
+
+    score = METRICS[check_metric(metric)]
+    y = np.asarray(y, dtype=bool)
+    per_fold: dict[str, list[float]] = {m.name: [] for m in candidates}
+    for k, fold in enumerate(tqdm(np.unique(folds), desc="nested CV", unit="fold", disable=not progress)):
+        test = folds == fold
+        S_train, S_test = spaces(P[:, ~test]), spaces(P[:, test])
+        for m in candidates:
+            fit = m.fit(S_train, y[~test], seed + 1 + k)
+            pred = combine(S_test[fit.space], fit.weights, fit.space) >= fit.threshold  # (N_k,)
+            per_fold[m.name].append(float(score(y[test], pred)))
+    return per_fold

@@ -1,0 +1,223 @@
+"""The blend stage: validate the OOF files, search, score every method in and out of sample, pick, write.
+
+Reads ``oof/<run>.csv`` and ``runs/<run>/config.json``; writes ``runs/blend/blend.json``, the Optuna study
+(``runs/blend/study.db`` unless another storage is given) and two plots."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from aivh_ens.blend.artifact import BLEND_VERSION, RANK_REFERENCE, _check_blend_doc
+from aivh_ens.blend.core import combine, spaces
+from aivh_ens.blend.methods import Fit, methods, nested_cv
+from aivh_ens.blend.oof import OOFSet, load_oof
+from aivh_ens.blend.report import plot_threshold_curves, plot_weights
+from aivh_ens.blend.search import _completed, default_storage, open_study, optimize, study_name
+from aivh_ens.errors import UserError
+from aivh_ens.io import write_json
+from aivh_ens.layout import blend_dir
+from aivh_ens.metrics import check_metric
+
+if TYPE_CHECKING:
+    pass
+
+
+TIE_TOL = 1e-4
+"""Nested-CV means closer than this count as a tie, and the simpler method is shipped."""
+
+
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """A method fitted on all OOF rows plus its nested-CV scores (one per fold)."""
+
+    name: str
+    complexity: int
+    fit: Fit
+    per_fold: tuple[float, ...]
+
+    @property
+    def nested_mean(self) -> float:
+        return float(np.mean(self.per_fold))
+
+    @property
+    def nested_std(self) -> float:
+        return float(np.std(self.per_fold))
+
+
+@dataclass(frozen=True)
+class BlendResult:
+    """What :func:`run_blend` produced: the blend.json content, every method's result and the choice."""
+
+    blend: dict[str, Any]
+    methods: tuple[MethodResult, ...]
+    picked: MethodResult
+    reason: str
+    written: tuple[Path, ...]
+
+
+def pick_method(
+    results: Sequence[MethodResult], metric: str, tie_tol: float = TIE_TOL
+) -> tuple[MethodResult, str]:
+    """The method to ship: best nested-CV mean, the simplest of those within ``tie_tol`` of it.
+
+    Returns:
+        ``(result, reason)`` with a one-sentence reason.
+    """
+    top = max(results, key=lambda r: r.nested_mean)
+    tied = [r for r in results if r.nested_mean >= top.nested_mean - tie_tol]
+    picked = min(tied, key=lambda r: (r.complexity, -r.nested_mean))
+    reason = (
+        f"picked {picked.name}: nested {metric} {picked.nested_mean:.4f} ± {picked.nested_std:.4f} "
+        f"(in-sample {picked.fit.score:.4f})"
+    )
+    if picked is top:
+        reason += f", the best nested score of the {len(results)} methods"
+    else:
+        reason += (
+            f"; {top.name} scores {top.nested_mean:.4f} nested, within the {tie_tol:g} tie margin, so the "
+            "simpler method ships"
+        )
+    in_sample = max(results, key=lambda r: r.fit.score)
+    if in_sample.name != picked.name:
+        reason += (
+            f"; {in_sample.name} has the best in-sample score ({in_sample.fit.score:.4f}) but tuning weights and "
+            "threshold on the rows it is scored on is optimistic"
+        )
+    return picked, reason
+
+
+def format_table(results: Sequence[MethodResult], metric: str, picked: str | None = None) -> str:
+    """One row per method: in-sample OOF score, nested-CV mean ± std, space and threshold."""
+    width = max(len("method"), *(len(r.name) for r in results)) + 2
+    head = f"{'method':<{width}}{'space':<7}{'oof ' + metric:>14}{'nested ' + metric:>24}{'threshold':>11}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        mark = "  <- picked" if r.name == picked else ""
+        nested = f"{r.nested_mean:.4f} ± {r.nested_std:.4f}"
+        lines.append(
+            f"{r.name:<{width}}{r.fit.space:<7}{r.fit.score:>14.4f}{nested:>24}{r.fit.threshold:>11.4f}{mark}"
+        )
+    return "\n".join(lines)
+
+
+def run_blend(
+    workdir: str | Path,
+    runs: Sequence[str] | None = None,
+    metric: str = "f1",
+    trials: int = 300,
+    timeout: float | None = None,
+    storage: str | None = None,
+    seed: int = 42,
+    nested_trials: int = 100,
+    tie_tol: float = TIE_TOL,
+    progress: bool = False,
+) -> BlendResult:
+    """The blend stage: validate the OOF files, search, score every method in and out of sample, pick, write.
+
+    Args:
+        workdir: project folder holding ``oof/`` and ``runs/`` (``--workdir``).
+        runs: run names (``--runs``); default every ``oof/*.csv``.
+        metric: a name in :data:`aivh_ens.metrics.METRICS` (``--metric``).
+        trials: Optuna trials to add to the study (``--trials``; it resumes if it exists).
+        timeout: stop the search after this many seconds (``--timeout``).
+        storage: an Optuna storage URL (``--storage``); default SQLite at ``runs/blend/study.db``.
+        seed: seeds the TPE samplers (``--seed``).
+        nested_trials: Optuna trials per nested-CV fold (``--nested-trials``).
+        tie_tol: nested means within this are a tie, broken towards the simpler method.
+        progress: show progress bars.
+    """
+    check_metric(metric)
+    if trials < 1 or nested_trials < 1:
+        raise UserError(f"trials={trials} (--trials) and nested_trials={nested_trials} (--nested-trials) must be "
+                        "at least 1")
+    if timeout is not None and timeout <= 0:
+        raise UserError(f"timeout={timeout} (--timeout) must be a positive number of seconds")
+    oof = load_oof(workdir, runs)  # every input check happens here, before anything is written
+    S = spaces(oof.P)
+    optuna_fit, n_trials = _search(oof, S, metric, trials, timeout, storage, seed, progress)
+    results = _score_methods(oof, S, metric, optuna_fit, nested_trials, seed, progress)
+    picked, reason = pick_method(results, metric, tie_tol)
+    doc = blend_document(oof, picked, results, metric, n_trials, seed)
+    written = _write_outputs(oof, S, results, picked, doc)
+    return BlendResult(doc, results, picked, reason, written)
+
+
+def _search(oof: OOFSet, S: Mapping[str, np.ndarray], metric: str, trials: int, timeout: float | None,
+            storage: str | None, seed: int, progress: bool) -> tuple[Fit, int]:
+    """Add ``trials`` to the persistent study of these inputs; its best blend and its number of trials."""
+    y = oof.y.astype(bool)
+    store = default_storage(oof.workdir) if storage is None else storage
+    try:
+        study = open_study(store, study_name(oof, metric), seed)
+        fit = optimize(study, S, y, metric, oof.runs, trials, timeout, progress)
+        return fit, len(_completed(study))
+    finally:
+        if storage is None:
+            store.engine.dispose()  # closes the file (and folds the WAL back into it)
+
+
+def _score_methods(oof: OOFSet, S: Mapping[str, np.ndarray], metric: str, optuna_fit: Fit, nested_trials: int,
+                   seed: int, progress: bool) -> tuple[MethodResult, ...]:
+    """Every method fitted on all OOF rows (Optuna: the study's best) and scored by nested CV."""
+    y = oof.y.astype(bool)
+    candidates = methods(oof.runs, metric, nested_trials)
+    in_sample = {m.name: (optuna_fit if m.name == "optuna" else m.fit(S, y, seed)) for m in candidates}
+    per_fold = nested_cv(oof.P, y, oof.folds, metric, candidates, seed=seed, progress=progress)
+    return tuple(
+        MethodResult(m.name, m.complexity, in_sample[m.name], tuple(per_fold[m.name])) for m in candidates
+    )
+
+
+def blend_document(oof: OOFSet, picked: MethodResult, results: Sequence[MethodResult], metric: str,
+                   n_trials: int, seed: int) -> dict[str, Any]:
+    """The blend.json content for the picked method (checked against the schema before it is returned)."""
+    fit = picked.fit
+    doc: dict[str, Any] = {
+        "version": BLEND_VERSION,
+        "runs": [
+            {"name": r, "config": f"runs/{r}/config.json", "oof": f"oof/{r}.csv", "oof_sha256": sha}
+            for r, sha in zip(oof.runs, oof.oof_sha256, strict=True)
+        ],
+        "fold_sha256": oof.fold_sha256,
+        "space": fit.space,
+        "weights": {r: float(w) for r, w in zip(oof.runs, fit.weights, strict=True)},
+        "threshold": fit.threshold,
+        "metric": metric,
+        "method": picked.name,
+        "oof_score": fit.score,
+        "nested_score": {"mean": picked.nested_mean, "std": picked.nested_std, "per_fold": list(picked.per_fold)},
+        "baselines": [
+            {"method": r.name, "oof_score": r.fit.score, "nested_mean": r.nested_mean, "nested_std": r.nested_std,
+             "threshold": r.fit.threshold}
+            for r in results
+        ],
+        "trials": n_trials,
+        "seed": seed,
+    }
+    if fit.space == "rank":
+        doc["rank_reference"] = RANK_REFERENCE
+    _check_blend_doc(doc)
+    return doc
+
+
+def _write_outputs(oof: OOFSet, S: Mapping[str, np.ndarray], results: Sequence[MethodResult],
+                   picked: MethodResult, doc: dict[str, Any]) -> tuple[Path, ...]:
+    """The two plots, then blend.json last: its presence means the stage finished."""
+    out_dir, fit, y = blend_dir(oof.workdir), picked.fit, oof.y.astype(bool)
+    best_single = max((r for r in results if r.name.startswith("single:")), key=lambda r: r.fit.score)
+    curves = {
+        f"blend ({picked.name}, {fit.space})": (combine(S[fit.space], fit.weights, fit.space), fit.threshold),
+        best_single.name: (oof.P[oof.runs.index(best_single.name.split(":", 1)[1])], best_single.fit.threshold),
+    }
+    return (
+        plot_threshold_curves(out_dir / "threshold.png", y, curves, doc["metric"]),
+        plot_weights(out_dir / "weights.png", doc["weights"], f"{picked.name} weights ({fit.space} space)"),
+        write_json(out_dir / "blend.json", doc),
+    )

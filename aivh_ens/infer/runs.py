@@ -1,0 +1,161 @@
+"""A trained run's fold models at inference: check the run, load its fold weights, predict with TTA."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from aivh_ens import faults
+from aivh_ens.blend.core import blend
+from aivh_ens.config import RunConfig
+from aivh_ens.data.loader import ImageSource, Normalizer, default_workers, make_loader
+from aivh_ens.errors import UserError
+from aivh_ens.infer.tta import TTADataset, TTASpec, effective_spec, parse_tta, score_views
+from aivh_ens.layout import read_run_config as load_run
+from aivh_ens.layout import run_dir
+from aivh_ens.train.fold import DONE
+from aivh_ens.train.loop import BEST, eval_batch_size, load_weights
+from aivh_ens.train.models import DataConfig, build_model
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A finished run: its config, config.json document and one weights file per fold."""
+
+    name: str
+    cfg: RunConfig
+    doc: dict[str, Any]
+    weights: tuple[Path, ...]
+
+
+def check_run(workdir: str | Path, name: str) -> RunInfo:
+    """The run's config and fold weights; UserError naming the run/fold and the fix if any is missing."""
+    cfg, doc = load_run(Path(workdir), name)
+    rdir = run_dir(Path(workdir), name)
+    weights = []
+    for k in range(cfg.folds):
+        w, done = rdir / f"fold{k}" / BEST, rdir / f"fold{k}" / DONE
+        if not (w.is_file() and done.is_file()):
+            raise UserError(
+                f"run {name}: fold {k} has no finished weights ({w}); finish it with "
+                f"`aivh-ens cv --name {name} --resume ...` (the run's own options), or re-fit the blend "
+                "without it (`aivh-ens blend --runs ...`)"
+            )
+        weights.append(w)
+    return RunInfo(name, cfg, doc, tuple(weights))
+
+
+def load_models(info: RunInfo, device: torch.device) -> tuple[list[nn.Module], DataConfig]:
+    """Build the run's architecture once per fold and load that fold's weights (eval mode, on ``device``)."""
+    # The fold weights replace everything: no pretrained download, no --weights file needed here.
+    cfg = dataclasses.replace(info.cfg, pretrained=False, weights=None)
+    models, dc = [], None
+    for path in info.weights:
+        model, dc = build_model(cfg)
+        try:
+            load_weights(model, path)
+        except (RuntimeError, OSError) as e:
+            raise UserError(f"cannot load {path} into {cfg.model} ({str(e).splitlines()[0][:160]}); "
+                            f"re-train the fold with `aivh-ens cv --name {info.name} --force ...`") from None
+        model.eval().to(device)
+        if device.type == "cuda" and cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        models.append(model)
+    assert dc is not None  # a run has at least two folds
+    return models, dc
+
+
+def predict_folds(models: Sequence[nn.Module], dc: DataConfig, cfg: RunConfig, source: ImageSource,
+                  rows: Sequence[int], spec: TTASpec, device: torch.device, *, batch_size: int | None = None,
+                  workers: int | None = None, progress: bool = False,
+                  desc: str = "test") -> tuple[np.ndarray, dict[int, str]]:
+    """P(label 1) of each row under each fold model, averaged over the TTA views.
+
+    Args:
+        models: the K fold models of one run (:func:`load_models`).
+        dc, cfg: the run's data config and run config (preprocessing, AMP, channels_last).
+        source: the images; ``rows`` index into it.
+        spec: the TTA spec (:func:`aivh_ens.infer.tta.effective_spec` for this run).
+        batch_size: model inputs (images x views) per forward pass; default the run's evaluation batch.
+        workers: DataLoader workers; default one per core (up to 8) on CUDA, none on CPU.
+
+    Returns:
+        ``(P, bad)``: P (K, N) float32 probabilities (NaN for bad rows) and ``{position: reason}`` for the
+        images that could not be decoded.
+    """
+    spec = effective_spec(spec, cfg)
+    bs = batch_size or eval_batch_size(cfg)
+    ds = TTADataset(source, rows, cfg, dc.img_size, spec.crops)
+    loader = make_loader(ds, max(1, bs // spec.n_views), train=False, device=device,  # type: ignore[arg-type]
+                         workers=default_workers(device, workers if workers is not None else cfg.workers))
+    channels_last = device.type == "cuda" and cfg.channels_last
+    normalize = Normalizer(dc.mean, dc.std, device, channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    P = np.full((len(models), len(ds)), np.nan, dtype=np.float32)  # (K, N)
+    done: list[tuple[np.ndarray, torch.Tensor]] = []  # (positions, (K, B) probs on the device) per batch
+    bad: dict[int, str] = {}
+    for x, pos, ok, reasons in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+        faults.point("infer-batch")
+        bad.update({int(i): r for i, r, good in zip(pos, reasons, ok, strict=True) if not good})
+        if not bool(ok.any()):
+            continue
+        if not bool(ok.all()):  # masking copies the batch out of pinned memory: only when needed
+            x, pos = x[ok], pos[ok]
+        pos = pos.numpy()  # (B,) positions; x: (B, Vc, 3, S, S) uint8
+        b, vc = x.shape[:2]
+        xn = normalize(x.reshape(b * vc, *x.shape[2:])).reshape(b, vc, *x.shape[2:])
+        p = score_views(models, xn, spec.flip_views, amp=cfg.amp, memory_format=fmt)  # (K, B, V)
+        done.append((pos, p.mean(dim=2)))  # copied to the host once the pass ends: no wait per batch
+    if done:
+        P[:, np.concatenate([pos for pos, _ in done])] = torch.cat([p for _, p in done], dim=1).cpu().numpy()
+    return P, bad
+
+
+def fold_average(P: np.ndarray, space: str) -> np.ndarray:
+    """Average fold probabilities ``P`` (K, N) into (N,): in logit space for logit blends, else their mean."""
+    return blend(P, np.ones(len(P)), "logit" if space == "logit" else "prob")
+
+
+def run_spec(info: RunInfo, forced: TTASpec | None, log: Log | None = None) -> TTASpec:
+    """The TTA spec a run uses: ``forced`` (--tta) or the run's recipe default, minus crops it cannot take."""
+    if forced is None:
+        try:
+            forced = parse_tta(info.cfg.tta)
+        except UserError as e:
+            raise UserError(f"run {info.name} has tta {info.cfg.tta!r} in its config.json: {e}; "
+                            "pass --tta") from None
+    spec = effective_spec(forced, info.cfg)
+    if spec != forced and log is not None:
+        log(f"run {info.name}: resizes the whole image to its input size, so crops:{forced.crops} does not "
+            f"apply; using {spec.name}")
+    unseen = unseen_views(spec, info.cfg)
+    if unseen and log is not None:
+        log(f"note: run {info.name} never saw {unseen} in training (its augmentation: hflip p={info.cfg.hflip:g}, "
+            f"rotation up to {info.cfg.rotate:g} degrees); such views can lower its score: use the views it "
+            "trained with (e.g. --tta hflip)")
+    return spec
+
+
+def unseen_views(spec: TTASpec, cfg: RunConfig) -> str | None:
+    """The TTA views of ``spec`` that the run's training augmentation never produced, in words, or None.
+
+    Views outside the training distribution are not neutral: on CIFAKE, d4 TTA on runs trained with hflip
+    only cost 2 F1 points against hflip (README).
+    """
+    views = set(spec.flip_views)
+    missing = []
+    if any(v.startswith(("rot", "hflip_rot")) for v in views) and cfg.rotate < 90:
+        missing.append("rotated (90/180/270 degrees) or upside-down images")
+    if "hflip" in views and cfg.hflip <= 0:
+        missing.append("mirrored images")
+    return " or ".join(missing) or None

@@ -1,0 +1,225 @@
+"""The submit stage: every fold model of every blended run, TTA, the fitted blend -> ``submission.csv``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from aivh_ens.blend.artifact import apply_blend, load_blend
+from aivh_ens.data.images import BadImageError, image_size
+from aivh_ens.data.loader import FileSource
+from aivh_ens.data.tables import read_test_table
+from aivh_ens.data.transforms import storage_step
+from aivh_ens.errors import UserError
+from aivh_ens.infer.runs import Log, RunInfo, check_run, fold_average, load_models, predict_folds, run_spec
+from aivh_ens.infer.scores import cache_paths, read_cache, scores_key, write_cache
+from aivh_ens.infer.tta import TTASpec, parse_tta
+from aivh_ens.io import write_csv
+from aivh_ens.layout import BLEND_DIR
+from aivh_ens.train.loop import resolve_device
+
+RATE_WARN = 0.15  # warn when the predicted AI rate differs from the training rate by more than this
+
+
+def scan_test_images(data_dir: str | Path, ids: Sequence[str], csv: str, workers: int = 8) -> None:
+    """Read every test image's header; UserError naming the first unreadable one."""
+
+    def one(i: str) -> tuple[str, str | None]:
+        try:
+            image_size(Path(data_dir) / i)
+            return i, None
+        except BadImageError as e:
+            return i, e.reason
+
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        bad = [(i, r) for i, r in ex.map(one, ids, chunksize=256) if r is not None]
+    if bad:
+        raise UserError(f"{len(bad)} unreadable test image(s) in {csv}; first: {bad[0][0]}: {bad[0][1]}; "
+                        "replace the file (every test id needs a prediction)")
+
+
+@dataclass(frozen=True)
+class RunScores:
+    """One run's test scores: fold probabilities (K, N), the TTA spec used, whether they were cached."""
+
+    name: str
+    P: np.ndarray
+    tta: str
+    cached: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """What :func:`submit` wrote and what it predicted."""
+
+    out: Path
+    proba: Path | None
+    n: int
+    ai_rate: float  # share of label 1 in the submission
+    train_rate: float  # share of label 1 in the OOF (training) labels
+    warning: str | None
+    space: str
+    threshold: float
+    runs: list[RunScores]
+
+
+def default_blend_path(workdir: str | Path) -> Path:
+    return Path(workdir) / BLEND_DIR / "blend.json"
+
+
+def _resolve_data(infos: Sequence[RunInfo], data: str | Path | None) -> Path:
+    if data is not None:
+        return Path(data)
+    dirs = sorted({str(i.doc.get("data") or i.cfg.data) for i in infos})
+    if len(dirs) > 1:
+        raise UserError(f"the blended runs were trained on different data folders ({', '.join(dirs)}); "
+                        "pass --data DIR with the folder holding test.csv")
+    return Path(dirs[0])
+
+
+def validate_submission(path: str | Path, ids: Sequence[str]) -> pd.DataFrame:
+    """Check a submission file: columns ``id,label``, the test ids in order, labels 0/1; UserError if not."""
+    path = Path(path)
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if list(df.columns) != ["id", "label"]:
+        raise UserError(f"{path}: expected columns id,label, got {','.join(df.columns)}")
+    if len(df) != len(ids):
+        raise UserError(f"{path}: {len(df)} rows, but the test table has {len(ids)}")
+    if df["id"].tolist() != list(ids):
+        missing = sorted(set(ids) - set(df["id"]))
+        what = f"lacks id {missing[0]}" if missing else "has the ids in another order or repeated"
+        raise UserError(f"{path} {what}; expected the ids of the test table, in its order")
+    bad = ~df["label"].isin(["0", "1"])
+    if bad.any():
+        raise UserError(f"{path}: label {df['label'][bad].iloc[0]!r} of id {df['id'][bad].iloc[0]}; "
+                        "labels must be 0 or 1")
+    return df
+
+
+def run_test_scores(workdir: str | Path, infos: Sequence[RunInfo], specs: dict[str, TTASpec],
+                    data_dir: Path, test_csv: str, ids: Sequence[str], device: torch.device, *,
+                    batch_size: int | None = None, workers: int | None = None, progress: bool = True,
+                    log: Log = print) -> list[RunScores]:
+    """Each run's fold scores (K, N) on the test ids: from the cache when its key matches, else predicted."""
+    keys = {i.name: scores_key(i, specs[i.name], data_dir, test_csv, ids) for i in infos}
+    cached = {i.name: read_cache(*cache_paths(workdir, i.name, specs[i.name]), keys[i.name], ids)
+              for i in infos}
+    if any(P is None for P in cached.values()):
+        scan_test_images(data_dir, ids, test_csv)
+    out = []
+    for info in infos:
+        spec = specs[info.name]
+        P, t0 = cached[info.name], time.perf_counter()
+        if P is None:
+            log(f"run {info.name}: predicting {len(ids)} images x {spec.n_views} view(s) ({spec.name}) "
+                f"x {len(info.weights)} folds on {device}")
+            models, dc = load_models(info, device)
+            # The run's own storage step, as in training (the cache and the uncached path share it).
+            source = FileSource(data_dir, list(ids), storage_step(info.cfg, dc.img_size))
+            P, bad = predict_folds(models, dc, info.cfg, source, np.arange(len(ids)), spec, device,
+                                   batch_size=batch_size, workers=workers, progress=progress,
+                                   desc=f"{info.name} test")
+            del models
+            if bad:
+                first = min(bad)
+                raise UserError(f"cannot decode test image {ids[first]}: {bad[first]}; replace the file "
+                                "(every test id needs a prediction)")
+            csv_path, meta_path = cache_paths(workdir, info.name, spec)
+            write_cache(csv_path, meta_path, keys[info.name], ids, P,
+                        {"device": str(device), "amp": info.cfg.amp if device.type == "cuda" else "none",
+                         "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        else:
+            log(f"run {info.name}: cached test scores ({spec.name}, {len(info.weights)} folds)")
+        seconds = time.perf_counter() - t0
+        out.append(RunScores(info.name, P, spec.name, cached[info.name] is not None, seconds))
+    return out
+
+
+def blended_runs(workdir: Path, blend_path: str | Path | None) -> tuple[dict[str, Any], list[RunInfo]]:
+    """The checked blend document and its runs with weight > 0 (config, finished fold weights), made from the
+    fold file the blend was fitted on."""
+    bpath = Path(blend_path) if blend_path is not None else default_blend_path(workdir)
+    doc = load_blend(bpath, workdir)  # also checks every run's config and OOF sha256
+    names = [r["name"] for r in doc["runs"] if doc["weights"][r["name"]] > 0]
+    infos = [check_run(workdir, n) for n in names]
+    for info in infos:
+        if info.doc.get("fold_sha256") != doc["fold_sha256"]:
+            raise UserError(f"run {info.name} was re-trained on another fold file since {bpath} was fitted; "
+                            "re-fit with `aivh-ens blend`")
+    return doc, infos
+
+
+def _write_submission(out_path: Path, ids: list[str], labels: np.ndarray, probs: np.ndarray | None) -> Path | None:
+    """``id,label`` (validated after writing), and ``id,prob`` beside it when ``probs`` is given."""
+    write_csv(out_path, pd.DataFrame({"id": ids, "label": labels.astype(np.int64)}))
+    try:
+        validate_submission(out_path, ids)
+    except UserError as e:  # our own output failed its check: a bug, never leave the file behind
+        out_path.unlink(missing_ok=True)
+        raise RuntimeError(f"the written submission failed validation: {e}") from e
+    if probs is None:
+        return None
+    proba_path = out_path.with_name(f"{out_path.stem}_proba.csv")
+    write_csv(proba_path, pd.DataFrame({"id": ids, "prob": probs}), float_format="%.8g")
+    return proba_path
+
+
+def _rate_check(workdir: Path, doc: dict[str, Any], labels: np.ndarray) -> tuple[float, float, str | None]:
+    """``(training AI rate, predicted AI rate, a warning when they differ by more than RATE_WARN)``."""
+    oof = pd.read_csv(workdir / doc["runs"][0]["oof"], usecols=["label"])
+    train_rate, ai_rate = float(oof["label"].mean()), float(labels.mean())
+    warning = None
+    if abs(ai_rate - train_rate) > RATE_WARN:
+        warning = (f"the predicted AI rate {ai_rate:.1%} differs from the training rate {train_rate:.1%} by "
+                   f"more than {RATE_WARN * 100:.0f} points: the threshold ({doc['threshold']:.4f}, "
+                   f"{doc['space']} space) may not transfer to this test set")
+    return train_rate, ai_rate, warning
+
+
+def submit(workdir: str | Path = ".", *, blend_path: str | Path | None = None, data: str | Path | None = None,
+           tta: str | None = None, out: str | Path | None = None, proba: bool = False,
+           device: str | None = None, batch_size: int | None = None, workers: int | None = None,
+           progress: bool = True, log: Log = print) -> SubmitResult:
+    """Predict the test set with every run of a fitted blend and write the submission.
+
+    Args:
+        workdir: project folder holding runs/ and oof/.
+        blend_path: the blend file (default ``runs/blend/blend.json``).
+        data: dataset folder with test.csv and the images (default: the folder the runs were trained on).
+        tta: TTA spec for every run (see :mod:`aivh_ens.infer.tta`); default each run's recipe default.
+        out: submission path (default ``<workdir>/submission.csv``).
+        proba: also write the blended scores, ``id,prob``, to ``<out stem>_proba.csv``.
+        device, batch_size, workers: inference settings (default auto, the run's eval batch, per device).
+
+    Raises:
+        UserError: a bad TTA spec, a blend whose runs, fold weights or OOF files are missing or changed, a
+            missing or invalid test table, or an unreadable test image; all found before anything is written.
+    """
+    workdir = Path(workdir)
+    forced = parse_tta(tta) if tta is not None else None
+    doc, infos = blended_runs(workdir, blend_path)
+    specs = {i.name: run_spec(i, forced, log) for i in infos}
+    data_dir = _resolve_data(infos, data)
+    cfg0 = infos[0].cfg
+    ids = read_test_table(data_dir, cfg0.test_csv, id_col=cfg0.id_col)["id"].tolist()
+    dev = resolve_device(device or "auto")
+    out_path = Path(out) if out is not None else workdir / "submission.csv"
+
+    scores = run_test_scores(workdir, infos, specs, data_dir, cfg0.test_csv, ids, dev, batch_size=batch_size,
+                             workers=workers, progress=progress, log=log)
+    space = doc["space"]
+    probs, labels = apply_blend(doc, {s.name: fold_average(s.P, space) for s in scores})  # (N,), (N,)
+
+    proba_path = _write_submission(out_path, ids, labels, probs if proba else None)
+    train_rate, ai_rate, warning = _rate_check(workdir, doc, labels)
+    return SubmitResult(out_path, proba_path, len(ids), ai_rate, train_rate, warning, space,
+                        float(doc["threshold"]), scores)

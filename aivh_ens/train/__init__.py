@@ -1,0 +1,24 @@
+"""Training: models, the epoch loop, one (run, fold) job, and the cv stage over a run's folds."""
+
+from __future__ import annotations
+
+from aivh_ens._lazy import attach
+
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "build_model": ".models",
+        "create_backbone": ".models",
+        "check_model_name": ".models",
+        "resolve_device": ".loop",
+        "create_optimizer": ".loop",
+        "lr_factor": ".loop",
+        "train_one_epoch": ".loop",
+        "evaluate": ".loop",
+        "FoldJob": ".fold",
+        "fit_fold": ".fold",
+        "run_cv": ".cv",
+        "CVResult": ".cv",
+        "format_summary": ".cv",
+    },
+)

@@ -1,0 +1,272 @@
+"""One (run, fold) job: set up, resume, train the epochs, write the fold's files (``done.json`` last).
+
+A :class:`FoldJob` is a pure function of its frozen config and fold index; it writes only under
+``runs/<run>/fold<k>/``."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from aivh_ens.config import RunConfig
+from aivh_ens.data.loader import (
+    ImageDataset,
+    ImageSource,
+    Normalizer,
+    default_workers,
+    derive_seed,
+    make_loader,
+)
+from aivh_ens.data.transforms import eval_transform, train_transform
+from aivh_ens.errors import TrainingDiverged, UserError
+from aivh_ens.io import atomic_path, write_csv, write_json
+from aivh_ens.train.loop import (
+    BEST,
+    METRICS,
+    CompileFallback,
+    FoldContext,
+    _score,
+    _unwrap,
+    _val_metrics,
+    create_optimizer,
+    eval_batch_size,
+    evaluate,
+    load_weights,
+    resolve_device,
+    save_weights,
+    train_one_epoch,
+)
+from aivh_ens.train.models import build_model
+
+STATE = "state.pt"  # resume state of an unfinished fold
+FOLD_OOF = "oof.csv"
+DONE = "done.json"  # written last: its presence means the fold is finished
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Resume state, read with ``weights_only=True``: a file carrying code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError and friends: one line naming the file
+        raise UserError(
+            f"refusing to resume from {path}: not a plain tensor checkpoint ({str(e).splitlines()[0][:160]}); "
+            "delete it and re-run with --force"
+        ) from None
+
+
+@dataclass(frozen=True)
+class FoldJob:
+    """One unit of work: train fold ``fold`` of a run. A pure function of these fields (plus the files)."""
+
+    cfg: RunConfig
+    fold: int
+    fold_dir: Path
+    data_root: Path
+    fold_table: pd.DataFrame  # file_name,label,fold
+    exclude: frozenset[int] = frozenset()  # rows known to be bad (skipped)
+
+
+def fit_fold(job: FoldJob, source: ImageSource, *, resume: bool = False, progress: bool = True,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one fold (resuming from ``state.pt`` when asked), write its OOF rows, return its summary.
+
+    Named steps: set up (model, optimizer, loaders) -> resume -> epochs -> write outputs (``done.json`` last).
+    """
+    job.fold_dir.mkdir(parents=True, exist_ok=True)
+    setup = _set_up(job, source)
+    state = _resume(job, setup, resume, log)
+    t_fold = time.perf_counter()
+    _train_epochs(job, setup, state, progress, log)
+    return _write_outputs(job, setup, state, progress, time.perf_counter() - t_fold)
+
+
+@dataclass
+class _Setup:
+    """Everything a fold trains with; made once per fold."""
+
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    ema: Any  # timm ModelEmaV3 or None
+    train_ds: ImageDataset
+    val_loader: Any
+    ctx: FoldContext
+    workers: int
+    train_rows: np.ndarray  # (N_train,) row indices into the fold table
+    total_steps: int
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+@dataclass
+class _State:
+    """Where training stands: what ``state.pt`` records after every epoch."""
+
+    start_epoch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+
+def _split_rows(job: FoldJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(labels (N,), train rows, validation rows)``, leaving out the excluded (bad) rows."""
+    labels = job.fold_table["label"].to_numpy()
+    fold_col = job.fold_table["fold"].to_numpy()
+    keep = np.ones(len(labels), dtype=bool)
+    if job.exclude:
+        keep[list(job.exclude)] = False
+    train_rows = np.flatnonzero((fold_col != job.fold) & keep)
+    val_rows = np.flatnonzero((fold_col == job.fold) & keep)
+    if len(val_rows) == 0 or len(train_rows) == 0:
+        raise UserError(f"fold {job.fold} has no training or validation rows; check the fold file")
+    return labels, train_rows, val_rows
+
+
+def _set_up(job: FoldJob, source: ImageSource) -> _Setup:
+    """The device settings, the model (seeded per fold), optimizer, scaler, EMA, datasets and loaders."""
+    cfg = job.cfg
+    device = resolve_device(cfg.device)
+    if cfg.deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    labels, train_rows, val_rows = _split_rows(job)
+    torch.manual_seed(derive_seed(cfg.seed, job.fold, "init"))
+    model, dc = build_model(cfg)
+    model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp == "fp16" else None
+    ema = None
+    if cfg.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay, device=device)
+    workers = default_workers(device, cfg.workers)
+    train_ds = ImageDataset(source, train_rows, labels[train_rows], train_transform(cfg, dc.img_size),
+                            dc.img_size, seed=derive_seed(cfg.seed, job.fold))
+    val_ds = ImageDataset(source, val_rows, labels[val_rows], eval_transform(cfg, dc.img_size), dc.img_size)
+    val_loader = make_loader(val_ds, eval_batch_size(cfg), train=False, device=device, workers=workers)
+    ctx = FoldContext(cfg, device, Normalizer(dc.mean, dc.std, device, cfg.channels_last and device.type == "cuda"),
+                      source.describe, set())
+    batches = len(train_rows) // cfg.batch_size if len(train_rows) > cfg.batch_size else 1
+    total_steps = max(1, math.ceil(batches / cfg.accum_steps)) * cfg.epochs
+    return _Setup(device, model, optimizer, scaler, ema, train_ds, val_loader, ctx, workers, train_rows,
+                  total_steps)
+
+
+def _resume(job: FoldJob, s: _Setup, resume: bool, log: Callable[[str], None]) -> _State:
+    """A fresh state, or the one in ``state.pt`` (with the model, optimizer, scaler and EMA restored)."""
+    state_path = job.fold_dir / STATE
+    if not state_path.exists():
+        return _State()
+    if not resume:
+        raise UserError(f"{state_path} holds an interrupted fold: re-run with --resume to continue it, "
+                        "or --force to start over")
+    st = load_state(state_path)
+    _unwrap(s.model).load_state_dict(st["model"])
+    s.optimizer.load_state_dict(st["optimizer"])
+    if s.scaler is not None and st.get("scaler"):
+        s.scaler.load_state_dict(st["scaler"])
+    if s.ema is not None and st.get("ema"):
+        s.ema.module.load_state_dict(st["ema"])
+    state = _State(int(st["epoch"]) + 1, int(st["step"]), list(st["history"]), float(st["best_score"]),
+                   int(st["best_epoch"]), int(st["bad_epochs"]))
+    log(f"  fold {job.fold}: resuming after epoch {state.start_epoch} (best so far: epoch {state.best_epoch + 1})")
+    return state
+
+
+def _train_epochs(job: FoldJob, s: _Setup, state: _State, progress: bool, log: Callable[[str], None]) -> None:
+    """Epochs from ``state.start_epoch``: train, validate, keep the best weights, save the resume state."""
+    cfg, fold = job.cfg, job.fold
+    train_model = CompileFallback(s.model, log) if cfg.compile and s.device.type == "cuda" else s.model
+    eval_model = s.ema.module if s.ema is not None else train_model
+    for epoch in range(state.start_epoch, cfg.epochs):
+        torch.manual_seed(derive_seed(cfg.seed, fold, epoch))  # dropout, drop-path: replayable on resume
+        s.train_ds.set_epoch(epoch)
+        train_loader = make_loader(s.train_ds, cfg.batch_size, train=True, device=s.device, workers=s.workers,
+                                   seed=derive_seed(cfg.seed, fold, epoch, "order"))
+        t0 = time.perf_counter()
+        try:
+            tr, state.step = train_one_epoch(train_model, train_loader, s.optimizer, s.ctx, epoch=epoch,
+                                             step=state.step, total_steps=s.total_steps, scaler=s.scaler,
+                                             ema=s.ema, progress=progress)
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"fold {fold}: {e}") from None
+        _, vy, vp = evaluate(eval_model, s.val_loader, s.ctx)
+        vm = _val_metrics(vy, vp)
+        row = {"epoch": epoch + 1, **{k: tr[k] for k in ("train_loss", "lr", "img_s")}, **vm,
+               "seconds": time.perf_counter() - t0}
+        improved = _record_epoch(job, s, state, epoch, row, eval_model)
+        log(f"  fold {fold} epoch {epoch + 1}/{cfg.epochs}: train_loss {tr['train_loss']:.4f}  "
+            f"val_loss {vm['val_loss']:.4f}  acc {vm['val_acc']:.4f}  f1 {vm['val_f1']:.4f}  "
+            f"auc {vm['val_auc']:.4f}  {tr['img_s']:.0f} img/s  {row['seconds']:.1f}s{' *' if improved else ''}")
+        if cfg.early_stop and state.bad_epochs >= cfg.early_stop:
+            log(f"  fold {fold}: early stop after epoch {epoch + 1} ({cfg.early_stop} epochs without improvement)")
+            break
+
+
+def _record_epoch(job: FoldJob, s: _Setup, state: _State, epoch: int, row: dict[str, Any],
+                  eval_model: torch.nn.Module) -> bool:
+    """Book one finished epoch: best weights when it improved, metrics.csv, then state.pt; True if improved."""
+    cfg, fdir = job.cfg, job.fold_dir
+    state.history.append(row)
+    score = _score(row, cfg.select)
+    improved = cfg.select == "last" or score > state.best_score
+    if improved:
+        state.best_score, state.best_epoch, state.bad_epochs = score, epoch, 0
+        save_weights(eval_model, fdir / BEST)
+    else:
+        state.bad_epochs += 1
+    write_csv(fdir / METRICS, pd.DataFrame(state.history), float_format="%.6g")
+    _save_state(fdir / STATE, {
+        "model": _unwrap(s.model).state_dict(), "optimizer": s.optimizer.state_dict(),
+        "scaler": s.scaler.state_dict() if s.scaler else {}, "ema": s.ema.module.state_dict() if s.ema else {},
+        "epoch": epoch, "step": state.step, "history": state.history, "best_score": state.best_score,
+        "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs,
+    })
+    return improved
+
+
+def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, seconds: float) -> dict[str, Any]:
+    """OOF rows from the best weights (re-evaluated: exact even after a resume), then done.json, last."""
+    fdir, history = job.fold_dir, state.history
+    eval_model = s.eval_model
+    load_weights(eval_model, fdir / BEST)
+    rows, vy, vp = evaluate(eval_model, s.val_loader, s.ctx, progress=progress, desc="oof")
+    names = job.fold_table["file_name"].to_numpy()
+    oof = pd.DataFrame({"file_name": names[rows], "label": vy, "fold": job.fold, "prob": vp})
+    write_csv(fdir / FOLD_OOF, oof, float_format="%.8g")
+    if s.ctx.skipped:
+        write_csv(fdir / "skipped.csv", pd.DataFrame({"file_name": names[sorted(s.ctx.skipped)]}))
+    best = history[state.best_epoch] if 0 <= state.best_epoch < len(history) else history[-1]
+    summary = {
+        "fold": job.fold, "best_epoch": best["epoch"], "epochs_run": len(history), "val_f1": best["val_f1"],
+        "val_acc": best["val_acc"], "val_loss": best["val_loss"], "val_auc": best["val_auc"],
+        "minutes": sum(h["seconds"] for h in history) / 60, "n_train": int(len(s.train_rows)),
+        "n_val": int(len(oof)), "skipped": sorted(names[sorted(s.ctx.skipped)].tolist()),
+        "wall_minutes_this_process": seconds / 60,
+    }
+    write_json(fdir / DONE, summary)
+    (fdir / STATE).unlink(missing_ok=True)  # the fold is finished: its resume state is no longer needed
+    return summary
