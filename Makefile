@@ -44,6 +44,7 @@ bench-gpu: install
 
 lint: install
 	$(VENV)/bin/ruff check aivh_ens tests bench
+	$(VENV)/bin/ruff format --check aivh_ens tests bench
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -166,7 +166,16 @@ def default_run_name(model: str, recipe: str) -> str:
 
 _TUPLE_FIELDS = {f.name for f in fields(RunConfig) if str(f.type).startswith("tuple")}
 # Fields that may differ between two configs of the same run without changing what it trains.
-RUNTIME_FIELDS = ("device", "workers", "eval_batch_size", "compile", "extra", "on_bad_image", "cache", "cache_dir")
+RUNTIME_FIELDS = (
+    "device",
+    "workers",
+    "eval_batch_size",
+    "compile",
+    "extra",
+    "on_bad_image",
+    "cache",
+    "cache_dir",
+)
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

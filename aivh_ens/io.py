@@ -38,7 +38,7 @@ _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # folders
 def _sweep_orphans(path: Path) -> None:
     """Remove temporary files of ``path`` left by processes of this host that died mid-write."""
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}-*.tmp"):
-        pid = tmp.name[len(path.name) + len(_HOST) + 3:].split(".", 1)[0]
+        pid = tmp.name[len(path.name) + len(_HOST) + 3 :].split(".", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 

@@ -120,13 +120,17 @@ def read_run_doc(workdir: str | Path, name: str, missing_hint: str | None = None
         hint = missing_hint or f"train it with `aivh-ens cv --name {name} ...` first"
         raise UserError(f"run {name!r} has no {path}: {hint}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); restore it or re-train run {name!r} with --force") from None
+        raise UserError(
+            f"{path} is not valid JSON ({e}); restore it or re-train run {name!r} with --force"
+        ) from None
     if not isinstance(doc, dict):
         raise UserError(f"{path} must hold a JSON object; restore it or re-train run {name!r} with --force")
     return doc
 
 
-def read_run_config(workdir: str | Path, name: str, missing_hint: str | None = None) -> tuple[RunConfig, dict[str, Any]]:
+def read_run_config(
+    workdir: str | Path, name: str, missing_hint: str | None = None
+) -> tuple[RunConfig, dict[str, Any]]:
     """The run's :class:`~aivh_ens.config.RunConfig` and the whole ``config.json`` (fold file, versions...).
 
     Raises:

@@ -60,8 +60,10 @@ class FileLock:
             if owner is None:
                 time.sleep(0.05)  # being written right now, or unreadable: look again
                 owner = read_owner(self.path)
-            if owner is not None and owner.get("host") == socket.gethostname() and not pid_alive(
-                int(owner.get("pid", -1))
+            if (
+                owner is not None
+                and owner.get("host") == socket.gethostname()
+                and not pid_alive(int(owner.get("pid", -1)))
             ):
                 # Stale: its process is gone. Remove and race for it again (O_EXCL decides the winner).
                 self.path.unlink(missing_ok=True)

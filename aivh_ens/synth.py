@@ -349,11 +349,21 @@ def make_demo_dataset(
 
     n_test_ai = int(test["label"].sum())
     return {
-        "root": out, "train_csv": out / "train.csv", "test_csv": out / "test.csv",
-        "solution_csv": out / "solution.csv", "train_dir": out / TRAIN_DIR, "test_dir": out / TEST_DIR,
-        "n_train": n, "n_train_ai": n // 2, "n_train_human": n // 2,
-        "n_test": n_test, "n_test_ai": n_test_ai, "n_test_human": n_test - n_test_ai,
-        "seed": seed, "difficulty": difficulty, "seconds": time.perf_counter() - t0,
+        "root": out,
+        "train_csv": out / "train.csv",
+        "test_csv": out / "test.csv",
+        "solution_csv": out / "solution.csv",
+        "train_dir": out / TRAIN_DIR,
+        "test_dir": out / TEST_DIR,
+        "n_train": n,
+        "n_train_ai": n // 2,
+        "n_train_human": n // 2,
+        "n_test": n_test,
+        "n_test_ai": n_test_ai,
+        "n_test_human": n_test - n_test_ai,
+        "seed": seed,
+        "difficulty": difficulty,
+        "seconds": time.perf_counter() - t0,
     }
 
 
@@ -363,7 +373,9 @@ def _check_counts(n: int, n_test: int, difficulty: float, seed: int) -> tuple[in
     if isinstance(n_test, bool) or int(n_test) != n_test or n_test < 2:
         raise UserError(f"n_test={n_test} (--n-test) must be a whole number >= 2")
     if not 0.0 <= float(difficulty) <= 1.0:
-        raise UserError(f"difficulty={difficulty} (--difficulty) must be in [0, 1] (0 = strong generator traces)")
+        raise UserError(
+            f"difficulty={difficulty} (--difficulty) must be in [0, 1] (0 = strong generator traces)"
+        )
     return int(n), int(n_test), int(seed), float(difficulty)
 
 

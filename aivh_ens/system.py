@@ -86,9 +86,16 @@ def library_versions() -> dict[str, str]:
 
     from aivh_ens import __version__
 
-    return {"aivh_ens": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "numpy": np.__version__, "pandas": pd.__version__,
-            "sklearn": sklearn.__version__, "albumentations": albumentations.__version__}
+    return {
+        "aivh_ens": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "sklearn": sklearn.__version__,
+        "albumentations": albumentations.__version__,
+    }
 
 
 def busy_elsewhere(samples: int = 5, interval: float = 0.05) -> int | None:
@@ -123,5 +130,7 @@ def cpu_contention_note(device_name: str) -> str | None:
     others = busy_elsewhere()
     if not others:
         return None
-    return (f"note: {others} other process(es) are running on the CPU and torch uses {torch.get_num_threads()} "
-            "threads; with shared cores --threads 1 per process is often several times faster")
+    return (
+        f"note: {others} other process(es) are running on the CPU and torch uses {torch.get_num_threads()} "
+        "threads; with shared cores --threads 1 per process is often several times faster"
+    )

@@ -67,8 +67,16 @@ class NaiveDataset(torch.utils.data.Dataset):
         import torchvision.transforms as T
 
         self.paths = paths
-        self.tf = T.Compose([T.Resize(round(size * 255 / 224)), T.RandomHorizontalFlip(), T.RandomRotation(20),
-                             T.RandomResizedCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+        self.tf = T.Compose(
+            [
+                T.Resize(round(size * 255 / 224)),
+                T.RandomHorizontalFlip(),
+                T.RandomRotation(20),
+                T.RandomResizedCrop(size),
+                T.ToTensor(),
+                T.Normalize(MEAN, STD),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -82,7 +90,9 @@ class NaiveDataset(torch.utils.data.Dataset):
 
 def naive_epoch(ds: NaiveDataset, workers: int) -> float:
     """Seconds for one epoch of the naive pipeline (a fresh DataLoader per epoch, as its scripts do)."""
-    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True
+    )
     t0 = time.perf_counter()
     n = 0
     for x, _y in loader:
@@ -165,8 +175,12 @@ def rss_child(data: str, cache_dir: str, workers: int) -> None:
 
 
 def measure_rss(data: Path, cache_dir: Path, workers: int) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--rss-child", str(data), str(cache_dir), str(workers)],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, __file__, "--rss-child", str(data), str(cache_dir), str(workers)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -191,8 +205,10 @@ def main() -> None:
     t0 = time.perf_counter()
     data = make_jpegs(a.n)
     paths = [data / p for p in pd.read_csv(data / "train.csv")["file_name"]]
-    print(f"images: {len(paths)} JPEGs 768x512 in {data} ({time.perf_counter() - t0:.1f}s to make or find); "
-          f"batch {BATCH}, {a.workers} workers, {cores()} cores, torch {torch.__version__}")
+    print(
+        f"images: {len(paths)} JPEGs 768x512 in {data} ({time.perf_counter() - t0:.1f}s to make or find); "
+        f"batch {BATCH}, {a.workers} workers, {cores()} cores, torch {torch.__version__}"
+    )
 
     with tempfile.TemporaryDirectory(prefix="aivh-bench-cache-") as tmp:
         cache_dir = Path(tmp)
@@ -212,27 +228,37 @@ def main() -> None:
         base_warm = n_base / statistics.median(base[1:])
         ours_cold = n_ours / (build + ours[0])
         base_cold = n_base / base[0]
-        print(f"baseline (PIL + torchvision): epoch 1 {base[0]:.2f}s = {base_cold:.0f} img/s; epochs 2+ "
-              f"{', '.join(f'{s:.2f}s' for s in base[1:])} -> median {base_warm:.0f} img/s")
-        print(f"ours (cache + fused uint8 aug): cache build {build:.2f}s + epoch 1 {ours[0]:.2f}s = "
-              f"{ours_cold:.0f} img/s cold; epochs 2+ {', '.join(f'{s:.2f}s' for s in ours[1:])} -> median "
-              f"{ours_warm:.0f} img/s")
-        print(f"cold first epoch: ours {ours_cold:.0f} vs baseline {base_cold:.0f} img/s = "
-              f"{ours_cold / base_cold:.2f}x")
+        print(
+            f"baseline (PIL + torchvision): epoch 1 {base[0]:.2f}s = {base_cold:.0f} img/s; epochs 2+ "
+            f"{', '.join(f'{s:.2f}s' for s in base[1:])} -> median {base_warm:.0f} img/s"
+        )
+        print(
+            f"ours (cache + fused uint8 aug): cache build {build:.2f}s + epoch 1 {ours[0]:.2f}s = "
+            f"{ours_cold:.0f} img/s cold; epochs 2+ {', '.join(f'{s:.2f}s' for s in ours[1:])} -> median "
+            f"{ours_warm:.0f} img/s"
+        )
+        print(
+            f"cold first epoch: ours {ours_cold:.0f} vs baseline {base_cold:.0f} img/s = "
+            f"{ours_cold / base_cold:.2f}x"
+        )
 
         if not a.skip_rss:
             big = link_copies(data, 4)
             t1 = time.perf_counter()
             replicate_cache(ds.source, big, cache_dir, 4)  # type: ignore[arg-type]
-            print(f"memory: {4 * len(paths)}-image cache written in {time.perf_counter() - t1:.1f}s (the "
-                  f"{len(paths)} stored images x4); one pass each, {a.workers} workers, fresh process:")
+            print(
+                f"memory: {4 * len(paths)}-image cache written in {time.perf_counter() - t1:.1f}s (the "
+                f"{len(paths)} stored images x4); one pass each, {a.workers} workers, fresh process:"
+            )
             for label, d in ((f"{len(paths) // 1000}k", data), (f"{4 * len(paths) // 1000}k", big)):
                 r = measure_rss(d, cache_dir, a.workers)
                 w = r["workers"]
-                print(f"  {label} images, cache {r['cache_bytes'] / 1e9:.2f} GB: main peak RSS "
-                      f"{mb(r['main']['VmHWM'])} (file-backed now {mb(r['main']['RssFile'])}); workers peak "
-                      f"{', '.join(mb(s['VmHWM']) for s in w) or '-'} (file-backed now "
-                      f"{', '.join(mb(s['RssFile']) for s in w) or '-'})")
+                print(
+                    f"  {label} images, cache {r['cache_bytes'] / 1e9:.2f} GB: main peak RSS "
+                    f"{mb(r['main']['VmHWM'])} (file-backed now {mb(r['main']['RssFile'])}); workers peak "
+                    f"{', '.join(mb(s['VmHWM']) for s in w) or '-'} (file-backed now "
+                    f"{', '.join(mb(s['RssFile']) for s in w) or '-'})"
+                )
     print(f"bench loader: {ours_warm:.0f} img/s vs {base_warm:.0f} img/s = {ours_warm / base_warm:.2f}x")
 
 

@@ -55,9 +55,15 @@ class Synthetic:
 
     def __init__(self, batches: int, batch: int, size: int):
         g = torch.Generator().manual_seed(0)
-        self.items = [(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g),
-                       torch.arange(batch) % 2, torch.arange(batch), torch.ones(batch, dtype=torch.bool))
-                      for _ in range(batches)]
+        self.items = [
+            (
+                torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g),
+                torch.arange(batch) % 2,
+                torch.arange(batch),
+                torch.ones(batch, dtype=torch.bool),
+            )
+            for _ in range(batches)
+        ]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -72,8 +78,18 @@ def run_epochs(cfg, model, opt, ctx, make, epochs: int) -> list[float]:
     total = 10**6  # the schedule's length does not matter here
     for epoch in range(epochs):
         loader = make(epoch)  # held across epochs, as fit_fold holds it: persistent workers stay up
-        tr, step = train_one_epoch(model, loader, opt, ctx, epoch=epoch, step=step, total_steps=total,
-                                   scaler=None, ema=None, progress=False)
+        tr, step = train_one_epoch(
+            model,
+            loader,
+            opt,
+            ctx,
+            epoch=epoch,
+            step=step,
+            total_steps=total,
+            scaler=None,
+            ema=None,
+            progress=False,
+        )
         out.append(tr["img_s"])
     return out
 
@@ -85,9 +101,13 @@ def main() -> None:
     ap.add_argument("--recipe", default="tiny")
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads on the CPU (1: OpenMP threads spinning at barriers on a shared machine "
-                         "can make 2 threads 4x slower than 1)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on the CPU (1: OpenMP threads spinning at barriers on a shared machine "
+        "can make 2 threads 4x slower than 1)",
+    )
     ap.add_argument("--workers", type=int, default=None, help="loader workers (default: as cv picks them)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -104,8 +124,10 @@ def main() -> None:
     ctx = FoldContext(cfg, device, Normalizer(dc.mean, dc.std, device), lambda i: names[i], set())
     workers = default_workers(device, cfg.workers)
     bs = cfg.batch_size
-    print(f"model {cfg.model} at {size} px, batch {bs}, device {device}, torch threads {torch.get_num_threads()}, "
-          f"loader workers {workers}; {len(names)} JPEGs 768x512 in {data}")
+    print(
+        f"model {cfg.model} at {size} px, batch {bs}, device {device}, torch threads {torch.get_num_threads()}, "
+        f"loader workers {workers}; {len(names)} JPEGs 768x512 in {data}"
+    )
 
     syn = Synthetic(len(names) // bs, bs, size)
     base = run_epochs(cfg, model, opt, ctx, lambda e: syn, a.epochs)
@@ -114,7 +136,9 @@ def main() -> None:
     labels = np.arange(len(names)) % 2
     with tempfile.TemporaryDirectory(prefix="aivh-bench-cache-") as tmp:
         t0 = time.perf_counter()
-        src = ensure_cache(data, names, storage, tmp, jobs=None, progress=False, log=lambda s: print("  " + s))
+        src = ensure_cache(
+            data, names, storage, tmp, jobs=None, progress=False, log=lambda s: print("  " + s)
+        )
         build = time.perf_counter() - t0
         results = {}
         for label, source in (("cached", src), ("uncached", FileSource(data, names, storage))):
@@ -134,10 +158,14 @@ def main() -> None:
     ours = statistics.median(results["cached"][1:])
     unc = statistics.median(results["uncached"][1:])
     print(f"baseline (synthetic uint8 batches, model only): {fmt(base)} img/s per epoch -> {syn_s:.0f} img/s")
-    print(f"ours (cached full pipeline): cache build {build:.1f}s, then {fmt(results['cached'])} img/s per epoch "
-          f"-> {ours:.0f} img/s (epochs 2+)")
-    print(f"reference (uncached: decode + storage step every epoch): {fmt(results['uncached'])} img/s -> "
-          f"{unc:.0f} img/s; the cache gives {ours / unc:.2f}x")
+    print(
+        f"ours (cached full pipeline): cache build {build:.1f}s, then {fmt(results['cached'])} img/s per epoch "
+        f"-> {ours:.0f} img/s (epochs 2+)"
+    )
+    print(
+        f"reference (uncached: decode + storage step every epoch): {fmt(results['uncached'])} img/s -> "
+        f"{unc:.0f} img/s; the cache gives {ours / unc:.2f}x"
+    )
     print(f"bench trainer: {ours:.0f} img/s vs {syn_s:.0f} img/s = {ours / syn_s:.2f}x")
 
 

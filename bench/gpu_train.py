@@ -114,8 +114,18 @@ def train_row(cfg, device, loader_for, normalize, epochs: int = 2) -> dict[str, 
         torch.cuda.reset_peak_memory_stats(device)
     t0, img_s = time.perf_counter(), []
     for epoch in range(epochs):
-        tr, _ = train_one_epoch(run, loader_for(epoch), opt, ctx, epoch=epoch, step=0, total_steps=10**6,
-                                scaler=None, ema=None, progress=False)
+        tr, _ = train_one_epoch(
+            run,
+            loader_for(epoch),
+            opt,
+            ctx,
+            epoch=epoch,
+            step=0,
+            total_steps=10**6,
+            scaler=None,
+            ema=None,
+            progress=False,
+        )
         img_s.append(tr["img_s"])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return {"img_s": img_s[-1], "first": img_s[0], "seconds": time.perf_counter() - t0, "peak_gib": peak}
@@ -136,16 +146,27 @@ def main() -> None:
     t0 = time.perf_counter()
     data = make_jpegs(a.n)
     names = pd.read_csv(data / "train.csv")["file_name"].tolist()
-    cfg = resolve_config("effnet-b4-adam", model=a.model, pretrained=False, img_size=a.img_size, device=a.device,
-                         batch_size=a.batch, optimizer="adamw", data=str(data), workers=a.workers)
+    cfg = resolve_config(
+        "effnet-b4-adam",
+        model=a.model,
+        pretrained=False,
+        img_size=a.img_size,
+        device=a.device,
+        batch_size=a.batch,
+        optimizer="adamw",
+        data=str(data),
+        workers=a.workers,
+    )
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as fit_fold sets it
     size = model_img_size(cfg)
     workers = default_workers(device, cfg.workers)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{a.model} at {size} px, batch {a.batch}, {gpu}, torch {torch.__version__}, {workers} loader workers "
-          f"on {os.cpu_count()} cores; {len(names)} JPEGs 768x512 in {data} ({time.perf_counter() - t0:.1f}s)")
+    print(
+        f"{a.model} at {size} px, batch {a.batch}, {gpu}, torch {torch.__version__}, {workers} loader workers "
+        f"on {os.cpu_count()} cores; {len(names)} JPEGs 768x512 in {data} ({time.perf_counter() - t0:.1f}s)"
+    )
 
     _, dc = build_model(cfg)
     normalize = Normalizer(dc.mean, dc.std, device, cfg.channels_last and device.type == "cuda")
@@ -156,8 +177,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="aivh-bench-cache-") as tmp:
         t1 = time.perf_counter()
-        src = ensure_cache(data, names, storage_step(cfg, size), tmp, jobs=None, progress=False,
-                           log=lambda s: print("  " + s))
+        src = ensure_cache(
+            data,
+            names,
+            storage_step(cfg, size),
+            tmp,
+            jobs=None,
+            progress=False,
+            log=lambda s: print("  " + s),
+        )
         print(f"  cache built in {time.perf_counter() - t1:.1f}s")
         labels = np.arange(len(names)) % 2
         ds = ImageDataset(src, np.arange(len(names)), labels, train_transform(cfg, size), size, seed=0)
@@ -178,8 +206,15 @@ def main() -> None:
     if not a.no_seed:
         naive = NaiveDataset([data / n for n in names], size)
         seed_cfg = dataclasses.replace(cfg, amp="none", channels_last=False, compile=False)
-        loader = torch.utils.data.DataLoader(naive, batch_size=a.batch, shuffle=True, num_workers=workers,
-                                             pin_memory=pin, drop_last=True, persistent_workers=workers > 0)
+        loader = torch.utils.data.DataLoader(
+            naive,
+            batch_size=a.batch,
+            shuffle=True,
+            num_workers=workers,
+            pin_memory=pin,
+            drop_last=True,
+            persistent_workers=workers > 0,
+        )
         rows["seed-000"] = train_row(seed_cfg, device, lambda e: SeedLoader(loader), ToDevice(device))
         print(f"  seed-000 (PIL + torchvision, fp32 eager): {fmt(rows['seed-000'])}", flush=True)
 
@@ -197,8 +232,10 @@ def main() -> None:
 
 
 def fmt(r: dict[str, float]) -> str:
-    return (f"{r['img_s']:.0f} img/s (epoch 1: {r['first']:.0f}), {r['seconds']:.1f}s, "
-            f"peak {r['peak_gib']:.2f} GiB")
+    return (
+        f"{r['img_s']:.0f} img/s (epoch 1: {r['first']:.0f}), {r['seconds']:.1f}s, "
+        f"peak {r['peak_gib']:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     img = cv2.resize(128 + 60 * field, (w, h), interpolation=cv2.INTER_LINEAR)
     tile = _grain_tile(h, w)
     y, x = int(rng.integers(0, tile.shape[0] - h + 1)), int(rng.integers(0, tile.shape[1] - w + 1))
-    return np.clip(img + tile[y:y + h, x:x + w], 0, 255).astype(np.uint8)
+    return np.clip(img + tile[y : y + h, x : x + w], 0, 255).astype(np.uint8)
 
 
 _TILES: dict[tuple[int, int], np.ndarray] = {}
@@ -62,8 +62,14 @@ def _write_one(out: Path, i: int, h: int, w: int, seed: int) -> str:
     return name
 
 
-def make_jpegs(n: int = 2000, width: int = 768, height: int = 512, seed: int = 0,
-               out: str | Path | None = None, workers: int | None = None) -> Path:
+def make_jpegs(
+    n: int = 2000,
+    width: int = 768,
+    height: int = 512,
+    seed: int = 0,
+    out: str | Path | None = None,
+    workers: int | None = None,
+) -> Path:
     """The folder of ``n`` JPEGs (made now, or reused when a complete one exists); returns its path."""
     out = Path(out) if out else BENCH_ROOT / f"jpegs-{width}x{height}-n{n}-s{seed}"
     if (out / _DONE).exists():

@@ -16,8 +16,9 @@ def spawn(args: list[str], kill_at: str | None = None) -> subprocess.Popen:
     env.pop("AIVH_ENS_KILL_AT", None)
     if kill_at:
         env["AIVH_ENS_KILL_AT"] = kill_at
-    return subprocess.Popen([EXE, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(
+        [EXE, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def run(args: list[str], kill_at: str | None = None) -> tuple[int, str]:

@@ -150,11 +150,7 @@ def test_ties_across_classes_are_one_candidate():
 
 @pytest.mark.parametrize(
     ("y", "p", "error"),
-    [
-        ([0, 1], [0.2, np.nan], "NaN"),
-        ([0, 1, 1], [0.2, 0.3], "same shape"),
-        ([], [], "N >= 1"),
-    ],
+    [([0, 1], [0.2, np.nan], "NaN"), ([0, 1, 1], [0.2, 0.3], "same shape"), ([], [], "N >= 1")],
 )
 def test_sweep_rejects_bad_input(y, p, error):
     with pytest.raises(ValueError, match=error):

@@ -105,7 +105,8 @@ def _read_oof(run: str, path: Path) -> pd.DataFrame:
 
 def _read_config(workdir: Path, run: str) -> dict[str, Any]:
     cfg = layout.read_run_doc(
-        workdir, run,
+        workdir,
+        run,
         missing_hint=f"it has oof/{run}.csv, so the fold file it was made from is unknown; restore runs/{run}/ "
         f"or re-train with `aivh-ens cv --name {run}`",
     )
@@ -155,7 +156,6 @@ def _check_same_rows(frames: Mapping[str, pd.DataFrame], ref: str) -> None:
                     f"oof/{r}.csv differs from oof/{ref}.csv in {col} at line {i + 2} ({a[i]!r} vs {b[i]!r}); "
                     + fix.format(r)
                 )
-
 
 
 def load_oof(workdir: str | Path, runs: Sequence[str] | None = None) -> OOFSet:

@@ -31,8 +31,6 @@ TIE_TOL = 1e-4
 """Nested-CV means closer than this count as a tie, and the simpler method is shipped."""
 
 
-
-
 @dataclass(frozen=True)
 class MethodResult:
     """A method fitted on all OOF rows plus its nested-CV scores (one per fold)."""
@@ -135,8 +133,10 @@ def run_blend(
     """
     check_metric(metric)
     if trials < 1 or nested_trials < 1:
-        raise UserError(f"trials={trials} (--trials) and nested_trials={nested_trials} (--nested-trials) must be "
-                        "at least 1")
+        raise UserError(
+            f"trials={trials} (--trials) and nested_trials={nested_trials} (--nested-trials) must be "
+            "at least 1"
+        )
     if timeout is not None and timeout <= 0:
         raise UserError(f"timeout={timeout} (--timeout) must be a positive number of seconds")
     oof = load_oof(workdir, runs)  # every input check happens here, before anything is written
@@ -149,8 +149,16 @@ def run_blend(
     return BlendResult(doc, results, picked, reason, written)
 
 
-def _search(oof: OOFSet, S: Mapping[str, np.ndarray], metric: str, trials: int, timeout: float | None,
-            storage: str | None, seed: int, progress: bool) -> tuple[Fit, int]:
+def _search(
+    oof: OOFSet,
+    S: Mapping[str, np.ndarray],
+    metric: str,
+    trials: int,
+    timeout: float | None,
+    storage: str | None,
+    seed: int,
+    progress: bool,
+) -> tuple[Fit, int]:
     """Add ``trials`` to the persistent study of these inputs; its best blend and its number of trials."""
     y = oof.y.astype(bool)
     store = default_storage(oof.workdir) if storage is None else storage
@@ -163,8 +171,15 @@ def _search(oof: OOFSet, S: Mapping[str, np.ndarray], metric: str, trials: int, 
             store.engine.dispose()  # closes the file (and folds the WAL back into it)
 
 
-def _score_methods(oof: OOFSet, S: Mapping[str, np.ndarray], metric: str, optuna_fit: Fit, nested_trials: int,
-                   seed: int, progress: bool) -> tuple[MethodResult, ...]:
+def _score_methods(
+    oof: OOFSet,
+    S: Mapping[str, np.ndarray],
+    metric: str,
+    optuna_fit: Fit,
+    nested_trials: int,
+    seed: int,
+    progress: bool,
+) -> tuple[MethodResult, ...]:
     """Every method fitted on all OOF rows (Optuna: the study's best) and scored by nested CV."""
     y = oof.y.astype(bool)
     candidates = methods(oof.runs, metric, nested_trials)
@@ -175,8 +190,9 @@ def _score_methods(oof: OOFSet, S: Mapping[str, np.ndarray], metric: str, optuna
     )
 
 
-def blend_document(oof: OOFSet, picked: MethodResult, results: Sequence[MethodResult], metric: str,
-                   n_trials: int, seed: int) -> dict[str, Any]:
+def blend_document(
+    oof: OOFSet, picked: MethodResult, results: Sequence[MethodResult], metric: str, n_trials: int, seed: int
+) -> dict[str, Any]:
     """The blend.json content for the picked method (checked against the schema before it is returned)."""
     fit = picked.fit
     doc: dict[str, Any] = {
@@ -192,10 +208,19 @@ def blend_document(oof: OOFSet, picked: MethodResult, results: Sequence[MethodRe
         "metric": metric,
         "method": picked.name,
         "oof_score": fit.score,
-        "nested_score": {"mean": picked.nested_mean, "std": picked.nested_std, "per_fold": list(picked.per_fold)},
+        "nested_score": {
+            "mean": picked.nested_mean,
+            "std": picked.nested_std,
+            "per_fold": list(picked.per_fold),
+        },
         "baselines": [
-            {"method": r.name, "oof_score": r.fit.score, "nested_mean": r.nested_mean, "nested_std": r.nested_std,
-             "threshold": r.fit.threshold}
+            {
+                "method": r.name,
+                "oof_score": r.fit.score,
+                "nested_mean": r.nested_mean,
+                "nested_std": r.nested_std,
+                "threshold": r.fit.threshold,
+            }
             for r in results
         ],
         "trials": n_trials,
@@ -207,14 +232,22 @@ def blend_document(oof: OOFSet, picked: MethodResult, results: Sequence[MethodRe
     return doc
 
 
-def _write_outputs(oof: OOFSet, S: Mapping[str, np.ndarray], results: Sequence[MethodResult],
-                   picked: MethodResult, doc: dict[str, Any]) -> tuple[Path, ...]:
+def _write_outputs(
+    oof: OOFSet,
+    S: Mapping[str, np.ndarray],
+    results: Sequence[MethodResult],
+    picked: MethodResult,
+    doc: dict[str, Any],
+) -> tuple[Path, ...]:
     """The two plots, then blend.json last: its presence means the stage finished."""
     out_dir, fit, y = blend_dir(oof.workdir), picked.fit, oof.y.astype(bool)
     best_single = max((r for r in results if r.name.startswith("single:")), key=lambda r: r.fit.score)
     curves = {
         f"blend ({picked.name}, {fit.space})": (combine(S[fit.space], fit.weights, fit.space), fit.threshold),
-        best_single.name: (oof.P[oof.runs.index(best_single.name.split(":", 1)[1])], best_single.fit.threshold),
+        best_single.name: (
+            oof.P[oof.runs.index(best_single.name.split(":", 1)[1])],
+            best_single.fit.threshold,
+        ),
     }
     return (
         plot_threshold_curves(out_dir / "threshold.png", y, curves, doc["metric"]),

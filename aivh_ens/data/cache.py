@@ -87,7 +87,9 @@ class _Writer:
         self.stats: list[list[int]] = []
         self.bad: dict[str, str] = {}
 
-    def add(self, name: str, img: np.ndarray | memoryview, shape: tuple[int, ...], stat: tuple[int, int]) -> None:
+    def add(
+        self, name: str, img: np.ndarray | memoryview, shape: tuple[int, ...], stat: tuple[int, int]
+    ) -> None:
         """Append one image's bytes (an (h, w, 3) uint8 array, or its raw bytes with ``shape``)."""
         data = memoryview(np.ascontiguousarray(img, dtype=np.uint8)).cast("B")
         if data.nbytes != int(np.prod(shape)):
@@ -107,8 +109,14 @@ class _Writer:
         self.stats.append([int(v) for v in stat])
 
     def finish(self) -> None:
-        doc = {"key": self.key, "names": self.names, "offsets": self.offsets, "shapes": self.shapes,
-               "stats": self.stats, "bad": self.bad}
+        doc = {
+            "key": self.key,
+            "names": self.names,
+            "offsets": self.offsets,
+            "shapes": self.shapes,
+            "stats": self.stats,
+            "bad": self.bad,
+        }
         index = json.dumps(doc, separators=(",", ":")).encode()
         self.f.write(index)
         self.f.write(_TRAILER.pack(self.offset, len(index), MAGIC))
@@ -126,9 +134,11 @@ def _decode_chunk(root: Path, names: Sequence[str], storage: StorageStep) -> lis
     return [_decode(root / n, storage) for n in names]
 
 
-def _decode_all(root: Path, names: Sequence[str], storage: StorageStep, jobs: int) -> Iterator[np.ndarray | str]:
+def _decode_all(
+    root: Path, names: Sequence[str], storage: StorageStep, jobs: int
+) -> Iterator[np.ndarray | str]:
     """Stored images in ``names`` order, decoded by ``jobs`` threads (a bounded number in flight)."""
-    chunks = [names[i:i + CHUNK] for i in range(0, len(names), CHUNK)]
+    chunks = [names[i : i + CHUNK] for i in range(0, len(names), CHUNK)]
     if jobs <= 1 or len(chunks) <= 1:
         for c in chunks:
             yield from _decode_chunk(root, c, storage)
@@ -178,9 +188,17 @@ def _take_lock(path: Path, log: Log) -> FileLock:
             time.sleep(1.0)
 
 
-def ensure_cache(root: str | Path, names: Sequence[str], storage: StorageStep, cache_dir: str | Path, *,
-                 required: bool = True, jobs: int | None = None, progress: bool = True,
-                 log: Log = print) -> CachedSource | None:
+def ensure_cache(
+    root: str | Path,
+    names: Sequence[str],
+    storage: StorageStep,
+    cache_dir: str | Path,
+    *,
+    required: bool = True,
+    jobs: int | None = None,
+    progress: bool = True,
+    log: Log = print,
+) -> CachedSource | None:
     """A :class:`CachedSource` of ``names`` (paths relative to ``root``), building or updating the file.
 
     Args:
@@ -224,8 +242,18 @@ def ensure_cache(root: str | Path, names: Sequence[str], storage: StorageStep, c
     try:
         src = source_if_usable()  # another process may have built it while we waited
         if src is None:
-            if not _build(path, key, root, wanted, stats, storage, required=required, jobs=jobs,
-                          progress=progress, log=log):
+            if not _build(
+                path,
+                key,
+                root,
+                wanted,
+                stats,
+                storage,
+                required=required,
+                jobs=jobs,
+                progress=progress,
+                log=log,
+            ):
                 return None
             src = source_if_usable()
             if src is None:
@@ -235,29 +263,66 @@ def ensure_cache(root: str | Path, names: Sequence[str], storage: StorageStep, c
     return src
 
 
-def _build(path: Path, key: dict[str, Any], root: Path, wanted: list[str], stats: dict[str, tuple[int, int]],
-           storage: StorageStep, *, required: bool, jobs: int, progress: bool, log: Log) -> bool:
+def _build(
+    path: Path,
+    key: dict[str, Any],
+    root: Path,
+    wanted: list[str],
+    stats: dict[str, tuple[int, int]],
+    storage: StorageStep,
+    *,
+    required: bool,
+    jobs: int,
+    progress: bool,
+    log: Log,
+) -> bool:
     """Write the cache file (under its lock). False if it would not fit and ``required`` is False."""
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed build; only we may build now
         stale.unlink(missing_ok=True)
     opened = _open_index(path, key)  # the previous version, if any: its fresh images are copied, not decoded
     old_fd, old = opened if opened is not None else (-1, None)
     try:
-        return _write(path, key, root, wanted, stats, old, old_fd, storage, required=required, jobs=jobs,
-                      progress=progress, log=log)
+        return _write(
+            path,
+            key,
+            root,
+            wanted,
+            stats,
+            old,
+            old_fd,
+            storage,
+            required=required,
+            jobs=jobs,
+            progress=progress,
+            log=log,
+        )
     finally:
         if old_fd >= 0:
             os.close(old_fd)
 
 
-def _write(path: Path, key: dict[str, Any], root: Path, wanted: list[str], stats: dict[str, tuple[int, int]],
-           old: CacheIndex | None, old_fd: int, storage: StorageStep, *, required: bool, jobs: int,
-           progress: bool, log: Log) -> bool:
+def _write(
+    path: Path,
+    key: dict[str, Any],
+    root: Path,
+    wanted: list[str],
+    stats: dict[str, tuple[int, int]],
+    old: CacheIndex | None,
+    old_fd: int,
+    storage: StorageStep,
+    *,
+    required: bool,
+    jobs: int,
+    progress: bool,
+    log: Log,
+) -> bool:
     keep: list[int] = []  # rows of the old index to copy: fresh entries, requested or not
     if old is not None:
         others = [n for n in old.names if n not in stats]
         with ThreadPoolExecutor(max(1, jobs)) as ex:
-            other_stats = dict(zip(others, ex.map(lambda n: _stat(root / n), others, chunksize=512), strict=True))
+            other_stats = dict(
+                zip(others, ex.map(lambda n: _stat(root / n), others, chunksize=512), strict=True)
+            )
         for i, n in enumerate(old.names):
             st = stats.get(n) or other_stats.get(n)
             if st is not None and st != _MISSING and tuple(old.stats[i]) == st:
@@ -266,12 +331,16 @@ def _write(path: Path, key: dict[str, Any], root: Path, wanted: list[str], stats
     todo = [n for n in wanted if n not in kept]
     reuse_bytes = sum(old.nbytes(i) for i in keep) if old is not None else 0
     need = reuse_bytes + _estimate(root, todo, storage, jobs)
-    log(f"image cache: {_gb(need)} for {len(keep) + len(todo)} images ({len(todo)} to decode, {len(keep)} "
-        f"reused), storage {storage.tag}, at {path}")
+    log(
+        f"image cache: {_gb(need)} for {len(keep) + len(todo)} images ({len(todo)} to decode, {len(keep)} "
+        f"reused), storage {storage.tag}, at {path}"
+    )
     free = system.free_bytes(path.parent)
     if need + DISK_MARGIN > free:
-        msg = (f"the image cache needs {_gb(need)} (plus {_gb(DISK_MARGIN)} spare) but {path.parent} has only "
-               f"{_gb(free)} free")
+        msg = (
+            f"the image cache needs {_gb(need)} (plus {_gb(DISK_MARGIN)} spare) but {path.parent} has only "
+            f"{_gb(free)} free"
+        )
         if required:
             raise UserError(f"{msg}; free some space, pass --cache-dir on a larger disk, or --cache off")
         log(f"{msg}: decoding on the fly instead (--cache-dir DIR puts the cache elsewhere)")
@@ -289,8 +358,14 @@ def _write(path: Path, key: dict[str, Any], root: Path, wanted: list[str], stats
                     writer.add_bad(name, old.bad[name], stat)  # type: ignore[union-attr,arg-type]
                 else:
                     writer.add(name, src.get(j), tuple(old.shapes[i]), stat)  # type: ignore[union-attr,arg-type]
-        with tqdm(total=len(todo), desc="image cache", unit="img", disable=not progress or not todo,
-                  dynamic_ncols=True, leave=False) as bar:
+        with tqdm(
+            total=len(todo),
+            desc="image cache",
+            unit="img",
+            disable=not progress or not todo,
+            dynamic_ncols=True,
+            leave=False,
+        ) as bar:
             for n, out in zip(todo, _decode_all(root, todo, storage, jobs), strict=True):
                 if isinstance(out, str):
                     writer.add_bad(n, out, stats[n])
@@ -299,8 +374,10 @@ def _write(path: Path, key: dict[str, Any], root: Path, wanted: list[str], stats
                 bar.update()
         writer.finish()
     bad = sum(1 for n in wanted if n in writer.bad)
-    log(f"image cache: wrote {path.name} ({_gb(writer.offset)}, {len(todo)} decoded in "
-        f"{time.perf_counter() - t0:.1f}s{f', {bad} unreadable' if bad else ''})")
+    log(
+        f"image cache: wrote {path.name} ({_gb(writer.offset)}, {len(todo)} decoded in "
+        f"{time.perf_counter() - t0:.1f}s{f', {bad} unreadable' if bad else ''})"
+    )
     return True
 
 
@@ -326,8 +403,16 @@ def default_cache_dir(cfg: RunConfig, workdir: str | Path) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(workdir) / "runs" / "cache"
 
 
-def open_source(cfg: RunConfig, root: str | Path, names: Sequence[str], workdir: str | Path = ".", *,
-                img_size: int | None = None, progress: bool = True, log: Log = print) -> ImageSource:
+def open_source(
+    cfg: RunConfig,
+    root: str | Path,
+    names: Sequence[str],
+    workdir: str | Path = ".",
+    *,
+    img_size: int | None = None,
+    progress: bool = True,
+    log: Log = print,
+) -> ImageSource:
     """The images a run reads: from the image cache (``cfg.cache`` on, or auto and it fits), else decoded on
     the fly; both through the run's storage step, so they give the same pixels.
 
@@ -336,15 +421,30 @@ def open_source(cfg: RunConfig, root: str | Path, names: Sequence[str], workdir:
     """
     storage = storage_step(cfg, img_size or model_img_size(cfg))
     if cfg.cache != "off":
-        src = ensure_cache(root, names, storage, default_cache_dir(cfg, workdir), required=cfg.cache == "on",
-                           jobs=None, progress=progress, log=log)
+        src = ensure_cache(
+            root,
+            names,
+            storage,
+            default_cache_dir(cfg, workdir),
+            required=cfg.cache == "on",
+            jobs=None,
+            progress=progress,
+            log=log,
+        )
         if src is not None:
             return src
     return FileSource(root, names, storage)
 
 
-def cache_dataset(cfg: RunConfig, workdir: str | Path = ".", *, size: int | None = None, jobs: int | None = None,
-                  progress: bool = True, log: Log = print) -> dict[str, Any]:
+def cache_dataset(
+    cfg: RunConfig,
+    workdir: str | Path = ".",
+    *,
+    size: int | None = None,
+    jobs: int | None = None,
+    progress: bool = True,
+    log: Log = print,
+) -> dict[str, Any]:
     """Cache every train and test image of ``cfg.data`` (test.csv when present) for ``cfg``'s pipeline.
 
     Returns ``{"path", "images", "bytes", "storage", "bad"}``.
@@ -358,8 +458,21 @@ def cache_dataset(cfg: RunConfig, workdir: str | Path = ".", *, size: int | None
     if (root / cfg.test_csv).is_file():
         names += read_test_table(root, cfg.test_csv, id_col=cfg.id_col)["id"].tolist()
     storage = storage_step(cfg, model_img_size(cfg), size=size)
-    src = ensure_cache(root, names, storage, default_cache_dir(cfg, workdir), required=True, jobs=jobs,
-                       progress=progress, log=log)
+    src = ensure_cache(
+        root,
+        names,
+        storage,
+        default_cache_dir(cfg, workdir),
+        required=True,
+        jobs=jobs,
+        progress=progress,
+        log=log,
+    )
     assert src is not None  # required=True raises instead
-    return {"path": src.path, "images": len(src), "bytes": src.nbytes, "storage": storage.tag,
-            "bad": len(src.reasons)}
+    return {
+        "path": src.path,
+        "images": len(src),
+        "bytes": src.nbytes,
+        "storage": storage.tag,
+        "bad": len(src.reasons),
+    }

@@ -55,8 +55,12 @@ def cache_key(root: str | Path, storage: StorageStep) -> dict[str, Any]:
     import cv2
     import PIL
 
-    return {"format": FORMAT, "data": os.path.realpath(root), "storage": storage.describe(),
-            "decoders": {"opencv": cv2.__version__, "pillow": PIL.__version__}}
+    return {
+        "format": FORMAT,
+        "data": os.path.realpath(root),
+        "storage": storage.describe(),
+        "decoders": {"opencv": cv2.__version__, "pillow": PIL.__version__},
+    }
 
 
 def cache_file(cache_dir: str | Path, root: str | Path, storage: StorageStep) -> Path:
@@ -135,16 +139,22 @@ def _parse_index(fd: int, key: dict[str, Any]) -> CacheIndex | None:
     if not isinstance(doc, dict) or doc.get("key") != key:
         return None
     try:
-        idx = CacheIndex(list(doc["names"]), np.asarray(doc["offsets"], np.int64).reshape(-1),
-                         np.asarray(doc["shapes"], np.int64).reshape(-1, 3),
-                         np.asarray(doc["stats"], np.int64).reshape(-1, 2), dict(doc["bad"]), int(offset),
-                         (int(st.st_dev), int(st.st_ino)))
+        idx = CacheIndex(
+            list(doc["names"]),
+            np.asarray(doc["offsets"], np.int64).reshape(-1),
+            np.asarray(doc["shapes"], np.int64).reshape(-1, 3),
+            np.asarray(doc["stats"], np.int64).reshape(-1, 2),
+            dict(doc["bad"]),
+            int(offset),
+            (int(st.st_dev), int(st.st_ino)),
+        )
     except (KeyError, TypeError, ValueError):
         return None
     ends = idx.offsets + idx.shapes.prod(axis=1)
     good = idx.offsets >= 0
-    if not (len(idx.names) == len(idx.offsets) == len(idx.shapes) == len(idx.stats)) or \
-            (good.any() and (ends[good].max() > offset or idx.offsets[good].min() < 0)):
+    if not (len(idx.names) == len(idx.offsets) == len(idx.shapes) == len(idx.stats)) or (
+        good.any() and (ends[good].max() > offset or idx.offsets[good].min() < 0)
+    ):
         return None
     return idx
 
@@ -180,7 +190,9 @@ class CachedSource:
         self.identity = index.identity
         self._fd = fd  # owned: closed when this object goes
         self._fd_pid = os.getpid()
-        self.nbytes = int(sum(int(np.prod(s)) for s, o in zip(self.shapes, self.offsets, strict=True) if o >= 0))
+        self.nbytes = int(
+            sum(int(np.prod(s)) for s, o in zip(self.shapes, self.offsets, strict=True) if o >= 0)
+        )
         self._mm: mmap.mmap | None = None
         self._arr: np.ndarray | None = None
         self._pid = -1
@@ -209,8 +221,10 @@ class CachedSource:
                 with open(self.path, "rb") as f:
                     st = os.fstat(f.fileno())
                     if (int(st.st_dev), int(st.st_ino)) != self.identity:
-                        raise UserError(f"image cache {self.path} was rebuilt while this run was reading it; "
-                                        "run the command again")
+                        raise UserError(
+                            f"image cache {self.path} was rebuilt while this run was reading it; "
+                            "run the command again"
+                        )
                     self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._arr = np.frombuffer(self._mm, dtype=np.uint8, count=self.data_bytes)
             self._pid = os.getpid()
@@ -226,7 +240,7 @@ class CachedSource:
             raise BadImageError(self.root / self.names[i], self.reasons[i])
         off = int(self.offsets[i])
         h, w, c = (int(v) for v in self.shapes[i])
-        img = self.array[off:off + h * w * c].reshape(h, w, c)  # (h, w, 3) uint8
+        img = self.array[off : off + h * w * c].reshape(h, w, c)  # (h, w, 3) uint8
         self._unreleased += h * w * c
         if self._unreleased >= RELEASE_BYTES:
             self.release()

@@ -30,7 +30,9 @@ def group_labels(table: pd.DataFrame, group: str | None) -> np.ndarray | None:
     if group == "pairs":
         return np.arange(len(table)) // 2
     if "group" not in table.columns:
-        raise UserError(f"--group {group}: train.csv has no column {group!r} (use --group pairs or a column name)")
+        raise UserError(
+            f"--group {group}: train.csv has no column {group!r} (use --group pairs or a column name)"
+        )
     return pd.factorize(table["group"])[0]
 
 
@@ -95,9 +97,11 @@ def ensure_fold_file(
     created = False
     if path.exists():
         folds = read_fold_file(path)
-        same = len(folds) == len(table) and (
-            folds["file_name"].to_numpy() == table["file_name"].to_numpy()
-        ).all() and (folds["label"].to_numpy() == table["label"].to_numpy()).all()
+        same = (
+            len(folds) == len(table)
+            and (folds["file_name"].to_numpy() == table["file_name"].to_numpy()).all()
+            and (folds["label"].to_numpy() == table["label"].to_numpy()).all()
+        )
         if not same:
             raise UserError(
                 f"fold file {path} was made from a different train.csv (rows, order or labels differ); "

@@ -88,8 +88,15 @@ class ImageDataset(Dataset):
 
     accepts_epoch_keys = True  # EpochSampler may send (i, epoch) keys
 
-    def __init__(self, source: ImageSource, rows: np.ndarray, labels: np.ndarray | None, transform,
-                 img_size: int, seed: int = 0):
+    def __init__(
+        self,
+        source: ImageSource,
+        rows: np.ndarray,
+        labels: np.ndarray | None,
+        transform,
+        img_size: int,
+        seed: int = 0,
+    ):
         self.source = source
         self.rows = np.asarray(rows, dtype=np.int64)  # (N,) indices into source
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)  # (N,)
@@ -215,12 +222,14 @@ def ring_prefetch(workers: int, batch_size: int, img_size: int, free: int | None
         raise UserError(
             f"shared memory ({system.SHM_DIR}) has {free / 2**20:.0f} MiB free, and {workers} loader workers need "
             f"{need / SHM_SHARE / 2**20:.0f} MiB ({workers + 1} batches of {batch_size} images at {img_size} px, "
-            f"uint8): give the container more (docker run --shm-size=8g), or lower --workers or --batch-size")
+            f"uint8): give the container more (docker run --shm-size=8g), or lower --workers or --batch-size"
+        )
     return prefetch
 
 
-def make_loader(ds: Dataset, batch_size: int, *, train: bool, device: torch.device, workers: int,
-                seed: int = 0) -> DataLoader:
+def make_loader(
+    ds: Dataset, batch_size: int, *, train: bool, device: torch.device, workers: int, seed: int = 0
+) -> DataLoader:
     """A DataLoader: seeded shuffling for training, pinned memory on CUDA, persistent workers.
 
     With ``workers > 0`` the loader (and its worker processes) is made once per (dataset, batch size,
@@ -239,8 +248,9 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, device: torch.devi
     sampler = EpochSampler(ds, shuffle=train, seed=seed)
     drop_last = _drop_last(ds, batch_size, train)
     if workers <= 0:
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=0, pin_memory=pin,
-                          drop_last=drop_last)
+        return DataLoader(
+            ds, batch_size=batch_size, sampler=sampler, num_workers=0, pin_memory=pin, drop_last=drop_last
+        )
     key = (batch_size, train, str(device), workers)
     pool: _LoaderPool = ds.__dict__.setdefault("_persistent_loaders", _LoaderPool())
     ref = pool.get(key)
@@ -252,8 +262,16 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, device: torch.devi
             loader = RingLoader(ds, sampler, batch_size, drop_last, workers, prefetch, device)
         else:
             prefetch = prefetch_factor(workers, batch_size * 3 * img * img)
-            loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
-                                drop_last=drop_last, persistent_workers=True, prefetch_factor=prefetch)
+            loader = DataLoader(
+                ds,
+                batch_size=batch_size,
+                sampler=sampler,
+                num_workers=workers,
+                pin_memory=pin,
+                drop_last=drop_last,
+                persistent_workers=True,
+                prefetch_factor=prefetch,
+            )
             loader.epoch_sampler = sampler  # type: ignore[attr-defined]
         system.set_cv2_single_threaded()
         pool[key] = weakref.ref(loader)
@@ -324,17 +342,31 @@ class RingLoader(DataLoader):
     Between passes, the DataLoader's reset waits for every stale task before the new pass starts.
     """
 
-    def __init__(self, ds: ImageDataset, sampler: EpochSampler, batch_size: int, drop_last: bool, workers: int,
-                 prefetch: int, device: torch.device):
+    def __init__(
+        self,
+        ds: ImageDataset,
+        sampler: EpochSampler,
+        batch_size: int,
+        drop_last: bool,
+        workers: int,
+        prefetch: int,
+        device: torch.device,
+    ):
         slots = workers * prefetch + 1
         shape = (slots, batch_size, 3, ds.img_size, ds.img_size)
         storage = torch.UntypedStorage._new_shared(math.prod(shape))
         self.ring = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)  # pages fault in on first use
         self.epoch_sampler = sampler
         self.device = device
-        super().__init__(ds, batch_sampler=_SlotBatchSampler(sampler, batch_size, drop_last, slots),
-                         num_workers=workers, collate_fn=_RingCollate(self.ring), pin_memory=False,
-                         persistent_workers=True, prefetch_factor=prefetch)
+        super().__init__(
+            ds,
+            batch_sampler=_SlotBatchSampler(sampler, batch_size, drop_last, slots),
+            num_workers=workers,
+            collate_fn=_RingCollate(self.ring),
+            pin_memory=False,
+            persistent_workers=True,
+            prefetch_factor=prefetch,
+        )
 
     def _copied(self) -> Iterator[Any]:
         pin = self.device.type == "cuda"
@@ -364,8 +396,11 @@ def _in_background(make: Any, depth: int, device: torch.device) -> Iterator[Any]
     stop = threading.Event()
     end = object()
     # The caller's current device when "cuda" names none (set_device needs an index); read in this thread.
-    index = (device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else None
+    index = (
+        (device.index if device.index is not None else torch.cuda.current_device())
+        if device.type == "cuda"
+        else None
+    )
 
     def put(item: Any) -> bool:
         while not stop.is_set():
@@ -430,15 +465,18 @@ def close_loaders(ds: Dataset) -> None:
 class Normalizer:
     """uint8 (B, 3, H, W) -> normalised float on the device (done per batch, on the GPU when there is one)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                 channels_last: bool = False):
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], device: torch.device, channels_last: bool = False
+    ):
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)  # uint8: 4x cheaper
+        x = x.to(self.device, non_blocking=True).contiguous(
+            memory_format=self.memory_format
+        )  # uint8: 4x cheaper
         # A new float tensor (never the caller's), normalised in place: the values of (x - mean) / std.
         if x.device.type == "cpu" and x.is_contiguous():
             # NumPy's uint8 -> float32 cast is ~3x faster than torch's on one CPU thread; same values.

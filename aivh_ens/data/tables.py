@@ -354,8 +354,9 @@ def _check_paths(
         )
 
 
-def _missing_files(path: Path, data_dir: str | Path, files: list[str], norm: list[str], lines: list[int],
-                   col: str) -> list[int]:
+def _missing_files(
+    path: Path, data_dir: str | Path, files: list[str], norm: list[str], lines: list[int], col: str
+) -> list[int]:
     """Rows whose image does not exist (or is not a file); a symlink out of the data folder is refused."""
     # One listing per directory instead of a stat per file (the Kaggle layout has two directories);
     # DirEntry knows from the listing alone whether a name is a symlink or a regular file.

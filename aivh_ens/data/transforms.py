@@ -96,7 +96,9 @@ class StorageStep:
         if self.size < 8:
             raise ValueError(f"storage size must be >= 8 px; got {self.size}")
         if self.interpolation not in INTERPOLATION:
-            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATION)}; got {self.interpolation!r}")
+            raise ValueError(
+                f"interpolation must be one of {', '.join(INTERPOLATION)}; got {self.interpolation!r}"
+            )
 
     @property
     def tag(self) -> str:
@@ -105,8 +107,13 @@ class StorageStep:
 
     def describe(self) -> dict[str, Any]:
         """Plain-JSON description (part of the image cache key)."""
-        return {"kind": self.kind, "size": self.size, "upscale": self.upscale,
-                "interpolation": self.interpolation, "max_aspect": MAX_ASPECT}
+        return {
+            "kind": self.kind,
+            "size": self.size,
+            "upscale": self.upscale,
+            "interpolation": self.interpolation,
+            "max_aspect": MAX_ASPECT,
+        }
 
     def shape(self, h: int, w: int) -> tuple[int, int]:
         """(height, width) an (h, w) image is stored at (what :meth:`prepare` returns)."""
@@ -115,8 +122,11 @@ class StorageStep:
         short = min(h, w)
         if short != self.size and (self.upscale or short > self.size):
             # The shorter side becomes exactly S; the longer one is rounded to the nearest pixel.
-            h, w = (self.size, max(1, round(w * self.size / h))) if h == short else \
-                (max(1, round(h * self.size / w)), self.size)
+            h, w = (
+                (self.size, max(1, round(w * self.size / h)))
+                if h == short
+                else (max(1, round(h * self.size / w)), self.size)
+            )
         cap = MAX_ASPECT * min(h, w)
         return min(h, cap), min(w, cap)
 
@@ -135,12 +145,14 @@ class StorageStep:
         sh, sw = self.shape(h, w)
         short = min(h, w)
         if short != self.size and (self.upscale or short > self.size):
-            nh, nw = (self.size, round(w * self.size / h)) if h == short else (round(h * self.size / w), self.size)
+            nh, nw = (
+                (self.size, round(w * self.size / h)) if h == short else (round(h * self.size / w), self.size)
+            )
             img = cv2.resize(img, (max(1, nw), max(1, nh)), interpolation=interp)
         h, w = img.shape[:2]
         if (h, w) != (sh, sw):  # panorama: keep the centre
             top, left = (h - sh) // 2, (w - sw) // 2
-            img = img[top:top + sh, left:left + sw]
+            img = img[top : top + sh, left : left + sw]
         return np.require(img, requirements=["C", "W"])
 
     def load(self, path: str | Path) -> np.ndarray:
@@ -155,8 +167,12 @@ class StorageStep:
 def storage_step(cfg: RunConfig, img_size: int, size: int | None = None) -> StorageStep:
     """The storage step of a run's pipeline (``size`` overrides the storage size S)."""
     if cfg.mode == "crop":
-        return StorageStep("short", size or max(2 * img_size, CROP_MIN_STORAGE), upscale=False,
-                           interpolation=cfg.interpolation)
+        return StorageStep(
+            "short",
+            size or max(2 * img_size, CROP_MIN_STORAGE),
+            upscale=False,
+            interpolation=cfg.interpolation,
+        )
     if not (cfg.train_resize or cfg.eval_resize or cfg.rrc_scale):
         return StorageStep("square", size or img_size, interpolation=cfg.interpolation)
     s = size or max(img_size, cfg.train_resize or 0, cfg.eval_resize or 0)
@@ -182,9 +198,18 @@ class RandomAffineCrop(A.ImageOnlyTransform):
         interpolation: cv2 flag for the warp.
     """
 
-    def __init__(self, size: int, window: str = "whole", scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), ref_short: int | None = None, hflip: float = 0.0,
-                 rotate: float = 0.0, interpolation: int = cv2.INTER_LINEAR, p: float = 1.0):
+    def __init__(
+        self,
+        size: int,
+        window: str = "whole",
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        ref_short: int | None = None,
+        hflip: float = 0.0,
+        rotate: float = 0.0,
+        interpolation: int = cv2.INTER_LINEAR,
+        p: float = 1.0,
+    ):
         super().__init__(p=p)
         if window not in ("whole", "rrc", "crop"):
             raise ValueError(f"window must be whole, rrc or crop; got {window!r}")
@@ -236,8 +261,14 @@ class RandomAffineCrop(A.ImageOnlyTransform):
         h, w = params["shape"][:2]
         return self.draw(self.py_random, h, w)
 
-    def apply(self, img: np.ndarray, window: tuple[float, float, float, float] = (0, 0, 0, 0),
-              flip: bool = False, angle: float = 0.0, **params: Any) -> np.ndarray:
+    def apply(
+        self,
+        img: np.ndarray,
+        window: tuple[float, float, float, float] = (0, 0, 0, 0),
+        flip: bool = False,
+        angle: float = 0.0,
+        **params: Any,
+    ) -> np.ndarray:
         return affine_crop(img, window, self.size, flip, angle, self.interpolation)
 
 
@@ -252,8 +283,15 @@ _TO_CONTINUOUS = np.array([[1.0, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])  # pixel inde
 _TO_INDEX = np.array([[1.0, 0, -0.5], [0, 1, -0.5], [0, 0, 1]])
 
 
-def affine_crop(img: np.ndarray, window: tuple[float, float, float, float], size: int, flip: bool = False,
-                angle: float = 0.0, interpolation: int = cv2.INTER_LINEAR, chw: bool = False) -> np.ndarray:
+def affine_crop(
+    img: np.ndarray,
+    window: tuple[float, float, float, float],
+    size: int,
+    flip: bool = False,
+    angle: float = 0.0,
+    interpolation: int = cv2.INTER_LINEAR,
+    chw: bool = False,
+) -> np.ndarray:
     """The window (x0, y0, width, height) of ``img`` (H, W, C) resized to (size, size), flipped, rotated.
 
     One ``cv2.warpAffine``; a window of exactly size x size at integer offsets, unrotated, is copied
@@ -263,9 +301,15 @@ def affine_crop(img: np.ndarray, window: tuple[float, float, float, float], size
     """
     x0, y0, ww, wh = window
     h, w = img.shape[:2]
-    if angle == 0 and ww == wh == size and x0 == int(x0) and y0 == int(y0) and 0 <= x0 <= w - size \
-            and 0 <= y0 <= h - size:
-        out = img[int(y0):int(y0) + size, int(x0):int(x0) + size]
+    if (
+        angle == 0
+        and ww == wh == size
+        and x0 == int(x0)
+        and y0 == int(y0)
+        and 0 <= x0 <= w - size
+        and 0 <= y0 <= h - size
+    ):
+        out = img[int(y0) : int(y0) + size, int(x0) : int(x0) + size]
         out = out[:, ::-1] if flip else out
         return to_chw(out) if chw else np.ascontiguousarray(out)
     k = max(ww, wh) / size
@@ -364,13 +408,24 @@ def train_transform(cfg: RunConfig, img_size: int) -> A.Compose:
         if cfg.hflip > 0:
             ops.append(A.HorizontalFlip(p=cfg.hflip))
         if cfg.rotate > 0:
-            ops.append(A.Rotate(limit=cfg.rotate, interpolation=_interp(cfg), border_mode=cv2.BORDER_REFLECT_101,
-                                p=1.0))
+            ops.append(
+                A.Rotate(
+                    limit=cfg.rotate, interpolation=_interp(cfg), border_mode=cv2.BORDER_REFLECT_101, p=1.0
+                )
+            )
     else:
         window = "rrc" if cfg.rrc_scale is not None else "crop" if cfg.train_resize else "whole"
-        ops.append(RandomAffineCrop(s, window, scale=cfg.rrc_scale or (1.0, 1.0), ref_short=cfg.train_resize,
-                                    hflip=cfg.hflip, rotate=cfg.rotate,
-                                    interpolation=WARP_INTERPOLATION.get(cfg.interpolation, cv2.INTER_LINEAR)))
+        ops.append(
+            RandomAffineCrop(
+                s,
+                window,
+                scale=cfg.rrc_scale or (1.0, 1.0),
+                ref_short=cfg.train_resize,
+                hflip=cfg.hflip,
+                rotate=cfg.rotate,
+                interpolation=WARP_INTERPOLATION.get(cfg.interpolation, cv2.INTER_LINEAR),
+            )
+        )
     if cfg.color_jitter > 0:
         c = cfg.color_jitter
         ops.append(A.ColorJitter(brightness=c, contrast=c, saturation=c, hue=c / 4, p=0.8))
@@ -387,8 +442,11 @@ def eval_transform(cfg: RunConfig, img_size: int) -> A.Compose:
     if cfg.mode == "crop":
         ops = [_pad(s), A.CenterCrop(height=s, width=s)]
     elif cfg.eval_resize:
-        ops = [A.SmallestMaxSize(max_size=cfg.eval_resize, interpolation=interp), _pad(s),
-               A.CenterCrop(height=s, width=s)]
+        ops = [
+            A.SmallestMaxSize(max_size=cfg.eval_resize, interpolation=interp),
+            _pad(s),
+            A.CenterCrop(height=s, width=s),
+        ]
     else:
         ops = [A.Resize(height=s, width=s, interpolation=interp)]
     return A.Compose(ops, seed=cfg.seed)

@@ -38,8 +38,9 @@ def rank_against(reference: np.ndarray, p: np.ndarray) -> np.ndarray:
     return (lo + hi) / (2.0 * len(ref))
 
 
-def _scorer(workdir: Path, blend_path: str | Path | None, run: str | None
-            ) -> tuple[dict[str, Any] | None, list[RunInfo], dict[str, Any]]:
+def _scorer(
+    workdir: Path, blend_path: str | Path | None, run: str | None
+) -> tuple[dict[str, Any] | None, list[RunInfo], dict[str, Any]]:
     """``(blend document or None, the runs to score with, source description)`` for ``--blend``/``--run``."""
     if blend_path is not None and run is not None:
         raise UserError("give either --blend or --run, not both (blend_path or run in Python)")
@@ -65,10 +66,17 @@ def _blend_scores(workdir: Path, doc: dict[str, Any] | None, scores: dict[str, n
     return combine(R, np.array(list(w.values())), "rank")
 
 
-def predict_images(images: Sequence[str | Path], workdir: str | Path = ".", *,
-                   blend_path: str | Path | None = None, run: str | None = None, tta: str | None = None,
-                   device: str | None = None, batch_size: int | None = None,
-                   workers: int | None = None) -> tuple[list[ImagePrediction], dict[str, Any]]:
+def predict_images(
+    images: Sequence[str | Path],
+    workdir: str | Path = ".",
+    *,
+    blend_path: str | Path | None = None,
+    run: str | None = None,
+    tta: str | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+) -> tuple[list[ImagePrediction], dict[str, Any]]:
     """P(AI) and the label of single images, from a fitted blend or from one run (threshold 0.5).
 
     Each run's fold models are loaded once and score all images in batches. A rank-space blend ranks each
@@ -92,8 +100,9 @@ def predict_images(images: Sequence[str | Path], workdir: str | Path = ".", *,
         spec = run_spec(info, forced)
         models, dc = load_models(info, dev)
         source = FileSource(Path("."), paths, storage_step(info.cfg, dc.img_size))
-        P, bad = predict_folds(models, dc, info.cfg, source, good, spec, dev, batch_size=batch_size,
-                               workers=workers)
+        P, bad = predict_folds(
+            models, dc, info.cfg, source, good, spec, dev, batch_size=batch_size, workers=workers
+        )
         del models
         errors.update({int(good[i]): r for i, r in bad.items()})
         keep = np.array([i not in bad for i in range(len(good))], dtype=bool)

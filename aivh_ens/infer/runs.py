@@ -65,8 +65,10 @@ def load_models(info: RunInfo, device: torch.device) -> tuple[list[nn.Module], D
         try:
             load_weights(model, path)
         except (RuntimeError, OSError) as e:
-            raise UserError(f"cannot load {path} into {cfg.model} ({str(e).splitlines()[0][:160]}); "
-                            f"re-train the fold with `aivh-ens cv --name {info.name} --force ...`") from None
+            raise UserError(
+                f"cannot load {path} into {cfg.model} ({str(e).splitlines()[0][:160]}); "
+                f"re-train the fold with `aivh-ens cv --name {info.name} --force ...`"
+            ) from None
         model.eval().to(device)
         if device.type == "cuda" and cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -75,10 +77,20 @@ def load_models(info: RunInfo, device: torch.device) -> tuple[list[nn.Module], D
     return models, dc
 
 
-def predict_folds(models: Sequence[nn.Module], dc: DataConfig, cfg: RunConfig, source: ImageSource,
-                  rows: Sequence[int], spec: TTASpec, device: torch.device, *, batch_size: int | None = None,
-                  workers: int | None = None, progress: bool = False,
-                  desc: str = "test") -> tuple[np.ndarray, dict[int, str]]:
+def predict_folds(
+    models: Sequence[nn.Module],
+    dc: DataConfig,
+    cfg: RunConfig,
+    source: ImageSource,
+    rows: Sequence[int],
+    spec: TTASpec,
+    device: torch.device,
+    *,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    desc: str = "test",
+) -> tuple[np.ndarray, dict[int, str]]:
     """P(label 1) of each row under each fold model, averaged over the TTA views.
 
     Args:
@@ -96,8 +108,13 @@ def predict_folds(models: Sequence[nn.Module], dc: DataConfig, cfg: RunConfig, s
     spec = effective_spec(spec, cfg)
     bs = batch_size or eval_batch_size(cfg)
     ds = TTADataset(source, rows, cfg, dc.img_size, spec.crops)
-    loader = make_loader(ds, max(1, bs // spec.n_views), train=False, device=device,  # type: ignore[arg-type]
-                         workers=default_workers(device, workers if workers is not None else cfg.workers))
+    loader = make_loader(
+        ds,
+        max(1, bs // spec.n_views),
+        train=False,
+        device=device,  # type: ignore[arg-type]
+        workers=default_workers(device, workers if workers is not None else cfg.workers),
+    )
     channels_last = device.type == "cuda" and cfg.channels_last
     normalize = Normalizer(dc.mean, dc.std, device, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -132,17 +149,22 @@ def run_spec(info: RunInfo, forced: TTASpec | None, log: Log | None = None) -> T
         try:
             forced = parse_tta(info.cfg.tta)
         except UserError as e:
-            raise UserError(f"run {info.name} has tta {info.cfg.tta!r} in its config.json: {e}; "
-                            "pass --tta") from None
+            raise UserError(
+                f"run {info.name} has tta {info.cfg.tta!r} in its config.json: {e}; pass --tta"
+            ) from None
     spec = effective_spec(forced, info.cfg)
     if spec != forced and log is not None:
-        log(f"run {info.name}: resizes the whole image to its input size, so crops:{forced.crops} does not "
-            f"apply; using {spec.name}")
+        log(
+            f"run {info.name}: resizes the whole image to its input size, so crops:{forced.crops} does not "
+            f"apply; using {spec.name}"
+        )
     unseen = unseen_views(spec, info.cfg)
     if unseen and log is not None:
-        log(f"note: run {info.name} never saw {unseen} in training (its augmentation: hflip p={info.cfg.hflip:g}, "
+        log(
+            f"note: run {info.name} never saw {unseen} in training (its augmentation: hflip p={info.cfg.hflip:g}, "
             f"rotation up to {info.cfg.rotate:g} degrees); such views can lower its score: use the views it "
-            "trained with (e.g. --tta hflip)")
+            "trained with (e.g. --tta hflip)"
+        )
     return spec
 
 

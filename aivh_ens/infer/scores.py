@@ -39,8 +39,9 @@ def test_files_digest(data_dir: str | Path, ids: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def scores_key(info: RunInfo, spec: TTASpec, data_dir: str | Path, test_csv: str,
-              ids: Sequence[str]) -> dict[str, Any]:
+def scores_key(
+    info: RunInfo, spec: TTASpec, data_dir: str | Path, test_csv: str, ids: Sequence[str]
+) -> dict[str, Any]:
     """What a run's cached test scores depend on (compared as a whole; any difference means re-predict)."""
     return {
         "version": CACHE_VERSION,
@@ -71,8 +72,14 @@ def read_cache(csv_path: Path, meta_path: Path, key: dict[str, Any], ids: Sequen
     return P if bool(np.all((P >= 0) & (P <= 1))) else None
 
 
-def write_cache(csv_path: Path, meta_path: Path, key: dict[str, Any], ids: Sequence[str], P: np.ndarray,
-                info: dict[str, Any]) -> None:
+def write_cache(
+    csv_path: Path,
+    meta_path: Path,
+    key: dict[str, Any],
+    ids: Sequence[str],
+    P: np.ndarray,
+    info: dict[str, Any],
+) -> None:
     """Write the scores, then the sidecar (removed first, so a crash in between leaves no stale match)."""
     meta_path.unlink(missing_ok=True)
     df = pd.DataFrame({"id": list(ids), "prob": P.astype(np.float64).mean(axis=0)})

@@ -42,8 +42,10 @@ def scan_test_images(data_dir: str | Path, ids: Sequence[str], csv: str, workers
     with ThreadPoolExecutor(max_workers=workers) as ex:
         bad = [(i, r) for i, r in ex.map(one, ids, chunksize=256) if r is not None]
     if bad:
-        raise UserError(f"{len(bad)} unreadable test image(s) in {csv}; first: {bad[0][0]}: {bad[0][1]}; "
-                        "replace the file (every test id needs a prediction)")
+        raise UserError(
+            f"{len(bad)} unreadable test image(s) in {csv}; first: {bad[0][0]}: {bad[0][1]}; "
+            "replace the file (every test id needs a prediction)"
+        )
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,10 @@ def _resolve_data(infos: Sequence[RunInfo], data: str | Path | None) -> Path:
         return Path(data)
     dirs = sorted({str(i.doc.get("data") or i.cfg.data) for i in infos})
     if len(dirs) > 1:
-        raise UserError(f"the blended runs were trained on different data folders ({', '.join(dirs)}); "
-                        "pass --data DIR with the folder holding test.csv")
+        raise UserError(
+            f"the blended runs were trained on different data folders ({', '.join(dirs)}); "
+            "pass --data DIR with the folder holding test.csv"
+        )
     return Path(dirs[0])
 
 
@@ -100,19 +104,31 @@ def validate_submission(path: str | Path, ids: Sequence[str]) -> pd.DataFrame:
         raise UserError(f"{path} {what}; expected the ids of the test table, in its order")
     bad = ~df["label"].isin(["0", "1"])
     if bad.any():
-        raise UserError(f"{path}: label {df['label'][bad].iloc[0]!r} of id {df['id'][bad].iloc[0]}; "
-                        "labels must be 0 or 1")
+        raise UserError(
+            f"{path}: label {df['label'][bad].iloc[0]!r} of id {df['id'][bad].iloc[0]}; labels must be 0 or 1"
+        )
     return df
 
 
-def run_test_scores(workdir: str | Path, infos: Sequence[RunInfo], specs: dict[str, TTASpec],
-                    data_dir: Path, test_csv: str, ids: Sequence[str], device: torch.device, *,
-                    batch_size: int | None = None, workers: int | None = None, progress: bool = True,
-                    log: Log = print) -> list[RunScores]:
+def run_test_scores(
+    workdir: str | Path,
+    infos: Sequence[RunInfo],
+    specs: dict[str, TTASpec],
+    data_dir: Path,
+    test_csv: str,
+    ids: Sequence[str],
+    device: torch.device,
+    *,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    log: Log = print,
+) -> list[RunScores]:
     """Each run's fold scores (K, N) on the test ids: from the cache when its key matches, else predicted."""
     keys = {i.name: scores_key(i, specs[i.name], data_dir, test_csv, ids) for i in infos}
-    cached = {i.name: read_cache(*cache_paths(workdir, i.name, specs[i.name]), keys[i.name], ids)
-              for i in infos}
+    cached = {
+        i.name: read_cache(*cache_paths(workdir, i.name, specs[i.name]), keys[i.name], ids) for i in infos
+    }
     if any(P is None for P in cached.values()):
         scan_test_images(data_dir, ids, test_csv)
     out = []
@@ -120,23 +136,46 @@ def run_test_scores(workdir: str | Path, infos: Sequence[RunInfo], specs: dict[s
         spec = specs[info.name]
         P, t0 = cached[info.name], time.perf_counter()
         if P is None:
-            log(f"run {info.name}: predicting {len(ids)} images x {spec.n_views} view(s) ({spec.name}) "
-                f"x {len(info.weights)} folds on {device}")
+            log(
+                f"run {info.name}: predicting {len(ids)} images x {spec.n_views} view(s) ({spec.name}) "
+                f"x {len(info.weights)} folds on {device}"
+            )
             models, dc = load_models(info, device)
             # The run's own storage step, as in training (the cache and the uncached path share it).
             source = FileSource(data_dir, list(ids), storage_step(info.cfg, dc.img_size))
-            P, bad = predict_folds(models, dc, info.cfg, source, np.arange(len(ids)), spec, device,
-                                   batch_size=batch_size, workers=workers, progress=progress,
-                                   desc=f"{info.name} test")
+            P, bad = predict_folds(
+                models,
+                dc,
+                info.cfg,
+                source,
+                np.arange(len(ids)),
+                spec,
+                device,
+                batch_size=batch_size,
+                workers=workers,
+                progress=progress,
+                desc=f"{info.name} test",
+            )
             del models
             if bad:
                 first = min(bad)
-                raise UserError(f"cannot decode test image {ids[first]}: {bad[first]}; replace the file "
-                                "(every test id needs a prediction)")
+                raise UserError(
+                    f"cannot decode test image {ids[first]}: {bad[first]}; replace the file "
+                    "(every test id needs a prediction)"
+                )
             csv_path, meta_path = cache_paths(workdir, info.name, spec)
-            write_cache(csv_path, meta_path, keys[info.name], ids, P,
-                        {"device": str(device), "amp": info.cfg.amp if device.type == "cuda" else "none",
-                         "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            write_cache(
+                csv_path,
+                meta_path,
+                keys[info.name],
+                ids,
+                P,
+                {
+                    "device": str(device),
+                    "amp": info.cfg.amp if device.type == "cuda" else "none",
+                    "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+            )
         else:
             log(f"run {info.name}: cached test scores ({spec.name}, {len(info.weights)} folds)")
         seconds = time.perf_counter() - t0
@@ -153,12 +192,16 @@ def blended_runs(workdir: Path, blend_path: str | Path | None) -> tuple[dict[str
     infos = [check_run(workdir, n) for n in names]
     for info in infos:
         if info.doc.get("fold_sha256") != doc["fold_sha256"]:
-            raise UserError(f"run {info.name} was re-trained on another fold file since {bpath} was fitted; "
-                            "re-fit with `aivh-ens blend`")
+            raise UserError(
+                f"run {info.name} was re-trained on another fold file since {bpath} was fitted; "
+                "re-fit with `aivh-ens blend`"
+            )
     return doc, infos
 
 
-def _write_submission(out_path: Path, ids: list[str], labels: np.ndarray, probs: np.ndarray | None) -> Path | None:
+def _write_submission(
+    out_path: Path, ids: list[str], labels: np.ndarray, probs: np.ndarray | None
+) -> Path | None:
     """``id,label`` (validated after writing), and ``id,prob`` beside it when ``probs`` is given."""
     write_csv(out_path, pd.DataFrame({"id": ids, "label": labels.astype(np.int64)}))
     try:
@@ -179,16 +222,28 @@ def _rate_check(workdir: Path, doc: dict[str, Any], labels: np.ndarray) -> tuple
     train_rate, ai_rate = float(oof["label"].mean()), float(labels.mean())
     warning = None
     if abs(ai_rate - train_rate) > RATE_WARN:
-        warning = (f"the predicted AI rate {ai_rate:.1%} differs from the training rate {train_rate:.1%} by "
-                   f"more than {RATE_WARN * 100:.0f} points: the threshold ({doc['threshold']:.4f}, "
-                   f"{doc['space']} space) may not transfer to this test set")
+        warning = (
+            f"the predicted AI rate {ai_rate:.1%} differs from the training rate {train_rate:.1%} by "
+            f"more than {RATE_WARN * 100:.0f} points: the threshold ({doc['threshold']:.4f}, "
+            f"{doc['space']} space) may not transfer to this test set"
+        )
     return train_rate, ai_rate, warning
 
 
-def submit(workdir: str | Path = ".", *, blend_path: str | Path | None = None, data: str | Path | None = None,
-           tta: str | None = None, out: str | Path | None = None, proba: bool = False,
-           device: str | None = None, batch_size: int | None = None, workers: int | None = None,
-           progress: bool = True, log: Log = print) -> SubmitResult:
+def submit(
+    workdir: str | Path = ".",
+    *,
+    blend_path: str | Path | None = None,
+    data: str | Path | None = None,
+    tta: str | None = None,
+    out: str | Path | None = None,
+    proba: bool = False,
+    device: str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    log: Log = print,
+) -> SubmitResult:
     """Predict the test set with every run of a fitted blend and write the submission.
 
     Args:
@@ -214,12 +269,24 @@ def submit(workdir: str | Path = ".", *, blend_path: str | Path | None = None, d
     dev = resolve_device(device or "auto")
     out_path = Path(out) if out is not None else workdir / "submission.csv"
 
-    scores = run_test_scores(workdir, infos, specs, data_dir, cfg0.test_csv, ids, dev, batch_size=batch_size,
-                             workers=workers, progress=progress, log=log)
+    scores = run_test_scores(
+        workdir,
+        infos,
+        specs,
+        data_dir,
+        cfg0.test_csv,
+        ids,
+        dev,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        log=log,
+    )
     space = doc["space"]
     probs, labels = apply_blend(doc, {s.name: fold_average(s.P, space) for s in scores})  # (N,), (N,)
 
     proba_path = _write_submission(out_path, ids, labels, probs if proba else None)
     train_rate, ai_rate, warning = _rate_check(workdir, doc, labels)
-    return SubmitResult(out_path, proba_path, len(ids), ai_rate, train_rate, warning, space,
-                        float(doc["threshold"]), scores)
+    return SubmitResult(
+        out_path, proba_path, len(ids), ai_rate, train_rate, warning, space, float(doc["threshold"]), scores
+    )

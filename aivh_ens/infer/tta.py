@@ -160,7 +160,7 @@ def crop_offsets(h: int, w: int, size: int, n: int) -> list[tuple[int, int]]:
 def crop_views(img: np.ndarray, size: int, n: int) -> np.ndarray:
     """n crops of an (H, W, 3) image -> (n, size, size, 3), in :func:`crop_offsets` order."""
     h, w = img.shape[:2]
-    return np.stack([img[t:t + size, left:left + size] for t, left in crop_offsets(h, w, size, n)])
+    return np.stack([img[t : t + size, left : left + size] for t, left in crop_offsets(h, w, size, n)])
 
 
 def crop_pretransform(cfg: RunConfig, img_size: int):
@@ -185,8 +185,9 @@ class TTADataset(Dataset):
     and the reason (not an exception: inside a worker it would arrive wrapped in a traceback).
     """
 
-    def __init__(self, source: ImageSource, rows: Sequence[int], cfg: RunConfig, img_size: int,
-                 crops: int = 0):
+    def __init__(
+        self, source: ImageSource, rows: Sequence[int], cfg: RunConfig, img_size: int, crops: int = 0
+    ):
         self.source = source
         self.rows = np.asarray(rows, dtype=np.int64)  # (N,) indices into source
         self.img_size = img_size
@@ -211,8 +212,14 @@ class TTADataset(Dataset):
 
 
 @torch.inference_mode()
-def score_views(models: Sequence[nn.Module], x: torch.Tensor, views: Sequence[str], *, amp: str = "none",
-                memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+def score_views(
+    models: Sequence[nn.Module],
+    x: torch.Tensor,
+    views: Sequence[str],
+    *,
+    amp: str = "none",
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
     """P(label 1) of every view under every model.
 
     Args:

@@ -17,12 +17,7 @@ from typing import Any
 import pandas as pd
 
 from aivh_ens import faults, metrics
-from aivh_ens.config import (
-    CONFIG_VERSION,
-    RunConfig,
-    to_dict,
-    training_identity,
-)
+from aivh_ens.config import CONFIG_VERSION, RunConfig, to_dict, training_identity
 from aivh_ens.data.folds import ensure_fold_file
 from aivh_ens.data.images import BadImageError, image_size, load_image
 from aivh_ens.data.tables import read_train_table
@@ -39,8 +34,9 @@ Log = Callable[[str], None]
 def load_train_table(cfg: RunConfig) -> pd.DataFrame:
     """The validated train table of a config's dataset (group column included when --group names one)."""
     group_col = cfg.group if cfg.group not in (None, "pairs") else None
-    return read_train_table(cfg.data, cfg.train_csv, file_col=cfg.file_col, label_col=cfg.label_col,
-                            group_col=group_col)
+    return read_train_table(
+        cfg.data, cfg.train_csv, file_col=cfg.file_col, label_col=cfg.label_col, group_col=group_col
+    )
 
 
 def scan_images(root: Path, files: Iterable[str], decode: bool, workers: int = 8) -> dict[int, str]:
@@ -63,9 +59,17 @@ def scan_images(root: Path, files: Iterable[str], decode: bool, workers: int = 8
 def write_run_config(cfg: RunConfig, workdir: Path, fold_path: Path, fold_sha: str, force: bool) -> Path:
     """Write runs/<run>/config.json, or check that an existing one describes the same training."""
     path = config_path(workdir, cfg.name)
-    doc = {"version": CONFIG_VERSION, "name": cfg.name, "model": cfg.model, "recipe": cfg.recipe,
-           "fold_file": str(fold_path.relative_to(workdir)), "fold_sha256": fold_sha,
-           "data": str(Path(cfg.data).resolve()), "config": to_dict(cfg), "versions": library_versions()}
+    doc = {
+        "version": CONFIG_VERSION,
+        "name": cfg.name,
+        "model": cfg.model,
+        "recipe": cfg.recipe,
+        "fold_file": str(fold_path.relative_to(workdir)),
+        "fold_sha256": fold_sha,
+        "data": str(Path(cfg.data).resolve()),
+        "config": to_dict(cfg),
+        "versions": library_versions(),
+    }
     if path.exists() and not force:
         old_cfg, old = read_run_config(workdir, cfg.name)
         if old.get("fold_sha256") != fold_sha:
@@ -108,8 +112,9 @@ def read_fold_summary(fdir: Path) -> dict[str, Any]:
     return json.loads((fdir / DONE).read_text())
 
 
-def assemble_oof(workdir: Path, cfg: RunConfig, fold_table: pd.DataFrame, exclude: set[int],
-                 log: Log) -> Path | None:
+def assemble_oof(
+    workdir: Path, cfg: RunConfig, fold_table: pd.DataFrame, exclude: set[int], log: Log
+) -> Path | None:
     """Write oof/<run>.csv if every fold is done and it is not already written for these folds."""
     rdir = run_dir(workdir, cfg.name)
     fdirs = [rdir / f"fold{k}" for k in range(cfg.folds)]
@@ -129,8 +134,10 @@ def assemble_oof(workdir: Path, cfg: RunConfig, fold_table: pd.DataFrame, exclud
         expected = sorted(set(range(len(fold_table))) - exclude)
         got = sorted(oof["_row"].dropna().astype(int))
         if got != expected:
-            raise UserError(f"the fold OOF files of run {cfg.name} do not cover every row exactly once; "
-                            "re-run with --force")
+            raise UserError(
+                f"the fold OOF files of run {cfg.name} do not cover every row exactly once; "
+                "re-run with --force"
+            )
         oof = oof.sort_values("_row").drop(columns="_row")[["file_name", "label", "fold", "prob"]]
         sources = {d.name: sha256_file(d / FOLD_OOF) for d in fdirs}
         meta_path = rdir / "oof_sources.json"
@@ -174,8 +181,16 @@ class CVResult:
     oof_metrics: dict[str, float] | None
 
 
-def run_cv(cfg: RunConfig, workdir: str | Path = ".", *, fold_spec: str | None = None, resume: bool = False,
-           force: bool = False, progress: bool = True, log: Log = print) -> CVResult:
+def run_cv(
+    cfg: RunConfig,
+    workdir: str | Path = ".",
+    *,
+    fold_spec: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    log: Log = print,
+) -> CVResult:
     """Train the requested folds of a run and assemble its OOF when every fold is done.
 
     Args:
@@ -194,9 +209,15 @@ def run_cv(cfg: RunConfig, workdir: str | Path = ".", *, fold_spec: str | None =
     fold_table = prepare_run(cfg, workdir, table, bad, folds_to_run, force, log)
     from aivh_ens.data.cache import open_source
 
-    source = open_source(cfg, Path(cfg.data), fold_table["file_name"].tolist(), workdir, progress=progress, log=log)
-    summaries = [run_fold(cfg, k, workdir, fold_table, frozenset(bad), source, resume=resume, progress=progress,
-                          log=log) for k in folds_to_run]
+    source = open_source(
+        cfg, Path(cfg.data), fold_table["file_name"].tolist(), workdir, progress=progress, log=log
+    )
+    summaries = [
+        run_fold(
+            cfg, k, workdir, fold_table, frozenset(bad), source, resume=resume, progress=progress, log=log
+        )
+        for k in folds_to_run
+    ]
     return finish_run(cfg, workdir, fold_table, set(bad), summaries, log)
 
 
@@ -215,12 +236,23 @@ def check_inputs(cfg: RunConfig, fold_spec: str | None) -> tuple[list[int], pd.D
     return folds_to_run, table, bad
 
 
-def prepare_run(cfg: RunConfig, workdir: Path, table: pd.DataFrame, bad: dict[int, str], folds_to_run: list[int],
-                force: bool, log: Log) -> pd.DataFrame:
+def prepare_run(
+    cfg: RunConfig,
+    workdir: Path,
+    table: pd.DataFrame,
+    bad: dict[int, str],
+    folds_to_run: list[int],
+    force: bool,
+    log: Log,
+) -> pd.DataFrame:
     """Make or reuse the fold file, clear forced folds, write config.json and skipped.csv; the fold table."""
-    fold_path, fold_sha, fold_table, created = ensure_fold_file(workdir, table, cfg.folds, cfg.seed, cfg.group)
-    log(f"fold file: {fold_path} ({'created' if created else 'reused'}, sha256 {fold_sha[:12]}, "
-        f"{len(fold_table)} rows, {cfg.folds} folds{', grouped by ' + cfg.group if cfg.group else ''})")
+    fold_path, fold_sha, fold_table, created = ensure_fold_file(
+        workdir, table, cfg.folds, cfg.seed, cfg.group
+    )
+    log(
+        f"fold file: {fold_path} ({'created' if created else 'reused'}, sha256 {fold_sha[:12]}, "
+        f"{len(fold_table)} rows, {cfg.folds} folds{', grouped by ' + cfg.group if cfg.group else ''})"
+    )
     note = cpu_contention_note(cfg.device)
     if note:
         log(note)
@@ -232,14 +264,28 @@ def prepare_run(cfg: RunConfig, workdir: Path, table: pd.DataFrame, bad: dict[in
     write_run_config(cfg, workdir, fold_path, fold_sha, force)
     if bad:
         rows = sorted(bad)
-        write_csv(rdir / "skipped.csv", pd.DataFrame({
-            "file_name": fold_table["file_name"].to_numpy()[rows], "reason": [bad[i] for i in rows]}))
+        write_csv(
+            rdir / "skipped.csv",
+            pd.DataFrame(
+                {"file_name": fold_table["file_name"].to_numpy()[rows], "reason": [bad[i] for i in rows]}
+            ),
+        )
         log(f"skipping {len(bad)} unreadable image(s) (listed in {rdir / 'skipped.csv'})")
     return fold_table
 
 
-def run_fold(cfg: RunConfig, k: int, workdir: Path, fold_table: pd.DataFrame, exclude: frozenset[int],
-             source: Any, *, resume: bool, progress: bool, log: Log) -> dict[str, Any]:
+def run_fold(
+    cfg: RunConfig,
+    k: int,
+    workdir: Path,
+    fold_table: pd.DataFrame,
+    exclude: frozenset[int],
+    source: Any,
+    *,
+    resume: bool,
+    progress: bool,
+    log: Log,
+) -> dict[str, Any]:
     """One (run, fold) job under the fold's lock: skipped when done, else trained; its done.json summary."""
     rdir, fdir = run_dir(workdir, cfg.name), fold_dir(workdir, cfg.name, k)
     if fold_done(fdir):
@@ -250,16 +296,24 @@ def run_fold(cfg: RunConfig, k: int, workdir: Path, fold_table: pd.DataFrame, ex
             return read_fold_summary(fdir)
         for tmp in fdir.glob(".*.tmp"):  # left by a process killed mid-write; never read, safe to drop
             tmp.unlink(missing_ok=True)
-        log(f"fold {k}/{cfg.folds - 1}: training {cfg.model} on {int((fold_table['fold'] != k).sum())} rows, "
-            f"validating on {int((fold_table['fold'] == k).sum())}")
+        log(
+            f"fold {k}/{cfg.folds - 1}: training {cfg.model} on {int((fold_table['fold'] != k).sum())} rows, "
+            f"validating on {int((fold_table['fold'] == k).sum())}"
+        )
         job = FoldJob(cfg, k, fdir, Path(cfg.data), fold_table[["file_name", "label", "fold"]], exclude)
         summary = fit_fold(job, source, resume=resume, progress=progress, log=log)
     faults.point("fold-done")
     return summary
 
 
-def finish_run(cfg: RunConfig, workdir: Path, fold_table: pd.DataFrame, exclude: set[int],
-               summaries: list[dict[str, Any]], log: Log) -> CVResult:
+def finish_run(
+    cfg: RunConfig,
+    workdir: Path,
+    fold_table: pd.DataFrame,
+    exclude: set[int],
+    summaries: list[dict[str, Any]],
+    log: Log,
+) -> CVResult:
     """Assemble the OOF when every fold is done and score it at 0.5; else say which folds remain."""
     oof = assemble_oof(workdir, cfg, fold_table, exclude, log)
     scores = None
@@ -274,11 +328,15 @@ def finish_run(cfg: RunConfig, workdir: Path, fold_table: pd.DataFrame, exclude:
 
 def format_summary(result: CVResult) -> str:
     """The end-of-run table: one row per fold, then OOF metrics at threshold 0.5."""
-    lines = [f"run {result.run}",
-             f"{'fold':>4} {'f1':>7} {'acc':>7} {'auc':>7} {'loss':>7} {'best_ep':>7} {'minutes':>8}"]
+    lines = [
+        f"run {result.run}",
+        f"{'fold':>4} {'f1':>7} {'acc':>7} {'auc':>7} {'loss':>7} {'best_ep':>7} {'minutes':>8}",
+    ]
     for s in result.folds:
-        lines.append(f"{s['fold']:>4} {s['val_f1']:>7.4f} {s['val_acc']:>7.4f} {s['val_auc']:>7.4f} "
-                     f"{s['val_loss']:>7.4f} {s['best_epoch']:>7} {s['minutes']:>8.2f}")
+        lines.append(
+            f"{s['fold']:>4} {s['val_f1']:>7.4f} {s['val_acc']:>7.4f} {s['val_auc']:>7.4f} "
+            f"{s['val_loss']:>7.4f} {s['best_epoch']:>7} {s['minutes']:>8.2f}"
+        )
     m = result.oof_metrics
     if m:
         lines.append(f"OOF at 0.5: f1 {m['f1']:.4f}  acc {m['acc']:.4f}  auc {m['auc']:.4f}  -> {result.oof}")

@@ -79,8 +79,14 @@ class FoldJob:
     exclude: frozenset[int] = frozenset()  # rows known to be bad (skipped)
 
 
-def fit_fold(job: FoldJob, source: ImageSource, *, resume: bool = False, progress: bool = True,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+def fit_fold(
+    job: FoldJob,
+    source: ImageSource,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Train one fold (resuming from ``state.pt`` when asked), write its OOF rows, return its summary.
 
     Named steps: set up (model, optimizer, loaders) -> resume -> epochs -> write outputs (``done.json`` last).
@@ -163,16 +169,28 @@ def _set_up(job: FoldJob, source: ImageSource) -> _Setup:
 
         ema = ModelEmaV3(model, decay=cfg.ema_decay, device=device)
     workers = default_workers(device, cfg.workers)
-    train_ds = ImageDataset(source, train_rows, labels[train_rows], train_transform(cfg, dc.img_size),
-                            dc.img_size, seed=derive_seed(cfg.seed, job.fold))
+    train_ds = ImageDataset(
+        source,
+        train_rows,
+        labels[train_rows],
+        train_transform(cfg, dc.img_size),
+        dc.img_size,
+        seed=derive_seed(cfg.seed, job.fold),
+    )
     val_ds = ImageDataset(source, val_rows, labels[val_rows], eval_transform(cfg, dc.img_size), dc.img_size)
     val_loader = make_loader(val_ds, eval_batch_size(cfg), train=False, device=device, workers=workers)
-    ctx = FoldContext(cfg, device, Normalizer(dc.mean, dc.std, device, cfg.channels_last and device.type == "cuda"),
-                      source.describe, set())
+    ctx = FoldContext(
+        cfg,
+        device,
+        Normalizer(dc.mean, dc.std, device, cfg.channels_last and device.type == "cuda"),
+        source.describe,
+        set(),
+    )
     batches = len(train_rows) // cfg.batch_size if len(train_rows) > cfg.batch_size else 1
     total_steps = max(1, math.ceil(batches / cfg.accum_steps)) * cfg.epochs
-    return _Setup(device, model, optimizer, scaler, ema, train_ds, val_loader, ctx, workers, train_rows,
-                  total_steps)
+    return _Setup(
+        device, model, optimizer, scaler, ema, train_ds, val_loader, ctx, workers, train_rows, total_steps
+    )
 
 
 def _resume(job: FoldJob, s: _Setup, resume: bool, log: Callable[[str], None]) -> _State:
@@ -181,8 +199,10 @@ def _resume(job: FoldJob, s: _Setup, resume: bool, log: Callable[[str], None]) -
     if not state_path.exists():
         return _State()
     if not resume:
-        raise UserError(f"{state_path} holds an interrupted fold: re-run with --resume to continue it, "
-                        "or --force to start over")
+        raise UserError(
+            f"{state_path} holds an interrupted fold: re-run with --resume to continue it, "
+            "or --force to start over"
+        )
     st = load_state(state_path)
     _unwrap(s.model).load_state_dict(st["model"])
     s.optimizer.load_state_dict(st["optimizer"])
@@ -190,9 +210,17 @@ def _resume(job: FoldJob, s: _Setup, resume: bool, log: Callable[[str], None]) -
         s.scaler.load_state_dict(st["scaler"])
     if s.ema is not None and st.get("ema"):
         s.ema.module.load_state_dict(st["ema"])
-    state = _State(int(st["epoch"]) + 1, int(st["step"]), list(st["history"]), float(st["best_score"]),
-                   int(st["best_epoch"]), int(st["bad_epochs"]))
-    log(f"  fold {job.fold}: resuming after epoch {state.start_epoch} (best so far: epoch {state.best_epoch + 1})")
+    state = _State(
+        int(st["epoch"]) + 1,
+        int(st["step"]),
+        list(st["history"]),
+        float(st["best_score"]),
+        int(st["best_epoch"]),
+        int(st["bad_epochs"]),
+    )
+    log(
+        f"  fold {job.fold}: resuming after epoch {state.start_epoch} (best so far: epoch {state.best_epoch + 1})"
+    )
     return state
 
 
@@ -204,30 +232,54 @@ def _train_epochs(job: FoldJob, s: _Setup, state: _State, progress: bool, log: C
     for epoch in range(state.start_epoch, cfg.epochs):
         torch.manual_seed(derive_seed(cfg.seed, fold, epoch))  # dropout, drop-path: replayable on resume
         s.train_ds.set_epoch(epoch)
-        train_loader = make_loader(s.train_ds, cfg.batch_size, train=True, device=s.device, workers=s.workers,
-                                   seed=derive_seed(cfg.seed, fold, epoch, "order"))
+        train_loader = make_loader(
+            s.train_ds,
+            cfg.batch_size,
+            train=True,
+            device=s.device,
+            workers=s.workers,
+            seed=derive_seed(cfg.seed, fold, epoch, "order"),
+        )
         t0 = time.perf_counter()
         try:
-            tr, state.step = train_one_epoch(train_model, train_loader, s.optimizer, s.ctx, epoch=epoch,
-                                             step=state.step, total_steps=s.total_steps, scaler=s.scaler,
-                                             ema=s.ema, progress=progress)
+            tr, state.step = train_one_epoch(
+                train_model,
+                train_loader,
+                s.optimizer,
+                s.ctx,
+                epoch=epoch,
+                step=state.step,
+                total_steps=s.total_steps,
+                scaler=s.scaler,
+                ema=s.ema,
+                progress=progress,
+            )
         except TrainingDiverged as e:
             raise TrainingDiverged(f"fold {fold}: {e}") from None
         _, vy, vp = evaluate(eval_model, s.val_loader, s.ctx)
         vm = _val_metrics(vy, vp)
-        row = {"epoch": epoch + 1, **{k: tr[k] for k in ("train_loss", "lr", "img_s")}, **vm,
-               "seconds": time.perf_counter() - t0}
+        row = {
+            "epoch": epoch + 1,
+            **{k: tr[k] for k in ("train_loss", "lr", "img_s")},
+            **vm,
+            "seconds": time.perf_counter() - t0,
+        }
         improved = _record_epoch(job, s, state, epoch, row, eval_model)
-        log(f"  fold {fold} epoch {epoch + 1}/{cfg.epochs}: train_loss {tr['train_loss']:.4f}  "
+        log(
+            f"  fold {fold} epoch {epoch + 1}/{cfg.epochs}: train_loss {tr['train_loss']:.4f}  "
             f"val_loss {vm['val_loss']:.4f}  acc {vm['val_acc']:.4f}  f1 {vm['val_f1']:.4f}  "
-            f"auc {vm['val_auc']:.4f}  {tr['img_s']:.0f} img/s  {row['seconds']:.1f}s{' *' if improved else ''}")
+            f"auc {vm['val_auc']:.4f}  {tr['img_s']:.0f} img/s  {row['seconds']:.1f}s{' *' if improved else ''}"
+        )
         if cfg.early_stop and state.bad_epochs >= cfg.early_stop:
-            log(f"  fold {fold}: early stop after epoch {epoch + 1} ({cfg.early_stop} epochs without improvement)")
+            log(
+                f"  fold {fold}: early stop after epoch {epoch + 1} ({cfg.early_stop} epochs without improvement)"
+            )
             break
 
 
-def _record_epoch(job: FoldJob, s: _Setup, state: _State, epoch: int, row: dict[str, Any],
-                  eval_model: torch.nn.Module) -> bool:
+def _record_epoch(
+    job: FoldJob, s: _Setup, state: _State, epoch: int, row: dict[str, Any], eval_model: torch.nn.Module
+) -> bool:
     """Book one finished epoch: best weights when it improved, metrics.csv, then state.pt; True if improved."""
     cfg, fdir = job.cfg, job.fold_dir
     state.history.append(row)
@@ -239,12 +291,21 @@ def _record_epoch(job: FoldJob, s: _Setup, state: _State, epoch: int, row: dict[
     else:
         state.bad_epochs += 1
     write_csv(fdir / METRICS, pd.DataFrame(state.history), float_format="%.6g")
-    _save_state(fdir / STATE, {
-        "model": _unwrap(s.model).state_dict(), "optimizer": s.optimizer.state_dict(),
-        "scaler": s.scaler.state_dict() if s.scaler else {}, "ema": s.ema.module.state_dict() if s.ema else {},
-        "epoch": epoch, "step": state.step, "history": state.history, "best_score": state.best_score,
-        "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs,
-    })
+    _save_state(
+        fdir / STATE,
+        {
+            "model": _unwrap(s.model).state_dict(),
+            "optimizer": s.optimizer.state_dict(),
+            "scaler": s.scaler.state_dict() if s.scaler else {},
+            "ema": s.ema.module.state_dict() if s.ema else {},
+            "epoch": epoch,
+            "step": state.step,
+            "history": state.history,
+            "best_score": state.best_score,
+            "best_epoch": state.best_epoch,
+            "bad_epochs": state.bad_epochs,
+        },
+    )
     return improved
 
 
@@ -261,10 +322,17 @@ def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, secon
         write_csv(fdir / "skipped.csv", pd.DataFrame({"file_name": names[sorted(s.ctx.skipped)]}))
     best = history[state.best_epoch] if 0 <= state.best_epoch < len(history) else history[-1]
     summary = {
-        "fold": job.fold, "best_epoch": best["epoch"], "epochs_run": len(history), "val_f1": best["val_f1"],
-        "val_acc": best["val_acc"], "val_loss": best["val_loss"], "val_auc": best["val_auc"],
-        "minutes": sum(h["seconds"] for h in history) / 60, "n_train": int(len(s.train_rows)),
-        "n_val": int(len(oof)), "skipped": sorted(names[sorted(s.ctx.skipped)].tolist()),
+        "fold": job.fold,
+        "best_epoch": best["epoch"],
+        "epochs_run": len(history),
+        "val_f1": best["val_f1"],
+        "val_acc": best["val_acc"],
+        "val_loss": best["val_loss"],
+        "val_auc": best["val_auc"],
+        "minutes": sum(h["seconds"] for h in history) / 60,
+        "n_train": int(len(s.train_rows)),
+        "n_val": int(len(oof)),
+        "skipped": sorted(names[sorted(s.ctx.skipped)].tolist()),
         "wall_minutes_this_process": seconds / 60,
     }
     write_json(fdir / DONE, summary)

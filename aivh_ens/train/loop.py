@@ -22,9 +22,7 @@ from tqdm.auto import tqdm
 
 from aivh_ens import faults, metrics
 from aivh_ens.config import RunConfig
-from aivh_ens.data.loader import (
-    Normalizer,
-)
+from aivh_ens.data.loader import Normalizer
 from aivh_ens.errors import TrainingDiverged, UserError
 from aivh_ens.io import atomic_path
 from aivh_ens.train.models import fully_frozen_backbones
@@ -147,9 +145,19 @@ def _good(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> tuple[torch.T
     return (x, y) if bool(keep.all()) else (x[keep], y[keep])
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, ctx: FoldContext, *,
-                    epoch: int, step: int, total_steps: int, scaler: torch.amp.GradScaler | None,
-                    ema: Any | None, progress: bool = True) -> tuple[dict[str, float], int]:
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    ctx: FoldContext,
+    *,
+    epoch: int,
+    step: int,
+    total_steps: int,
+    scaler: torch.amp.GradScaler | None,
+    ema: Any | None,
+    progress: bool = True,
+) -> tuple[dict[str, float], int]:
     """One pass over the training rows. Returns (train metrics, optimizer steps taken so far).
 
     The loss is summed on the device and read by the host every batch on the CPU but only every
@@ -165,8 +173,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum over samples, on the device
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last read
     n_seen, first_unread, t0 = 0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} train", leave=False, disable=not progress,
-               unit="batch", dynamic_ncols=True)
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{cfg.epochs} train",
+        leave=False,
+        disable=not progress,
+        unit="batch",
+        dynamic_ncols=True,
+    )
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y, rows, ok) in enumerate(bar):
         keep = _check_batch(ctx, rows, ok)
@@ -193,21 +207,34 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                 raise _diverged(epoch, f"batch {i}" if i == first_unread else f"batches {first_unread}-{i}")
             first_unread = i + 1
             if progress:
-                bar.set_postfix(loss=f"{float(loss_sum) / max(1, n_seen):.4f}",
-                                img_s=f"{n_seen / (time.perf_counter() - t0):.0f}")
+                bar.set_postfix(
+                    loss=f"{float(loss_sum) / max(1, n_seen):.4f}",
+                    img_s=f"{n_seen / (time.perf_counter() - t0):.0f}",
+                )
     if bool(bad):  # the last batches, when the loop ended on a skipped one
         raise _diverged(epoch, f"batch {first_unread} or later")
     bar.close()
     train_loss = float(loss_sum) / max(1, n_seen)
     seconds = time.perf_counter() - t0  # after the read above: the GPU's work is done
     lr = optimizer.param_groups[0]["lr"]
-    return {"train_loss": train_loss, "lr": lr, "img_s": n_seen / max(seconds, 1e-9),
-            "train_seconds": seconds}, step
+    return {
+        "train_loss": train_loss,
+        "lr": lr,
+        "img_s": n_seen / max(seconds, 1e-9),
+        "train_seconds": seconds,
+    }, step
 
 
-def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int,
-                    total_steps: int, steps_per_epoch: int, scaler: torch.amp.GradScaler | None,
-                    ema: Any | None) -> int:
+def _optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: RunConfig,
+    step: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    scaler: torch.amp.GradScaler | None,
+    ema: Any | None,
+) -> int:
     """One optimizer step at the schedule's learning rate (clipping, scaler, EMA); the new step count."""
     for g in optimizer.param_groups:
         g["lr"] = cfg.lr * lr_factor(cfg, step, total_steps, steps_per_epoch) * g.get("lr_scale", 1.0)
@@ -228,13 +255,15 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Run
 
 
 def _diverged(epoch: int, where: str) -> TrainingDiverged:
-    return TrainingDiverged(f"training diverged: the loss became non-finite at epoch {epoch + 1}, {where}; "
-                            f"{_DIVERGED_FIX}")
+    return TrainingDiverged(
+        f"training diverged: the loss became non-finite at epoch {epoch + 1}, {where}; {_DIVERGED_FIX}"
+    )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, ctx: FoldContext, progress: bool = False,
-             desc: str = "valid") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def evaluate(
+    model: nn.Module, loader, ctx: FoldContext, progress: bool = False, desc: str = "valid"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Score every row of ``loader``. Returns (rows (N,), labels (N,), P(label 1) (N,)) for good images.
 
     Probabilities stay on the device until the pass ends (one copy to the host, no wait per batch).
@@ -251,7 +280,7 @@ def evaluate(model: nn.Module, loader, ctx: FoldContext, progress: bool = False,
         out_p.append(torch.softmax(logits.float(), dim=1)[:, 1])  # (B,) on the device
         out_y.append(y.numpy())
         out_rows.append(rows[keep].numpy())
-    cat = (lambda a, dt: np.concatenate(a).astype(dt) if a else np.zeros(0, dt))  # noqa: E731
+    cat = lambda a, dt: np.concatenate(a).astype(dt) if a else np.zeros(0, dt)  # noqa: E731
     probs = torch.cat(out_p).cpu().numpy() if out_p else np.zeros(0)
     return cat(out_rows, np.int64), cat(out_y, np.int64), probs.astype(np.float64)
 
@@ -289,8 +318,12 @@ class CompileFallback(nn.Module):
     error then surfaces again from the eager model.
     """
 
-    def __init__(self, model: nn.Module, log: Callable[[str], None] = print,
-                 compile_fn: Callable[[nn.Module], Any] = torch.compile):
+    def __init__(
+        self,
+        model: nn.Module,
+        log: Callable[[str], None] = print,
+        compile_fn: Callable[[nn.Module], Any] = torch.compile,
+    ):
         super().__init__()
         self._orig_mod = model  # what _unwrap, save_weights and train()/eval() reach
         object.__setattr__(self, "_compiled", compile_fn(model))  # not a submodule: no duplicate state

@@ -139,7 +139,9 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, DataConfig]:
     fused = len(names) > 1 or bool(cfg.head_hidden) or cfg.head_bn
     extra = dict(drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, img_size=cfg.img_size)
     parts = [
-        create_backbone(n, pretrained=cfg.pretrained, weights=f, num_classes=0 if fused else NUM_CLASSES, **extra)
+        create_backbone(
+            n, pretrained=cfg.pretrained, weights=f, num_classes=0 if fused else NUM_CLASSES, **extra
+        )
         for n, f in zip(names, files, strict=True)
     ]
     for p in parts:
@@ -163,7 +165,6 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, DataConfig]:
         std=tuple(cfg.std or dc["std"]),  # type: ignore[arg-type]
     )
     return model, data_cfg
-
 
 
 def init_output_layer(layer: nn.Module) -> None:

@@ -258,7 +258,11 @@ def test_caruana_counts_rounds_with_replacement(data):
     # Weights are counts over the best prefix of rounds: integers once multiplied by its length.
     assert any(np.allclose(fit.weights * k, np.round(fit.weights * k)) for k in range(1, 5))
     assert fit.score >= max(bmethods.fit_single(S, y, "f1", i).score for i in range(len(runs)))
-    assert bmethods.fit_caruana(S, y, "f1", rounds=1).weights.tolist() == [1.0, 0.0, 0.0]  # round 1: the best run
+    assert bmethods.fit_caruana(S, y, "f1", rounds=1).weights.tolist() == [
+        1.0,
+        0.0,
+        0.0,
+    ]  # round 1: the best run
 
 
 def test_nested_cv_fits_on_other_folds_only(data):
@@ -277,7 +281,9 @@ def test_nested_cv_fits_on_other_folds_only(data):
 
 
 def _result(name: str, complexity: int, mean: float, score: float = 0.9) -> bstage.MethodResult:
-    return bstage.MethodResult(name, complexity, bmethods.Fit(name, "prob", np.ones(1), 0.5, score), (mean, mean))
+    return bstage.MethodResult(
+        name, complexity, bmethods.Fit(name, "prob", np.ones(1), 0.5, score), (mean, mean)
+    )
 
 
 @pytest.mark.parametrize(

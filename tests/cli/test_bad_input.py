@@ -17,8 +17,19 @@ from PIL import Image
 
 from aivh_ens.cli import main
 
-BASE_ARGS = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", "2", "--epochs", "1",
-             "--quiet"]
+BASE_ARGS = [
+    "--recipe",
+    "tiny",
+    "--img-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--folds",
+    "2",
+    "--epochs",
+    "1",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +118,12 @@ CASES = [
     ("csv-missing", lambda d: (d / "train.csv").unlink(), [], ["train.csv"]),
     ("csv-empty", write_csv_text(""), [], ["train.csv", "empty"]),
     ("csv-header-only", write_csv_text("file_name,label\n"), [], ["train.csv", "no rows"]),
-    ("csv-missing-label-col", lambda d: _csv(d)[["file_name"]].to_csv(d / "train.csv", index=False), [],
-     ["label", "--label-col"]),
+    (
+        "csv-missing-label-col",
+        lambda d: _csv(d)[["file_name"]].to_csv(d / "train.csv", index=False),
+        [],
+        ["label", "--label-col"],
+    ),
     ("csv-semicolon", lambda d: _csv(d).to_csv(d / "train.csv", index=False, sep=";"), [], ["semicolon"]),
     ("csv-tab", lambda d: _csv(d).to_csv(d / "train.csv", index=False, sep="\t"), [], ["tab"]),
     ("label-string", set_label("ai"), [], ["line 4", "ai", "0 or 1"]),
@@ -154,8 +169,12 @@ def test_too_little_shared_memory_for_the_loader_is_refused_up_front(tmp_path, b
     """A container's small /dev/shm would kill the loader's workers with SIGBUS mid-epoch: cv refuses first."""
     from aivh_ens import system
 
-    monkeypatch.setattr(system, "shm_free", lambda: 1 << 17)  # 128 KiB; 3 batches of 16 x 3 x 32 x 32 need 144 KiB
-    _assert_refused(tmp_path, base, "small-shm", NOOP, ["--workers", "2"], ["/dev/shm", "--shm-size", "--workers"])
+    monkeypatch.setattr(
+        system, "shm_free", lambda: 1 << 17
+    )  # 128 KiB; 3 batches of 16 x 3 x 32 x 32 need 144 KiB
+    _assert_refused(
+        tmp_path, base, "small-shm", NOOP, ["--workers", "2"], ["/dev/shm", "--shm-size", "--workers"]
+    )
 
 
 def _assert_refused(tmp_path, base, case_id, mutate, extra, needles):
@@ -188,8 +207,9 @@ def test_must_work_variants_together(tmp_path, base):
     df.loc[7, "file_name"] = png
     text = df.to_csv(index=True, lineterminator="\r\n")  # a leading unnamed index column
     (data / "train.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
-    res = CliRunner().invoke(main, ["cv", *BASE_ARGS, "--data", str(data), "--workdir", str(tmp_path / "w"),
-                                    "--name", "ok"])
+    res = CliRunner().invoke(
+        main, ["cv", *BASE_ARGS, "--data", str(data), "--workdir", str(tmp_path / "w"), "--name", "ok"]
+    )
     assert res.exit_code == 0, res.output
     oof = pd.read_csv(tmp_path / "w" / "oof" / "ok.csv")
     assert len(oof) == 40 and png in set(oof["file_name"])
@@ -199,8 +219,9 @@ def test_truncated_jpeg_names_the_file(tmp_path, base):
     data = tmp_path / "data"
     shutil.copytree(base, data)
     truncate_first(data)
-    res = CliRunner().invoke(main, ["cv", *BASE_ARGS, "--data", str(data), "--workdir", str(tmp_path / "w"),
-                                    "--cache", "off"])
+    res = CliRunner().invoke(
+        main, ["cv", *BASE_ARGS, "--data", str(data), "--workdir", str(tmp_path / "w"), "--cache", "off"]
+    )
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert _csv(data)["file_name"][0] in res.output and "--on-bad-image skip" in res.output
     assert not (tmp_path / "w" / "oof").exists() or not list((tmp_path / "w" / "oof").glob("*.csv"))
@@ -208,6 +229,7 @@ def test_truncated_jpeg_names_the_file(tmp_path, base):
 
 def test_a_diverging_run_stops_with_one_line_naming_fold_and_fix(tmp_path, base, monkeypatch):
     """A non-finite loss is a setting to change, not a bug: exit 2, one line with the fold, the batch and the fix."""
+
     def nan_loss(logits, y, **kw):
         return (logits * float("nan")).sum()
 

@@ -18,8 +18,24 @@ from safetensors.torch import load_file
 
 from aivh_ens.cli import main
 
-ARGS = ["cv", "--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", "2", "--group", "pairs",
-        "--epochs", "2", "--quiet", "--name", "k"]
+ARGS = [
+    "cv",
+    "--recipe",
+    "tiny",
+    "--img-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--folds",
+    "2",
+    "--group",
+    "pairs",
+    "--epochs",
+    "2",
+    "--quiet",
+    "--name",
+    "k",
+]
 
 
 @pytest.fixture(scope="module")

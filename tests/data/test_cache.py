@@ -79,8 +79,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-STORAGES = [StorageStep("square", 32), StorageStep("short", 40), StorageStep("short", 64, upscale=False),
-            StorageStep("short", 100, upscale=False, interpolation="linear")]
+STORAGES = [
+    StorageStep("square", 32),
+    StorageStep("short", 40),
+    StorageStep("short", 64, upscale=False),
+    StorageStep("short", 100, upscale=False, interpolation="linear"),
+]
 
 
 @pytest.mark.parametrize("storage", STORAGES, ids=lambda s: s.tag)
@@ -103,12 +107,15 @@ def test_cache_returns_the_storage_step_pixels(tmp_path, data, storage):
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.suffix == ".tmp"] == []
 
 
-@pytest.mark.parametrize(("recipe", "kind"), [("tiny", "sq32"), ("effnet-b4-adam", "ss40"), ("convitx", "ss40"),
-                                               ("crop-robust", "sc512")])
+@pytest.mark.parametrize(
+    ("recipe", "kind"),
+    [("tiny", "sq32"), ("effnet-b4-adam", "ss40"), ("convitx", "ss40"), ("crop-robust", "sc512")],
+)
 def test_storage_step_by_recipe(recipe, kind):
     cfg = resolve_config(recipe, img_size=32)
-    cfg = dataclasses.replace(cfg, train_resize=40 if cfg.train_resize else None,
-                              eval_resize=36 if cfg.eval_resize else None)
+    cfg = dataclasses.replace(
+        cfg, train_resize=40 if cfg.train_resize else None, eval_resize=36 if cfg.eval_resize else None
+    )
     assert storage_step(cfg, 32).tag == kind
 
 
@@ -125,7 +132,9 @@ def test_fused_warp_geometry():
     img = np.random.default_rng(2).integers(0, 256, (60, 80, 3), dtype=np.uint8)
     # A whole-pixel window at scale 1 warps to exactly the crop (and its mirror image).
     np.testing.assert_array_equal(affine_crop(img, (5.0, 3.0, 48.0, 48.0), 48, False, 1e-9), img[3:51, 5:53])
-    np.testing.assert_array_equal(affine_crop(img, (5.0, 3.0, 48.0, 48.0), 48, True, 1e-9), img[3:51, 5:53][:, ::-1])
+    np.testing.assert_array_equal(
+        affine_crop(img, (5.0, 3.0, 48.0, 48.0), 48, True, 1e-9), img[3:51, 5:53][:, ::-1]
+    )
     sq = img[:48, :48]
     np.testing.assert_array_equal(affine_crop(sq, (0, 0, 48, 48), 48, False, 90.0), np.rot90(sq, 1))
     big = np.random.default_rng(3).integers(0, 256, (96, 96, 3), dtype=np.uint8)
@@ -222,8 +231,9 @@ def test_interrupted_build_is_never_used(tmp_path, data, monkeypatch):
 def test_bad_images_are_recorded_not_fatal(tmp_path, data):
     root, names = data
     (root / "broken.jpg").write_bytes((root / names[0]).read_bytes()[:200])
-    src = C.ensure_cache(root, [*names, "broken.jpg", "missing.jpg"], StorageStep("square", 32), tmp_path / "c",
-                         **QUIET)
+    src = C.ensure_cache(
+        root, [*names, "broken.jpg", "missing.jpg"], StorageStep("square", 32), tmp_path / "c", **QUIET
+    )
     from aivh_ens.data.images import BadImageError
 
     for i in (len(names), len(names) + 1):
@@ -248,18 +258,30 @@ def test_disk_space_check(tmp_path, data, monkeypatch):
     with pytest.raises(UserError):
         C.open_source(resolve_config("tiny", img_size=32, cache="on"), root, names, tmp_path, **QUIET)
 
+
 def test_cache_command_without_room_is_one_line_exit_2(tmp_path, demo, monkeypatch):
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 10**6, 10**6))
-    res = CliRunner().invoke(main, ["cache", "--data", str(demo), "--recipe", "tiny", "--workdir", str(tmp_path),
-                                    "--quiet"])
+    res = CliRunner().invoke(
+        main, ["cache", "--data", str(demo), "--recipe", "tiny", "--workdir", str(tmp_path), "--quiet"]
+    )
     errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
     assert res.exit_code == 2 and len(errors) == 1 and "GB" in errors[0] and "Traceback" not in res.output
 
 
 def test_cache_command(tmp_path, demo):
-    args = ["cache", "--data", str(demo), "--recipe", "tiny", "--img-size", "32", "--workdir", str(tmp_path),
-            "--quiet"]
+    args = [
+        "cache",
+        "--data",
+        str(demo),
+        "--recipe",
+        "tiny",
+        "--img-size",
+        "32",
+        "--workdir",
+        str(tmp_path),
+        "--quiet",
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "GB for 140 images (140 to decode, 0 reused)" in res.output and "cache ready" in res.output
@@ -276,7 +298,9 @@ def test_workers_see_each_epoch_and_match_in_process(tmp_path, data):
     assert len(state) < 20_000 and pickle.loads(state)._arr is None  # the mapping never travels
 
     def passes(workers: int) -> list[list[torch.Tensor]]:
-        ds = ImageDataset(src, np.arange(len(names)), np.arange(len(names)) % 2, train_transform(cfg, 32), 32, seed=5)
+        ds = ImageDataset(
+            src, np.arange(len(names)), np.arange(len(names)) % 2, train_transform(cfg, 32), 32, seed=5
+        )
         out, loaders = [], set()
         for epoch in range(2):
             ds.set_epoch(epoch)
@@ -305,8 +329,26 @@ def test_model_img_size_matches_the_built_model():
 
 
 def test_cv_gives_the_same_oof_with_and_without_the_cache(tmp_path, demo, one_thread):
-    common = ["cv", "--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", "3", "--group", "pairs",
-              "--epochs", "1", "--quiet", "--data", str(demo), "--workdir", str(tmp_path)]
+    common = [
+        "cv",
+        "--recipe",
+        "tiny",
+        "--img-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--folds",
+        "3",
+        "--group",
+        "pairs",
+        "--epochs",
+        "1",
+        "--quiet",
+        "--data",
+        str(demo),
+        "--workdir",
+        str(tmp_path),
+    ]
     for mode in ("on", "off"):
         res = CliRunner().invoke(main, [*common, "--cache", mode, "--name", f"r-{mode}"])
         assert res.exit_code == 0, res.output
@@ -365,10 +407,14 @@ def test_a_reader_keeps_the_version_it_opened(tmp_path, data):
     fresh = pickle.loads(pickle.dumps(src))  # as a spawned worker gets it, before the rebuild
     C.ensure_cache(root, names, storage, tmp_path / "c", **QUIET)  # more images: a new file, other offsets
     later = pickle.loads(pickle.dumps(src))
-    reader = ImageDataset(src, np.arange(10), None, eval_transform(resolve_config("tiny", img_size=32), 32), 32)
+    reader = ImageDataset(
+        src, np.arange(10), None, eval_transform(resolve_config("tiny", img_size=32), 32), 32
+    )
     loader = make_loader(reader, 5, train=False, device=torch.device("cpu"), workers=1)
     got = torch.cat([x for x, *_ in loader])  # forked workers map the inherited descriptor: the old version
-    assert torch.equal(got, torch.from_numpy(np.stack(expect)).permute(0, 3, 1, 2))  # eval is the identity here
+    assert torch.equal(
+        got, torch.from_numpy(np.stack(expect)).permute(0, 3, 1, 2)
+    )  # eval is the identity here
     for i in range(10):
         np.testing.assert_array_equal(src.get(i), expect[i])
     with pytest.raises(UserError, match="rebuilt while this run was reading it"):

@@ -19,7 +19,9 @@ def _table(n: int = 200, pos_rate: float = 0.5, seed: int = 0) -> pd.DataFrame:
 def _pairs_table(n_pairs: int = 100) -> pd.DataFrame:
     # Kaggle layout: row 2k is AI (1), row 2k+1 its human twin (0).
     labels = np.tile([1, 0], n_pairs)
-    return pd.DataFrame({"file_name": [f"p{i // 2}_{i % 2}.jpg" for i in range(2 * n_pairs)], "label": labels})
+    return pd.DataFrame(
+        {"file_name": [f"p{i // 2}_{i % 2}.jpg" for i in range(2 * n_pairs)], "label": labels}
+    )
 
 
 @pytest.mark.parametrize("group", [None, "pairs"])
@@ -79,11 +81,7 @@ def test_existing_fold_file_reused_and_mismatch_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "k,labels,match",
-    [
-        (1, [0, 1] * 10, "at least 2"),
-        (5, [0] * 20 + [1] * 3, "smallest class"),
-    ],
+    "k,labels,match", [(1, [0, 1] * 10, "at least 2"), (5, [0] * 20 + [1] * 3, "smallest class")]
 )
 def test_bad_fold_counts(k, labels, match):
     with pytest.raises(UserError, match=match):

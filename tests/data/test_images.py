@@ -338,11 +338,7 @@ BAD_IMAGES = [
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow prints it for 89M-179M px
 @pytest.mark.parametrize(("content", "name", "fragments", "header_level"), BAD_IMAGES)
 def test_bad_images(
-    tmp_path: Path,
-    content: bytes | None,
-    name: str,
-    fragments: list,
-    header_level: bool,
+    tmp_path: Path, content: bytes | None, name: str, fragments: list, header_level: bool
 ) -> None:
     path = tmp_path / name
     if content is not None:

@@ -363,5 +363,3 @@ def test_read_test_table(data: Path, text: str, kwargs: dict, expect: list[str])
     with pytest.raises(UserError) as err:
         read_test_table(data, **kwargs)
     _one_line_naming(err, *expect)
-
-

@@ -25,8 +25,9 @@ from aivh_ens.recipes import RECIPES
 @pytest.mark.parametrize("shape", [(40, 56, 3), (300, 200, 3)])
 def test_every_recipe_transform_gives_model_sized_uint8(name, shape):
     cfg = resolve_config(name, model=None if RECIPES[name].get("model") else "test_convnext", img_size=32)
-    cfg = dataclasses.replace(cfg, train_resize=40 if cfg.train_resize else None,
-                              eval_resize=36 if cfg.eval_resize else None)
+    cfg = dataclasses.replace(
+        cfg, train_resize=40 if cfg.train_resize else None, eval_resize=36 if cfg.eval_resize else None
+    )
     img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     for tf in (train_transform(cfg, 32), eval_transform(cfg, 32)):
         out = tf(image=img)["image"]
@@ -38,13 +39,19 @@ FAST_SHAPES = [(20, 28, 3), (32, 32, 3), (40, 56, 3), (56, 40, 3), (150, 90, 3)]
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
-@pytest.mark.parametrize("extra", [{}, {"hflip": 1.0, "rotate": 0.0}, {"rotate": 30.0}, {"hflip": 0.0}],
-                         ids=["recipe", "flip-only", "rotate", "no-flip"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"hflip": 1.0, "rotate": 0.0}, {"rotate": 30.0}, {"hflip": 0.0}],
+    ids=["recipe", "flip-only", "rotate", "no-flip"],
+)
 def test_fast_geometry_gives_the_pipelines_pixels(name, extra):
     """Geometry-only pipelines skip albumentations: the same draws from the same seed, the same pixels."""
-    cfg = resolve_config(name, model=None if RECIPES[name].get("model") else "test_convnext", img_size=32, **extra)
-    cfg = dataclasses.replace(cfg, train_resize=40 if cfg.train_resize else None,
-                              eval_resize=36 if cfg.eval_resize else None)
+    cfg = resolve_config(
+        name, model=None if RECIPES[name].get("model") else "test_convnext", img_size=32, **extra
+    )
+    cfg = dataclasses.replace(
+        cfg, train_resize=40 if cfg.train_resize else None, eval_resize=36 if cfg.eval_resize else None
+    )
     pipe = train_transform(cfg, 32)
     fast = FastGeometry.of(pipe)
     geometry_only = cfg.mode == "resize" and cfg.color_jitter == 0 and cfg.blur_p == 0 and cfg.jpeg_p == 0
@@ -65,9 +72,15 @@ def test_fast_geometry_gives_the_pipelines_pixels(name, extra):
 
 def test_affine_crop_planes_are_the_pixels_transposed():
     rng = np.random.default_rng(4)
-    for img in (rng.integers(0, 256, (60, 80, 3), dtype=np.uint8), rng.integers(0, 256, (60, 80, 1), dtype=np.uint8)):
-        for window, flip, angle in (((5.0, 3.0, 48.0, 48.0), True, 0.0), ((2.5, 1.0, 50.0, 40.0), False, 12.0),
-                                    ((0.0, 0.0, 80.0, 60.0), True, -7.0)):
+    for img in (
+        rng.integers(0, 256, (60, 80, 3), dtype=np.uint8),
+        rng.integers(0, 256, (60, 80, 1), dtype=np.uint8),
+    ):
+        for window, flip, angle in (
+            ((5.0, 3.0, 48.0, 48.0), True, 0.0),
+            ((2.5, 1.0, 50.0, 40.0), False, 12.0),
+            ((0.0, 0.0, 80.0, 60.0), True, -7.0),
+        ):
             hwc = affine_crop(img, window, 32, flip, angle)
             chw = affine_crop(img, window, 32, flip, angle, chw=True)
             assert chw.flags.c_contiguous
@@ -80,7 +93,7 @@ def test_crop_mode_keeps_native_pixels():
     out = eval_transform(cfg, 16)(image=img)["image"]
     np.testing.assert_array_equal(out, img[12:28, 17:33])  # the exact centre crop, no resampling
     tr = train_transform(cfg, 16)(image=img)["image"]
-    found = any((img[y:y + 16, x:x + 16] == tr).all() for y in range(25) for x in range(35))
+    found = any((img[y : y + 16, x : x + 16] == tr).all() for y in range(25) for x in range(35))
     assert found  # a random crop of native pixels
 
 

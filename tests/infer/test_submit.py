@@ -23,8 +23,21 @@ from aivh_ens.infer.runs import fold_average
 from aivh_ens.infer.submission import validate_submission
 from aivh_ens.train.models import build_model
 
-FAST = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", "3", "--group", "pairs",
-        "--epochs", "1", "--quiet"]
+FAST = [
+    "--recipe",
+    "tiny",
+    "--img-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--folds",
+    "3",
+    "--group",
+    "pairs",
+    "--epochs",
+    "1",
+    "--quiet",
+]
 
 
 def invoke(*args: str):
@@ -227,11 +240,14 @@ def test_predict_scores_good_images_and_reports_bad_ones(project, tmp_path):
         assert 0.0 <= r["prob"] <= 1.0 and r["error"] is None and r["label"] == int(r["prob"] >= 0.5)
     assert len([ln for ln in res.stderr.splitlines() if ln.startswith("error:")]) == 1
 
-    assert_user_error(invoke("predict", images[0], "--workdir", work, "--run", "nope"),
-                      "runs/nope/config.json")
+    assert_user_error(
+        invoke("predict", images[0], "--workdir", work, "--run", "nope"), "runs/nope/config.json"
+    )
     assert_user_error(invoke("predict", images[0], "--workdir", work, "--tta", "d8"), "valid forms")
-    assert_user_error(invoke("predict", images[0], "--workdir", work, "--run", "a", "--blend", "x.json"),
-                      "either --blend or --run")
+    assert_user_error(
+        invoke("predict", images[0], "--workdir", work, "--run", "a", "--blend", "x.json"),
+        "either --blend or --run",
+    )
 
 
 def test_submit_tta_option_and_predict_agree(copy):
@@ -262,9 +278,11 @@ def test_unseen_views_names_what_training_never_produced():
     assert runs_mod.unseen_views(parse_tta("none"), RunConfig(hflip=0.0)) is None
     assert runs_mod.unseen_views(parse_tta("hflip"), RunConfig(hflip=0.0)) == "mirrored images"
     assert runs_mod.unseen_views(parse_tta("d4"), flip_only) == (
-        "rotated (90/180/270 degrees) or upside-down images")
+        "rotated (90/180/270 degrees) or upside-down images"
+    )
     assert runs_mod.unseen_views(parse_tta("d4"), RunConfig(hflip=0.0)) == (
-        "rotated (90/180/270 degrees) or upside-down images or mirrored images")
+        "rotated (90/180/270 degrees) or upside-down images or mirrored images"
+    )
     assert runs_mod.unseen_views(parse_tta("d4"), RunConfig(hflip=0.5, rotate=90.0)) is None
 
 
@@ -309,7 +327,9 @@ def test_killed_submit_never_leaves_a_partial_submission(copy):
     code, out = run_cli(args, "infer-batch@2")  # mid-inference of the first run
     assert code == -9, out
     assert not sub.exists() and not list((work / "runs").glob("*/test/*.csv"))
-    code, out = run_cli(args, "write:submission.csv")  # every score cached, the file fully written, not renamed
+    code, out = run_cli(
+        args, "write:submission.csv"
+    )  # every score cached, the file fully written, not renamed
     assert code == -9, out
     assert not sub.exists() and list(work.glob(".submission.csv.*.tmp"))
     code, out = run_cli(args)

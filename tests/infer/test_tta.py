@@ -56,8 +56,20 @@ def test_parse_tta_valid(spec, name, flips, crops, n_views):
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "vflip", "hflip+d4", "crops", "crops:0", "crops:65", "crops:x", "none+crops:5", "hflip+hflip",
-     "crops:2+crops:3", "hflip,crops:5", "d4+"],
+    [
+        "",
+        "vflip",
+        "hflip+d4",
+        "crops",
+        "crops:0",
+        "crops:65",
+        "crops:x",
+        "none+crops:5",
+        "hflip+hflip",
+        "crops:2+crops:3",
+        "hflip,crops:5",
+        "d4+",
+    ],
 )
 def test_parse_tta_invalid_lists_the_valid_forms(spec):
     with pytest.raises(UserError) as e:
@@ -136,9 +148,16 @@ def test_five_crops_are_the_corners_and_the_centre():
 
 @pytest.mark.parametrize(
     ("n", "h", "w", "grid"),
-    [(1, 10, 10, (1, 1, False)), (4, 10, 10, (2, 2, False)), (5, 10, 10, (2, 2, True)),
-     (9, 10, 10, (3, 3, False)), (6, 10, 20, (2, 3, False)), (6, 20, 10, (3, 2, False)),
-     (3, 10, 30, (1, 3, False)), (17, 9, 9, (4, 4, True))],
+    [
+        (1, 10, 10, (1, 1, False)),
+        (4, 10, 10, (2, 2, False)),
+        (5, 10, 10, (2, 2, True)),
+        (9, 10, 10, (3, 3, False)),
+        (6, 10, 20, (2, 3, False)),
+        (6, 20, 10, (3, 2, False)),
+        (3, 10, 30, (1, 3, False)),
+        (17, 9, 9, (4, 4, True)),
+    ],
 )
 def test_crop_grid_layouts(n, h, w, grid):
     assert crop_grid(n, h, w) == grid
@@ -158,7 +177,7 @@ def test_crop_offsets_stay_inside_and_spread_to_the_borders(h, w, size, n):
     if rows >= math.ceil(h / size) and cols >= math.ceil(w / size):  # then every pixel is covered
         covered = np.zeros((h, w), dtype=bool)
         for t, left in offs:
-            covered[t:t + size, left:left + size] = True
+            covered[t : t + size, left : left + size] = True
         assert covered.all()
 
 

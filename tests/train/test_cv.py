@@ -20,8 +20,19 @@ from aivh_ens.metrics import f1
 from aivh_ens.train import fold as fold_mod
 
 # Tiny and fast: 32 px, 1-2 epochs, 3 folds over 120 images.
-FAST = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", "3", "--group", "pairs",
-        "--quiet"]
+FAST = [
+    "--recipe",
+    "tiny",
+    "--img-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--folds",
+    "3",
+    "--group",
+    "pairs",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +223,9 @@ def test_changed_config_and_fold_file_are_refused(tmp_path, data):
     df = pd.read_csv(fold_file)
     df.loc[[0, 1], "fold"] = (df.loc[[0, 1], "fold"] + 1) % 3
     df.to_csv(fold_file, index=False)
-    assert_user_error(cv(tmp_path, data, "--epochs", "1", "--fold", "0", "--name", "c"), "fold file", "changed")
+    assert_user_error(
+        cv(tmp_path, data, "--epochs", "1", "--fold", "0", "--name", "c"), "fold file", "changed"
+    )
 
 
 def test_live_lock_refused_and_stale_lock_taken_over(tmp_path, data):
@@ -277,8 +290,12 @@ def test_cli_help_lists_examples():
 @pytest.mark.skipif(os.name != "posix", reason="signals")
 def test_console_script_exit_code_for_bad_input(tmp_path):
     exe = Path(sys.executable).with_name("aivh-ens")
-    res = subprocess.run([str(exe), "cv", "--model", "test_efficientnet", "--data", str(tmp_path)],
-                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    res = subprocess.run(
+        [str(exe), "cv", "--model", "test_efficientnet", "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error:") and "train.csv" in res.stderr
     assert "Traceback" not in res.stderr

@@ -10,10 +10,7 @@ import torch
 
 from aivh_ens.config import resolve_config
 from aivh_ens.data.loader import ImageDataset
-from aivh_ens.data.transforms import (
-    eval_transform,
-    train_transform,
-)
+from aivh_ens.data.transforms import eval_transform, train_transform
 from aivh_ens.errors import UserError
 from aivh_ens.train.loop import lr_factor
 
@@ -42,8 +39,15 @@ def test_onecycle_matches_torch():
     ours = np.array([lr_factor(cfg, s, total, 20) for s in range(total)])
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=total, pct_start=0.25,
-                                                div_factor=25.0, final_div_factor=5.0, cycle_momentum=False)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=1.0,
+        total_steps=total,
+        pct_start=0.25,
+        div_factor=25.0,
+        final_div_factor=5.0,
+        cycle_momentum=False,
+    )
     ref = []
     for _ in range(total):
         ref.append(opt.param_groups[0]["lr"])
@@ -62,8 +66,10 @@ def test_training_options_run_and_learn(tmp_path):
         def __init__(self):
             rng = np.random.default_rng(0)
             self.labels = np.tile([0, 1], 48)
-            self.imgs = [np.clip(rng.normal(60 + 130 * y, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
-                         for y in self.labels]
+            self.imgs = [
+                np.clip(rng.normal(60 + 130 * y, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
+                for y in self.labels
+            ]
 
         def __len__(self):
             return len(self.imgs)
@@ -75,16 +81,28 @@ def test_training_options_run_and_learn(tmp_path):
             return str(i)
 
     src = Src()
-    cfg = resolve_config("tiny", model="test_vit", img_size=32, batch_size=16, accum_steps=2, clip_grad=1.0,
-                         ema_decay=0.9, label_smoothing=0.1, epochs=6, lr=3e-3, warmup_epochs=0.0)
+    cfg = resolve_config(
+        "tiny",
+        model="test_vit",
+        img_size=32,
+        batch_size=16,
+        accum_steps=2,
+        clip_grad=1.0,
+        ema_decay=0.9,
+        label_smoothing=0.1,
+        epochs=6,
+        lr=3e-3,
+        warmup_epochs=0.0,
+    )
     torch.manual_seed(0)
     model, dc = build_model(cfg)
     from timm.utils import ModelEmaV3
 
     ema = ModelEmaV3(model, decay=cfg.ema_decay)
     opt = create_optimizer(cfg, model)
-    ctx = FoldContext(cfg, torch.device("cpu"), Normalizer(dc.mean, dc.std, torch.device("cpu")), src.describe,
-                      set())
+    ctx = FoldContext(
+        cfg, torch.device("cpu"), Normalizer(dc.mean, dc.std, torch.device("cpu")), src.describe, set()
+    )
     from aivh_ens.data.loader import make_loader
 
     ds = ImageDataset(src, np.arange(96), src.labels, train_transform(cfg, 32), 32)
@@ -92,12 +110,24 @@ def test_training_options_run_and_learn(tmp_path):
     step, losses = 0, []
     for epoch in range(cfg.epochs):
         loader = make_loader(ds, 16, train=True, device=torch.device("cpu"), workers=0, seed=epoch)
-        tr, step = train_one_epoch(model, loader, opt, ctx, epoch=epoch, step=step, total_steps=18, scaler=None,
-                                   ema=ema, progress=False)
+        tr, step = train_one_epoch(
+            model,
+            loader,
+            opt,
+            ctx,
+            epoch=epoch,
+            step=step,
+            total_steps=18,
+            scaler=None,
+            ema=ema,
+            progress=False,
+        )
         losses.append(tr["train_loss"])
     assert step == cfg.epochs * math.ceil(6 / 2)  # 6 batches per epoch, one optimizer step per 2
     assert losses[-1] < losses[0]
-    _, y, p = evaluate(ema.module, make_loader(vds, 32, train=False, device=torch.device("cpu"), workers=0), ctx)
+    _, y, p = evaluate(
+        ema.module, make_loader(vds, 32, train=False, device=torch.device("cpu"), workers=0), ctx
+    )
     assert ((p >= 0.5) == y).mean() > 0.9
 
 
@@ -130,6 +160,7 @@ def test_compile_fallback_runs_eager_after_a_compile_failure():
     def broken(m):
         def call(*a, **k):
             raise RuntimeError("Compiler: cc is not found\nlong details")
+
         return call
 
     wrapped = CompileFallback(model, logs.append, compile_fn=broken)
@@ -149,6 +180,7 @@ def test_compile_fallback_runs_eager_after_a_compile_failure():
             if calls["n"] > 1:
                 raise ValueError("a real bug")
             return m(*a, **k)
+
         return call
 
     ok = CompileFallback(model, logs.append, compile_fn=works_then_fails)
@@ -199,8 +231,14 @@ def _batches(n: int, bad_row: int | None = None):
         ok = torch.ones(4, dtype=torch.bool)
         if bad_row is not None and b == 0:
             ok[bad_row] = False
-        out.append((torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g), torch.tensor([0, 1, 0, 1]),
-                    torch.arange(b * 4, b * 4 + 4), ok))
+        out.append(
+            (
+                torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g),
+                torch.tensor([0, 1, 0, 1]),
+                torch.arange(b * 4, b * 4 + 4),
+                ok,
+            )
+        )
     return out
 
 
@@ -214,8 +252,9 @@ def test_loop_hands_good_batches_on_uncopied_and_drops_bad_rows():
     batches = _batches(3, bad_row=2)
     spy = _Spy()
     ctx = _loop_ctx(spy, on_bad_image="skip")
-    tr, step = train_one_epoch(model, batches, opt, ctx, epoch=0, step=0, total_steps=3, scaler=None, ema=None,
-                               progress=False)
+    tr, step = train_one_epoch(
+        model, batches, opt, ctx, epoch=0, step=0, total_steps=3, scaler=None, ema=None, progress=False
+    )
     assert step == 3 and math.isfinite(tr["train_loss"]) and ctx.skipped == {2}
     assert len(spy.seen[0]) == 3 and torch.equal(spy.seen[0], batches[0][0][[0, 1, 3]])
     assert spy.seen[1] is batches[1][0] and spy.seen[2] is batches[2][0]
@@ -235,8 +274,18 @@ def test_epoch_loss_does_not_depend_on_the_read_interval(monkeypatch):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        tr, _ = T.train_one_epoch(model, _batches(5), opt, _loop_ctx(_Spy()), epoch=0, step=0, total_steps=5,
-                                  scaler=None, ema=None, progress=False)
+        tr, _ = T.train_one_epoch(
+            model,
+            _batches(5),
+            opt,
+            _loop_ctx(_Spy()),
+            epoch=0,
+            step=0,
+            total_steps=5,
+            scaler=None,
+            ema=None,
+            progress=False,
+        )
         losses.append(tr["train_loss"])
     assert math.isfinite(losses[0]) and losses[0] == losses[1]
 
@@ -262,8 +311,18 @@ def test_non_finite_loss_stops_the_epoch_naming_the_batches(monkeypatch, every):
     model = NanAt(at=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with pytest.raises(FloatingPointError) as e:
-        T.train_one_epoch(model, _batches(6), opt, _loop_ctx(_Spy()), epoch=0, step=0, total_steps=6, scaler=None,
-                          ema=None, progress=False)
+        T.train_one_epoch(
+            model,
+            _batches(6),
+            opt,
+            _loop_ctx(_Spy()),
+            epoch=0,
+            step=0,
+            total_steps=6,
+            scaler=None,
+            ema=None,
+            progress=False,
+        )
     assert isinstance(e.value, UserError)  # a setting to change: one line and exit 2 at the CLI, no traceback
     where = {1: "batch 2;", 2: "batches 2-3;", 50: "batches 0-5;"}[every]
     assert where in str(e.value) and "--lr" in str(e.value) and "--force" in str(e.value)

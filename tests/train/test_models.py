@@ -20,7 +20,9 @@ from aivh_ens.train.models import PooledClassifier, build_model, count_params, c
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_builds_model_and_optimizer(name):
     # Real backbones (random init: no downloads) for one forward pass on a small input; no training.
-    cfg = resolve_config(name, model=None if RECIPES[name].get("model") else "test_convnext", pretrained=False)
+    cfg = resolve_config(
+        name, model=None if RECIPES[name].get("model") else "test_convnext", pretrained=False
+    )
     torch.manual_seed(0)
     model, dc = build_model(cfg)
     opt = create_optimizer(cfg, model)
@@ -38,13 +40,14 @@ def test_every_recipe_builds_model_and_optimizer(name):
     if cfg.train_last and cfg.train_last > 0:
         for b in model.backbones:
             flags = [p.requires_grad for p in b.parameters()]
-            assert sum(flags) == cfg.train_last and all(flags[-cfg.train_last:])
+            assert sum(flags) == cfg.train_last and all(flags[-cfg.train_last :])
         del model
 
 
 def test_fused_model_concatenates_both_backbones():
-    cfg = resolve_config("none", model="test_efficientnet+test_convnext", head_hidden=(16,), head_bn=True,
-                         img_size=64)
+    cfg = resolve_config(
+        "none", model="test_efficientnet+test_convnext", head_hidden=(16,), head_bn=True, img_size=64
+    )
     model, _ = build_model(cfg)
     assert isinstance(model, PooledClassifier) and len(model.backbones) == 2
     in_features = model.head.net[0].num_features
