@@ -1,0 +1,43 @@
+"""The ``aivh-ens`` command line: thin click commands, each parsing options and making one library call.
+
+Exit codes: 0 success, 2 bad input (a one-line ``error: ...`` on stderr, no traceback), 1 a bug or a failed
+job. One module per stage: :mod:`~aivh_ens.cli.train` (folds, cv, cache, demo-data),
+:mod:`~aivh_ens.cli.blend`, :mod:`~aivh_ens.cli.infer` (submit, predict).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub or albumentations: no network calls at import time unless the
+# user opted in (the machines this runs on are often offline, where each attempt costs ~47 s).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import click  # noqa: E402
+
+from aivh_ens.cli import blend, infer, train  # noqa: E402
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="aivh-ens")
+def main() -> None:
+    """aivh-ens: cross-validated timm ensembles for "AI-generated or human-made?" competitions.
+
+    \b
+    aivh-ens cv --model efficientnet_b4 --folds 5 --data data/
+    aivh-ens cv --model convnext_tiny --folds 5 --data data/
+    aivh-ens blend
+    aivh-ens submit --data data/
+    """
+
+
+for _command in (
+    train.folds_cmd,
+    train.cv_cmd,
+    train.cache_cmd,
+    blend.blend_cmd,
+    infer.submit_cmd,
+    infer.predict_cmd,
+    train.demo_data_cmd,
+):
+    main.add_command(_command)

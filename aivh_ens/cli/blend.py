@@ -1,0 +1,89 @@
+"""The blend command."""
+
+from __future__ import annotations
+
+import click
+
+from aivh_ens.cli.options import WORKDIR, user_errors
+
+# ---- blend ---------------------------------------------------------------------------------------------
+# (the blend command is defined below this line)
+
+
+@click.command("blend")
+@click.option(
+    "--runs",
+    default=None,
+    metavar="A,B,..",
+    help="Runs to blend (names in oof/).  [default: every oof/*.csv]",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["f1", "macro_f1", "accuracy"]),
+    default="f1",
+    show_default=True,
+    help="Metric the weights and threshold are tuned for (f1: of label 1, the competition's).",
+)
+@click.option(
+    "--trials",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    help="Optuna trials to add; re-running continues the same study.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop the search after this many seconds.",
+)
+@click.option(
+    "--storage",
+    default=None,
+    metavar="URL",
+    help="Optuna storage URL.  [default: sqlite at runs/blend/study.db]",
+)
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the TPE samplers.")
+@click.option(
+    "--nested-trials",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Optuna trials per fold in the nested-CV estimate.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@WORKDIR
+@user_errors
+def blend_cmd(runs, metric, trials, timeout, storage, seed, nested_trials, quiet, workdir) -> None:
+    """Tune blend weights, space and threshold on oof/*.csv; write runs/blend/blend.json.
+
+    Scores every single run, the equal-weight means, Caruana selection, hill climbing and an Optuna search
+    in-sample and by nested CV, and ships the method with the best nested score (ties: the simpler one).
+
+    \b
+    aivh-ens blend
+    aivh-ens blend --runs effnet_b4,convnext_tiny --trials 1000 --metric macro_f1
+    aivh-ens blend --storage sqlite:///shared/study.db --timeout 600
+    """
+    from aivh_ens.blend.stage import format_table, run_blend
+
+    result = run_blend(
+        workdir,
+        runs=runs.split(",") if runs is not None else None,
+        metric=metric,
+        trials=trials,
+        timeout=timeout,
+        storage=storage,
+        seed=seed,
+        nested_trials=nested_trials,
+        progress=not quiet,
+    )
+    b = result.blend
+    click.echo(f"{len(b['runs'])} runs, {b['trials']} trials in the study; in-sample and nested-CV {metric}:")
+    click.echo(format_table(result.methods, metric, result.picked.name))
+    click.echo(result.reason)
+    click.echo(
+        f"space {b['space']}, threshold {b['threshold']:.4f}, weights "
+        + ", ".join(f"{r} {w:.3f}" for r, w in b["weights"].items())
+    )
+    click.echo("wrote " + ", ".join(str(p) for p in result.written))

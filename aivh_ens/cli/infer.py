@@ -1,0 +1,139 @@
+"""Commands of the inference stage: submit, predict."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from aivh_ens.cli.options import WORKDIR, cpu_threads, user_errors
+
+# ---- submit / predict ----------------------------------------------------------------------------------
+# (the submit and predict commands are defined below this line)
+_TTA_HELP = (
+    "Test-time augmentation: none, hflip, d4 (8 flips/rotations), crops:N (N native-resolution "
+    "crops), or combined, e.g. hflip+crops:5.  [default: each run's recipe default]"
+)
+
+
+@click.command("submit")
+@click.option(
+    "--blend",
+    "blend_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Fitted blend.  [default: WORKDIR/runs/blend/blend.json]",
+)
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Dataset folder with test.csv and the test images.  [default: the runs' training data]",
+)
+@click.option("--tta", default=None, metavar="SPEC", help=_TTA_HELP)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Submission file (id,label).  [default: WORKDIR/submission.csv]",
+)
+@click.option("--proba", is_flag=True, help="Also write the blended scores (id,prob) to <out>_proba.csv.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Model inputs (images x TTA views) per forward pass.  [default: the run's eval batch]",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="DataLoader workers.  [default: cores on CUDA, 0 on CPU]",
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@WORKDIR
+@cpu_threads
+@user_errors
+def submit_cmd(blend_path, data, tta, out, proba, device, batch_size, workers, quiet, workdir) -> None:
+    """Predict test.csv with every run of the blend (folds x TTA, cached per run) and write the submission.
+
+    The blend's weights, space and threshold are applied as fitted on the OOF rows. A second submit with
+    another blend or threshold reuses each run's cached test scores (runs/<run>/test/).
+
+    \b
+    aivh-ens submit --data data/
+    aivh-ens submit --data data/ --tta hflip+crops:5 --out sub_tta.csv --proba
+    aivh-ens submit --blend runs/blend/blend.json --device cuda:0 --batch-size 256
+    """
+    from aivh_ens.infer.submission import submit
+
+    r = submit(
+        workdir,
+        blend_path=blend_path,
+        data=data,
+        tta=tta,
+        out=out,
+        proba=proba,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        progress=not quiet,
+        log=click.echo,
+    )
+    runs = [f"{s.name} ({s.tta}, {'cached' if s.cached else f'{s.seconds:.1f}s'})" for s in r.runs]
+    click.echo(f"blend: {r.space} space, threshold {r.threshold:.4f}; runs: {', '.join(runs)}")
+    click.echo(f"wrote {r.out} ({r.n} rows)" + (f" and {r.proba}" if r.proba else ""))
+    click.echo(f"predicted AI rate {r.ai_rate:.1%} (training rate {r.train_rate:.1%})")
+    if r.warning:
+        click.echo(f"warning: {r.warning}", err=True)
+
+
+@click.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--blend",
+    "blend_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Fitted blend.  [default: WORKDIR/runs/blend/blend.json]",
+)
+@click.option("--run", default=None, help="Score with this one run instead of a blend (threshold 0.5).")
+@click.option("--tta", default=None, metavar="SPEC", help=_TTA_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Model inputs (images x TTA views) per forward pass.  [default: the run's eval batch]",
+)
+@WORKDIR
+@cpu_threads
+@user_errors
+def predict_cmd(images, blend_path, run, tta, as_json, device, batch_size, workdir) -> None:
+    """P(AI) and the label of single images; unreadable ones are reported and the rest still scored.
+
+    \b
+    aivh-ens predict photo.jpg render.png
+    aivh-ens predict data/test_data_v2/*.jpg --json > preds.json
+    aivh-ens predict photo.jpg --run efficientnet_b4-effnet-b4-adam --tta d4
+    """
+    import json
+
+    from aivh_ens.infer.predict import format_predictions, predict_images
+
+    preds, source = predict_images(
+        list(images), workdir, blend_path=blend_path, run=run, tta=tta, device=device, batch_size=batch_size
+    )
+    if as_json:
+        results = [{"image": p.image, "prob": p.prob, "label": p.label, "error": p.error} for p in preds]
+        click.echo(json.dumps({**source, "results": results}, indent=2))
+    else:
+        click.echo(format_predictions(preds, source["space"]))
+    failed = [p for p in preds if p.error is not None]
+    for p in failed:
+        click.echo(f"error: {p.error}", err=True)
+    if failed:
+        sys.exit(2)

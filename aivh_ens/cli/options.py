@@ -1,0 +1,187 @@
+"""Options and decorators shared by the commands: --workdir, --threads, the data and training flags,
+one-line errors for bad input."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Before anything imports huggingface_hub or albumentations: no network calls at import time unless the
+# user opted in (the machines this runs on are often offline, where each attempt costs ~47 s).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import click
+
+from aivh_ens.errors import UserError
+
+WORKDIR = click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Project folder holding folds/, oof/, runs/.",
+)
+
+
+def cpu_threads(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``--threads N`` option (or ``AIVH_ENS_THREADS``): torch's CPU threads for this process."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, threads: int | None = None, **kwargs: Any) -> Any:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        return fn(*args, **kwargs)
+
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=None,
+        envvar="AIVH_ENS_THREADS",
+        show_envvar=True,
+        help="torch CPU threads in this process; 1 when several processes share the cores.  "
+        "[default: one per core]",
+    )(wrapper)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a UserError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option(
+            "--data",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Dataset folder with train.csv/test.csv and the images (paths in the CSVs are "
+            "relative to it).  [default: .]",
+        ),
+        click.option("--train-csv", default=None, help="Train table inside --data.  [default: train.csv]"),
+        click.option("--file-col", default=None, help="Column of image paths.  [default: file_name]"),
+        click.option("--label-col", default=None, help="Column of 0/1 labels (1 = AI).  [default: label]"),
+        click.option("--folds", "n_folds", type=int, default=None, help="Number of folds.  [default: 5]"),
+        click.option("--seed", type=int, default=None, help="Fold and training seed.  [default: 42]"),
+        click.option(
+            "--group",
+            default=None,
+            help="Keep groups in one fold: 'pairs' (row // 2, the Kaggle pairs) or a column name.",
+        ),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def parse_floats(spec: str | None, n: int, what: str) -> tuple[float, ...] | None:
+    if spec is None:
+        return None
+    try:
+        vals = tuple(float(x) for x in spec.split(","))
+    except ValueError:
+        raise UserError(f"{what} expects {n} comma-separated numbers (got {spec!r})") from None
+    if len(vals) != n:
+        raise UserError(f"{what} expects {n} comma-separated numbers (got {spec!r})")
+    return vals
+
+
+def options(*opts: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Apply click options in the order they are listed (the order --help shows)."""
+
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
+# Every RunConfig field a flag of `cv` can override (the recipe's value otherwise).
+training_options = options(
+    click.option("--epochs", type=int, default=None),
+    click.option("--img-size", type=int, default=None, help="Input size (default: the model's)."),
+    click.option("--batch-size", type=int, default=None),
+    click.option("--accum-steps", type=int, default=None, help="Gradient accumulation steps."),
+    click.option("--lr", type=float, default=None),
+    click.option("--weight-decay", type=float, default=None),
+    click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "lamb"]), default=None),
+    click.option("--scheduler", type=click.Choice(["cosine", "step", "onecycle", "constant"]), default=None),
+    click.option("--warmup-epochs", type=float, default=None),
+    click.option("--label-smoothing", type=float, default=None),
+    click.option("--clip-grad", type=float, default=None, help="Max gradient norm."),
+    click.option(
+        "--ema", "ema_decay", type=float, default=None, help="EMA decay, e.g. 0.999 (off by default)."
+    ),
+    click.option("--early-stop", type=int, default=None, help="Patience in epochs."),
+    click.option(
+        "--select",
+        type=click.Choice(["f1", "auc", "loss", "last"]),
+        default=None,
+        help="Validation metric that picks the saved epoch.",
+    ),
+    click.option(
+        "--mode",
+        type=click.Choice(["resize", "crop"]),
+        default=None,
+        help="resize: whole image to --img-size; crop: native-resolution crops (keeps generator traces).",
+    ),
+    click.option("--rrc-scale", default=None, help="RandomResizedCrop area range, e.g. 0.8,1.0."),
+    click.option(
+        "--jpeg-p", type=float, default=None, help="Probability of JPEG re-compression augmentation."
+    ),
+    click.option("--blur-p", type=float, default=None, help="Probability of Gaussian blur augmentation."),
+    click.option("--pretrained/--no-pretrained", default=None, help="timm pretrained weights (HF cache)."),
+    click.option(
+        "--weights", default=None, help="Local weights (.safetensors/.pth); 'a,b' for a fused model."
+    ),
+    click.option(
+        "--train-last",
+        type=int,
+        default=None,
+        help="Train only the last N parameter tensors of each backbone (0 = frozen backbone).",
+    ),
+    click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]"),
+    click.option(
+        "--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="CUDA mixed precision."
+    ),
+    click.option(
+        "--compile/--no-compile",
+        default=None,
+        help="torch.compile the model (CUDA); falls back to eager, with a message, if compiling fails.",
+    ),
+    click.option("--channels-last/--no-channels-last", default=None),
+    click.option(
+        "--workers", type=int, default=None, help="DataLoader workers.  [default: cores on CUDA, 0 on CPU]"
+    ),
+    click.option("--deterministic", is_flag=True, default=None, help="Deterministic cuDNN (slower on GPU)."),
+    click.option(
+        "--on-bad-image",
+        type=click.Choice(["error", "skip"]),
+        default=None,
+        help="A corrupt image stops the run (error) or is skipped and recorded (skip).",
+    ),
+    click.option(
+        "--cache",
+        type=click.Choice(["auto", "on", "off"]),
+        default=None,
+        help="Decode every image once into a memory-mapped cache (auto: when it fits on disk).",
+    ),
+    click.option(
+        "--cache-dir", default=None, help="Where the image cache lives.  [default: WORKDIR/runs/cache]"
+    ),
+)
