@@ -9,9 +9,8 @@ loads no torch, optuna or matplotlib)::
     for model in ("test_efficientnet", "test_convnext"):
         cfg = ae.resolve_config("tiny", model=model, name=model, data="demo/data", group="pairs", folds=3)
         print(ae.run_cv(cfg, "demo").oof_metrics)
-    result = ae.run_blend("demo", trials=100)
-    print(result.reason)
-    print(ae.submit("demo", data="demo/data", out="demo/submission.csv").rate_note)
+    print(ae.run_blend("demo", trials=100).reason)
+    print(ae.submit("demo", data="demo/data", out="demo/submission.csv").ai_rate)
 
 Stages: :mod:`aivh_ens.data`, :mod:`aivh_ens.train`, :mod:`aivh_ens.blend`, :mod:`aivh_ens.infer`;
 every path under the work dir: :mod:`aivh_ens.layout`.

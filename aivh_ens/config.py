@@ -119,43 +119,55 @@ class RunConfig:
         return self.model.split("+")
 
 
+def _flag(name: str) -> str:
+    """``name=... (--flag)``: how an error names a field, for a Python caller and for the command line."""
+    return {"ema_decay": "--ema", "name": "--name"}.get(name, "--" + name.replace("_", "-"))
+
+
+def _bad(name: str, value: Any, rule: str) -> UserError:
+    return UserError(f"{name}={value!r} ({_flag(name)}) {rule}")
+
+
 def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
     if value not in options:
-        raise UserError(f"{name} must be one of {', '.join(options)}; got {value!r}")
+        raise _bad(name, value, f"must be one of {', '.join(options)}")
 
 
 def validate(cfg: RunConfig) -> None:
-    """Check ranges and choices; raise UserError naming the field and what was expected."""
-    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    _choice("scheduler", cfg.scheduler, SCHEDULERS)
-    _choice("mode", cfg.mode, MODES)
-    _choice("amp", cfg.amp, AMP_MODES)
-    _choice("select", cfg.select, SELECT)
-    _choice("on_bad_image", cfg.on_bad_image, ON_BAD_IMAGE)
-    _choice("cache", cfg.cache, CACHE)
+    """Check ranges and choices; raise a UserError naming the field, its CLI flag, the value and the rule."""
+    for name, options in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("mode", MODES),
+                          ("amp", AMP_MODES), ("select", SELECT), ("on_bad_image", ON_BAD_IMAGE),
+                          ("cache", CACHE)):  # fmt: skip
+        _choice(name, getattr(cfg, name), options)
     if cfg.name in RESERVED_RUN_NAMES:
-        raise UserError(f"run name {cfg.name!r} is reserved (runs/{cfg.name}/ holds other files); use --name")
+        raise _bad(
+            "name", cfg.name, f"is reserved: runs/{cfg.name}/ holds other files; choose another run name"
+        )
+    if cfg.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", cfg.name):
+        raise _bad("name", cfg.name, "must use letters, digits, '_', '-', '.' (a run name names a folder)")
     if cfg.folds < 2:
-        raise UserError(f"--folds must be at least 2 (got {cfg.folds}): one fold leaves nothing to train on")
+        raise _bad("folds", cfg.folds, "must be at least 2: one fold leaves nothing to train on")
     for name in ("epochs", "batch_size", "accum_steps"):
         if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
+            raise _bad(name, getattr(cfg, name), "must be at least 1")
+    _check_ranges(cfg)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
     if cfg.img_size is not None and cfg.img_size < 8:
-        raise UserError(f"--img-size must be >= 8 (got {cfg.img_size})")
+        raise _bad("img_size", cfg.img_size, "must be at least 8 px")
     if not cfg.lr > 0:
-        raise UserError(f"--lr must be > 0 (got {cfg.lr})")
-    if cfg.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", cfg.name):
-        raise UserError(f"run name {cfg.name!r} must use letters, digits, '_', '-', '.' (it names a folder)")
+        raise _bad("lr", cfg.lr, "must be > 0")
     if cfg.rrc_scale is not None and not (0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1):
-        raise UserError(f"rrc_scale must satisfy 0 < lo <= hi <= 1 (got {cfg.rrc_scale})")
+        raise _bad("rrc_scale", cfg.rrc_scale, "must satisfy 0 < lo <= hi <= 1")
     if not 0 <= cfg.label_smoothing < 1:
-        raise UserError(f"--label-smoothing must be in [0, 1) (got {cfg.label_smoothing})")
+        raise _bad("label_smoothing", cfg.label_smoothing, "must be in [0, 1)")
     if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
-        raise UserError(f"--ema must be in (0, 1) (got {cfg.ema_decay})")
+        raise _bad("ema_decay", cfg.ema_decay, "must be in (0, 1), e.g. 0.999")
     if not cfg.model or any(not m for m in cfg.backbones) or len(cfg.backbones) > 2:
-        raise UserError(f"--model must be a timm name or two joined by '+' (got {cfg.model!r})")
+        raise _bad("model", cfg.model, "must be a timm name or two joined by '+'")
     if cfg.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
+        raise _bad("device", cfg.device, "must be auto, cpu, cuda or cuda:N")
 
 
 def default_run_name(model: str, recipe: str) -> str:

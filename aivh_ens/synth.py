@@ -348,23 +348,12 @@ def make_demo_dataset(
     write_csv(out / "train.csv", pd.DataFrame(train_rows, columns=["file_name", "label"]))
 
     n_test_ai = int(test["label"].sum())
-    return {
-        "root": out,
-        "train_csv": out / "train.csv",
-        "test_csv": out / "test.csv",
-        "solution_csv": out / "solution.csv",
-        "train_dir": out / TRAIN_DIR,
-        "test_dir": out / TEST_DIR,
-        "n_train": n,
-        "n_train_ai": n // 2,
-        "n_train_human": n // 2,
-        "n_test": n_test,
-        "n_test_ai": n_test_ai,
-        "n_test_human": n_test - n_test_ai,
-        "seed": seed,
-        "difficulty": difficulty,
-        "seconds": time.perf_counter() - t0,
-    }
+    files = {"train_csv": "train.csv", "test_csv": "test.csv", "solution_csv": "solution.csv",
+             "train_dir": TRAIN_DIR, "test_dir": TEST_DIR}  # fmt: skip
+    counts = {"n_train": n, "n_train_ai": n // 2, "n_train_human": n // 2, "n_test": n_test,
+              "n_test_ai": n_test_ai, "n_test_human": n_test - n_test_ai}  # fmt: skip
+    return {"root": out, **{k: out / v for k, v in files.items()}, **counts, "seed": seed,
+            "difficulty": difficulty, "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
 def _check_counts(n: int, n_test: int, difficulty: float, seed: int) -> tuple[int, int, int, float]:

@@ -36,3 +36,25 @@ def assert_user_error(res, *needles: str) -> None:
     assert "Traceback" not in res.output
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def tiny_cv(folds: int = 3, epochs: int | None = 1, pairs: bool = True) -> list[str]:
+    """``cv`` options for a CPU-sized run: the tiny recipe at 32 px, batch 16, quiet."""
+    args = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "16", "--folds", str(folds)]
+    args += ["--group", "pairs"] if pairs else []
+    args += ["--epochs", str(epochs)] if epochs is not None else []
+    return [*args, "--quiet"]
+
+
+def write_file(path: Path, content: str | bytes) -> Path:
+    """Write text (UTF-8) or bytes to ``path``."""
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+def assert_one_line(err, *fragments: str) -> None:
+    """A raised error's message is one line holding every fragment (``err``: a pytest ExceptionInfo)."""
+    msg = str(err.value)
+    assert "\n" not in msg
+    for frag in fragments:
+        assert frag in msg, f"{frag!r} not in {msg!r}"

@@ -188,6 +188,20 @@ def _take_lock(path: Path, log: Log) -> FileLock:
             time.sleep(1.0)
 
 
+def _usable_source(
+    path: Path, key: str, root: Path, names: Sequence[str], wanted: list[str], stats: dict[str, Any]
+) -> CachedSource | None:
+    """A reader of the cache file when it exists, matches ``key`` and holds every wanted image unchanged."""
+    opened = _open_index(path, key)
+    if opened is None:
+        return None
+    fd, idx = opened
+    if not all(idx.fresh(n, stats[n]) for n in wanted):
+        os.close(fd)
+        return None
+    return CachedSource(path, root, names, idx, fd)
+
+
 def ensure_cache(
     root: str | Path,
     names: Sequence[str],
@@ -224,14 +238,7 @@ def ensure_cache(
         stats = dict(zip(wanted, ex.map(lambda n: _stat(root / n), wanted, chunksize=512), strict=True))
 
     def source_if_usable() -> CachedSource | None:
-        opened = _open_index(path, key)
-        if opened is None:
-            return None
-        fd, idx = opened
-        if not all(idx.fresh(n, stats[n]) for n in wanted):
-            os.close(fd)
-            return None
-        return CachedSource(path, root, names, idx, fd)
+        return _usable_source(path, key, root, names, wanted, stats)
 
     src = source_if_usable()
     if src is not None:
@@ -242,18 +249,9 @@ def ensure_cache(
     try:
         src = source_if_usable()  # another process may have built it while we waited
         if src is None:
-            if not _build(
-                path,
-                key,
-                root,
-                wanted,
-                stats,
-                storage,
-                required=required,
-                jobs=jobs,
-                progress=progress,
-                log=log,
-            ):
+            built = _build(path, key, root, wanted, stats, storage, required=required, jobs=jobs,
+                           progress=progress, log=log)  # fmt: skip
+            if not built:
                 return None
             src = source_if_usable()
             if src is None:
@@ -301,6 +299,55 @@ def _build(
             os.close(old_fd)
 
 
+def _reusable_rows(
+    old: CacheIndex | None, root: Path, stats: dict[str, tuple[int, int]], jobs: int
+) -> list[int]:
+    """Rows of the old index to copy into the new file: entries whose file is unchanged, requested or not."""
+    if old is None:
+        return []
+    others = [n for n in old.names if n not in stats]
+    with ThreadPoolExecutor(max(1, jobs)) as ex:
+        other_stats = dict(zip(others, ex.map(lambda n: _stat(root / n), others, chunksize=512), strict=True))
+    keep = []
+    for i, n in enumerate(old.names):
+        st = stats.get(n) or other_stats.get(n)
+        if st is not None and st != _MISSING and tuple(old.stats[i]) == st:
+            keep.append(i)
+    return keep
+
+
+def _copy_rows(writer: _Writer, src: CachedSource, old: CacheIndex, keep: list[int]) -> None:
+    """Copy the ``keep`` rows of the old file (images and unreadable entries) through ``src``."""
+    for j, i in enumerate(keep):
+        name, stat = old.names[i], tuple(old.stats[i])
+        if name in old.bad:
+            writer.add_bad(name, old.bad[name], stat)  # type: ignore[arg-type]
+        else:
+            writer.add(name, src.get(j), tuple(old.shapes[i]), stat)  # type: ignore[arg-type]
+
+
+def _decode_into(
+    writer: _Writer,
+    root: Path,
+    todo: list[str],
+    stats: dict[str, tuple[int, int]],
+    storage: StorageStep,
+    jobs: int,
+    progress: bool,
+) -> None:
+    """Decode ``todo`` in parallel (in order) and append each image, or its reason for being unreadable."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="image cache", unit="img", disable=not progress or not todo, leave=False)
+    with bar:
+        for n, out in zip(todo, _decode_all(root, todo, storage, jobs), strict=True):
+            if isinstance(out, str):
+                writer.add_bad(n, out, stats[n])
+            else:
+                writer.add(n, out, out.shape, stats[n])
+            bar.update()
+
+
 def _write(
     path: Path,
     key: dict[str, Any],
@@ -316,17 +363,7 @@ def _write(
     progress: bool,
     log: Log,
 ) -> bool:
-    keep: list[int] = []  # rows of the old index to copy: fresh entries, requested or not
-    if old is not None:
-        others = [n for n in old.names if n not in stats]
-        with ThreadPoolExecutor(max(1, jobs)) as ex:
-            other_stats = dict(
-                zip(others, ex.map(lambda n: _stat(root / n), others, chunksize=512), strict=True)
-            )
-        for i, n in enumerate(old.names):
-            st = stats.get(n) or other_stats.get(n)
-            if st is not None and st != _MISSING and tuple(old.stats[i]) == st:
-                keep.append(i)
+    keep = _reusable_rows(old, root, stats, jobs)
     kept = {old.names[i] for i in keep} if old is not None else set()
     todo = [n for n in wanted if n not in kept]
     reuse_bytes = sum(old.nbytes(i) for i in keep) if old is not None else 0
@@ -345,33 +382,14 @@ def _write(
             raise UserError(f"{msg}; free some space, pass --cache-dir on a larger disk, or --cache off")
         log(f"{msg}: decoding on the fly instead (--cache-dir DIR puts the cache elsewhere)")
         return False
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         writer = _Writer(f, key)
         if keep:
-            src = CachedSource(path, root, [old.names[i] for i in keep], old, os.dup(old_fd))  # type: ignore[arg-type]
-            for j, i in enumerate(keep):
-                name, stat = old.names[i], tuple(old.stats[i])  # type: ignore[union-attr]
-                if name in old.bad:  # type: ignore[union-attr]
-                    writer.add_bad(name, old.bad[name], stat)  # type: ignore[union-attr,arg-type]
-                else:
-                    writer.add(name, src.get(j), tuple(old.shapes[i]), stat)  # type: ignore[union-attr,arg-type]
-        with tqdm(
-            total=len(todo),
-            desc="image cache",
-            unit="img",
-            disable=not progress or not todo,
-            dynamic_ncols=True,
-            leave=False,
-        ) as bar:
-            for n, out in zip(todo, _decode_all(root, todo, storage, jobs), strict=True):
-                if isinstance(out, str):
-                    writer.add_bad(n, out, stats[n])
-                else:
-                    writer.add(n, out, out.shape, stats[n])
-                bar.update()
+            _copy_rows(
+                writer, CachedSource(path, root, [old.names[i] for i in keep], old, os.dup(old_fd)), old, keep
+            )  # type: ignore[arg-type]
+        _decode_into(writer, root, todo, stats, storage, jobs, progress)
         writer.finish()
     bad = sum(1 for n in wanted if n in writer.bad)
     log(

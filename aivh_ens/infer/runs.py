@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from aivh_ens import faults
 from aivh_ens.blend.core import blend
@@ -22,7 +21,7 @@ from aivh_ens.infer.tta import TTADataset, TTASpec, effective_spec, parse_tta, s
 from aivh_ens.layout import read_run_config as load_run
 from aivh_ens.layout import run_dir
 from aivh_ens.train.fold import DONE
-from aivh_ens.train.loop import BEST, eval_batch_size, load_weights
+from aivh_ens.train.loop import BEST, eval_batch_size, load_weights, progress_bar
 from aivh_ens.train.models import DataConfig, build_model
 
 Log = Callable[[str], None]
@@ -121,7 +120,7 @@ def predict_folds(
     P = np.full((len(models), len(ds)), np.nan, dtype=np.float32)  # (K, N)
     done: list[tuple[np.ndarray, torch.Tensor]] = []  # (positions, (K, B) probs on the device) per batch
     bad: dict[int, str] = {}
-    for x, pos, ok, reasons in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+    for x, pos, ok, reasons in progress_bar(loader, desc, progress):
         faults.point("infer-batch")
         bad.update({int(i): r for i, r, good in zip(pos, reasons, ok, strict=True) if not good})
         if not bool(ok.any()):

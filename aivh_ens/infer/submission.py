@@ -136,51 +136,73 @@ def run_test_scores(
         spec = specs[info.name]
         P, t0 = cached[info.name], time.perf_counter()
         if P is None:
-            log(
-                f"run {info.name}: predicting {len(ids)} images x {spec.n_views} view(s) ({spec.name}) "
-                f"x {len(info.weights)} folds on {device}"
-            )
-            models, dc = load_models(info, device)
-            # The run's own storage step, as in training (the cache and the uncached path share it).
-            source = FileSource(data_dir, list(ids), storage_step(info.cfg, dc.img_size))
-            P, bad = predict_folds(
-                models,
-                dc,
-                info.cfg,
-                source,
-                np.arange(len(ids)),
+            P = _predict_run(
+                workdir,
+                info,
                 spec,
-                device,
-                batch_size=batch_size,
-                workers=workers,
-                progress=progress,
-                desc=f"{info.name} test",
-            )
-            del models
-            if bad:
-                first = min(bad)
-                raise UserError(
-                    f"cannot decode test image {ids[first]}: {bad[first]}; replace the file "
-                    "(every test id needs a prediction)"
-                )
-            csv_path, meta_path = cache_paths(workdir, info.name, spec)
-            write_cache(
-                csv_path,
-                meta_path,
                 keys[info.name],
+                data_dir,
                 ids,
-                P,
-                {
-                    "device": str(device),
-                    "amp": info.cfg.amp if device.type == "cuda" else "none",
-                    "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                },
+                device,
+                batch_size,
+                workers,
+                progress,
+                log,
             )
         else:
             log(f"run {info.name}: cached test scores ({spec.name}, {len(info.weights)} folds)")
         seconds = time.perf_counter() - t0
         out.append(RunScores(info.name, P, spec.name, cached[info.name] is not None, seconds))
     return out
+
+
+def _predict_run(
+    workdir: str | Path,
+    info: RunInfo,
+    spec: TTASpec,
+    key: str,
+    data_dir: Path,
+    ids: Sequence[str],
+    device: torch.device,
+    batch_size: int | None,
+    workers: int | None,
+    progress: bool,
+    log: Log,
+) -> np.ndarray:
+    """Predict the test ids with every fold model of one run and cache the (K, N) scores under ``key``."""
+    log(
+        f"run {info.name}: predicting {len(ids)} images x {spec.n_views} view(s) ({spec.name}) "
+        f"x {len(info.weights)} folds on {device}"
+    )
+    models, dc = load_models(info, device)
+    # The run's own storage step, as in training (the cache and the uncached path share it).
+    source = FileSource(data_dir, list(ids), storage_step(info.cfg, dc.img_size))
+    P, bad = predict_folds(
+        models,
+        dc,
+        info.cfg,
+        source,
+        np.arange(len(ids)),
+        spec,
+        device,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        desc=f"{info.name} test",
+    )
+    del models
+    if bad:
+        first = min(bad)
+        raise UserError(
+            f"cannot decode test image {ids[first]}: {bad[first]}; replace the file (every test id needs a prediction)"
+        )
+    meta = {
+        "device": str(device),
+        "amp": info.cfg.amp if device.type == "cuda" else "none",
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    write_cache(*cache_paths(workdir, info.name, spec), key, ids, P, meta)
+    return P
 
 
 def blended_runs(workdir: Path, blend_path: str | Path | None) -> tuple[dict[str, Any], list[RunInfo]]:

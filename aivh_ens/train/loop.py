@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,11 @@ def _good(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> tuple[torch.T
     return (x, y) if bool(keep.all()) else (x[keep], y[keep])
 
 
+def progress_bar(batches: Iterable[Any], desc: str, progress: bool) -> Any:
+    """A progress bar over ``batches`` (shown only when ``progress``), iterated like the batches."""
+    return tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch", dynamic_ncols=True)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -160,69 +165,66 @@ def train_one_epoch(
 ) -> tuple[dict[str, float], int]:
     """One pass over the training rows. Returns (train metrics, optimizer steps taken so far).
 
-    The loss is summed on the device and read by the host every batch on the CPU but only every
-    ``SYNC_EVERY`` batches (and at the end) on CUDA: each read waits for the GPU to finish, and the CPU could
-    not queue the next batch meanwhile. A non-finite loss therefore stops the epoch within that many batches.
+    The loss is summed on the device and read by the host every batch on the CPU but only every ``SYNC_EVERY``
+    batches (and at the end) on CUDA: each read waits for the GPU, and the CPU could not queue the next batch
+    meanwhile. A non-finite loss therefore stops the epoch within that many batches.
     """
     cfg, device = ctx.cfg, ctx.device
     model.train()
-    for m in fully_frozen_backbones(model):
+    for m in fully_frozen_backbones(model):  # frozen backbones keep their BatchNorm statistics
         m.eval()
-    steps_per_epoch = max(1, math.ceil(len(loader) / cfg.accum_steps))
-    sync_every = _sync_every(device)
+    steps_per_epoch, sync_every = max(1, math.ceil(len(loader) / cfg.accum_steps)), _sync_every(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum over samples, on the device
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last read
     n_seen, first_unread, t0 = 0, 0, time.perf_counter()
-    bar = tqdm(
-        loader,
-        desc=f"epoch {epoch + 1}/{cfg.epochs} train",
-        leave=False,
-        disable=not progress,
-        unit="batch",
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(loader, f"epoch {epoch + 1}/{cfg.epochs} train", progress)
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y, rows, ok) in enumerate(bar):
         keep = _check_batch(ctx, rows, ok)
         if not bool(keep.any()):
             continue
         x, y = _good(x, y, keep)
-        x = ctx.normalize(x)
-        y = y.to(device, non_blocking=True)
-        with autocast(device, cfg.amp):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        loss = _forward_backward(model, x, y, ctx, scaler)
         bad |= ~torch.isfinite(loss.detach())
-        scaled = loss / cfg.accum_steps
-        (scaler.scale(scaled) if scaler else scaled).backward()
         last = i + 1 == len(loader)
         if (i + 1) % cfg.accum_steps == 0 or last:
             step = _optimizer_step(model, optimizer, cfg, step, total_steps, steps_per_epoch, scaler, ema)
         faults.point("batch")
-        n = len(y)
-        loss_sum += loss.detach().double() * n
-        n_seen += n
+        loss_sum, n_seen = loss_sum + loss.detach().double() * len(y), n_seen + len(y)
         if (i + 1) % sync_every == 0 or last:
             if bool(bad):  # the host waits for the GPU here, once per sync_every batches
                 raise _diverged(epoch, f"batch {i}" if i == first_unread else f"batches {first_unread}-{i}")
             first_unread = i + 1
             if progress:
                 bar.set_postfix(
-                    loss=f"{float(loss_sum) / max(1, n_seen):.4f}",
-                    img_s=f"{n_seen / (time.perf_counter() - t0):.0f}",
+                    loss=f"{float(loss_sum) / n_seen:.4f}", img_s=f"{n_seen / (time.perf_counter() - t0):.0f}"
                 )
     if bool(bad):  # the last batches, when the loop ended on a skipped one
         raise _diverged(epoch, f"batch {first_unread} or later")
     bar.close()
-    train_loss = float(loss_sum) / max(1, n_seen)
     seconds = time.perf_counter() - t0  # after the read above: the GPU's work is done
-    lr = optimizer.param_groups[0]["lr"]
     return {
-        "train_loss": train_loss,
-        "lr": lr,
+        "train_loss": float(loss_sum) / max(1, n_seen),
+        "lr": optimizer.param_groups[0]["lr"],
         "img_s": n_seen / max(seconds, 1e-9),
         "train_seconds": seconds,
     }, step
+
+
+def _forward_backward(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: FoldContext, scaler: torch.amp.GradScaler | None
+) -> torch.Tensor:
+    """Normalise on the device, forward under autocast, cross-entropy in fp32, backward (divided by the
+    accumulation steps, scaled for fp16); the batch's mean loss."""
+    cfg, device = ctx.cfg, ctx.device
+    x = ctx.normalize(x)
+    y = y.to(device, non_blocking=True)
+    with autocast(device, cfg.amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    scaled = loss / cfg.accum_steps
+    (scaler.scale(scaled) if scaler else scaled).backward()
+    return loss
 
 
 def _optimizer_step(
@@ -270,7 +272,7 @@ def evaluate(
     """
     model.eval()
     out_rows, out_y, out_p = [], [], []
-    for x, y, rows, ok in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+    for x, y, rows, ok in progress_bar(loader, desc, progress):
         keep = _check_batch(ctx, rows, ok)
         if not bool(keep.any()):
             continue

@@ -11,25 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from cli_checks import assert_user_error
+from cli_checks import assert_user_error, tiny_cv
 from click.testing import CliRunner
 from PIL import Image
 
 from aivh_ens.cli import main
 
-BASE_ARGS = [
-    "--recipe",
-    "tiny",
-    "--img-size",
-    "32",
-    "--batch-size",
-    "16",
-    "--folds",
-    "2",
-    "--epochs",
-    "1",
-    "--quiet",
-]
+BASE_ARGS = tiny_cv(folds=2, pairs=False)
 
 
 @pytest.fixture(scope="module")

@@ -11,31 +11,14 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-from cli_checks import run, spawn
+from cli_checks import run, spawn, tiny_cv
 from click.testing import CliRunner
 from oof_project import make_project
 from safetensors.torch import load_file
 
 from aivh_ens.cli import main
 
-ARGS = [
-    "cv",
-    "--recipe",
-    "tiny",
-    "--img-size",
-    "32",
-    "--batch-size",
-    "16",
-    "--folds",
-    "2",
-    "--group",
-    "pairs",
-    "--epochs",
-    "2",
-    "--quiet",
-    "--name",
-    "k",
-]
+ARGS = ["cv", *tiny_cv(folds=2, epochs=2), "--name", "k"]
 
 
 @pytest.fixture(scope="module")

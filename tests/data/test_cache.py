@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_checks import tiny_cv
 from click.testing import CliRunner
 
 from aivh_ens.cli import main
@@ -21,16 +22,7 @@ from aivh_ens.config import resolve_config
 from aivh_ens.data import cache as C
 from aivh_ens.data import cache_format as CF
 from aivh_ens.data.images import image_size
-from aivh_ens.data.loader import (
-    SHM_SHARE,
-    FileSource,
-    ImageDataset,
-    RingLoader,
-    close_loaders,
-    make_loader,
-    prefetch_factor,
-    ring_prefetch,
-)
+from aivh_ens.data.loader import FileSource, ImageDataset, RingLoader, close_loaders, make_loader
 from aivh_ens.data.transforms import (
     RandomAffineCrop,
     StorageStep,
@@ -329,26 +321,7 @@ def test_model_img_size_matches_the_built_model():
 
 
 def test_cv_gives_the_same_oof_with_and_without_the_cache(tmp_path, demo, one_thread):
-    common = [
-        "cv",
-        "--recipe",
-        "tiny",
-        "--img-size",
-        "32",
-        "--batch-size",
-        "16",
-        "--folds",
-        "3",
-        "--group",
-        "pairs",
-        "--epochs",
-        "1",
-        "--quiet",
-        "--data",
-        str(demo),
-        "--workdir",
-        str(tmp_path),
-    ]
+    common = ["cv", *tiny_cv(), "--data", str(demo), "--workdir", str(tmp_path)]
     for mode in ("on", "off"):
         res = CliRunner().invoke(main, [*common, "--cache", mode, "--name", f"r-{mode}"])
         assert res.exit_code == 0, res.output
@@ -358,23 +331,6 @@ def test_cv_gives_the_same_oof_with_and_without_the_cache(tmp_path, demo, one_th
     assert a["file_name"].tolist() == b["file_name"].tolist()
     np.testing.assert_array_equal(a["prob"].to_numpy(), b["prob"].to_numpy())
     assert len(list((tmp_path / "runs" / "cache").glob("*.imgcache"))) == 1
-
-
-def test_background_producer_yields_stops_and_raises():
-    from aivh_ens.data.loader import _in_background
-
-    cpu = torch.device("cpu")
-    assert list(_in_background(lambda: iter(range(10)), 2, cpu)) == list(range(10))
-    gen = _in_background(lambda: iter(range(1000)), 2, cpu)
-    assert [next(gen) for _ in range(3)] == [0, 1, 2]
-    gen.close()  # stops and joins the thread
-
-    def boom():
-        yield 1
-        raise ValueError("worker failed")
-
-    with pytest.raises(ValueError, match="worker failed"):
-        list(_in_background(boom, 2, cpu))
 
 
 def test_loader_workers_stop_when_the_loader_is_dropped(tmp_path, data):
@@ -421,20 +377,3 @@ def test_a_reader_keeps_the_version_it_opened(tmp_path, data):
         later.get(0)
     with pytest.raises(UserError):
         fresh.get(0)
-
-
-@pytest.mark.parametrize("workers", [1, 4, 15])
-@pytest.mark.parametrize("batch", [8, 64])
-def test_ring_fits_the_shared_memory_free(workers, batch):
-    """Ample room: the usual depth. Less: a shallower ring that fits. Too little: one line naming the fix."""
-    one = batch * 3 * 224 * 224  # bytes of one uint8 batch
-    usual = prefetch_factor(workers, one)
-    assert ring_prefetch(workers, batch, 224, free=None) == usual
-    assert ring_prefetch(workers, batch, 224, free=1 << 50) == usual
-    for room in range(workers + 1, (workers * usual + 1) + 1):
-        free = int(room * one / SHM_SHARE) + 1  # exactly `room` batches fit
-        p = ring_prefetch(workers, batch, 224, free=free)
-        assert 1 <= p <= usual and (workers * p + 1) <= room
-        assert p == usual or workers * (p + 1) + 1 > room  # the deepest ring that fits
-    with pytest.raises(UserError, match=r"/dev/shm.*--shm-size.*--workers or --batch-size"):
-        ring_prefetch(workers, batch, 224, free=int(workers * one / SHM_SHARE))

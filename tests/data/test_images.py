@@ -15,36 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_checks import assert_one_line, write_file
 from PIL import Image, ImageFile, ImageOps
 
 from aivh_ens.data.images import MAX_PIXELS, MIN_SIDE, BadImageError, image_size, load_image
 from aivh_ens.errors import UserError
 
 FIX = "remove or replace the file, or pass --on-bad-image skip"
-TRAIN_FILES = [f"train_data/{c}.jpg" for c in "abcde"]  # all exist in the data fixture
-TEST_FILES = [f"test_data_v2/{c}.jpg" for c in "xyz"]
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    """A Kaggle-layout folder: data/train_data/{a..e}.jpg and data/test_data_v2/{x,y,z}.jpg (empty files)."""
-    root = tmp_path / "data"
-    for rel in TRAIN_FILES + TEST_FILES:
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).touch()
-    return root
-
-
-def _write(path: Path, content: str | bytes) -> Path:
-    path.write_bytes(content.encode() if isinstance(content, str) else content)
-    return path
-
-
-def _one_line_naming(err: pytest.ExceptionInfo[UserError], *fragments: str) -> None:
-    msg = str(err.value)
-    assert "\n" not in msg
-    for frag in fragments:
-        assert frag in msg, f"{frag!r} not in {msg!r}"
 
 
 # ---- images: fixtures ---------------------------------------------------------------------------------
@@ -246,7 +223,7 @@ def test_jpeg_decode_matches_pillow(tmp_path: Path, kw: dict, mode: str, max_sid
 
 def test_jpeg_with_bytes_after_eoi_decodes_like_without(tmp_path: Path) -> None:
     clean = _save(_noisy(), tmp_path / "c.jpg", "JPEG")
-    padded = _write(tmp_path / "p.jpg", clean.read_bytes() + b"\x00" * 64)
+    padded = write_file(tmp_path / "p.jpg", clean.read_bytes() + b"\x00" * 64)
     np.testing.assert_array_equal(load_image(padded), load_image(clean))
 
 
@@ -342,15 +319,15 @@ def test_bad_images(
 ) -> None:
     path = tmp_path / name
     if content is not None:
-        _write(path, content)
+        write_file(path, content)
     with pytest.raises(BadImageError) as err:
         load_image(path)
-    _one_line_naming(err, str(path), *fragments, FIX)
+    assert_one_line(err, str(path), *fragments, FIX)
     assert err.value.path == path
     if header_level:
         with pytest.raises(BadImageError) as err:
             image_size(path)
-        _one_line_naming(err, str(path), *fragments, FIX)
+        assert_one_line(err, str(path), *fragments, FIX)
     else:
         assert image_size(path) == (96, 64)  # the header alone is fine
 
@@ -359,7 +336,7 @@ def test_bad_images(
 @pytest.mark.parametrize("side", [8000, 10000, 20000])  # below, between and above Pillow's two limits
 @pytest.mark.parametrize("action", ["default", "error", "ignore"])
 def test_bomb_is_a_bad_image_under_any_warnings_filter(tmp_path: Path, side: int, action: str) -> None:
-    path = _write(tmp_path / "b.png", _png_header(side, 7000 if side == 8000 else side))
+    path = write_file(tmp_path / "b.png", _png_header(side, 7000 if side == 8000 else side))
     with warnings.catch_warnings(record=True):  # record: "default" must not print into the test log
         warnings.simplefilter(action)
         for fn in (load_image, image_size):
@@ -383,8 +360,8 @@ def test_bad_image_error_pickles_and_is_a_user_error(tmp_path: Path) -> None:
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow prints it for 89M-179M px
 def test_no_pil_or_warnings_state_changed(tmp_path: Path) -> None:
     before = (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS, list(warnings.filters))
-    _write(tmp_path / "b.png", _png_header(10000, 10000))
-    _write(tmp_path / "t.jpg", _jpeg_bytes()[:1500])
+    write_file(tmp_path / "b.png", _png_header(10000, 10000))
+    write_file(tmp_path / "t.jpg", _jpeg_bytes()[:1500])
     for name in ("b.png", "t.jpg"):
         with pytest.raises(BadImageError):
             load_image(tmp_path / name)
@@ -402,7 +379,7 @@ ROUTES = [  # which decoder each kind of file must reach; the other one is made 
     pytest.param(lambda p: _save(_noisy(), p, "JPEG"), "_decode_pil", id="rgb-jpeg-opencv"),
     pytest.param(lambda p: _save(_noisy(mode="L"), p, "JPEG"), "_decode_pil", id="gray-jpeg-opencv"),
     pytest.param(lambda p: _save(_noisy(mode="CMYK"), p, "JPEG"), "_decode_cv2", id="cmyk-jpeg-pillow"),
-    pytest.param(lambda p: _write(p, _jpeg_bytes() + b"junk"), "_decode_cv2", id="no-final-eoi-pillow"),
+    pytest.param(lambda p: write_file(p, _jpeg_bytes() + b"junk"), "_decode_cv2", id="no-final-eoi-pillow"),
     pytest.param(lambda p: _save(_noisy(), p, "PNG"), "_decode_cv2", id="png-pillow"),
 ]
 
@@ -439,9 +416,9 @@ def test_threads_get_the_same_results_as_a_loop(tmp_path: Path) -> None:
         elif kind == 1:
             _exif_jpeg(p, 1 + i % 8)
         elif kind == 2:
-            _write(p, _jpeg_bytes()[: 400 + i])
+            write_file(p, _jpeg_bytes()[: 400 + i])
         else:
-            _write(p, _png_header(10000, 10000))
+            write_file(p, _png_header(10000, 10000))
         paths.append(p)
 
     def run(fn: Callable, p: Path) -> object:

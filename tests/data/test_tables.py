@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from cli_checks import assert_one_line, write_file
 
 from aivh_ens.data.tables import read_test_table, read_train_table, resolve_image_path
 from aivh_ens.errors import UserError
 
-FIX = "remove or replace the file, or pass --on-bad-image skip"
 TRAIN_FILES = [f"train_data/{c}.jpg" for c in "abcde"]  # all exist in the data fixture
 TEST_FILES = [f"test_data_v2/{c}.jpg" for c in "xyz"]
 
@@ -26,20 +26,6 @@ def data(tmp_path: Path) -> Path:
         (root / rel).touch()
     return root
 
-
-def _write(path: Path, content: str | bytes) -> Path:
-    path.write_bytes(content.encode() if isinstance(content, str) else content)
-    return path
-
-
-def _one_line_naming(err: pytest.ExceptionInfo[UserError], *fragments: str) -> None:
-    msg = str(err.value)
-    assert "\n" not in msg
-    for frag in fragments:
-        assert frag in msg, f"{frag!r} not in {msg!r}"
-
-
-# ---- train table: good files --------------------------------------------------------------------------
 
 A, B, C = TRAIN_FILES[:3]
 GOOD_TRAIN = [
@@ -84,7 +70,7 @@ GOOD_TRAIN = [
 def test_read_train_table_good(
     data: Path, text: str, kwargs: dict, files: list, labels: list, groups
 ) -> None:
-    _write(data / "train.csv", text)
+    write_file(data / "train.csv", text)
     df = read_train_table(data, **kwargs)
     assert list(df.columns) == ["file_name", "label"] + (["group"] if groups else [])
     assert df["file_name"].tolist() == files
@@ -222,23 +208,23 @@ def test_read_train_table_bad(
     data: Path, text: str | bytes | None, kwargs: dict, fragments: list[str]
 ) -> None:
     if text is not None:
-        _write(data / "train.csv", text)
+        write_file(data / "train.csv", text)
     with pytest.raises(UserError) as err:
         read_train_table(data, **kwargs)
-    _one_line_naming(err, *fragments)
+    assert_one_line(err, *fragments)
 
 
 def test_missing_data_dir_names_the_option(tmp_path: Path) -> None:
     with pytest.raises(UserError) as err:
         read_train_table(tmp_path / "nowhere")
-    _one_line_naming(err, "data folder", "nowhere does not exist", "--data")
+    assert_one_line(err, "data folder", "nowhere does not exist", "--data")
 
 
 def test_missing_csv_lists_csvs_found(data: Path) -> None:
-    _write(data / "labels.csv", "x\n")
+    write_file(data / "labels.csv", "x\n")
     with pytest.raises(UserError) as err:
         read_train_table(data)
-    _one_line_naming(err, "train.csv not found", "labels.csv", "--data")
+    assert_one_line(err, "train.csv not found", "labels.csv", "--data")
 
 
 def test_missing_images_message_matches_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,7 +233,7 @@ def test_missing_images_message_matches_spec(tmp_path: Path, monkeypatch: pytest
     for i in range(10):
         (root / f"train_data/{i}.jpg").touch()
     rows = [f"train_data/{i}.jpg,{i % 2}" for i in range(13)]
-    _write(root / "train.csv", "file_name,label\n" + "\n".join(rows) + "\n")
+    write_file(root / "train.csv", "file_name,label\n" + "\n".join(rows) + "\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError) as err:
         read_train_table("data")
@@ -258,16 +244,16 @@ def test_missing_images_message_matches_spec(tmp_path: Path, monkeypatch: pytest
 
 
 def test_check_files_false_skips_existence_not_escapes(data: Path) -> None:
-    _write(data / "train.csv", "file_name,label\nnot/there.jpg,1\n")
+    write_file(data / "train.csv", "file_name,label\nnot/there.jpg,1\n")
     assert read_train_table(data, check_files=False)["file_name"].tolist() == ["not/there.jpg"]
-    _write(data / "train.csv", "file_name,label\n../there.jpg,1\n")
+    write_file(data / "train.csv", "file_name,label\n../there.jpg,1\n")
     with pytest.raises(UserError, match="escapes"):
         read_train_table(data, check_files=False)
 
 
 def test_csv_path_outside_data_dir_is_allowed(data: Path, tmp_path: Path) -> None:
     # A cleaned copy of the CSV may live elsewhere; image paths stay relative to data_dir.
-    csv = _write(tmp_path / "clean.csv", f"file_name,label\n{A},1\n")
+    csv = write_file(tmp_path / "clean.csv", f"file_name,label\n{A},1\n")
     assert read_train_table(data, csv=str(csv))["file_name"].tolist() == [A]
 
 
@@ -294,15 +280,15 @@ SYMLINK_CASES = [
 @pytest.mark.parametrize(("rel", "error"), SYMLINK_CASES)
 def test_symlinks_in_table(data: Path, tmp_path: Path, rel: str, error: str | None) -> None:
     _symlinks(data, tmp_path / "outside")
-    _write(data / "train.csv", f"file_name,label\n{A},0\n{rel},1\n")
+    write_file(data / "train.csv", f"file_name,label\n{A},0\n{rel},1\n")
     if error is None:
         assert read_train_table(data)["file_name"].tolist() == [A, rel]
         return
     with pytest.raises(UserError) as err:
         read_train_table(data)
-    _one_line_naming(err, error, rel)
+    assert_one_line(err, error, rel)
     if "outside" in error:
-        _one_line_naming(err, "line 3", str(tmp_path / "outside"))
+        assert_one_line(err, "line 3", str(tmp_path / "outside"))
 
 
 RESOLVE_CASES = [
@@ -326,7 +312,7 @@ def test_resolve_image_path(data: Path, tmp_path: Path, rel: str, error: str | N
         return
     with pytest.raises(UserError) as err:
         resolve_image_path(data, rel)
-    _one_line_naming(err, error, repr(rel))
+    assert_one_line(err, error, repr(rel))
 
 
 # ---- test table ---------------------------------------------------------------------------------------
@@ -354,7 +340,7 @@ TEST_TABLE_CASES = [
 
 @pytest.mark.parametrize(("text", "kwargs", "expect"), TEST_TABLE_CASES)
 def test_read_test_table(data: Path, text: str, kwargs: dict, expect: list[str]) -> None:
-    _write(data / "test.csv", text)
+    write_file(data / "test.csv", text)
     if all(e in TEST_FILES for e in expect):
         df = read_test_table(data, **kwargs)
         assert list(df.columns) == ["id"] and df["id"].tolist() == expect
@@ -362,4 +348,4 @@ def test_read_test_table(data: Path, text: str, kwargs: dict, expect: list[str])
         return
     with pytest.raises(UserError) as err:
         read_test_table(data, **kwargs)
-    _one_line_naming(err, *expect)
+    assert_one_line(err, *expect)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from cli_checks import assert_user_error
+from cli_checks import assert_user_error, tiny_cv
 from cli_checks import run as run_cli
 from click.testing import CliRunner
 
@@ -23,21 +23,7 @@ from aivh_ens.infer.runs import fold_average
 from aivh_ens.infer.submission import validate_submission
 from aivh_ens.train.models import build_model
 
-FAST = [
-    "--recipe",
-    "tiny",
-    "--img-size",
-    "32",
-    "--batch-size",
-    "16",
-    "--folds",
-    "3",
-    "--group",
-    "pairs",
-    "--epochs",
-    "1",
-    "--quiet",
-]
+FAST = tiny_cv()
 
 
 def invoke(*args: str):

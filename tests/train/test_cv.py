@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from cli_checks import assert_user_error
+from cli_checks import assert_user_error, tiny_cv
 from click.testing import CliRunner
 
 from aivh_ens.cli import main
@@ -20,19 +20,7 @@ from aivh_ens.metrics import f1
 from aivh_ens.train import fold as fold_mod
 
 # Tiny and fast: 32 px, 1-2 epochs, 3 folds over 120 images.
-FAST = [
-    "--recipe",
-    "tiny",
-    "--img-size",
-    "32",
-    "--batch-size",
-    "16",
-    "--folds",
-    "3",
-    "--group",
-    "pairs",
-    "--quiet",
-]
+FAST = tiny_cv(epochs=None)
 
 
 @pytest.fixture(scope="module")
