@@ -1,0 +1,101 @@
+"""Progress that suits where the output goes: a bar on a terminal, a few plain lines anywhere else.
+
+A redrawn bar written to a file (Kaggle's notebook log, ``nohup``, CI) becomes one line per redraw: a tiny
+CIFAKE epoch wrote ~50 kB of them. Off a terminal, :class:`Progress` draws no bar and instead prints one
+line per ``every`` seconds of a long loop (and nothing for a short one); the caller prints its own line per
+epoch or per stage.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TextIO
+
+__all__ = ["LINE_EVERY_S", "Progress", "on_terminal"]
+
+LINE_EVERY_S = 60.0  # seconds between plain progress lines off a terminal
+
+
+def on_terminal(stream: TextIO | None = None) -> bool:
+    """Whether ``stream`` (default stderr, where tqdm draws) is an interactive terminal."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        return False
+
+
+class Progress:
+    """Iterate with a tqdm bar on a terminal, or with one plain line per ``every`` seconds elsewhere.
+
+    Args:
+        iterable: what to iterate over.
+        desc: what is being done, e.g. ``"epoch 2/10 train"``.
+        total: number of items (default ``len(iterable)`` where it has one).
+        unit: the item's name in the rate, e.g. ``"img"`` or ``"batch"``.
+        enabled: False shows nothing at all (``--quiet``).
+        log: where plain lines go (default stderr).
+        every: seconds between plain lines.
+        terminal: force the bar (True) or plain lines (False); default: stderr is a terminal.
+    """
+
+    def __init__(
+        self,
+        iterable: Iterable[Any],
+        desc: str,
+        total: int | None = None,
+        unit: str = "it",
+        enabled: bool = True,
+        log: Callable[[str], None] | None = None,
+        every: float = LINE_EVERY_S,
+        terminal: bool | None = None,
+    ):
+        self.iterable, self.desc, self.unit, self.enabled, self.every = iterable, desc, unit, enabled, every
+        self.total = total if total is not None else getattr(iterable, "__len__", lambda: None)()
+        self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.terminal = on_terminal() if terminal is None else terminal
+        self.n, self.postfix, self.lines = 0, "", 0
+        self._bar: Any = None
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.enabled and self.terminal:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                self.iterable,
+                desc=self.desc,
+                total=self.total,
+                unit=self.unit,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            yield from self._bar
+            return
+        t0 = last = time.perf_counter()
+        for item in self.iterable:
+            yield item
+            self.n += 1
+            now = time.perf_counter()
+            if self.enabled and now - last >= self.every:
+                last = now
+                self._line(now - t0)
+
+    def set_postfix(self, **values: Any) -> None:
+        """Values shown after the count (the bar's postfix, or the end of the next plain line)."""
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+        if self._bar is not None:
+            self._bar.set_postfix(**values)
+
+    def close(self) -> None:
+        """Remove the bar (plain lines need no closing)."""
+        if self._bar is not None:
+            self._bar.close()
+
+    def _line(self, elapsed: float) -> None:
+        of = f"/{self.total}" if self.total else ""
+        rate = self.n / max(elapsed, 1e-9)
+        extra = f", {self.postfix}" if self.postfix else ""
+        self.log(f"{self.desc}: {self.n}{of} {self.unit} in {elapsed:.0f}s ({rate:.1f} {self.unit}/s{extra})")
+        self.lines += 1
