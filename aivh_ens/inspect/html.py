@@ -51,7 +51,6 @@ def _hist(ax: Any, feature: str, groups: dict[str, pd.Series]) -> None:
                     color=colour,
                 )
     ax.set(xlabel=f"{feature} ({UNITS[feature]})", ylabel="share of images", title=feature)
-    ax.legend(fontsize=7)
 
 
 def _bars(ax: Any, feature: str, groups: dict[str, pd.Series]) -> None:
@@ -65,18 +64,19 @@ def _bars(ax: Any, feature: str, groups: dict[str, pd.Series]) -> None:
         ax.bar(x + i * width, shares[name].to_numpy(), width, label=name, color=colour, alpha=0.8)
     ax.set_xticks(x + width * (shares.shape[1] - 1) / 2, shares.index, rotation=20, fontsize=7)
     ax.set(ylabel="share of images", title=feature, ylim=(0, 1))
-    ax.legend(fontsize=7)
 
 
 def _grid(groups: dict[str, pd.DataFrame], title: str) -> str:
     """Every feature's distribution per group, as one embedded figure of small panels."""
     feats = [*_HIST, *CATEGORICAL]
-    fig = figure(12.0, 7.5)
+    fig = figure(12.0, 8.0, layout=None)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.08, top=0.92, wspace=0.28, hspace=0.55)
     fig.suptitle(title)
     axes = fig.subplots(3, 3).ravel()
     for ax, f in zip(axes, feats, strict=True):
         cols = {k: df[f] for k, df in groups.items()}
         (_bars if f in CATEGORICAL else _hist)(ax, f, cols)
+    axes[0].legend(fontsize=8)  # one legend: every panel uses the same colours
     return figure_img(fig, title)
 
 
