@@ -1,4 +1,4 @@
-# aivh-ens: `make demo` (install, build the demo dataset, cv x2, blend, submit) and `make test`.
+# aivh-ens: `make demo` (install, build the demo dataset, inspect, cv x2, blend, submit, report) and `make test`.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,12 +24,16 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/aivh-ens demo-data $(DEMO)/data --n $(DEMO_N) --force
+	$(VENV)/bin/aivh-ens inspect --data $(DEMO)/data --workdir $(DEMO) --quiet
 	$(VENV)/bin/aivh-ens cv --recipe tiny --model test_efficientnet --name tiny-effnet --data $(DEMO)/data --group pairs --workdir $(DEMO) --quiet
 	$(VENV)/bin/aivh-ens cv --recipe tiny --model test_convnext --name tiny-convnext --data $(DEMO)/data --group pairs --workdir $(DEMO) --quiet
 	$(VENV)/bin/aivh-ens blend --workdir $(DEMO) --quiet
 	$(VENV)/bin/aivh-ens submit --data $(DEMO)/data --workdir $(DEMO) --out $(DEMO)/submission.csv --quiet
 	$(PY) -c "import pandas as pd; s = pd.read_csv('$(DEMO)/data/solution.csv').merge(pd.read_csv('$(DEMO)/submission.csv'), on='id', suffixes=('', '_pred')); from aivh_ens.metrics import f1; print(f'demo test F1 against solution.csv: {f1(s.label, s.label_pred):.4f} ({len(s)} images)')"
+	$(VENV)/bin/aivh-ens report --workdir $(DEMO)
 	@echo "submission: $(DEMO)/submission.csv"
+	@echo "inspect page: $(DEMO)/runs/inspect/report.html"
+	@echo "report page: $(DEMO)/runs/report.html"
 
 test: install
 	$(PY) -m pytest -q

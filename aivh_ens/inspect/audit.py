@@ -92,6 +92,9 @@ def cv_auc(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, seed:
     return roc_auc(y, p)
 
 
+_SIZE_WORDS = {"width": "width", "height": "height", "megapixels": "area"}
+
+
 def _describe(feature: str, a: pd.Series, b: pd.Series, names: tuple[str, str]) -> str:
     """How ``feature`` differs between two sets, in words: medians for numbers, shares for categories."""
     if feature in CATEGORICAL:
@@ -103,10 +106,14 @@ def _describe(feature: str, a: pd.Series, b: pd.Series, names: tuple[str, str]) 
     xa, xb = a.to_numpy(float), b.to_numpy(float)
     xa, xb = xa[np.isfinite(xa)], xb[np.isfinite(xb)]
     if not len(xa) or not len(xb):
-        return f"{feature} present in {len(xa) / max(1, len(a)):.0%} of {names[0]} vs {len(xb) / max(1, len(b)):.0%} of {names[1]}"
+        sa, sb = len(xa) / max(1, len(a)), len(xb) / max(1, len(b))
+        return f"{feature} known for {sa:.0%} of {names[0]} vs {sb:.0%} of {names[1]} images"
     ma, mb = float(np.median(xa)), float(np.median(xb))
-    word = "higher" if ma > mb else "lower" if ma < mb else "equal"
-    return f"{feature} {word}: median {ma:.4g} vs {mb:.4g} {UNITS[feature]}"
+    if feature in _SIZE_WORDS:
+        word = "larger" if ma > mb else "smaller" if ma < mb else "the same size"
+        return f"{names[0]} images are {word}: median {_SIZE_WORDS[feature]} {ma:.4g} vs {mb:.4g} {UNITS[feature]}"
+    word = "higher" if ma > mb else "lower" if ma < mb else "the same"
+    return f"{names[0]} images have {word} {feature}: median {ma:.4g} vs {mb:.4g} {UNITS[feature]}"
 
 
 def feature_strength(meta: pd.DataFrame, y: np.ndarray) -> pd.DataFrame:

@@ -37,24 +37,32 @@ INSPECT_VERSION = 1
 Log = Callable[[str], None]
 
 # What a model learns from a feature family, and the flag that takes it away (or None: fix the data).
+# What a model learns from a feature family, the flag that takes it away (None: fix the data), and why.
 _FAMILIES = {
     "size": (
         ("width", "height", "aspect", "megapixels"),
         "image size (through resize artefacts) instead of generator traces",
         "--mode crop",
+        "crop mode trains on native pixels, so a size difference no longer changes what the model sees",
     ),
     "compression": (
         ("format", "kbytes", "bytes_per_pixel", "jpeg_quality", "subsampling"),
         "the compression (format, quality, file size) instead of generator traces",
         "--jpeg-p 0.5",
+        "JPEG re-compression in training makes the model less sensitive to how a file was compressed",
     ),
-    "source": (("mode", "exif", "icc"), "the capture pipeline (colour mode, EXIF, ICC) of each source", None),
+    "source": (
+        ("mode", "exif", "icc"),
+        "the capture pipeline (colour mode, EXIF, ICC) of each source",
+        None,
+        "the files come from other pipelines; check what test's sources are",
+    ),
 }
 
 
-def _family(feature: str) -> tuple[str, str | None]:
-    """(what a model would learn, the recommended flag) for a feature."""
-    return next((learn, flag) for feats, learn, flag in _FAMILIES.values() if feature in feats)
+def _family(feature: str) -> tuple[str, str | None, str]:
+    """(what a model would learn, the recommended flag, why it helps) for a feature."""
+    return next((learn, flag, why) for feats, learn, flag, why in _FAMILIES.values() if feature in feats)
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,7 @@ def _shortcut(train: pd.DataFrame, y: np.ndarray, groups: np.ndarray | None) -> 
         return doc, Finding("shortcut", "ok", auc, msg)
     top = strength.head(3)
     named = "; ".join(f"{r.feature} (AUC {r.auc:.2f}: {r.difference})" for r in top.itertuples())
-    learn, flag = _family(top.iloc[0]["feature"])
+    learn, flag, _ = _family(top.iloc[0]["feature"])
     msg = (
         f"labels can be predicted from file properties alone: cross-validated AUC {auc:.3f}; strongest: "
         f"{named}; a model would learn {learn}"
@@ -121,10 +129,10 @@ def _shift(train: pd.DataFrame, test: pd.DataFrame) -> tuple[dict, Finding]:
         return doc, Finding("shift", "ok", auc, msg)
     top = table.head(3)
     named = "; ".join(f"{r.difference} ({r.kind.upper()} {r.distance:.2f})" for r in top.itertuples())
-    _, flag = _family(top.iloc[0]["feature"])
+    _, flag, why = _family(top.iloc[0]["feature"])
     msg = (
         f"test differs from train: adversarial AUC {auc:.3f} (metadata tells them apart); most "
-        f"different: {named}; expect validation scores to overstate the leaderboard"
+        f"different: {named}; expect validation scores to overstate the leaderboard; {why}"
     )
     return doc, Finding("shift", "warn", auc, msg, flag)
 
