@@ -1,0 +1,56 @@
+"""Progress off a terminal: no bar, at most one plain line per interval; on a terminal: the bar."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+
+from aivh_ens.progress import Progress, on_terminal
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_terminal_follows_the_stream() -> None:
+    assert on_terminal(_Tty()) and not on_terminal(io.StringIO())
+    closed = io.StringIO()
+    closed.close()
+    assert not on_terminal(closed)
+
+
+def test_off_a_terminal_a_short_loop_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    lines: list[str] = []
+    assert list(Progress(range(1000), "epoch 1/1 train", log=lines.append, terminal=False)) == list(
+        range(1000)
+    )
+    assert lines == [] and capsys.readouterr().err == ""
+
+
+def test_off_a_terminal_a_long_loop_prints_one_line_per_interval() -> None:
+    lines: list[str] = []
+    bar = Progress(range(6), "oof", unit="batch", log=lines.append, every=0.05, terminal=False)
+    for _ in bar:
+        bar.set_postfix(loss="0.5")
+        time.sleep(0.03)
+    assert 1 <= len(lines) <= 4  # ~0.18 s at one line per 0.05 s or more
+    assert lines[0].startswith("oof: ") and "/6 batch in " in lines[0] and "batch/s, loss 0.5)" in lines[0]
+
+
+def test_disabled_prints_nothing_anywhere() -> None:
+    lines: list[str] = []
+    for _ in Progress(range(5), "x", log=lines.append, every=0.0, enabled=False, terminal=False):
+        time.sleep(0.001)
+    assert lines == []
+
+
+def test_on_a_terminal_it_draws_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    err = _Tty()
+    monkeypatch.setattr("sys.stderr", err)
+    lines: list[str] = []
+    assert list(Progress(range(3), "scan", unit="img", log=lines.append, terminal=True)) == [0, 1, 2]
+    assert lines == [] and "scan" in err.getvalue()
