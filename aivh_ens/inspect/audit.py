@@ -237,18 +237,37 @@ class Duplicates:
     n_test_near: int
 
 
+def _same_key_pairs(ka: np.ndarray, kb: np.ndarray) -> np.ndarray:
+    """(K, 2) int64 every ``(i, j)`` with ``ka[i] == kb[j]``, by one sort of ``kb``."""
+    order = np.argsort(kb, kind="stable")
+    sorted_kb = kb[order]
+    lo = np.searchsorted(sorted_kb, ka, "left")
+    counts = np.searchsorted(sorted_kb, ka, "right") - lo  # (len(a),) matches per row of a
+    i = np.repeat(np.arange(len(ka)), counts)
+    offsets = np.arange(len(i)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.column_stack([i, order[np.repeat(lo, counts) + offsets]])
+
+
 def _near(a: np.ndarray, b: np.ndarray, bits: int, upper: bool) -> np.ndarray:
-    """(K, 3) int64 ``(i, j, distance)`` of hash pairs within ``bits``; ``upper``: a is b, keep i < j only."""
-    out = []
-    block = max(1, (1 << 23) // max(1, len(b)))  # rows per block: ~64 MB of XORs at a time
-    for s in range(0, len(a), block):
-        d = hamming(a[s : s + block, None], b[None, :])  # (B, len(b)) uint8
-        i, j = np.nonzero(d <= bits)
-        if upper:
-            keep = j > i + s
-            i, j = i[keep], j[keep]
-        out.append(np.column_stack([i + s, j, d[i, j]]))
-    return np.concatenate(out).astype(np.int64) if out else np.zeros((0, 3), np.int64)
+    """(K, 3) int64 ``(i, j, distance)`` of hash pairs within ``bits``; ``upper``: a is b, keep i < j only.
+
+    Multi-index hashing: cut the 64 bits into ``bits + 1`` bands; two hashes within ``bits`` agree exactly on
+    at least one band (pigeonhole), so only pairs that share a band are compared. For 80,000 images that is
+    a few million comparisons instead of 3.2 billion (the brute force took 4 s for 20,000).
+    """
+    edges = np.linspace(0, 64, bits + 2).astype(np.uint64)  # bits + 1 bands of 12-13 bits
+    found = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        mask = np.uint64((1 << int(hi - lo)) - 1)
+        found.append(_same_key_pairs((a >> lo) & mask, (b >> lo) & mask))
+    cand = np.concatenate(found)
+    if upper:
+        cand = cand[cand[:, 1] > cand[:, 0]]
+    d = hamming(a[cand[:, 0]], b[cand[:, 1]])
+    cand = cand[d <= bits]  # first: most candidates are far apart, and np.unique is the slow step
+    code = np.unique(cand[:, 0] * len(b) + cand[:, 1])  # a pair found in several bands once, by (i, j)
+    i, j = code // len(b), code % len(b)
+    return np.column_stack([i, j, hamming(a[i], b[j]).astype(np.int64)])
 
 
 def duplicates(

@@ -164,3 +164,20 @@ def test_the_demo_data_pairs_are_detected(tmp_path: Path) -> None:
     assert p["close"] >= 0.9 and p["close_random"] <= 0.2
     assert findings(a)["train_duplicates"].level == "ok"
     assert a.doc["duplicates"]["n_train_near"] == 0  # the pairs themselves are not reported as duplicates
+
+
+@pytest.mark.parametrize("bits", [0, 4, 7])
+def test_near_duplicate_search_equals_brute_force(bits: int) -> None:
+    from aivh_ens.inspect.audit import _near, hamming
+
+    rng = np.random.default_rng(bits)
+    a = rng.integers(0, 2**63, 3000, dtype=np.uint64)
+    flips = rng.integers(0, 64, (300, 3)).astype(np.uint64)  # 300 hashes 0-3 bits from an earlier one
+    a[-300:] = a[:300] ^ np.bitwise_or.reduce(np.uint64(1) << flips, axis=1) * (rng.random(300) < 0.9)
+    b = a[::7] ^ np.uint64(1 << 5)
+    for x, y, upper in ((a, a, True), (b, a, False)):
+        d = hamming(x[:, None], y[None, :])
+        i, j = np.nonzero(
+            (d <= bits) & ((np.arange(len(y))[None, :] > np.arange(len(x))[:, None]) | (not upper))
+        )
+        assert np.array_equal(_near(x, y, bits, upper), np.column_stack([i, j, d[i, j]]))
