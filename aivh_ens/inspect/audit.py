@@ -109,11 +109,14 @@ def _describe(feature: str, a: pd.Series, b: pd.Series, names: tuple[str, str]) 
         sa, sb = len(xa) / max(1, len(a)), len(xb) / max(1, len(b))
         return f"{feature} known for {sa:.0%} of {names[0]} vs {sb:.0%} of {names[1]} images"
     ma, mb = float(np.median(xa)), float(np.median(xb))
+    unit = UNITS[feature]
+    if ma == mb:
+        return f"{names[0]} and {names[1]} images share the median {feature}: {ma:.4g} {unit}"
     if feature in _SIZE_WORDS:
-        word = "larger" if ma > mb else "smaller" if ma < mb else "the same size"
-        return f"{names[0]} images are {word}: median {_SIZE_WORDS[feature]} {ma:.4g} vs {mb:.4g} {UNITS[feature]}"
-    word = "higher" if ma > mb else "lower" if ma < mb else "the same"
-    return f"{names[0]} images have {word} {feature}: median {ma:.4g} vs {mb:.4g} {UNITS[feature]}"
+        word = "larger" if ma > mb else "smaller"
+        return f"{names[0]} images are {word}: median {_SIZE_WORDS[feature]} {ma:.4g} vs {mb:.4g} {unit}"
+    word = "higher" if ma > mb else "lower"
+    return f"{names[0]} images have {word} {feature}: median {ma:.4g} vs {mb:.4g} {unit}"
 
 
 def feature_strength(meta: pd.DataFrame, y: np.ndarray) -> pd.DataFrame:

@@ -54,7 +54,7 @@ UNITS = {
     "megapixels": "MP",
     "kbytes": "kB",
     "bytes_per_pixel": "B/px",
-    "jpeg_quality": "1-100",
+    "jpeg_quality": "of 100",
     "exif": "share",
     "icc": "share",
 }
