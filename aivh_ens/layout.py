@@ -12,6 +12,7 @@ where they live, so a stage asks ``layout.oof_path(workdir, run)`` instead of jo
     runs/cache/                          the decode-once image cache
     runs/features/                       frozen-backbone feature stores
     runs/inspect/                        the dataset audit
+    runs/report.html                     the report page
 
 No heavy imports: the config module is imported only when a run config is parsed.
 """
@@ -91,6 +92,10 @@ def features_dir(workdir: str | Path) -> Path:
 
 def inspect_dir(workdir: str | Path) -> Path:
     return Path(workdir) / RUNS / "inspect"
+
+
+def report_path(workdir: str | Path) -> Path:
+    return Path(workdir) / RUNS / "report.html"
 
 
 def workdir_of_blend(path: str | Path) -> Path:

@@ -21,9 +21,9 @@ from aivh_ens.data import DEFAULT_TEST_CSV, DEFAULT_TRAIN_CSV, read_test_table, 
 from aivh_ens.inspect import audit
 from aivh_ens.inspect.scan import FEATURES, scan_images
 from aivh_ens.io import write_json, write_text
+from aivh_ens.layout import inspect_dir
 
 __all__ = [
-    "INSPECT_DIR",
     "Audit",
     "Finding",
     "InspectResult",
@@ -32,7 +32,6 @@ __all__ = [
     "run_inspect",
 ]
 
-INSPECT_DIR = Path("runs") / "inspect"
 INSPECT_VERSION = 1
 Log = Callable[[str], None]
 
@@ -327,7 +326,7 @@ def run_inspect(data: str | Path, workdir: str | Path = ".", **options: Any) -> 
 
     a = audit_dataset(data, **options)
     page = inspect_page(a.doc, Path(data), a.train_table, a.test_table, a.train, a.test)
-    out = Path(workdir) / INSPECT_DIR
+    out = inspect_dir(workdir)
     written = (write_json(out / "inspect.json", a.doc), write_text(out / "report.html", page))
     return InspectResult(a.doc, a.findings, written, a.img_per_s)
 

@@ -15,16 +15,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from aivh_ens import layout
 from aivh_ens.errors import UserError
 from aivh_ens.io import write_text
 from aivh_ens.metrics import best_threshold, summary_at
 from aivh_ens.report import plots
 from aivh_ens.report.html import esc, page, section, table
 
-__all__ = ["REPORT_FILE", "ReportResult", "all_ai_f1", "build_report"]
+__all__ = ["ReportResult", "all_ai_f1", "build_report"]
 
-REPORT_FILE = Path("runs") / "report.html"
-_NOT_RUNS = frozenset({"blend", "cache", "inspect", "features"})  # folders under runs/ that are not runs
 _FOLD_COLUMNS = [
     "fold",
     "best_epoch",
@@ -55,13 +54,9 @@ def all_ai_f1(y: np.ndarray) -> float:
 
 
 def _run_names(workdir: Path, runs: list[str] | None) -> list[str]:
-    root = workdir / "runs"
-    found = (
-        sorted(p.parent.name for p in root.glob("*/config.json") if p.parent.name not in _NOT_RUNS)
-        if root.is_dir()
-        else []
-    )
-    found = [r for r in found if (root / r).is_dir()]
+    root = layout.runs_dir(workdir)
+    names = [p.parent.name for p in root.glob(f"*/{layout.CONFIG}")] if root.is_dir() else []
+    found = sorted(r for r in names if r not in layout.RESERVED_RUN_NAMES)
     if runs is None:
         return found
     missing = [r for r in runs if r not in found]
@@ -104,8 +99,8 @@ class _Run:
 
 
 def _load_run(workdir: Path, name: str) -> _Run:
-    rdir = workdir / "runs" / name
-    config = _read_json(rdir / "config.json").get("config", {})
+    rdir = layout.run_dir(workdir, name)
+    config = layout.read_run_doc(workdir, name).get("config", {})
     history, folds = {}, []
     for fdir in sorted(rdir.glob("fold*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1):
         if not fdir.name[4:].isdigit() or not (fdir / "metrics.csv").is_file():
@@ -125,7 +120,7 @@ def _load_run(workdir: Path, name: str) -> _Run:
                     "status": "training",
                 }
             )
-    oof_path = workdir / "oof" / f"{name}.csv"
+    oof_path = layout.oof_path(workdir, name)
     oof = _read_csv(oof_path, ("file_name", "label", "fold", "prob")) if oof_path.is_file() else None
     return _Run(name, config, history, folds, oof)
 
@@ -233,7 +228,7 @@ def _blend_section(workdir: Path, blend: dict[str, Any], runs: list[_Run]) -> st
 
 
 def _load_blend(workdir: Path, wanted: bool | None) -> tuple[dict[str, Any] | None, str]:
-    path = workdir / "runs" / "blend" / "blend.json"
+    path = layout.blend_path(workdir)
     if wanted is False:
         return None, ""
     if not path.is_file():
@@ -253,7 +248,7 @@ def _load_blend(workdir: Path, wanted: bool | None) -> tuple[dict[str, Any] | No
 
 
 def _inspect_section(workdir: Path) -> str | None:
-    path = workdir / "runs" / "inspect" / "inspect.json"
+    path = layout.inspect_dir(workdir) / "inspect.json"
     if not path.is_file():
         return None
     from aivh_ens.inspect.html import findings_html
@@ -314,7 +309,7 @@ def build_report(
     elif blend_note:
         parts.append(section("Blend", f'<p class="note">{esc(blend_note)}</p>'))
     parts += [_run_section(r) for r in loaded]
-    path = Path(out) if out is not None else workdir / REPORT_FILE
+    path = Path(out) if out is not None else layout.report_path(workdir)
     write_text(path, page("aivh-ens report", *parts, subtitle=f"work dir: {workdir.resolve()}"))
     blend_txt = f", blend {blend_doc['method']}" if blend_doc else ""
     summary = f"report: {len(loaded)} run(s){blend_txt}" + (", inspect findings" if inspect_part else "")

@@ -14,7 +14,6 @@ from planted import findings, make, save
 
 from aivh_ens.inspect import audit_dataset
 from aivh_ens.inspect.scan import jpeg_quality, scan_images
-from aivh_ens.synth import make_demo_dataset
 
 
 def _audit(root: Path):
@@ -154,9 +153,8 @@ def test_duplicates_within_train_and_across_train_and_test_are_found(tmp_path: P
     assert f["test_leaks"].level == "warn" and f["test_leaks"].value == 3
 
 
-def test_the_demo_data_pairs_are_detected(tmp_path: Path) -> None:
-    make_demo_dataset(tmp_path / "demo", n=60, n_test=10)
-    a = _audit(tmp_path / "demo")
+def test_the_demo_data_pairs_are_detected(demo_data) -> None:
+    a = _audit(demo_data())
     f = findings(a)["pairs"]
     assert f.level == "warn" and f.flag == "--group pairs"
     p = a.doc["pairs"]

@@ -31,14 +31,13 @@ def _ok(args: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def project(tmp_path_factory: pytest.TempPathFactory, demo_data) -> Path:
     """One real 2-fold, 2-epoch run, a second run made from it with noisier OOF scores, a blend, inspect."""
     import torch
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("report")
-    data, w = root / "data", root / "w"
-    _ok(["demo-data", str(data), "--n", "40", "--n-test", "10"])
+    data, w = demo_data(), root / "w"
     _ok(["inspect", "--data", str(data), "--workdir", str(w), "--quiet"])
     _ok(
         [
