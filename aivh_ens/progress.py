@@ -28,10 +28,13 @@ def on_terminal(stream: TextIO | None = None) -> bool:
 
 
 class Progress:
-    """Iterate with a tqdm bar on a terminal, or with one plain line per ``every`` seconds elsewhere.
+    """A tqdm bar on a terminal, or one plain line per ``every`` seconds elsewhere.
+
+    Iterate over it (``for x in Progress(loader, "epoch 1/5 train")``), or use it as a context manager and
+    call :meth:`update` (``with Progress(None, "blend search", total=300) as bar: ... bar.update()``).
 
     Args:
-        iterable: what to iterate over.
+        iterable: what to iterate over (None for :meth:`update` use).
         desc: what is being done, e.g. ``"epoch 2/10 train"``.
         total: number of items (default ``len(iterable)`` where it has one).
         unit: the item's name in the rate, e.g. ``"img"`` or ``"batch"``.
@@ -43,7 +46,7 @@ class Progress:
 
     def __init__(
         self,
-        iterable: Iterable[Any],
+        iterable: Iterable[Any] | None,
         desc: str,
         total: int | None = None,
         unit: str = "it",
@@ -55,43 +58,61 @@ class Progress:
         self.iterable, self.desc, self.unit, self.enabled, self.every = iterable, desc, unit, enabled, every
         self.total = total if total is not None else getattr(iterable, "__len__", lambda: None)()
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-        self.terminal = on_terminal() if terminal is None else terminal
+        self.bar = enabled and (on_terminal() if terminal is None else terminal)
         self.n, self.postfix, self.lines = 0, "", 0
-        self._bar: Any = None
+        self._tqdm: Any = None
+        self._t0 = self._last = time.perf_counter()
+
+    def _open(self, iterable: Iterable[Any] | None) -> None:
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm(
+            iterable, desc=self.desc, total=self.total, unit=self.unit, leave=False, dynamic_ncols=True
+        )
 
     def __iter__(self) -> Iterator[Any]:
-        if self.enabled and self.terminal:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(
-                self.iterable,
-                desc=self.desc,
-                total=self.total,
-                unit=self.unit,
-                leave=False,
-                dynamic_ncols=True,
-            )
-            yield from self._bar
+        assert self.iterable is not None, (
+            "Progress(None, ...) counts with update(), it has nothing to iterate"
+        )
+        if self.bar:
+            self._open(self.iterable)
+            yield from self._tqdm
             return
-        t0 = last = time.perf_counter()
+        self._t0 = self._last = time.perf_counter()
         for item in self.iterable:
             yield item
-            self.n += 1
-            now = time.perf_counter()
-            if self.enabled and now - last >= self.every:
-                last = now
-                self._line(now - t0)
+            self.update()
+
+    def __enter__(self) -> Progress:
+        if self.bar:
+            self._open(None)
+        self._t0 = self._last = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` more items done (the bar moves, or a plain line is due after ``every`` seconds)."""
+        if self._tqdm is not None:
+            self._tqdm.update(n)
+            return
+        self.n += n
+        now = time.perf_counter()
+        if self.enabled and now - self._last >= self.every:
+            self._last = now
+            self._line(now - self._t0)
 
     def set_postfix(self, **values: Any) -> None:
         """Values shown after the count (the bar's postfix, or the end of the next plain line)."""
         self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
-        if self._bar is not None:
-            self._bar.set_postfix(**values)
+        if self._tqdm is not None:
+            self._tqdm.set_postfix(refresh=False, **values)
 
     def close(self) -> None:
         """Remove the bar (plain lines need no closing)."""
-        if self._bar is not None:
-            self._bar.close()
+        if self._tqdm is not None:
+            self._tqdm.close()
 
     def _line(self, elapsed: float) -> None:
         of = f"/{self.total}" if self.total else ""

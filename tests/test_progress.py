@@ -48,9 +48,38 @@ def test_disabled_prints_nothing_anywhere() -> None:
 
 
 def test_on_a_terminal_it_draws_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    err = _Tty()
-    monkeypatch.setattr("sys.stderr", err)
+    drawn: list[dict] = []
+
+    class FakeBar:  # tqdm itself is disabled in the tests (TQDM_DISABLE, read when tqdm is imported)
+        def __init__(self, iterable, **kw):
+            self.iterable = iterable
+            drawn.append(kw)
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def close(self) -> None:
+            drawn.append({"closed": True})
+
+    monkeypatch.setattr("tqdm.auto.tqdm", FakeBar)
     lines: list[str] = []
-    assert list(Progress(range(3), "scan", unit="img", log=lines.append, terminal=True)) == [0, 1, 2]
-    assert lines == [] and "scan" in err.getvalue()
+    bar = Progress(range(3), "scan", unit="img", log=lines.append, every=0.0, terminal=True)
+    assert list(bar) == [0, 1, 2]
+    bar.close()
+    assert lines == [] and drawn == [
+        {"desc": "scan", "total": 3, "unit": "img", "leave": False, "dynamic_ncols": True},
+        {"closed": True},
+    ]
+
+
+def test_update_use_off_a_terminal() -> None:
+    lines: list[str] = []
+    with Progress(
+        None, "blend search", total=4, unit="trial", log=lines.append, every=0.0, terminal=False
+    ) as p:
+        for _ in range(4):
+            p.set_postfix(best="f1 0.9")
+            p.update()
+    assert (
+        len(lines) == 4 and lines[-1].startswith("blend search: 4/4 trial in ") and "best f1 0.9" in lines[-1]
+    )

@@ -130,20 +130,20 @@ def optimize(
     progress: bool = False,
 ) -> Fit:
     """Run ``n_trials`` more trials of ``study`` (or until ``timeout`` s) and return its best trial's blend."""
-    from tqdm.auto import tqdm
+    from aivh_ens.progress import Progress
 
     done = _completed(study)
     best = [max((t.value for t in done), default=-math.inf)]
     with (
         _quiet_optuna(),
-        tqdm(total=n_trials, desc="blend search", unit="trial", disable=not progress) as bar,
+        Progress(None, "blend search", total=n_trials, unit="trial", enabled=progress) as bar,
     ):
 
         def report(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             if trial.value is not None and trial.value > best[0]:
                 best[0] = trial.value
+            bar.set_postfix(best=f"{metric} {best[0]:.5f}")
             bar.update(1)
-            bar.set_postfix_str(f"best {metric} {best[0]:.5f}", refresh=False)
 
         study.optimize(
             make_objective(S, y, metric, runs), n_trials=n_trials, timeout=timeout, callbacks=[report]

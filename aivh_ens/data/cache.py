@@ -336,10 +336,9 @@ def _decode_into(
     progress: bool,
 ) -> None:
     """Decode ``todo`` in parallel (in order) and append each image, or its reason for being unreadable."""
-    from tqdm.auto import tqdm
+    from aivh_ens.progress import Progress
 
-    bar = tqdm(total=len(todo), desc="image cache", unit="img", disable=not progress or not todo, leave=False)
-    with bar:
+    with Progress(None, "image cache", total=len(todo), unit="img", enabled=progress and bool(todo)) as bar:
         for n, out in zip(todo, _decode_all(root, todo, storage, jobs), strict=True):
             if isinstance(out, str):
                 writer.add_bad(n, out, stats[n])

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from aivh_ens import faults, metrics
 from aivh_ens.config import RunConfig
 from aivh_ens.data.loader import Normalizer
 from aivh_ens.errors import TrainingDiverged, UserError
 from aivh_ens.io import atomic_path
+from aivh_ens.progress import Progress
 from aivh_ens.train.models import fully_frozen_backbones
 
 BEST = "best.safetensors"
@@ -145,9 +145,10 @@ def _good(x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> tuple[torch.T
     return (x, y) if bool(keep.all()) else (x[keep], y[keep])
 
 
-def progress_bar(batches: Iterable[Any], desc: str, progress: bool) -> Any:
-    """A progress bar over ``batches`` (shown only when ``progress``), iterated like the batches."""
-    return tqdm(batches, desc=desc, leave=False, disable=not progress, unit="batch", dynamic_ncols=True)
+def progress_bar(batches: Iterable[Any], desc: str, progress: bool) -> Progress:
+    """Progress over ``batches`` (nothing unless ``progress``), iterated like the batches: a bar on a
+    terminal; in a log, one line per minute of the pass (fit_fold adds one line per epoch)."""
+    return Progress(batches, desc, unit="batch", enabled=progress)
 
 
 def train_one_epoch(
