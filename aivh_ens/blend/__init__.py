@@ -24,6 +24,7 @@ __getattr__, __dir__, __all__ = attach(
         "fit_caruana": ".methods",
         "fit_hill_climb": ".methods",
         "nested_cv": ".methods",
+        "all_ai": ".methods",
         "fit_optuna": ".search",
         "OOFSet": ".oof",
         "load_oof": ".oof",
@@ -34,5 +35,7 @@ __getattr__, __dir__, __all__ = attach(
         "MethodResult": ".stage",
         "pick_method": ".stage",
         "format_table": ".stage",
+        "all_ai_result": ".stage",
+        "blend_warnings": ".stage",
     },
 )

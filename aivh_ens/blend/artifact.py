@@ -46,7 +46,7 @@ _REQUIRED_KEYS = frozenset(
 )
 
 
-_OPTIONAL_KEYS = frozenset({"rank_reference"})
+_OPTIONAL_KEYS = frozenset({"rank_reference", "all_ai", "warnings"})
 
 
 _RUN_KEYS = frozenset({"name", "config", "oof", "oof_sha256"})
@@ -136,6 +136,14 @@ def _check_blend_doc(doc: Any, where: str = "blend.json") -> None:
     need(isinstance(doc["seed"], int) and not isinstance(doc["seed"], bool), "seed must be an integer")
     if "rank_reference" in doc:
         need(doc["rank_reference"] == RANK_REFERENCE, f"rank_reference must be {RANK_REFERENCE!r}")
+    if "all_ai" in doc:  # the score of predicting every row AI, in the form of a baselines row
+        _keys(doc["all_ai"], _BASELINE_KEYS, f"{where} all_ai")
+        need(all(_is_number(doc["all_ai"][k]) for k in _BASELINE_KEYS - {"method"}), "all_ai needs numbers")
+    if "warnings" in doc:
+        need(
+            isinstance(doc["warnings"], list) and all(isinstance(w, str) for w in doc["warnings"]),
+            "warnings must be a list of strings",
+        )
 
 
 def load_blend(

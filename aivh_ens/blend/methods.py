@@ -171,6 +171,18 @@ def methods(runs: Sequence[str], metric: str, optuna_trials: int) -> list[Method
     return out
 
 
+def all_ai(y: np.ndarray, folds: np.ndarray, metric: str) -> tuple[float, list[float]]:
+    """The score of predicting every row 1 (AI) on all rows, and on each fold in sorted fold order.
+
+    The floor any blend must beat. For F1 it is 2p / (1 + p) for a share p of label 1 (0.667 at p = 0.5);
+    on weak runs the F1-optimal threshold drifts towards it.
+    """
+    score = METRICS[check_metric(metric)]
+    y = np.asarray(y, dtype=bool)
+    ones = np.ones(len(y), dtype=bool)
+    return float(score(y, ones)), [float(score(y[folds == f], ones[folds == f])) for f in np.unique(folds)]
+
+
 def nested_cv(
     P: np.ndarray,
     y: np.ndarray,
@@ -197,12 +209,12 @@ def nested_cv(
     Returns:
         ``{method name: [score on each fold, in sorted fold order]}``.
     """
-    from tqdm.auto import tqdm
+    from aivh_ens.progress import Progress
 
     score = METRICS[check_metric(metric)]
     y = np.asarray(y, dtype=bool)
     per_fold: dict[str, list[float]] = {m.name: [] for m in candidates}
-    for k, fold in enumerate(tqdm(np.unique(folds), desc="nested CV", unit="fold", disable=not progress)):
+    for k, fold in enumerate(Progress(np.unique(folds), "nested CV", unit="fold", enabled=progress)):
         test = folds == fold
         S_train, S_test = spaces(P[:, ~test]), spaces(P[:, test])
         for m in candidates:

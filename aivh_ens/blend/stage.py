@@ -14,7 +14,7 @@ import numpy as np
 
 from aivh_ens.blend.artifact import BLEND_VERSION, RANK_REFERENCE, _check_blend_doc
 from aivh_ens.blend.core import combine, spaces
-from aivh_ens.blend.methods import Fit, methods, nested_cv
+from aivh_ens.blend.methods import Fit, all_ai, methods, nested_cv
 from aivh_ens.blend.oof import OOFSet, load_oof
 from aivh_ens.blend.report import plot_threshold_curves, plot_weights
 from aivh_ens.blend.search import _completed, default_storage, open_study, optimize, study_name
@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 
 TIE_TOL = 1e-4
 """Nested-CV means closer than this count as a tie, and the simpler method is shipped."""
+
+ALL_AI_MARGIN = 0.02
+"""blend warns when the shipped nested score is within this of predicting every row AI."""
+
+ALL_AI_SHARE = 0.9
+"""blend warns when the shipped threshold labels more than this share of OOF rows AI."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class BlendResult:
     picked: MethodResult
     reason: str
     written: tuple[Path, ...]
+    all_ai: MethodResult | None = None  # predicting every row AI: the floor, not a candidate
+    warnings: tuple[str, ...] = ()
 
 
 def pick_method(
@@ -91,18 +99,61 @@ def pick_method(
     return picked, reason
 
 
-def format_table(results: Sequence[MethodResult], metric: str, picked: str | None = None) -> str:
-    """One row per method: in-sample OOF score, nested-CV mean ± std, space and threshold."""
-    width = max(len("method"), *(len(r.name) for r in results)) + 2
+def format_table(
+    results: Sequence[MethodResult],
+    metric: str,
+    picked: str | None = None,
+    all_ai: MethodResult | None = None,
+) -> str:
+    """One row per method: in-sample OOF score, nested-CV mean ± std, space and threshold; then the all-AI
+    baseline (every row predicted AI) when given."""
+    rows = [*results, *([all_ai] if all_ai else [])]
+    width = max(len("method"), *(len(r.name) for r in rows)) + 2
     head = f"{'method':<{width}}{'space':<7}{'oof ' + metric:>14}{'nested ' + metric:>24}{'threshold':>11}"
     lines = [head, "-" * len(head)]
-    for r in results:
-        mark = "  <- picked" if r.name == picked else ""
+    for r in rows:
+        mark = "  <- picked" if r.name == picked else "  (baseline: every row AI)" if r is all_ai else ""
+        space = "-" if r is all_ai else r.fit.space
         nested = f"{r.nested_mean:.4f} ± {r.nested_std:.4f}"
         lines.append(
-            f"{r.name:<{width}}{r.fit.space:<7}{r.fit.score:>14.4f}{nested:>24}{r.fit.threshold:>11.4f}{mark}"
+            f"{r.name:<{width}}{space:<7}{r.fit.score:>14.4f}{nested:>24}{r.fit.threshold:>11.4f}{mark}"
         )
     return "\n".join(lines)
+
+
+def all_ai_result(oof: OOFSet, metric: str) -> MethodResult:
+    """Predicting every row AI as a table row: no weights, threshold 0, scored in-sample and per fold."""
+    score, per_fold = all_ai(oof.y, oof.folds, metric)
+    fit = Fit("all_ai", "prob", np.zeros(len(oof.runs)), 0.0, score)
+    return MethodResult("all_ai", -1, fit, tuple(per_fold))
+
+
+def blend_warnings(
+    picked: MethodResult, floor: MethodResult, ai_share: float, metric: str
+) -> tuple[str, ...]:
+    """Why a blend that barely beats guessing should not be trusted, one sentence each (empty when fine).
+
+    Args:
+        picked: the shipped method.
+        floor: :func:`all_ai_result`.
+        ai_share: the share of OOF rows the shipped blend and threshold label AI.
+        metric: the metric's name, for the message.
+    """
+    out = []
+    gap = picked.nested_mean - floor.nested_mean
+    if gap < ALL_AI_MARGIN:
+        out.append(
+            f"the shipped blend's nested {metric} {picked.nested_mean:.4f} is within {ALL_AI_MARGIN} of "
+            f"predicting every row AI ({floor.nested_mean:.4f}): the runs barely beat guessing; train "
+            "stronger runs (more epochs or data, a larger model) before trusting this blend"
+        )
+    if ai_share > ALL_AI_SHARE:
+        out.append(
+            f"threshold {picked.fit.threshold:.4f} ({picked.fit.space} space) labels {ai_share:.0%} of OOF rows "
+            f"AI: the {metric}-optimal threshold has drifted towards 'everything is AI', which scores "
+            f"{floor.fit.score:.4f} by itself"
+        )
+    return tuple(out)
 
 
 def run_blend(
@@ -144,9 +195,13 @@ def run_blend(
     optuna_fit, n_trials = _search(oof, S, metric, trials, timeout, storage, seed, progress)
     results = _score_methods(oof, S, metric, optuna_fit, nested_trials, seed, progress)
     picked, reason = pick_method(results, metric, tie_tol)
-    doc = blend_document(oof, picked, results, metric, n_trials, seed)
+    floor = all_ai_result(oof, metric)
+    fit = picked.fit
+    ai_share = float(np.mean(combine(S[fit.space], fit.weights, fit.space) >= fit.threshold))  # OOF rows
+    warnings = blend_warnings(picked, floor, ai_share, metric)
+    doc = blend_document(oof, picked, results, metric, n_trials, seed, floor, warnings)
     written = _write_outputs(oof, S, results, picked, doc)
-    return BlendResult(doc, results, picked, reason, written)
+    return BlendResult(doc, results, picked, reason, written, floor, warnings)
 
 
 def _search(
@@ -191,7 +246,14 @@ def _score_methods(
 
 
 def blend_document(
-    oof: OOFSet, picked: MethodResult, results: Sequence[MethodResult], metric: str, n_trials: int, seed: int
+    oof: OOFSet,
+    picked: MethodResult,
+    results: Sequence[MethodResult],
+    metric: str,
+    n_trials: int,
+    seed: int,
+    all_ai: MethodResult | None = None,
+    warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The blend.json content for the picked method (checked against the schema before it is returned)."""
     fit = picked.fit
@@ -228,6 +290,15 @@ def blend_document(
     }
     if fit.space == "rank":
         doc["rank_reference"] = RANK_REFERENCE
+    if all_ai is not None:
+        doc["all_ai"] = {
+            "method": all_ai.name,
+            "oof_score": all_ai.fit.score,
+            "nested_mean": all_ai.nested_mean,
+            "nested_std": all_ai.nested_std,
+            "threshold": all_ai.fit.threshold,
+        }
+    doc["warnings"] = list(warnings)
     _check_blend_doc(doc)
     return doc
 

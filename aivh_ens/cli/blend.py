@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from aivh_ens.cli.options import WORKDIR, user_errors
+from aivh_ens.cli.options import WORKDIR, report_line, user_errors
 
 # ---- blend ---------------------------------------------------------------------------------------------
 # (the blend command is defined below this line)
@@ -80,10 +80,13 @@ def blend_cmd(runs, metric, trials, timeout, storage, seed, nested_trials, quiet
     )
     b = result.blend
     click.echo(f"{len(b['runs'])} runs, {b['trials']} trials in the study; in-sample and nested-CV {metric}:")
-    click.echo(format_table(result.methods, metric, result.picked.name))
+    click.echo(format_table(result.methods, metric, result.picked.name, result.all_ai))
     click.echo(result.reason)
     click.echo(
         f"space {b['space']}, threshold {b['threshold']:.4f}, weights "
         + ", ".join(f"{r} {w:.3f}" for r, w in b["weights"].items())
     )
     click.echo("wrote " + ", ".join(str(p) for p in result.written))
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(report_line(workdir))

@@ -185,3 +185,10 @@ training_options = options(
         "--cache-dir", default=None, help="Where the image cache lives.  [default: WORKDIR/runs/cache]"
     ),
 )
+
+
+def report_line(workdir: Path) -> str:
+    """Where the report page of ``workdir`` goes, printed when cv and blend finish."""
+    from aivh_ens.layout import report_path
+
+    return f"report: {report_path(workdir)} (write or refresh it with `aivh-ens report --workdir {workdir}`)"

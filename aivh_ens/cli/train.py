@@ -11,6 +11,7 @@ from aivh_ens.cli.options import (
     cpu_threads,
     data_options,
     parse_floats,
+    report_line,
     training_options,
     user_errors,
 )
@@ -130,6 +131,7 @@ def cv_cmd(
         cfg, workdir, fold_spec=fold_spec, resume=resume, force=force, progress=not quiet, log=click.echo
     )
     click.echo(format_summary(result))
+    click.echo(report_line(workdir))
 
 
 # ---- cache ---------------------------------------------------------------------------------------------

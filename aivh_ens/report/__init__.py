@@ -8,6 +8,5 @@ from __future__ import annotations
 from aivh_ens._lazy import attach
 
 __getattr__, __dir__, __all__ = attach(
-    __name__,
-    {"ReportResult": ".page", "build_report": ".page", "all_ai_f1": ".page"},
+    __name__, {"ReportResult": ".page", "build_report": ".page", "all_ai_f1": ".page"}
 )

@@ -198,14 +198,19 @@ def _blend_section(workdir: Path, blend: dict[str, Any], runs: list[_Run]) -> st
             f"nested {metric}": b["nested_mean"],
             "± (std over folds)": b["nested_std"],
             "threshold": b["threshold"],
-            "shipped": "<- shipped" if b["method"] == blend["method"] else "",
+            "shipped": "<- shipped"
+            if b["method"] == blend["method"]
+            else "baseline: every row AI"
+            if b["method"] == "all_ai"
+            else "",
         }
-        for b in blend["baselines"]
+        for b in [*blend["baselines"], *([blend["all_ai"]] if "all_ai" in blend else [])]
     ]
+    warn = "".join(f'<p class="finding warn"><b>warning</b>: {esc(w)}</p>' for w in blend.get("warnings", []))
     parts = [
         f"<p>Shipped: <b>{esc(blend['method'])}</b> in {esc(blend['space'])} space, threshold "
         f"{blend['threshold']:.4f}, nested {esc(metric)} {blend['nested_score']['mean']:.4f} ± "
-        f"{blend['nested_score']['std']:.4f} (in-sample {blend['oof_score']:.4f}).</p>",
+        f"{blend['nested_score']['std']:.4f} (in-sample {blend['oof_score']:.4f}).</p>{warn}",
         table(rows, digits=4),
         plots.weights(blend["weights"], f"{blend['method']} weights ({blend['space']} space)"),
     ]

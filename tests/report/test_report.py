@@ -18,6 +18,7 @@ from PIL import Image
 
 from aivh_ens.cli import main
 from aivh_ens.metrics import roc_auc, summary_at
+from aivh_ens.progress import Progress
 from aivh_ens.report.page import all_ai_f1
 
 RUN = "tiny"
@@ -30,6 +31,10 @@ def _ok(args: list[str]) -> str:
     return res.output
 
 
+def _no_bar(self: Progress, iterable: object) -> None:
+    raise AssertionError(f"a progress bar ({self.desc}) was drawn on output that is not a terminal")
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, demo_data) -> Path:
     """One real 2-fold, 2-epoch run, a second run made from it with noisier OOF scores, a blend, inspect."""
@@ -39,26 +44,11 @@ def project(tmp_path_factory: pytest.TempPathFactory, demo_data) -> Path:
     root = tmp_path_factory.mktemp("report")
     data, w = demo_data(), root / "w"
     _ok(["inspect", "--data", str(data), "--workdir", str(w), "--quiet"])
-    _ok(
-        [
-            "cv",
-            "--recipe",
-            "tiny",
-            "--name",
-            RUN,
-            "--data",
-            str(data),
-            "--group",
-            "pairs",
-            "--folds",
-            "2",
-            "--epochs",
-            "2",
-            "--workdir",
-            str(w),
-            "--quiet",
-        ]
-    )
+    cv = ["cv", "--recipe", "tiny", "--name", RUN, "--data", str(data), "--group", "pairs", "--folds", "2"]
+    with pytest.MonkeyPatch.context() as mp:  # progress on (no --quiet), output not a terminal
+        mp.setattr(Progress, "_open", _no_bar)
+        cv_log = _ok([*cv, "--epochs", "2", "--workdir", str(w)])
+    (root / "cv.log").write_text(cv_log)
     shutil.copytree(w / "runs" / RUN, w / "runs" / COPY)
     oof = pd.read_csv(w / "oof" / f"{RUN}.csv")
     rng = np.random.default_rng(0)
@@ -102,6 +92,17 @@ def test_report_shows_every_part_with_the_runs_numbers(project: Path) -> None:
     assert 'href="inspect/report.html"' in text
 
 
+def test_cv_off_a_terminal_logs_a_line_per_epoch_and_no_bars(project: Path) -> None:
+    log = (project.parent / "cv.log").read_text()
+    lines = log.splitlines()
+    epochs = [ln for ln in lines if re.match(r"  fold \d epoch \d/2: train_loss", ln)]
+    assert len(epochs) == 4 and "\r" not in log
+    assert len(lines) <= 4 * 6, (
+        log
+    )  # 2 folds x 2 epochs: at most 6 lines per epoch, start and summary included
+    assert lines[-1].startswith("report: ") and str(project / "runs" / "report.html") in lines[-1]
+
+
 def test_report_of_chosen_runs_without_the_blend(project: Path, tmp_path: Path) -> None:
     out = tmp_path / "one.html"
     _ok(["report", RUN, "--no-blend", "--out", str(out), "--workdir", str(project)])
@@ -112,10 +113,7 @@ def test_report_of_chosen_runs_without_the_blend(project: Path, tmp_path: Path) 
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [
-        (["report", "nope"], "no run 'nope'"),
-        (["report", "--blend"], "run `aivh-ens blend` first"),
-    ],
+    [(["report", "nope"], "no run 'nope'"), (["report", "--blend"], "run `aivh-ens blend` first")],
 )
 def test_report_bad_input_is_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
     res = CliRunner().invoke(main, [*args, "--workdir", str(tmp_path)])
