@@ -23,14 +23,7 @@ from aivh_ens.inspect.scan import FEATURES, scan_images
 from aivh_ens.io import write_json, write_text
 from aivh_ens.layout import inspect_dir
 
-__all__ = [
-    "Audit",
-    "Finding",
-    "InspectResult",
-    "audit_dataset",
-    "format_findings",
-    "run_inspect",
-]
+__all__ = ["Audit", "Finding", "InspectResult", "audit_dataset", "format_findings", "run_inspect"]
 
 INSPECT_VERSION = 1
 Log = Callable[[str], None]
