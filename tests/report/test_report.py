@@ -16,7 +16,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from aivh_ens import layout
 from aivh_ens.cli import main
+from aivh_ens.inspect import audit_dataset
+from aivh_ens.io import write_json
 from aivh_ens.metrics import roc_auc, summary_at
 from aivh_ens.progress import Progress
 from aivh_ens.report.page import all_ai_f1
@@ -43,7 +46,9 @@ def project(tmp_path_factory: pytest.TempPathFactory, demo_data) -> Path:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("report")
     data, w = demo_data(), root / "w"
-    _ok(["inspect", "--data", str(data), "--workdir", str(w), "--quiet"])
+    # inspect.json as `inspect` writes it (its own page is tested in tests/inspect and costs seconds here).
+    audit = audit_dataset(data, progress=False, log=lambda s: None)
+    write_json(layout.inspect_dir(w) / "inspect.json", audit.doc)
     cv = ["cv", "--recipe", "tiny", "--name", RUN, "--data", str(data), "--group", "pairs", "--folds", "2"]
     with pytest.MonkeyPatch.context() as mp:  # progress on (no --quiet), output not a terminal
         mp.setattr(Progress, "_open", _no_bar)
