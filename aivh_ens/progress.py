@@ -64,6 +64,7 @@ class Progress:
         self._t0 = self._last = time.perf_counter()
 
     def _open(self, iterable: Iterable[Any] | None) -> None:
+        """Start the tqdm bar (terminal only)."""
         from tqdm.auto import tqdm
 
         self._tqdm = tqdm(
@@ -115,6 +116,7 @@ class Progress:
             self._tqdm.close()
 
     def _line(self, elapsed: float) -> None:
+        """One plain progress line: count, elapsed time, rate and postfix."""
         of = f"/{self.total}" if self.total else ""
         rate = self.n / max(elapsed, 1e-9)
         extra = f", {self.postfix}" if self.postfix else ""

@@ -81,6 +81,7 @@ def _grid(groups: dict[str, pd.DataFrame], title: str) -> str:
 
 
 def _thumb(data: Path, rel: str, caption: str) -> str:
+    """One captioned thumbnail, or the reason the image cannot be shown."""
     try:
         img = image_img(load_image(data / rel, max_side=128), rel)
     except BadImageError as e:
@@ -89,10 +90,12 @@ def _thumb(data: Path, rel: str, caption: str) -> str:
 
 
 def _examples(data: Path, items: list[tuple[str, str]]) -> str:
+    """A row of captioned thumbnails of ``(path, caption)`` items."""
     return "<div>" + "".join(_thumb(data, rel, cap) for rel, cap in items) + "</div>"
 
 
 def _pair_examples(data: Path, train_t: pd.DataFrame) -> str:
+    """Thumbnails of the first pairs of train rows (2k, 2k+1) with their labels."""
     items = []
     for k in range(min(_SHOWN, len(train_t) // 2)):
         for r in (2 * k, 2 * k + 1):
@@ -101,6 +104,7 @@ def _pair_examples(data: Path, train_t: pd.DataFrame) -> str:
 
 
 def _duplicate_examples(data: Path, dups: dict[str, Any]) -> str:
+    """Side-by-side thumbnails of the first conflicting copies, leaks and near-duplicates."""
     parts = []
     for title, pairs in (
         ("conflicting byte-identical train images", [(g[0], g[1]) for g in dups["train_exact_conflicts"]]),
@@ -116,6 +120,7 @@ def _duplicate_examples(data: Path, dups: dict[str, Any]) -> str:
 
 
 def _summary(doc: dict[str, Any]) -> str:
+    """The counts, AI share and scan speed as a small table."""
     rows = [
         {"": "train images", "value": doc["n_train"]},
         {"": "test images", "value": doc["n_test"] if doc["n_test"] is not None else "no test.csv"},

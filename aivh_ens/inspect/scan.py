@@ -181,6 +181,7 @@ def scan_images(
     jobs = jobs or min(32, os.cpu_count() or 1)
 
     def one(i: int) -> dict[str, Any] | BadImageError:
+        """Scan row ``i``, or return its BadImageError (raised in table order after the pool)."""
         try:
             return _scan_one(root / files[i])
         except BadImageError as e:

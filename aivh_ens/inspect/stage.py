@@ -94,6 +94,7 @@ def format_findings(findings: tuple[Finding, ...] | list[Finding]) -> str:
 
 
 def _shortcut(train: pd.DataFrame, y: np.ndarray, groups: np.ndarray | None) -> tuple[dict, Finding]:
+    """The shortcut check: metadata against the label (cross-validated AUC, features by strength)."""
     auc = audit.cv_auc(audit.matrix(train), y, groups)
     strength = audit.feature_strength(train, y)
     doc = {"auc": auc, "threshold": audit.SHORTCUT_AUC, "features": strength.to_dict("records")}
@@ -111,6 +112,7 @@ def _shortcut(train: pd.DataFrame, y: np.ndarray, groups: np.ndarray | None) -> 
 
 
 def _shift(train: pd.DataFrame, test: pd.DataFrame) -> tuple[dict, Finding]:
+    """Adversarial validation: metadata separating test from train, and how the features differ."""
     both = pd.concat([train, test], ignore_index=True)
     is_test = np.r_[np.zeros(len(train), int), np.ones(len(test), int)]
     auc = audit.cv_auc(audit.matrix(both), is_test)
@@ -130,6 +132,7 @@ def _shift(train: pd.DataFrame, test: pd.DataFrame) -> tuple[dict, Finding]:
 
 
 def _pairs_finding(p: audit.Pairs) -> Finding:
+    """The pair-layout finding, with its shares."""
     facts = (
         f"{p.same_size:.0%} share a size, {p.close:.0%} are within {audit.PAIR_BITS} pHash bits (random "
         f"pairs: {p.close_random:.0%}), labels differ in {p.opposite_labels:.0%}"
@@ -141,6 +144,7 @@ def _pairs_finding(p: audit.Pairs) -> Finding:
 
 
 def _duplicate_findings(d: audit.Duplicates, n_test: int | None) -> list[Finding]:
+    """The findings on copies within train and between test and train."""
     out = []
     conf = len(d.train_exact_conflicts)
     if d.train_exact:
@@ -226,6 +230,7 @@ def _doc(
     seconds: float,
     rate: float,
 ) -> dict[str, Any]:
+    """The content of inspect.json (strict JSON: NaN as null)."""
     return _finite(
         {
             "version": INSPECT_VERSION,

@@ -63,6 +63,7 @@ def table(rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None, 
 
 
 def _numeric(rows: list[dict[str, Any]], col: str) -> bool:
+    """Whether column ``col`` holds numbers (right-aligned)."""
     v = next((r.get(col) for r in rows if r.get(col) is not None), None)
     return isinstance(v, int | float | np.number) and not isinstance(v, bool)
 
@@ -82,6 +83,7 @@ def figure(width: float = 7.0, height: float = 4.0, layout: str | None = "constr
 
 
 def _img(png: bytes, alt: str, width: int | None = None) -> str:
+    """An ``<img>`` with PNG bytes as a data URI."""
     size = f' width="{width}"' if width else ""
     return f'<img alt="{esc(alt)}"{size} src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 

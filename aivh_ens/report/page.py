@@ -54,6 +54,7 @@ def all_ai_f1(y: np.ndarray) -> float:
 
 
 def _run_names(workdir: Path, runs: list[str] | None) -> list[str]:
+    """The runs to show: ``runs`` checked against the work dir, or every run with a config.json."""
     root = layout.runs_dir(workdir)
     names = [p.parent.name for p in root.glob(f"*/{layout.CONFIG}")] if root.is_dir() else []
     found = sorted(r for r in names if r not in layout.RESERVED_RUN_NAMES)
@@ -69,6 +70,7 @@ def _run_names(workdir: Path, runs: list[str] | None) -> list[str]:
 
 
 def _read_csv(path: Path, needed: tuple[str, ...]) -> pd.DataFrame:
+    """A CSV a stage wrote, with the columns the page needs, or a UserError naming the file."""
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -80,6 +82,7 @@ def _read_csv(path: Path, needed: tuple[str, ...]) -> pd.DataFrame:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object a stage wrote, or a UserError naming the file."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -99,6 +102,7 @@ class _Run:
 
 
 def _load_run(workdir: Path, name: str) -> _Run:
+    """One run's config, per-epoch metrics and fold summaries, and its OOF file once complete."""
     rdir = layout.run_dir(workdir, name)
     config = layout.read_run_doc(workdir, name).get("config", {})
     history, folds = {}, []
@@ -126,6 +130,7 @@ def _load_run(workdir: Path, name: str) -> _Run:
 
 
 def _run_section(run: _Run) -> str:
+    """A run's section: config, training curves, per-fold table, OOF confusion and F1 curve."""
     c = run.config
     facts = ", ".join(
         f"{k} {c[k]}" for k in ("model", "recipe", "mode", "img_size", "epochs", "batch_size", "lr") if k in c
@@ -143,6 +148,7 @@ def _run_section(run: _Run) -> str:
 
 
 def _leaderboard(runs: list[_Run], blend: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per run (OOF F1, AUC, best threshold, nested score), then the all-AI baseline."""
     nested = {b["method"]: b for b in (blend or {}).get("baselines", [])}
     rows = []
     for r in runs:
@@ -188,6 +194,7 @@ def _logit_correlation(runs: list[_Run]) -> pd.DataFrame | None:
 
 
 def _blend_section(workdir: Path, blend: dict[str, Any], runs: list[_Run]) -> str:
+    """The blend's section: choice, warnings, every method's scores, weights, blended OOF."""
     from aivh_ens.blend import apply_blend
 
     metric = blend["metric"]
@@ -233,6 +240,7 @@ def _blend_section(workdir: Path, blend: dict[str, Any], runs: list[_Run]) -> st
 
 
 def _load_blend(workdir: Path, wanted: bool | None) -> tuple[dict[str, Any] | None, str]:
+    """The blend document (None when absent or left out) and a note when it was left out."""
     path = layout.blend_path(workdir)
     if wanted is False:
         return None, ""
@@ -253,6 +261,7 @@ def _load_blend(workdir: Path, wanted: bool | None) -> tuple[dict[str, Any] | No
 
 
 def _inspect_section(workdir: Path) -> str | None:
+    """The inspect findings, when ``runs/inspect/inspect.json`` exists."""
     path = layout.inspect_dir(workdir) / "inspect.json"
     if not path.is_file():
         return None

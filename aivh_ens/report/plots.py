@@ -39,6 +39,7 @@ def training_curves(run: str, history: Mapping[int, pd.DataFrame]) -> str:
 
 
 def _confusion(ax: object, y: np.ndarray, pred: np.ndarray, title: str) -> None:
+    """A 2x2 confusion matrix with counts and row shares, on ``ax``."""
     cm = np.array([[np.sum(~y & ~pred), np.sum(~y & pred)], [np.sum(y & ~pred), np.sum(y & pred)]])
     ax.imshow(cm, cmap="Blues", vmin=0)
     for (i, j), v in np.ndenumerate(cm):
