@@ -77,7 +77,7 @@ def report_cmd(runs, with_blend, out, workdir) -> None:
 
     Training curves, per-fold tables, OOF confusion matrices and F1 against threshold per run; across runs a
     leaderboard, the correlation of the runs' OOF logits and the blend weights. RUN names pick runs
-    (default: every run with an oof/<run>.csv or a finished fold).
+    (default: every run under runs/; a run still training shows its finished epochs).
 
     \b
     aivh-ens report
