@@ -179,3 +179,11 @@ def test_near_duplicate_search_equals_brute_force(bits: int) -> None:
             (d <= bits) & ((np.arange(len(y))[None, :] > np.arange(len(x))[:, None]) | (not upper))
         )
         assert np.array_equal(_near(x, y, bits, upper), np.column_stack([i, j, d[i, j]]))
+
+
+def test_without_a_test_table_the_train_checks_still_run(tmp_path: Path) -> None:
+    root = make(tmp_path / "train-only", n=40, n_test=2)
+    (root / "test.csv").unlink()
+    a = _audit(root)
+    assert a.test is None and a.doc["n_test"] is None and "shift" not in a.doc
+    assert [f.key for f in a.findings] == ["shortcut", "pairs", "train_duplicates"]
