@@ -6,13 +6,16 @@ loads no torch, optuna or matplotlib)::
     import aivh_ens as ae
 
     ae.make_demo_dataset("demo/data", n=400)
+    print(ae.run_inspect("demo/data", "demo").findings)
     for model in ("test_efficientnet", "test_convnext"):
         cfg = ae.resolve_config("tiny", model=model, name=model, data="demo/data", group="pairs", folds=3)
         print(ae.run_cv(cfg, "demo").oof_metrics)
     print(ae.run_blend("demo", trials=100).reason)
     print(ae.submit("demo", data="demo/data", out="demo/submission.csv").ai_rate)
+    print(ae.build_report("demo").path)
 
-Stages: :mod:`aivh_ens.data`, :mod:`aivh_ens.train`, :mod:`aivh_ens.blend`, :mod:`aivh_ens.infer`;
+Stages: :mod:`aivh_ens.inspect`, :mod:`aivh_ens.data`, :mod:`aivh_ens.train`, :mod:`aivh_ens.blend`,
+:mod:`aivh_ens.infer`, :mod:`aivh_ens.report`;
 every path under the work dir: :mod:`aivh_ens.layout`.
 """
 
@@ -46,6 +49,11 @@ __getattr__, __dir__, __all__ = attach(
         "SubmitResult": ".infer.submission",
         "predict_images": ".infer.predict",
         "ImagePrediction": ".infer.predict",
+        "run_inspect": ".inspect.stage",
+        "audit_dataset": ".inspect.stage",
+        "InspectResult": ".inspect.stage",
+        "build_report": ".report.page",
+        "ReportResult": ".report.page",
     },
 )
 __all__ = [*__all__, "__version__"]
