@@ -10,19 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_checks import assert_user_error
 from click.testing import CliRunner
 from PIL import Image
 from planted import make
 
 from aivh_ens.cli import main
-
-
-def _one_error_line(res, *needles: str) -> None:
-    assert res.exit_code == 2, res.output
-    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in res.output, res.output
-    for n in needles:
-        assert n in errors[0], errors[0]
 
 
 def embedded_images(html: str) -> list[Image.Image]:
@@ -84,5 +77,5 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, spoil, 
     res = CliRunner().invoke(
         main, ["inspect", "--data", str(data), "--workdir", str(tmp_path / "w"), "--quiet"]
     )
-    _one_error_line(res, *needles)
+    assert_user_error(res, *needles)
     assert not (tmp_path / "w").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from cli_checks import assert_user_error, tiny_cv
 from click.testing import CliRunner
 from PIL import Image
 
@@ -49,10 +50,10 @@ def project(tmp_path_factory: pytest.TempPathFactory, demo_data) -> Path:
     # inspect.json as `inspect` writes it (its own page is tested in tests/inspect and costs seconds here).
     audit = audit_dataset(data, progress=False, log=lambda s: None)
     write_json(layout.inspect_dir(w) / "inspect.json", audit.doc)
-    cv = ["cv", "--recipe", "tiny", "--name", RUN, "--data", str(data), "--group", "pairs", "--folds", "2"]
-    with pytest.MonkeyPatch.context() as mp:  # progress on (no --quiet), output not a terminal
+    cv = [a for a in tiny_cv(folds=2, epochs=2) if a != "--quiet"]  # progress on, output not a terminal
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Progress, "_open", _no_bar)
-        cv_log = _ok([*cv, "--epochs", "2", "--workdir", str(w)])
+        cv_log = _ok(["cv", *cv, "--name", RUN, "--data", str(data), "--workdir", str(w)])
     (root / "cv.log").write_text(cv_log)
     shutil.copytree(w / "runs" / RUN, w / "runs" / COPY)
     oof = pd.read_csv(w / "oof" / f"{RUN}.csv")
@@ -122,7 +123,5 @@ def test_report_of_chosen_runs_without_the_blend(project: Path, tmp_path: Path) 
 )
 def test_report_bad_input_is_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
     res = CliRunner().invoke(main, [*args, "--workdir", str(tmp_path)])
-    assert res.exit_code == 2 and "Traceback" not in res.output
-    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and needle in errors[0], res.output
+    assert_user_error(res, needle)
     assert not (tmp_path / "runs" / "report.html").exists()
