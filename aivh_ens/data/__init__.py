@@ -19,6 +19,7 @@ __getattr__, __dir__, __all__ = attach(
         "MAX_PIXELS": ".images",
         "BadImageError": ".images",
         "load_image": ".images",
+        "decode_image": ".images",
         "image_size": ".images",
         "assign_folds": ".folds",
         "make_fold_table": ".folds",

@@ -74,16 +74,31 @@ def load_image(path: str | Path, max_side: int | None = None) -> np.ndarray:
         BadImageError: the file is missing, empty, not an image, truncated/corrupt, smaller than ``MIN_SIDE``
             on a side, or larger than ``MAX_PIXELS`` (checked from the header, before decoding).
     """
+    return decode_image(_read_bytes(path), path, max_side)
+
+
+def decode_image(data: bytes, name: str | Path, max_side: int | None = None) -> np.ndarray:
+    """Decode an image held in memory, exactly as :func:`load_image` decodes a file with these bytes.
+
+    Args:
+        data: the encoded image.
+        name: what error messages call the image (nothing is opened under this name).
+        max_side: see :func:`load_image`.
+
+    Raises:
+        BadImageError: the bytes are empty or are no usable image (see :func:`load_image`).
+    """
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be a positive int or None, got {max_side!r}")
-    data = _read_bytes(path)
-    with _open(path, io.BytesIO(data)) as im:
+    if not data:
+        raise BadImageError(name, "the file is empty (0 bytes)")
+    with _open(name, io.BytesIO(data)) as im:
         scale = _draft_scale(im.size, max_side) if im.format == "JPEG" else 1
         rgb = None
         if im.format == "JPEG" and im.mode in ("RGB", "L") and data.endswith(_JPEG_EOI):
             rgb = _decode_cv2(data, im.size, scale)
         if rgb is None:
-            rgb = _decode_pil(path, im, max_side if scale > 1 else None)
+            rgb = _decode_pil(name, im, max_side if scale > 1 else None)
         orientation = _orientation(im)
     return _orient(rgb, orientation)
 
