@@ -20,5 +20,8 @@ __getattr__, __dir__, __all__ = attach(
         "predict_images": ".predict",
         "ImagePrediction": ".predict",
         "format_predictions": ".predict",
+        "scorer": ".predict",
+        "blend_scores": ".predict",
+        "rank_reference": ".predict",
     },
 )

@@ -38,7 +38,7 @@ def rank_against(reference: np.ndarray, p: np.ndarray) -> np.ndarray:
     return (lo + hi) / (2.0 * len(ref))
 
 
-def _scorer(
+def scorer(
     workdir: Path, blend_path: str | Path | None, run: str | None
 ) -> tuple[dict[str, Any] | None, list[RunInfo], dict[str, Any]]:
     """``(blend document or None, the runs to score with, source description)`` for ``--blend``/``--run``."""
@@ -52,16 +52,28 @@ def _scorer(
     return doc, infos, {"blend": str(bpath), "space": doc["space"], "threshold": float(doc["threshold"])}
 
 
-def _blend_scores(workdir: Path, doc: dict[str, Any] | None, scores: dict[str, np.ndarray]) -> np.ndarray:
+def rank_reference(workdir: Path, doc: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Each blended run's OOF scores (N_oof,): what a rank-space blend ranks single images among."""
+    oof_files = {r["name"]: workdir / r["oof"] for r in doc["runs"]}
+    w = [n for n, v in doc["weights"].items() if v > 0]
+    return {n: pd.read_csv(oof_files[n], usecols=["prob"])["prob"].to_numpy() for n in w}
+
+
+def blend_scores(
+    workdir: Path,
+    doc: dict[str, Any] | None,
+    scores: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
     """The (N,) scores to threshold: one run's as they are, else the blend's. A rank-space blend ranks each
-    image among that run's OOF scores, since a handful of images cannot be ranked among themselves."""
+    image among that run's OOF scores (``reference``, read from the OOF files if not given), since a handful
+    of images cannot be ranked among themselves."""
     if doc is None:
         return next(iter(scores.values()))
     if doc["space"] != "rank":
         return apply_blend(doc, scores)[0]
     w = {n: v for n, v in doc["weights"].items() if v > 0}
-    oof_files = {r["name"]: workdir / r["oof"] for r in doc["runs"]}
-    ref = {n: pd.read_csv(oof_files[n], usecols=["prob"])["prob"].to_numpy() for n in w}  # (N_oof,)
+    ref = reference if reference is not None else rank_reference(workdir, doc)
     R = np.stack([rank_against(ref[n], scores[n]) for n in w])  # (M, N_good)
     return combine(R, np.array(list(w.values())), "rank")
 
@@ -89,7 +101,7 @@ def predict_images(
     """
     workdir = Path(workdir)
     forced = parse_tta(tta) if tta is not None else None
-    doc, infos, source_info = _scorer(workdir, blend_path, run)
+    doc, infos, source_info = scorer(workdir, blend_path, run)
     space, threshold = source_info["space"], source_info["threshold"]
     paths = [str(p) for p in images]
     dev = resolve_device(device or "auto")
@@ -109,7 +121,7 @@ def predict_images(
         good = good[keep]
         scores = {n: s[keep] for n, s in scores.items()}
         scores[info.name] = fold_average(P[:, keep], space)  # (N_good,)
-    probs = _blend_scores(workdir, doc, scores) if len(good) else np.zeros(0)
+    probs = blend_scores(workdir, doc, scores) if len(good) else np.zeros(0)
     by_pos = dict(zip(good.tolist(), probs.tolist(), strict=True))
     out = []
     for i, p in enumerate(paths):
