@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 DEMO ?= demo
 DEMO_N ?= 2000
 
-.PHONY: install demo test bench bench-gpu lint clean-demo
+.PHONY: install demo serve test bench bench-gpu lint clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: install
 	@echo "submission: $(DEMO)/submission.csv"
 	@echo "inspect page: $(DEMO)/runs/inspect/report.html"
 	@echo "report page: $(DEMO)/runs/report.html"
+
+# The demo blend over HTTP at http://127.0.0.1:8000/ (a page, POST /predict, /docs); needs `make demo` first.
+serve: install
+	$(VENV)/bin/aivh-ens serve --workdir $(DEMO)
 
 test: install
 	$(PY) -m pytest -q

@@ -28,6 +28,7 @@ HEAVY = ("torch", "optuna", "matplotlib", "timm", "sklearn")
         "aivh_ens.layout",
         "aivh_ens.cli",
         "aivh_ens.data",
+        "aivh_ens.serve",
     ],
 )
 def test_light_imports_load_no_heavy_library(modules):
@@ -37,7 +38,8 @@ def test_light_imports_load_no_heavy_library(modules):
 
 
 @pytest.mark.parametrize(
-    "package", ["aivh_ens", "aivh_ens.data", "aivh_ens.train", "aivh_ens.blend", "aivh_ens.infer"]
+    "package",
+    ["aivh_ens", "aivh_ens.data", "aivh_ens.train", "aivh_ens.blend", "aivh_ens.infer", "aivh_ens.serve"],
 )
 def test_every_public_name_resolves(package):
     mod = importlib.import_module(package)

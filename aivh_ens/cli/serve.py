@@ -1,0 +1,123 @@
+"""The ``serve`` command: the fitted blend over HTTP (:func:`aivh_ens.serve.serve`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from aivh_ens.cli.infer import _TTA_HELP
+from aivh_ens.cli.options import WORKDIR, cpu_threads, user_errors
+
+
+@click.command("serve")
+@click.option(
+    "--blend",
+    "blend_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Fitted blend.  [default: WORKDIR/runs/blend/blend.json]",
+)
+@click.option("--run", default=None, help="Serve this one run instead of a blend (threshold 0.5).")
+@click.option("--tta", default=None, metavar="SPEC", help=_TTA_HELP)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 opens it to the network (put a reverse proxy with TLS in front).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on (0: any free port).",
+)
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="AIVH_ENS_API_KEY",
+    show_envvar=True,
+    help="Require 'Authorization: Bearer KEY' on /predict and /health.",
+)
+@click.option(
+    "--max-mb",
+    type=float,
+    default=20.0,
+    show_default=True,
+    help="Largest request body in MiB (all its images together); larger ones are refused unread.",
+)
+@click.option("--max-files", type=int, default=16, show_default=True, help="Most images per request.")
+@click.option(
+    "--max-batch",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Most images per forward pass, across concurrent requests; 1 turns batching off.",
+)
+@click.option(
+    "--batch-window-ms",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="How long the first image of a batch waits for others.",
+)
+@click.option(
+    "--decode-threads", type=int, default=None, help="Threads decoding uploads.  [default: cores, at most 4]"
+)
+@click.option(
+    "--root-path", default="", help="URL prefix when a reverse proxy serves it under a sub-path, e.g. /aivh."
+)
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
+@WORKDIR
+@cpu_threads
+@user_errors
+def serve_cmd(
+    blend_path,
+    run,
+    tta,
+    host,
+    port,
+    api_key,
+    max_mb,
+    max_files,
+    max_batch,
+    batch_window_ms,
+    decode_threads,
+    root_path,
+    device,
+    workdir,
+) -> None:
+    """Serve the fitted blend over HTTP: POST /predict (multipart images), GET /health, a page at /.
+
+    Every fold model of every run in the blend is loaded once; scores equal `predict`'s for the same file.
+    Images that arrive together share one forward pass. Needs the extra: pip install 'aivh-ens[serve]'.
+
+    \b
+    aivh-ens serve --workdir demo
+    curl -F files=@photo.jpg -F files=@render.png http://127.0.0.1:8000/predict
+    AIVH_ENS_API_KEY=s3cret aivh-ens serve --host 0.0.0.0 --root-path /aivh --device cuda
+    """
+    from aivh_ens.serve import ServeSettings, serve
+
+    settings = ServeSettings(
+        max_mb=max_mb,
+        max_files=max_files,
+        max_batch=max_batch,
+        window_ms=batch_window_ms,
+        decode_threads=decode_threads or min(4, os.cpu_count() or 1),
+        api_key=api_key,
+    )
+    serve(
+        workdir,
+        blend_path=blend_path,
+        run=run,
+        tta=tta,
+        device=device,
+        host=host,
+        port=port,
+        root_path=root_path,
+        settings=settings,
+        log=click.echo,
+    )

@@ -1,0 +1,126 @@
+"""Micro-batching for the event loop: items that arrive together share one call of a batch function.
+
+The first item opens a collection window (``window_s``); items arriving within it join, up to ``max_batch``.
+The batch function runs in one dedicated thread, so the event loop keeps accepting and decoding uploads
+while the models work, and items that arrive meanwhile form the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher stopped before an item was scored (the server is shutting down)."""
+
+
+@dataclass
+class _Pending:
+    value: Any
+    future: asyncio.Future
+
+
+class Batcher(Generic[T, R]):
+    """Collect items from concurrent callers into batches for ``fn`` (a list in, a list of results out).
+
+    Args:
+        fn: the batch function; runs in a single worker thread; returns one result per item, in order.
+        max_batch: the most items per call (1 turns batching off).
+        window_s: how long the first item of a batch waits for others.
+
+    Attributes:
+        batches, items: calls of ``fn`` so far and the items they took.
+    """
+
+    def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int, window_s: float):
+        if max_batch < 1 or window_s < 0:
+            raise ValueError(f"need max_batch >= 1 and window_s >= 0; got {max_batch} and {window_s}")
+        self.fn, self.max_batch, self.window_s = fn, max_batch, window_s
+        self.batches = self.items = 0
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._current: list[_Pending] = []  # the batch being scored
+        self._thread: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        """Start collecting (call from the event loop that will submit)."""
+        self._queue, self._arrived = asyncio.Queue(), asyncio.Event()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aivh-ens-batch")
+        self._task = asyncio.create_task(self._run(), name="aivh-ens-batcher")
+
+    async def stop(self) -> None:
+        """Stop collecting; queued items and the running batch's fail with :class:`BatcherClosed`."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        left = list(self._current)
+        while self._queue is not None and not self._queue.empty():
+            left.append(self._queue.get_nowait())
+        for p in left:
+            if not p.future.done():
+                p.future.set_exception(BatcherClosed("the server is shutting down"))
+        if self._thread is not None:  # the running batch ends; the loop runs on meanwhile
+            await asyncio.to_thread(self._thread.shutdown, wait=True)
+        self._queue = self._arrived = self._task = self._thread = None
+        self._current = []
+
+    async def submit(self, values: Sequence[T]) -> list[R]:
+        """Results for ``values`` (they may be split over several batches and share them with others)."""
+        if self._queue is None or self._arrived is None:
+            raise RuntimeError("Batcher.start() was not called")
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(v, loop.create_future()) for v in values]
+        for p in pending:
+            self._queue.put_nowait(p)
+        self._arrived.set()
+        return list(await asyncio.gather(*(p.future for p in pending)))
+
+    async def _collect(self) -> list[_Pending]:
+        """The next batch: the first item, then whatever arrives within the window, up to ``max_batch``."""
+        assert self._queue is not None and self._arrived is not None
+        batch = [await self._queue.get()]
+        deadline = asyncio.get_running_loop().time() + self.window_s
+        while len(batch) < self.max_batch:
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            left = deadline - asyncio.get_running_loop().time()
+            if len(batch) >= self.max_batch or left <= 0:
+                break
+            self._arrived.clear()  # set again by the next submit; waiting on it never loses an item
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [p for p in await self._collect() if not p.future.done()]  # skip callers that left
+            if not batch:
+                continue
+            self._current = batch
+            try:
+                results = await loop.run_in_executor(self._thread, self.fn, [p.value for p in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(
+                        f"the batch function returned {len(results)} results for {len(batch)} items"
+                    )
+            except Exception as e:  # a bug in fn: fail this batch's callers, keep serving the next one
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            self.batches += 1
+            self.items += len(batch)
+            for p, r in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(r)
