@@ -142,6 +142,7 @@ def test_threads_option_and_env_set_torch_threads(tmp_path, data, monkeypatch):
         raise UserError("stopped before training")
 
     monkeypatch.setattr("aivh_ens.train.cv.run_cv", stop)
+    monkeypatch.delenv("AIVH_ENS_THREADS", raising=False)  # the third call checks the default
     before = torch.get_num_threads()
     args = ["cv", "--recipe", "tiny", "--data", str(data), "--workdir", str(tmp_path)]
     try:
