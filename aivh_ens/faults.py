@@ -1,20 +1,26 @@
 """Fault injection for crash tests: ``AIVH_ENS_KILL_AT=point[@n]`` SIGKILLs this process at the n-th hit.
 
-Points: ``batch`` (inside a training epoch), ``write:<file name>`` (a temp file fully written, not yet
-renamed into place), ``fold-done`` (between folds), ``trial`` (inside a blend search trial) and
-``infer-batch`` (inside test or OOF inference). Unset (always, outside tests) this is one dict lookup.
+Points: ``batch`` (inside a training epoch), ``epoch-done`` (after a fold's epoch is saved), ``write:<file
+name>`` (a temp file fully written, not yet renamed into place), ``fold-done`` (between folds), ``job:<run>:
+<fold>`` (a sweep job, before it takes its lock), ``trial`` (inside a blend search trial) and ``infer-batch``
+(inside test or OOF inference). ``AIVH_ENS_FAULT=raise`` raises a RuntimeError there instead, ``hang`` sleeps
+until a signal arrives (a job that runs into its time limit). ``AIVH_ENS_FAULT_ONCE=<file>`` fires only while
+that file does not exist and creates it first, so a retried or requeued job gets past the point. Unset
+(always, outside tests) this is one dict lookup.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 _hits: dict[str, int] = {}
 
 
 def point(name: str) -> None:
-    """Kill the process here if the environment asks for it (simulates a crash, power loss or OOM kill)."""
+    """Fail here if the environment asks for it (simulates a crash, power loss, OOM kill, bug or hang)."""
     spec = os.environ.get("AIVH_ENS_KILL_AT")
     if not spec:
         return
@@ -22,5 +28,18 @@ def point(name: str) -> None:
     if target != name:
         return
     _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _hits[name] < int(nth or 1):
+        return
+    once = os.environ.get("AIVH_ENS_FAULT_ONCE")
+    if once:
+        try:
+            Path(once).touch(exist_ok=False)
+        except FileExistsError:
+            return
+    action = os.environ.get("AIVH_ENS_FAULT", "kill")
+    if action == "raise":
+        raise RuntimeError(f"injected fault at {name}")
+    if action == "hang":
+        while True:
+            time.sleep(3600)
+    os.kill(os.getpid(), signal.SIGKILL)

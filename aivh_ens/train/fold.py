@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from aivh_ens import faults
 from aivh_ens.config import RunConfig
 from aivh_ens.data.loader import (
     ImageDataset,
@@ -77,6 +78,7 @@ class FoldJob:
     data_root: Path
     fold_table: pd.DataFrame  # file_name,label,fold
     exclude: frozenset[int] = frozenset()  # rows known to be bad (skipped)
+    meta: dict[str, Any] = field(default_factory=dict)  # extra done.json fields (a sweep's job hash, host)
 
 
 def fit_fold(
@@ -265,6 +267,7 @@ def _train_epochs(job: FoldJob, s: _Setup, state: _State, progress: bool, log: C
             "seconds": time.perf_counter() - t0,
         }
         improved = _record_epoch(job, s, state, epoch, row, eval_model)
+        faults.point("epoch-done")
         log(
             f"  fold {fold} epoch {epoch + 1}/{cfg.epochs}: train_loss {tr['train_loss']:.4f}  "
             f"val_loss {vm['val_loss']:.4f}  acc {vm['val_acc']:.4f}  f1 {vm['val_f1']:.4f}  "
@@ -334,6 +337,7 @@ def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, secon
         "n_val": int(len(oof)),
         "skipped": sorted(names[sorted(s.ctx.skipped)].tolist()),
         "wall_minutes_this_process": seconds / 60,
+        **job.meta,
     }
     write_json(fdir / DONE, summary)
     (fdir / STATE).unlink(missing_ok=True)  # the fold is finished: its resume state is no longer needed
