@@ -224,16 +224,30 @@ def run_cv(
 def check_inputs(cfg: RunConfig, fold_spec: str | None) -> tuple[list[int], pd.DataFrame, dict[int, str]]:
     """The folds to train, the validated train table and ``{row: reason}`` of unreadable images.
 
-    Images: headers always (cheap); a full decode with ``--on-bad-image skip``, so bad rows are known up front.
+    Images: every one is fully decoded (a truncated JPEG has a fine header), so a bad image stops the run, or
+    is known to be skipped, before the fold file or anything else is written.
     """
     folds_to_run = parse_fold_list(fold_spec, cfg.folds)
     check_run_inputs(cfg)
+    table, bad = load_checked_table(cfg)
+    return folds_to_run, table, bad
+
+
+def load_checked_table(cfg: RunConfig) -> tuple[pd.DataFrame, dict[int, str]]:
+    """The validated train table and ``{row: reason}`` of images that fail a full decode.
+
+    Raises:
+        UserError: an image fails and ``cfg.on_bad_image`` is ``error``; names the file and ``--on-bad-image``.
+    """
     table = load_train_table(cfg)
-    bad = scan_images(Path(cfg.data), table["file_name"], decode=cfg.on_bad_image == "skip")
+    bad = scan_images(Path(cfg.data), table["file_name"], decode=True)
     if bad and cfg.on_bad_image == "error":
         first = min(bad)
-        raise UserError(f"{len(bad)} unreadable image(s) in {cfg.train_csv}; first: {bad[first]}")
-    return folds_to_run, table, bad
+        raise UserError(
+            f"{len(bad)} unreadable image(s) in {cfg.train_csv}; first: {bad[first]}; replace or remove it, "
+            "or pass --on-bad-image skip (on_bad_image) to train without it"
+        )
+    return table, bad
 
 
 def prepare_run(
