@@ -1,0 +1,220 @@
+"""One (run, fold) job of a sweep: its frozen ``job.json``, and :func:`run_job`, which any backend calls.
+
+``runs/<run>/fold<k>/job.json`` holds the resolved config and its hash; the fold's ``done.json`` repeats the
+hash, so a job whose ``done.json`` matches is skipped and re-running a sweep resumes it. While it runs the job
+holds the fold's lock (host, PID, job id, heartbeat); ``started.json`` counts its attempts, ``failed.json``
+keeps the one-line error of the last failed one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aivh_ens import faults
+from aivh_ens.config import RunConfig, from_dict, to_dict, training_identity
+from aivh_ens.io import sha256_text, write_json
+from aivh_ens.layout import fold_dir, run_dir
+from aivh_ens.locks import FileLock, LockHeld
+
+JOB = "job.json"
+STARTED = "started.json"
+FAILED = "failed.json"
+
+
+def config_hash(cfg: RunConfig, fold: int) -> str:
+    """sha256 of what a job trains: the config's training identity (no device or workers) and the fold."""
+    return sha256_text(json.dumps({"config": training_identity(cfg), "fold": fold}, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A frozen (run, fold) job as ``job.json`` stores it."""
+
+    run: str
+    fold: int
+    workdir: str  # absolute: the job may run in another process, on another host with the same mount
+    config: dict[str, Any]
+    config_hash: str
+    fold_file: str  # relative to workdir
+    exclude: tuple[int, ...] = ()  # rows of unreadable images (on_bad_image = skip)
+
+    @property
+    def fold_dir(self) -> Path:
+        return fold_dir(self.workdir, self.run, self.fold)
+
+    @property
+    def path(self) -> Path:
+        return self.fold_dir / JOB
+
+    @property
+    def cost(self) -> float:
+        """A rough relative duration (epochs x pixels x backbones), to start the longest jobs first."""
+        c = self.config
+        return c["epochs"] * (c["img_size"] or 224) ** 2 * len(c["model"].split("+"))
+
+
+def make_spec(cfg: RunConfig, fold: int, workdir: Path, fold_file: str, exclude: tuple[int, ...]) -> JobSpec:
+    return JobSpec(
+        cfg.name, fold, str(workdir.resolve()), to_dict(cfg), config_hash(cfg, fold), fold_file, exclude
+    )
+
+
+def write_spec(spec: JobSpec) -> Path:
+    return write_json(spec.path, dataclasses.asdict(spec) | {"exclude": list(spec.exclude)})
+
+
+def read_spec(path: str | Path) -> JobSpec:
+    d = json.loads(Path(path).read_text())
+    return JobSpec(**{**d, "exclude": tuple(d.get("exclude", ()))})
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, or None when it is missing or unreadable."""
+    try:
+        d = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def done_matches(spec: JobSpec) -> dict[str, Any] | None:
+    """The fold's done.json when it was written by this very job (same hash) and its OOF exists."""
+    done = read_json(spec.fold_dir / "done.json")
+    if done and done.get("job_hash") == spec.config_hash and (spec.fold_dir / "oof.csv").exists():
+        return done
+    return None
+
+
+def result_row(spec: JobSpec, state: str, **extra: Any) -> dict[str, Any]:
+    """A row of the end table: run, fold, state, host, minutes, best F1, error (and timings)."""
+    row = {"run": spec.run, "fold": spec.fold, "state": state, "host": "", "minutes": None, "f1": None}
+    return row | {"error": ""} | extra
+
+
+def _done_row(spec: JobSpec, done: dict[str, Any], state: str = "done") -> dict[str, Any]:
+    host = done.get("host", "")
+    return result_row(spec, state, host=host, minutes=done.get("minutes"), f1=done.get("val_f1"))
+
+
+def _mark_started(spec: JobSpec, job_id: str | None, device: str) -> dict[str, Any]:
+    prev = read_json(spec.fold_dir / STARTED) or {}
+    rec = {
+        "attempt": int(prev.get("attempt", 0)) + 1,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "job_id": job_id,
+        "device": device,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "time": time.time(),
+    }
+    write_json(spec.fold_dir / STARTED, rec)
+    (spec.fold_dir / FAILED).unlink(missing_ok=True)
+    return rec
+
+
+def run_job(
+    job_file: str | Path,
+    device: str = "auto",
+    *,
+    threads: int | None = None,
+    job_id: str | None = None,
+    submitted: float | None = None,
+) -> dict[str, Any]:
+    """Run one job (or skip it when done or running elsewhere); its row of the end table.
+
+    Args:
+        job_file: the job's ``job.json``.
+        device: the torch device this worker is pinned to.
+        threads: torch CPU threads for this process (1 where processes share the cores).
+        job_id: the backend's id of this job (Slurm array task, Ray task), recorded in the lock.
+        submitted: when the backend was handed the job (``time.time()``), to measure its start-up overhead.
+
+    Raises:
+        Exception: whatever the training raised, after writing ``failed.json`` (backends catch it).
+    """
+    t0 = time.time()
+    spec = read_spec(job_file)
+    done = done_matches(spec)
+    if done is not None:
+        return _done_row(spec, done, "skipped (done)")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    faults.point(f"job:{spec.run}:{spec.fold}")
+    lock = FileLock(
+        run_dir(spec.workdir, spec.run) / f"fold{spec.fold}.lock",
+        f"fold {spec.fold} of run {spec.run}",
+        job_id=job_id,
+    )
+    try:
+        with lock:
+            started = _mark_started(spec, job_id, device)
+            summary = _train(spec, device, started)
+    except LockHeld as e:
+        return result_row(spec, "running elsewhere", host=e.owner.get("host", ""), error=str(e).split(";")[0])
+    except BaseException as e:
+        if isinstance(e, Exception):
+            write_json(
+                spec.fold_dir / FAILED,
+                {"error": error_line(e), "host": socket.gethostname(), "time": time.time()},
+            )
+        raise
+    row = _done_row(spec, summary)
+    return row | {"queued_s": t0 - submitted if submitted else None, "attempt": started["attempt"]}
+
+
+def error_line(e: BaseException) -> str:
+    """The one line that says what went wrong: ``Type: message`` (first line of it)."""
+    text = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
+    return (text[-1] if text else type(e).__name__)[:300]
+
+
+def _train(spec: JobSpec, device: str, started: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume) the fold, then assemble the run's OOF if this was its last fold."""
+    from aivh_ens.data.cache import open_source
+    from aivh_ens.data.folds import read_fold_file
+    from aivh_ens.train.cv import assemble_oof
+    from aivh_ens.train.fold import FoldJob, fit_fold
+
+    cfg = dataclasses.replace(from_dict(spec.config), device=device)
+    workdir = Path(spec.workdir)
+    table = read_fold_file(workdir / spec.fold_file)
+    names = table["file_name"].tolist()
+    source = open_source(cfg, cfg.data, names, workdir, progress=False, log=_log(spec))
+    meta = {
+        "job_hash": spec.config_hash,
+        "host": started["host"],
+        "pid": started["pid"],
+        "job_id": started["job_id"],
+        "device": device,
+        "cuda_visible_devices": started["cuda_visible_devices"],
+        "attempt": started["attempt"],
+    }
+    job = FoldJob(
+        cfg,
+        spec.fold,
+        spec.fold_dir,
+        Path(cfg.data),
+        table[["file_name", "label", "fold"]],
+        frozenset(spec.exclude),
+        meta,
+    )
+    summary = fit_fold(job, source, resume=True, progress=False, log=_log(spec))
+    assemble_oof(workdir, cfg, table, set(spec.exclude), _log(spec))
+    return summary
+
+
+def _log(spec: JobSpec) -> Any:
+    def log(msg: str) -> None:
+        print(f"[{spec.run} fold {spec.fold}] {msg.strip()}", flush=True)
+
+    return log

@@ -1,0 +1,132 @@
+"""The Ray backend (``aivh-ens[ray]``; the only module that imports ray): one Ray task per (run, fold) job.
+
+Each task asks for one GPU (Ray sets its ``CUDA_VISIBLE_DEVICES``) and ``threads`` CPUs. A crashed worker or
+a lost node is retried by Ray (``max_retries``); a Python exception is not (``retry_exceptions=False``): a
+bug or an out-of-memory error would fail again and burn GPU hours. Before the first job, one task per node
+checks that it sees the work dir.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from aivh_ens.errors import UserError
+from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job
+
+MAX_RETRIES = 3
+FORWARDED_ENV = ("PYTHONPATH", "HF_HUB_OFFLINE", "HF_HOME", "NO_ALBUMENTATIONS_UPDATE", "TORCH_HOME")
+
+
+def _env() -> dict[str, str]:
+    """Settings the workers need to behave like this process (``AIVH_ENS_*``, offline flags, paths)."""
+    keep = {k: v for k, v in os.environ.items() if k.startswith("AIVH_ENS_") or k in FORWARDED_ENV}
+    return keep
+
+
+def _probe(path: str, token: str) -> tuple[str, bool]:
+    try:
+        return socket.gethostname(), Path(path).read_text() == token
+    except OSError:
+        return socket.gethostname(), False
+
+
+def check_shared_workdir(workdir: Path) -> None:
+    """One task per alive node reads a probe file the driver wrote; UserError naming the nodes that can't."""
+    from aivh_ens.io import write_text
+
+    token = uuid.uuid4().hex
+    probe = workdir.resolve() / "runs" / f".ray-probe-{token[:8]}"
+    write_text(probe, token)
+    try:
+        task = ray.remote(num_cpus=0)(_probe)
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        refs = [
+            task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(
+                str(probe), token
+            )
+            for n in nodes
+        ]
+        blind = [host for host, ok in ray.get(refs, timeout=300) if not ok]
+    finally:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise UserError(
+            f"the work dir {workdir.resolve()} is not visible on Ray node(s) {', '.join(sorted(set(blind)))}: put "
+            "it on storage every node mounts at the same path (NFS, Lustre, a cloud file system)"
+        )
+
+
+def _task(job_file: str, submitted: float, threads: int) -> dict[str, Any]:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    job_id = ray.get_runtime_context().get_task_id()
+    return run_job(job_file, device, threads=threads, job_id=job_id, submitted=submitted)
+
+
+def run_ray(
+    job_files: list[Path],
+    workdir: Path,
+    address: str | None,
+    log: Callable[[str], None],
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Run the jobs as Ray tasks on the cluster at ``address`` (None: a private local Ray); their rows."""
+    started_here = not ray.is_initialized()
+    if started_here:
+        t0 = time.perf_counter()
+        ray.init(address=address, log_to_driver=True)
+        log(f"ray: connected in {time.perf_counter() - t0:.1f}s ({ray.cluster_resources()})")
+    try:
+        check_shared_workdir(workdir)
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        cpus = threads or 1
+        task = ray.remote(_task).options(
+            num_gpus=gpus,
+            num_cpus=cpus,
+            max_retries=MAX_RETRIES,
+            retry_exceptions=False,
+            runtime_env={"env_vars": _env()},
+        )
+        refs = {task.remote(str(f), time.time(), cpus): f for f in job_files}
+        return _collect(refs, log)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _collect(refs: dict[Any, Path], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    rows = []
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for ref in ready:
+            try:
+                row = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                row = result_row(read_spec(refs[ref]), "failed", error=error_line(e.cause or e))
+            except ray.exceptions.RayError as e:  # crashed worker or lost node, after MAX_RETRIES retries
+                row = result_row(
+                    read_spec(refs[ref]), "failed", error=f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                )
+                _record_failure(refs[ref], row["error"])
+            log(
+                f"{row['run']} fold {row['fold']}: {row['state']}{' - ' + row['error'] if row['error'] else ''}"
+            )
+            rows.append(row)
+    return rows
+
+
+def _record_failure(job_file: Path, error: str) -> None:
+    from aivh_ens.io import write_json
+
+    write_json(job_file.parent / "failed.json", {"error": error, "host": "", "time": time.time()})

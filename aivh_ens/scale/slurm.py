@@ -1,0 +1,85 @@
+"""The Slurm backend (``aivh-ens[slurm]``; the only module that imports submitit): one job array.
+
+Each array task runs one (run, fold) job through :class:`FoldTask`, a ``submitit.helpers.Checkpointable``:
+on preemption or at its time limit submitit requeues it, and the job resumes from its last finished epoch
+(the fold's ``state.pt``); the lock of the first attempt carries the same job id, so the requeue takes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job
+
+
+class FoldTask(submitit.helpers.Checkpointable):
+    """The array task's callable: run one job file; requeued as is (resuming) when time runs out."""
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+
+    def __call__(self, job_file: str) -> dict[str, Any]:
+        import torch
+
+        env = submitit.JobEnvironment()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return run_job(job_file, device, threads=self.threads, job_id=str(env.job_id))
+
+
+def make_executor(folder: Path, opts: Any) -> submitit.AutoExecutor:
+    """submitit's AutoExecutor with the sweep's Slurm settings (``opts``: a SlurmOptions)."""
+    ex = submitit.AutoExecutor(folder=folder / "%j", cluster=opts.cluster)
+    params: dict[str, Any] = {
+        "timeout_min": opts.timeout_min,
+        "tasks_per_node": 1,
+        "nodes": 1,
+        "cpus_per_task": opts.cpus_per_task,
+        "name": "aivh-ens",
+        "slurm_array_parallelism": opts.parallelism,
+    }
+    if opts.gpus_per_task:
+        params["gpus_per_node"] = opts.gpus_per_task
+    if opts.partition:
+        params["slurm_partition"] = opts.partition
+    if opts.mem_gb:
+        params["mem_gb"] = opts.mem_gb
+    if opts.cluster == "local":
+        params["local_signal_delay_s"] = min(30, max(1, int(opts.timeout_min * 60) // 4))
+    ex.update_parameters(**params)
+    return ex
+
+
+def submit(job_files: list[Path], workdir: Path, opts: Any) -> list[Any]:
+    """Submit the jobs as one array; the submitit jobs, in the same order."""
+    ex = make_executor(workdir.resolve() / "runs" / "slurm", opts)
+    threads = max(1, opts.cpus_per_task if opts.cluster == "slurm" else 1)
+    return ex.map_array(FoldTask(threads), [str(f) for f in job_files])
+
+
+def run_slurm(
+    job_files: list[Path], workdir: Path, opts: Any, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Submit the jobs and wait for every one; their rows (a failed task is a failed row)."""
+    jobs = submit(job_files, workdir, opts)
+    log(f"slurm: submitted {len(jobs)} task(s) as job {jobs[0].job_id.split('_')[0] if jobs else '-'}")
+    return wait(jobs, job_files, log)
+
+
+def wait(jobs: list[Any], job_files: list[Path], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    rows = []
+    for job, f in zip(jobs, job_files, strict=True):
+        try:
+            row = job.result()
+        except Exception as e:  # submitit's FailedJobError carries the task's traceback
+            text = [ln for ln in str(e).splitlines() if ln.strip()]
+            err = next(
+                (ln.strip() for ln in reversed(text) if "Error" in ln or "Exception" in ln), error_line(e)
+            )
+            row = result_row(read_spec(f), "failed", error=err[:300])
+        log(f"{row['run']} fold {row['fold']}: {row['state']}{' - ' + row['error'] if row['error'] else ''}")
+        rows.append(row)
+    return rows

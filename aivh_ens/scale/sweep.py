@@ -1,0 +1,234 @@
+"""``run_sweep``: check every input, expand the plan into frozen jobs, hand the pending ones to a backend.
+
+Named steps: :func:`check_plan` (every input, the full decode of every image included; nothing written) ->
+:func:`expand` (jobs and their state, in memory; ``--dry-run`` stops here) -> :func:`prepare` (fold files,
+``config.json``, ``job.json``, image caches) -> the backend -> :func:`finish` (OOF files, the end table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from aivh_ens.config import RunConfig, training_identity
+from aivh_ens.errors import UserError
+from aivh_ens.layout import config_path, fold_dir, read_run_config
+from aivh_ens.scale.jobs import JobSpec, done_matches, make_spec, result_row, write_spec
+from aivh_ens.scale.plan import Plan
+
+Log = Callable[[str], None]
+BACKENDS = ("local", "ray", "slurm")
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """What ``--backend slurm`` asks submitit for (per array task)."""
+
+    partition: str | None = None
+    timeout_min: int = 24 * 60
+    gpus_per_task: int = 1
+    cpus_per_task: int = 8
+    mem_gb: int | None = None
+    parallelism: int = 64
+    cluster: str = "slurm"  # submitit's "local"/"debug" executors run the same jobs without Slurm (tests)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """One row per job (run, fold, state, host, minutes, f1, error); ``failed`` counts the failed jobs."""
+
+    rows: tuple[dict[str, Any], ...]
+    oof: dict[str, Path | None] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> int:
+        return sum(r["state"] == "failed" for r in self.rows)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    cfg: RunConfig
+    table: pd.DataFrame
+    bad: dict[int, str]
+
+
+def check_plan(plan: Plan, workdir: Path, force: bool, check_device: str) -> list[_Checked]:
+    """Every input of every run, before anything is written: models, weights, shared memory, tables, a full
+    decode of every image (once per dataset), and no existing run whose config the plan changes."""
+    from aivh_ens.train.cv import check_run_inputs, load_checked_table
+
+    tables: dict[tuple, tuple[pd.DataFrame, dict[int, str]]] = {}
+    out = []
+    for cfg in plan.runs:
+        where = f"{plan.source}: run {cfg.name}"
+        try:
+            check_run_inputs(dataclasses.replace(cfg, device=check_device))
+            key = (cfg.data, cfg.train_csv, cfg.file_col, cfg.label_col, cfg.group, cfg.on_bad_image)
+            if key not in tables:
+                tables[key] = load_checked_table(cfg)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        if not force:
+            _check_unchanged(cfg, workdir, where)
+        out.append(_Checked(cfg, *tables[key]))
+    return out
+
+
+def _check_unchanged(cfg: RunConfig, workdir: Path, where: str) -> None:
+    if not config_path(workdir, cfg.name).exists():
+        return
+    old, _ = read_run_config(workdir, cfg.name)
+    a, b = training_identity(old), training_identity(cfg)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        raise UserError(
+            f"{where}: run {cfg.name} already exists with a different config ({', '.join(diff)}); give the run "
+            "a new name, or pass --force to retrain it"
+        )
+
+
+def expand(checked: list[_Checked], workdir: Path) -> list[tuple[JobSpec, str]]:
+    """Every (run, fold) job with its state (``done`` when its done.json matches its hash), longest first."""
+    from aivh_ens.data.folds import fold_file_name
+
+    jobs = []
+    for c in checked:
+        fold_file = str(Path("folds") / fold_file_name(c.cfg.folds, c.cfg.seed, c.cfg.group))
+        for k in range(c.cfg.folds):
+            spec = make_spec(c.cfg, k, workdir, fold_file, tuple(sorted(c.bad)))
+            jobs.append((spec, "done" if done_matches(spec) else "pending"))
+    return sorted(jobs, key=lambda j: -j[0].cost)  # stable: plan order among equal costs
+
+
+def prepare(
+    checked: list[_Checked], jobs: list[tuple[JobSpec, str]], workdir: Path, force: bool, log: Log
+) -> None:
+    """Write fold files, config.json, skipped.csv and every pending job.json; build the image caches."""
+    from aivh_ens.data.cache import open_source
+    from aivh_ens.train.cv import prepare_run
+
+    for c in checked:
+        table = prepare_run(c.cfg, workdir, c.table, c.bad, list(range(c.cfg.folds)), force, log)
+        open_source(c.cfg, c.cfg.data, table["file_name"].tolist(), workdir, progress=False, log=log)
+    for spec, state in jobs:
+        if state == "pending":
+            write_spec(spec)
+
+
+def run_sweep(
+    plan: Plan,
+    workdir: str | Path = ".",
+    *,
+    backend: str = "local",
+    devices: str | None = None,
+    gpus: int | None = None,
+    threads: int | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    ray_address: str | None = None,
+    slurm: SlurmOptions | None = None,
+    log: Log = print,
+) -> SweepResult:
+    """Train every fold of every run in the plan on the chosen backend; skip jobs already done.
+
+    Args:
+        plan: the runs (:func:`aivh_ens.scale.plan.load_plan`).
+        workdir: the project folder (``--workdir``); for ray and slurm it must be on shared storage.
+        backend: ``local`` | ``ray`` | ``slurm`` (``--backend``).
+        devices, gpus: local devices (``--devices cuda:0,cuda:1`` or ``--gpus N``; default every GPU, else CPU).
+        threads: torch threads per job (``--threads``; local CPU default: the cores shared out).
+        dry_run: return the job table, write nothing (``--dry-run``).
+        force: retrain runs whose config changed, and every fold of the plan's runs (``--force``).
+        ray_address: an existing Ray cluster (``--ray-address``); None starts a private local one.
+        slurm: submitit settings for ``--backend slurm``.
+
+    Raises:
+        UserError: a bad plan or input, before anything is written.
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    workdir = Path(workdir)
+    device_list = _local_devices(backend, devices, gpus)
+    checked = check_plan(plan, workdir, force, device_list[0] if device_list else "cpu")
+    jobs = expand(checked, workdir)
+    if force:
+        jobs = [(spec, "pending") for spec, _ in jobs]
+    if dry_run:
+        return SweepResult(tuple(result_row(s, st, cost=s.cost) for s, st in jobs))
+    prepare(checked, jobs, workdir, force, log)
+    pending = [s.path for s, st in jobs if st == "pending"]
+    log(f"sweep: {len(jobs)} jobs, {len(pending)} to run, backend {backend}")
+    rows = _dispatch(backend, pending, workdir, device_list, threads, ray_address, slurm, log)
+    return finish(checked, jobs, rows, workdir, log)
+
+
+def _local_devices(backend: str, devices: str | None, gpus: int | None) -> list[str]:
+    from aivh_ens.scale.local import parse_devices
+
+    if backend != "local":
+        if devices:
+            raise UserError(f"--devices is for --backend local; {backend} assigns GPUs itself (use --gpus)")
+        return []
+    return parse_devices(devices, gpus)
+
+
+def _dispatch(
+    backend: str,
+    pending: list[Path],
+    workdir: Path,
+    devices: list[str],
+    threads: int | None,
+    ray_address: str | None,
+    slurm: SlurmOptions | None,
+    log: Log,
+) -> list[dict[str, Any]]:
+    if not pending:
+        return []
+    if backend == "local":
+        from aivh_ens.scale.local import run_local
+
+        return run_local(pending, devices, log, threads)
+    if backend == "ray":
+        from aivh_ens.scale.ray import run_ray
+
+        return run_ray(pending, workdir, ray_address, log, threads)
+    from aivh_ens.scale.slurm import run_slurm
+
+    return run_slurm(pending, workdir, slurm or SlurmOptions(), log)
+
+
+def finish(
+    checked: list[_Checked],
+    jobs: list[tuple[JobSpec, str]],
+    rows: list[dict[str, Any]],
+    workdir: Path,
+    log: Log,
+) -> SweepResult:
+    """Assemble any OOF file not yet written (a job normally does it); one row per job in plan order."""
+    from aivh_ens.scale.jobs import read_json
+    from aivh_ens.train.cv import assemble_oof
+
+    by_job = {(r["run"], r["fold"]): r for r in rows}
+    order = [c.cfg.name for c in checked]
+    out = []
+    for spec, state in sorted(jobs, key=lambda j: (order.index(j[0].run), j[0].fold)):
+        row = by_job.get((spec.run, spec.fold))
+        if row is None:
+            done = read_json(fold_dir(workdir, spec.run, spec.fold) / "done.json") or {}
+            row = result_row(
+                spec, state, host=done.get("host", ""), minutes=done.get("minutes"), f1=done.get("val_f1")
+            )
+        out.append(row)
+    from aivh_ens.data.folds import read_fold_file
+
+    oof = {}
+    for c in checked:
+        spec = next(s for s, _ in jobs if s.run == c.cfg.name)
+        table = read_fold_file(workdir / spec.fold_file)
+        oof[c.cfg.name] = assemble_oof(workdir, c.cfg, table, set(c.bad), log)
+    return SweepResult(tuple(out), oof)
