@@ -2,8 +2,8 @@
 
 Exit codes: 0 success, 2 bad input (a one-line ``error: ...`` on stderr, no traceback), 1 a bug or a failed
 job. One module per stage: :mod:`~aivh_ens.cli.train` (folds, cv, cache, demo-data),
-:mod:`~aivh_ens.cli.blend`, :mod:`~aivh_ens.cli.infer` (submit, predict), :mod:`~aivh_ens.cli.report`
-(inspect, report), :mod:`~aivh_ens.cli.serve`.
+:mod:`~aivh_ens.cli.sweep` (sweep, status), :mod:`~aivh_ens.cli.blend`, :mod:`~aivh_ens.cli.infer` (submit,
+predict), :mod:`~aivh_ens.cli.report` (inspect, report), :mod:`~aivh_ens.cli.serve`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import click  # noqa: E402
 
-from aivh_ens.cli import blend, infer, report, serve, train  # noqa: E402
+from aivh_ens.cli import blend, infer, report, serve, sweep, train  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -36,6 +36,8 @@ for _command in (
     report.inspect_cmd,
     train.folds_cmd,
     train.cv_cmd,
+    sweep.sweep_cmd,
+    sweep.status_cmd,
     train.cache_cmd,
     blend.blend_cmd,
     infer.submit_cmd,

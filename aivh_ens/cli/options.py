@@ -32,6 +32,7 @@ def cpu_threads(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, threads: int | None = None, **kwargs: Any) -> Any:
+        click.get_current_context().meta["threads"] = threads  # a sweep hands it on to its jobs
         if threads is not None:
             import torch
 

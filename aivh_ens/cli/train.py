@@ -15,6 +15,7 @@ from aivh_ens.cli.options import (
     training_options,
     user_errors,
 )
+from aivh_ens.cli.sweep import scale_options
 from aivh_ens.errors import UserError
 
 
@@ -52,7 +53,12 @@ def folds_cmd(data, train_csv, file_col, label_col, n_folds, seed, group, workdi
 
 
 @click.command("cv", context_settings={"show_default": False})
-@click.option("--model", default=None, help="Any timm model name, or two joined by '+' for a fused model.")
+@click.option(
+    "--model",
+    default=None,
+    help="Any timm model name, or two joined by '+' for a fused model; several, comma-separated, make a sweep "
+    "of one run each.",
+)
 @click.option(
     "--recipe",
     default="none",
@@ -71,6 +77,7 @@ def folds_cmd(data, train_csv, file_col, label_col, n_folds, seed, group, workdi
 @click.option("--resume", is_flag=True, help="Continue interrupted folds from their last finished epoch.")
 @click.option("--force", is_flag=True, help="Retrain folds that are already done (and replace the config).")
 @training_options
+@scale_options
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @WORKDIR
 @cpu_threads
@@ -101,12 +108,35 @@ def cv_cmd(
     aivh-ens cv --model efficientnet_b4 --folds 5 --data data/ --group pairs --weights b4.safetensors
     aivh-ens cv --recipe effnet-b4-adam --data data/ --fold 0,1 --device cuda:0   # beside --fold 2,3,4 on cuda:1
     aivh-ens cv --recipe effnet-b4-adam --data data/ --resume                      # after an interruption
+    aivh-ens cv --model efficientnet_b4,convnext_tiny --data data/ --devices cuda:0,cuda:1   # a sweep
     """
     from aivh_ens.config import resolve_config
     from aivh_ens.train.cv import format_summary, run_cv
 
+    scale = {k: flags.pop(k) for k in SCALE_KEYS}
     if flags.get("deterministic") is False:
         flags["deterministic"] = None
+    if _is_sweep(model, scale):
+        return _cv_sweep(
+            model,
+            recipe,
+            name,
+            fold_spec,
+            force,
+            workdir,
+            scale,
+            dict(
+                data=str(data) if data else None,
+                train_csv=train_csv,
+                file_col=file_col,
+                label_col=label_col,
+                folds=n_folds,
+                seed=seed,
+                group=group,
+                rrc_scale=parse_floats(rrc_scale, 2, "--rrc-scale"),
+                **flags,
+            ),
+        )
     cfg = resolve_config(
         recipe,
         model=model,
@@ -132,6 +162,48 @@ def cv_cmd(
     )
     click.echo(format_summary(result))
     click.echo(report_line(workdir))
+
+
+SCALE_KEYS = (
+    "backend",
+    "devices",
+    "gpus",
+    "ray_address",
+    "slurm_partition",
+    "timeout_min",
+    "gpus_per_task",
+    "cpus_per_task",
+    "mem_gb",
+    "array_parallelism",
+    "slurm_cluster",
+)
+
+
+def _is_sweep(model: str | None, scale: dict) -> bool:
+    """cv becomes a sweep with several --model names or any --backend/--devices/--gpus option."""
+    return bool(model and "," in model) or any(
+        scale[k] is not None for k in ("backend", "devices", "gpus", "ray_address")
+    )
+
+
+def _cv_sweep(model, recipe, name, fold_spec, force, workdir, scale, values) -> None:
+    """``cv --model a,b`` or ``cv --devices ...``: a plan of one run per model, run as a sweep."""
+    from aivh_ens.cli.sweep import run_plan
+    from aivh_ens.scale.plan import plan_from_configs
+
+    models = [m.strip() for m in model.split(",")] if model else [None]
+    if fold_spec is not None:
+        raise UserError(
+            "--fold picks folds of one process; a sweep (--backend/--devices/--gpus) runs them all"
+        )
+    if name and len(models) > 1:
+        raise UserError(
+            f"--name names one run; with {len(models)} --model names each run is named after its model"
+        )
+    tables = [{**values, "recipe": recipe, "model": m, "name": name} for m in models]
+    plan = plan_from_configs("cv", tables)
+    kw = {**scale, "threads": click.get_current_context().meta.get("threads")}
+    run_plan(plan, workdir, False, force, kw, click.echo)
 
 
 # ---- cache ---------------------------------------------------------------------------------------------

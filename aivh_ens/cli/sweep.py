@@ -1,0 +1,152 @@
+"""Commands of the scale stage: sweep (several runs x folds on local devices, Ray or Slurm) and status."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from aivh_ens.cli.options import WORKDIR, options, user_errors
+
+scale_options = options(
+    click.option(
+        "--backend",
+        type=click.Choice(["local", "ray", "slurm"]),
+        default=None,
+        help="Where jobs run: local processes (one per device), a Ray cluster, or a Slurm job array.  "
+        "[default: local]",
+    ),
+    click.option(
+        "--devices",
+        default=None,
+        help="local: devices, one job each at a time, e.g. cuda:0,cuda:1 or cpu,cpu.",
+    ),
+    click.option(
+        "--gpus",
+        type=int,
+        default=None,
+        help="local: use the first N GPUs.  [default: every GPU, else the CPU]",
+    ),
+    click.option(
+        "--ray-address", default=None, help="ray: an existing cluster.  [default: a private local Ray]"
+    ),
+    click.option("--slurm-partition", default=None, help="slurm: the partition."),
+    click.option(
+        "--timeout-min",
+        type=int,
+        default=None,
+        help="slurm: time limit per task; a timed-out fold is requeued and resumes.  [default: 1440]",
+    ),
+    click.option("--gpus-per-task", type=int, default=None, help="slurm: GPUs per array task.  [default: 1]"),
+    click.option("--cpus-per-task", type=int, default=None, help="slurm: CPUs per array task.  [default: 8]"),
+    click.option("--mem-gb", type=int, default=None, help="slurm: memory per array task."),
+    click.option(
+        "--array-parallelism",
+        type=int,
+        default=None,
+        help="slurm: array tasks running at once.  [default: 64]",
+    ),
+    click.option(
+        "--slurm-cluster", default="slurm", hidden=True, help="submitit cluster: slurm, local, debug."
+    ),
+)
+
+
+def slurm_options(kw: dict[str, Any]) -> Any:
+    """SlurmOptions from the --slurm-*/--timeout-min/... flags (None means the default)."""
+    from aivh_ens.scale.sweep import SlurmOptions
+
+    given = {
+        "partition": kw.pop("slurm_partition"),
+        "timeout_min": kw.pop("timeout_min"),
+        "gpus_per_task": kw.pop("gpus_per_task"),
+        "cpus_per_task": kw.pop("cpus_per_task"),
+        "mem_gb": kw.pop("mem_gb"),
+        "parallelism": kw.pop("array_parallelism"),
+        "cluster": kw.pop("slurm_cluster"),
+    }
+    return SlurmOptions(**{k: v for k, v in given.items() if v is not None})
+
+
+def run_plan(
+    plan: Any, workdir: Path, dry_run: bool, force: bool, kw: dict[str, Any], echo: Callable[[str], None]
+) -> None:
+    """Run a sweep from the parsed scale options, print its table, exit 1 when a job failed."""
+    from aivh_ens.scale.status import format_table
+    from aivh_ens.scale.sweep import run_sweep
+
+    slurm = slurm_options(kw)
+    result = run_sweep(
+        plan,
+        workdir,
+        backend=kw["backend"] or "local",
+        devices=kw["devices"],
+        gpus=kw["gpus"],
+        threads=kw.get("threads"),
+        dry_run=dry_run,
+        force=force,
+        ray_address=kw["ray_address"],
+        slurm=slurm,
+        log=echo,
+    )
+    if dry_run:
+        echo(f"dry run: {len(result.rows)} jobs, nothing written")
+    echo(format_table(result.rows))
+    if result.failed:
+        echo(
+            f"{result.failed} job(s) failed; fix the cause and run the same command again to resume", err=True
+        )
+        sys.exit(1)
+
+
+@click.command("sweep")
+@click.argument("plan_file", metavar="PLAN.toml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print the job table; write nothing.")
+@click.option(
+    "--force", is_flag=True, help="Retrain every fold of the plan's runs, also when their config changed."
+)
+@scale_options
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar="AIVH_ENS_THREADS",
+    show_envvar=True,
+    help="torch CPU threads per job.  [default: CPU jobs share the cores; 1 per Ray task]",
+)
+@WORKDIR
+@user_errors
+def sweep_cmd(plan_file: Path, dry_run: bool, force: bool, workdir: Path, **kw: Any) -> None:
+    """Train every fold of several runs, one job per (run, fold), on local devices, Ray or Slurm.
+
+    Re-running the same command resumes: finished jobs are skipped, interrupted ones continue from their
+    last epoch. Exit code 1 when a job failed (the others still finish).
+
+    \b
+    aivh-ens sweep plan.toml --devices cuda:0,cuda:1          # Kaggle 2xT4
+    aivh-ens sweep plan.toml --backend ray --ray-address auto
+    aivh-ens sweep plan.toml --backend slurm --slurm-partition gpu --timeout-min 240
+    aivh-ens sweep plan.toml --dry-run
+    """
+    from aivh_ens.scale.plan import load_plan
+
+    run_plan(load_plan(plan_file), workdir, dry_run, force, kw, click.echo)
+
+
+@click.command("status")
+@click.argument("runs", nargs=-1)
+@WORKDIR
+@user_errors
+def status_cmd(runs: tuple[str, ...], workdir: Path) -> None:
+    """Show every fold of every run (or of RUNS): pending, running on host:pid with epoch and ETA, done, failed.
+
+    \b
+    aivh-ens status
+    aivh-ens status tiny-effnet --workdir demo
+    """
+    from aivh_ens.scale.status import format_table, status_rows
+
+    click.echo(format_table(status_rows(workdir, list(runs) or None)))
