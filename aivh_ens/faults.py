@@ -2,7 +2,7 @@
 
 Points: ``batch`` (inside a training epoch), ``epoch-done`` (after a fold's epoch is saved), ``write:<file
 name>`` (a temp file fully written, not yet renamed into place), ``fold-done`` (between folds), ``job:<run>:
-<fold>`` (a sweep job, before it takes its lock), ``trial`` (inside a blend search trial) and ``infer-batch``
+<fold>`` (a sweep job, once it holds its lock), ``trial`` (inside a blend search trial) and ``infer-batch``
 (inside test or OOF inference). ``AIVH_ENS_FAULT=raise`` raises a RuntimeError there instead, ``hang`` sleeps
 until a signal arrives (a job that runs into its time limit). ``AIVH_ENS_FAULT_ONCE=<file>`` fires only while
 that file does not exist and creates it first, so a retried or requeued job gets past the point. Unset

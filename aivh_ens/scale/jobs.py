@@ -149,7 +149,6 @@ def run_job(
         import torch
 
         torch.set_num_threads(threads)
-    faults.point(f"job:{spec.run}:{spec.fold}")
     lock = FileLock(
         run_dir(spec.workdir, spec.run) / f"fold{spec.fold}.lock",
         f"fold {spec.fold} of run {spec.run}",
@@ -158,6 +157,7 @@ def run_job(
     try:
         with lock:
             started = _mark_started(spec, job_id, device)
+            faults.point(f"job:{spec.run}:{spec.fold}")
             summary = _train(spec, device, started)
     except LockHeld as e:
         return result_row(spec, "running elsewhere", host=e.owner.get("host", ""), error=str(e).split(";")[0])

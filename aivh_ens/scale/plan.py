@@ -19,6 +19,7 @@ A bad plan stops with one line naming the plan file, the run and the key, before
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -96,7 +97,7 @@ def _resolve(values: dict[str, Any], where: str) -> RunConfig:
     try:
         cfg = resolve_config(recipe, **values)
     except UserError as e:
-        key = "recipe" if "recipe" in str(e) else next((k for k in values if k in str(e)), "?")
+        key = "recipe" if "recipe" in str(e) else _named_key(str(e), values)
         raise UserError(f"{where}: key {key!r}: {e}") from None
     for name in cfg.backbones:
         try:
@@ -104,6 +105,14 @@ def _resolve(values: dict[str, Any], where: str) -> RunConfig:
         except UserError as e:
             raise UserError(f"{where}: key 'model': {e}") from None
     return cfg
+
+
+def _named_key(message: str, values: dict[str, Any]) -> str:
+    """The plan key a config error is about: the one named in it (as a field or a ``--flag``)."""
+    for k in values:
+        if re.search(rf"(^|[^\w-])(--{k.replace('_', '-')}|{k})\b", message):
+            return k
+    return "?"
 
 
 def plan_from_configs(source: str, tables: list[dict[str, Any]]) -> Plan:

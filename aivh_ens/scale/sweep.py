@@ -30,7 +30,7 @@ class SlurmOptions:
     """What ``--backend slurm`` asks submitit for (per array task)."""
 
     partition: str | None = None
-    timeout_min: int = 24 * 60
+    timeout_min: float = 24 * 60
     gpus_per_task: int = 1
     cpus_per_task: int = 8
     mem_gb: int | None = None
