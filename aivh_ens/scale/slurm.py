@@ -7,6 +7,7 @@ on preemption or at its time limit submitit requeues it, and the job resumes fro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,26 +31,34 @@ class FoldTask(submitit.helpers.Checkpointable):
         return run_job(job_file, device, threads=self.threads, job_id=str(env.job_id))
 
 
-def make_executor(folder: Path, opts: Any) -> submitit.AutoExecutor:
-    """submitit's AutoExecutor with the sweep's Slurm settings (``opts``: a SlurmOptions)."""
+def make_executor(folder: Path, opts: Any) -> Any:
+    """submitit's ``AutoExecutor(cluster="slurm")`` with the sweep's settings (``opts``: a SlurmOptions);
+    ``cluster="local"`` gives submitit's LocalExecutor (same jobs, signals and requeues, no Slurm), whose time
+    limit may be a fraction of a minute."""
+    if opts.cluster == "local":
+        ex = submitit.LocalExecutor(folder=folder / "%j")
+        delay = min(30, max(1, int(opts.timeout_min * 60) // 4))
+        ex.update_parameters(
+            timeout_min=opts.timeout_min, signal_delay_s=delay, gpus_per_node=opts.gpus_per_task
+        )
+        return ex
     ex = submitit.AutoExecutor(folder=folder / "%j", cluster=opts.cluster)
     params: dict[str, Any] = {
-        "timeout_min": opts.timeout_min,
+        "timeout_min": max(1, math.ceil(opts.timeout_min)),
         "tasks_per_node": 1,
         "nodes": 1,
         "cpus_per_task": opts.cpus_per_task,
+        "gpus_per_node": opts.gpus_per_task,
         "name": "aivh-ens",
         "slurm_array_parallelism": opts.parallelism,
     }
-    if opts.gpus_per_task:
-        params["gpus_per_node"] = opts.gpus_per_task
     if opts.partition:
         params["slurm_partition"] = opts.partition
     if opts.mem_gb:
         params["mem_gb"] = opts.mem_gb
-    if opts.cluster == "local":
-        params["local_signal_delay_s"] = min(30, max(1, int(opts.timeout_min * 60) // 4))
-    ex.update_parameters(**params)
+    ex.update_parameters(
+        **{k: v for k, v in params.items() if opts.cluster == "slurm" or not k.startswith("slurm_")}
+    )
     return ex
 
 

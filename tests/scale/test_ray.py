@@ -1,0 +1,86 @@
+"""`sweep --backend ray` on one local Ray with two logical GPUs: each job sees its own GPU, a crashed worker is
+retried and resumes, an exception is not retried, and the other jobs finish."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from plans import write_plan
+
+from aivh_ens.cli import main
+
+ray = pytest.importorskip("ray")  # CI installs the ray extra, so this never skips there
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> Iterator[None]:
+    """One Ray for the module: 2 CPUs and 2 logical GPUs (Ray hands out GPU ids without any hardware)."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(ROOT)  # the workers import this checkout
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = old
+
+
+@pytest.fixture(scope="module")
+def data(demo_data) -> Path:
+    return demo_data(n=40, n_test=10, seed=13)
+
+
+def sweep(tmp_path: Path, data: Path):
+    plan = write_plan(tmp_path / "plan.toml", data, [{"name": "r", "model": "test_efficientnet"}])
+    return CliRunner().invoke(
+        main, ["sweep", str(plan), "--backend", "ray", "--workdir", str(tmp_path / "w")]
+    )
+
+
+def fold_files(tmp_path: Path, k: int) -> tuple[dict, dict | None]:
+    fdir = tmp_path / "w" / "runs" / "r" / f"fold{k}"
+    done = fdir / "done.json"
+    return json.loads((fdir / "started.json").read_text()), json.loads(
+        done.read_text()
+    ) if done.exists() else None
+
+
+def test_each_job_gets_its_own_gpu_and_a_crashed_worker_is_retried(tmp_path, data, monkeypatch):
+    monkeypatch.setenv(
+        "AIVH_ENS_KILL_AT", "job:r:1"
+    )  # SIGKILL the first attempt of fold 1, once it holds its lock
+    monkeypatch.setenv("AIVH_ENS_FAULT_ONCE", str(tmp_path / "crashed"))
+    res = sweep(tmp_path, data)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "crashed").exists()
+    gpus = set()
+    for k in range(3):
+        started, done = fold_files(tmp_path, k)
+        assert done is not None and done["attempt"] == (2 if k == 1 else 1)
+        assert started["job_id"] and done["device"] == "cpu"
+        gpus.add(done["cuda_visible_devices"])
+    assert gpus == {"0", "1"}  # two jobs ran at once, on different (logical) GPUs
+    assert (tmp_path / "w" / "oof" / "r.csv").exists()
+
+
+def test_an_exception_is_not_retried_and_the_other_jobs_finish(tmp_path, data, monkeypatch):
+    monkeypatch.setenv("AIVH_ENS_KILL_AT", "job:r:0")
+    monkeypatch.setenv("AIVH_ENS_FAULT", "raise")
+    res = sweep(tmp_path, data)
+    assert res.exit_code == 1, res.output
+    started, done = fold_files(tmp_path, 0)
+    assert done is None and started["attempt"] == 1  # not retried: a bug or an OOM would only fail again
+    for k in (1, 2):
+        assert fold_files(tmp_path, k)[1] is not None
+    row = [ln for ln in res.output.splitlines() if ln.startswith("r ") and ln.split()[1] == "0"][-1]
+    assert "failed" in row and "RuntimeError: injected fault at job:r:0" in row
+    status = CliRunner().invoke(main, ["status", "--workdir", str(tmp_path / "w")]).output
+    assert "RuntimeError: injected fault at job:r:0" in status
+    assert not (tmp_path / "w" / "oof" / "r.csv").exists()

@@ -1,0 +1,52 @@
+"""`sweep --backend slurm` through submitit's local executor: a fold that runs into its time limit is requeued
+and resumes from its last finished epoch (it does not start over)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from plans import write_plan
+
+pytest.importorskip("submitit")  # CI installs the slurm extra, so this never skips there
+
+from aivh_ens.scale.plan import load_plan  # noqa: E402
+from aivh_ens.scale.sweep import SlurmOptions, run_sweep  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_timed_out_fold_is_requeued_and_resumes(tmp_path, demo_data, monkeypatch):
+    data = demo_data(n=40, n_test=10, seed=17)
+    plan = load_plan(
+        write_plan(
+            tmp_path / "plan.toml", data, [{"name": "s", "model": "test_efficientnet"}], folds=2, epochs=3
+        )
+    )
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    # 90 s per attempt (importing torch alone can take 30 s on a busy 2-core machine). The first fold to finish
+    # an epoch hangs there until the time limit's signal; submitit checkpoints and
+    # requeues it, and the marker file lets the second attempt through.
+    monkeypatch.setenv("AIVH_ENS_KILL_AT", "epoch-done@1")
+    monkeypatch.setenv("AIVH_ENS_FAULT", "hang")
+    monkeypatch.setenv("AIVH_ENS_FAULT_ONCE", str(tmp_path / "hung"))
+    opts = SlurmOptions(cluster="local", timeout_min=1.5, gpus_per_task=0, cpus_per_task=1)
+    result = run_sweep(plan, tmp_path / "w", backend="slurm", slurm=opts, log=print)
+    assert result.failed == 0 and [r["state"] for r in result.rows] == ["done", "done"], result.rows
+    assert (tmp_path / "hung").exists()
+    attempts = {}
+    for k in range(2):
+        fdir = tmp_path / "w" / "runs" / "s" / f"fold{k}"
+        done = json.loads((fdir / "done.json").read_text())
+        attempts[k] = done["attempt"]
+        assert pd.read_csv(fdir / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+        if done["attempt"] == 2:  # resumed: this process trained only epochs 2-3 of the 3 recorded
+            assert done["epochs_run"] == 3 and done["wall_minutes_this_process"] < done["minutes"]
+            assert done["job_id"] and not (fdir.parent / f"fold{k}.lock").exists()
+    assert sorted(attempts.values()) == [1, 2]
+    logs = "".join(p.read_text() for p in (tmp_path / "w" / "runs" / "slurm").rglob("*.out"))
+    assert "resuming after epoch 1" in logs, logs[-3000:]
+    assert (tmp_path / "w" / "oof" / "s.csv").exists() and not os.environ.get("SLURM_JOB_ID")
