@@ -30,6 +30,36 @@ def free_bytes(folder: Path) -> int:
     return int(shutil.disk_usage(probe).free)
 
 
+NETWORK_FILESYSTEMS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "ceph",
+    "glusterfs",
+)
+"""Filesystem types whose file locking SQLite cannot rely on (its own FAQ warns against them)."""
+
+
+def filesystem_type(path: str | Path) -> str | None:
+    """The type of the filesystem holding ``path`` (its longest mount point in ``/proc/mounts``), or None."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    target = str(Path(path).resolve())
+    best = max(
+        (m for m in mounts if len(m) == 2 and (target == m[0] or target.startswith(m[0].rstrip("/") + "/"))),
+        key=lambda m: len(m[0]),
+        default=None,
+    )
+    return best[1] if best else None
+
+
 def shm_free() -> int | None:
     """Bytes free in :data:`SHM_DIR`, or None where there is none (not Linux)."""
     try:

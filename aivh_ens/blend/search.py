@@ -86,7 +86,7 @@ def open_study(
     try:
         with _quiet_optuna():
             study = optuna.create_study(
-                storage=storage, study_name=name, direction="maximize", load_if_exists=True
+                storage=journal_storage(storage), study_name=name, direction="maximize", load_if_exists=True
             )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
         raise UserError(
@@ -96,6 +96,43 @@ def open_study(
         raise UserError(f"study {name!r} in {storage!r} minimises; delete it or pass another --storage")
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     return study
+
+
+def journal_storage(storage: str | optuna.storages.BaseStorage | None) -> Any:
+    """``journal:///path/study.log`` -> Optuna's JournalStorage on that file (safe for several processes on one
+    node, without a database); any other value is returned as is."""
+    if not (isinstance(storage, str) and storage.startswith("journal://")):
+        return storage
+    import optuna
+
+    try:
+        from optuna.storages.journal import JournalFileBackend
+    except ImportError:  # optuna < 4
+        from optuna.storages import JournalFileStorage as JournalFileBackend
+    return optuna.storages.JournalStorage(JournalFileBackend(storage[len("journal://") :]))
+
+
+def sqlite_network_note(storage: str | None, workdir: str | Path) -> str | None:
+    """A warning when the study's SQLite file sits on a network filesystem, where SQLite's locks are unsafe."""
+    from aivh_ens.system import NETWORK_FILESYSTEMS, filesystem_type
+
+    if storage is None:
+        path = Path(workdir) / BLEND_DIR
+    elif storage.startswith("sqlite:///"):
+        path = Path(storage[len("sqlite:///") :]).parent
+    else:
+        return None
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    fs = filesystem_type(probe)
+    if fs not in NETWORK_FILESYSTEMS:
+        return None
+    return (
+        f"warning: the Optuna study (SQLite) is on a {fs} filesystem ({path}), where SQLite's locks are "
+        "unreliable: with several blend processes use --storage journal:///local/disk/study.log (one node) or "
+        "--storage postgresql://user:pass@host/db (several machines)"
+    )
 
 
 def default_storage(workdir: str | Path) -> optuna.storages.RDBStorage:

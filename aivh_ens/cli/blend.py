@@ -41,7 +41,8 @@ from aivh_ens.cli.options import WORKDIR, report_line, user_errors
     "--storage",
     default=None,
     metavar="URL",
-    help="Optuna storage URL.  [default: sqlite at runs/blend/study.db]",
+    help="Optuna storage URL: sqlite:///..., postgresql://... (several machines), or journal:///path/study.log "
+    "(Optuna's JournalStorage: several processes on one node).  [default: sqlite at runs/blend/study.db]",
 )
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the TPE samplers.")
 @click.option(
@@ -65,8 +66,12 @@ def blend_cmd(runs, metric, trials, timeout, storage, seed, nested_trials, quiet
     aivh-ens blend --runs effnet_b4,convnext_tiny --trials 1000 --metric macro_f1
     aivh-ens blend --storage sqlite:///shared/study.db --timeout 600
     """
+    from aivh_ens.blend.search import sqlite_network_note
     from aivh_ens.blend.stage import format_table, run_blend
 
+    note = sqlite_network_note(storage, workdir)
+    if note:
+        click.echo(note, err=True)
     result = run_blend(
         workdir,
         runs=runs.split(",") if runs is not None else None,
