@@ -14,8 +14,8 @@ loads no torch, optuna or matplotlib)::
     print(ae.submit("demo", data="demo/data", out="demo/submission.csv").ai_rate)
     print(ae.build_report("demo").path)
 
-Stages: :mod:`aivh_ens.inspect`, :mod:`aivh_ens.data`, :mod:`aivh_ens.train`, :mod:`aivh_ens.blend`,
-:mod:`aivh_ens.infer`, :mod:`aivh_ens.report`;
+Stages: :mod:`aivh_ens.inspect`, :mod:`aivh_ens.data`, :mod:`aivh_ens.train`, :mod:`aivh_ens.scale` (sweeps),
+:mod:`aivh_ens.blend`, :mod:`aivh_ens.infer`, :mod:`aivh_ens.report`;
 every path under the work dir: :mod:`aivh_ens.layout`.
 """
 
@@ -40,6 +40,10 @@ __getattr__, __dir__, __all__ = attach(
         "make_fold_table": ".data.folds",
         "run_cv": ".train.cv",
         "CVResult": ".train.cv",
+        "load_plan": ".scale.plan",
+        "run_sweep": ".scale.sweep",
+        "SweepResult": ".scale.sweep",
+        "status_rows": ".scale.status",
         "load_oof": ".blend.oof",
         "run_blend": ".blend.stage",
         "BlendResult": ".blend.stage",

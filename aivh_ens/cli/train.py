@@ -116,30 +116,7 @@ def cv_cmd(
     scale = {k: flags.pop(k) for k in SCALE_KEYS}
     if flags.get("deterministic") is False:
         flags["deterministic"] = None
-    if _is_sweep(model, scale):
-        return _cv_sweep(
-            model,
-            recipe,
-            name,
-            fold_spec,
-            force,
-            workdir,
-            scale,
-            dict(
-                data=str(data) if data else None,
-                train_csv=train_csv,
-                file_col=file_col,
-                label_col=label_col,
-                folds=n_folds,
-                seed=seed,
-                group=group,
-                rrc_scale=parse_floats(rrc_scale, 2, "--rrc-scale"),
-                **flags,
-            ),
-        )
-    cfg = resolve_config(
-        recipe,
-        model=model,
+    values = dict(
         data=str(data) if data else None,
         train_csv=train_csv,
         file_col=file_col,
@@ -147,10 +124,12 @@ def cv_cmd(
         folds=n_folds,
         seed=seed,
         group=group,
-        name=name,
         rrc_scale=parse_floats(rrc_scale, 2, "--rrc-scale"),
         **flags,
     )
+    if _is_sweep(model, scale):
+        return _cv_sweep(model, recipe, name, fold_spec, force, workdir, scale, values)
+    cfg = resolve_config(recipe, model=model, name=name, **values)
     if model is None and recipe == "none":
         raise UserError("give --model NAME (any timm model) or --recipe NAME")
     click.echo(

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,12 @@ class JobSpec:
 
     @property
     def fold_dir(self) -> Path:
+        """``runs/<run>/fold<k>/``."""
         return fold_dir(self.workdir, self.run, self.fold)
 
     @property
     def path(self) -> Path:
+        """The job's ``job.json``."""
         return self.fold_dir / JOB
 
     @property
@@ -62,16 +65,19 @@ class JobSpec:
 
 
 def make_spec(cfg: RunConfig, fold: int, workdir: Path, fold_file: str, exclude: tuple[int, ...]) -> JobSpec:
+    """The job of fold ``fold`` of a resolved run config (hashed, not yet written)."""
     return JobSpec(
         cfg.name, fold, str(workdir.resolve()), to_dict(cfg), config_hash(cfg, fold), fold_file, exclude
     )
 
 
 def write_spec(spec: JobSpec) -> Path:
+    """Write (atomically) the job's ``job.json``."""
     return write_json(spec.path, dataclasses.asdict(spec) | {"exclude": list(spec.exclude)})
 
 
 def read_spec(path: str | Path) -> JobSpec:
+    """The job a ``job.json`` describes."""
     d = json.loads(Path(path).read_text())
     return JobSpec(**{**d, "exclude": tuple(d.get("exclude", ()))})
 
@@ -213,8 +219,9 @@ def _train(spec: JobSpec, device: str, started: dict[str, Any]) -> dict[str, Any
     return summary
 
 
-def _log(spec: JobSpec) -> Any:
+def _log(spec: JobSpec) -> Callable[[str], None]:
     def log(msg: str) -> None:
+        """One line, prefixed with the job, on this process's stdout (the backend's log)."""
         print(f"[{spec.run} fold {spec.fold}] {msg.strip()}", flush=True)
 
     return log

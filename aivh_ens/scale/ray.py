@@ -89,15 +89,13 @@ def run_ray(
     try:
         check_shared_workdir(workdir)
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        cpus = threads or 1
-        task = ray.remote(_task).options(
-            num_gpus=gpus,
-            num_cpus=cpus,
-            max_retries=MAX_RETRIES,
-            retry_exceptions=False,
-            runtime_env={"env_vars": _env()},
-        )
-        refs = {task.remote(str(f), time.time(), cpus): f for f in job_files}
+        task = ray.remote(_task)
+        opts = {"num_gpus": gpus, "max_retries": MAX_RETRIES, "retry_exceptions": False}
+        opts["runtime_env"] = {"env_vars": _env()}
+        refs = {}
+        for f in job_files:
+            cpus = max(1, read_spec(f).config.get("workers") or threads or 1)  # its loader workers
+            refs[task.options(**opts, num_cpus=cpus).remote(str(f), time.time(), threads or cpus)] = f
         return _collect(refs, log)
     finally:
         if started_here:

@@ -79,6 +79,7 @@ def run_slurm(
 
 
 def wait(jobs: list[Any], job_files: list[Path], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Each submitit job's row, in order, as it finishes (a failed or uncompleted task is a failed row)."""
     rows = []
     for job, f in zip(jobs, job_files, strict=True):
         try:

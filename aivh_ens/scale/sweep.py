@@ -47,6 +47,7 @@ class SweepResult:
 
     @property
     def failed(self) -> int:
+        """How many jobs failed."""
         return sum(r["state"] == "failed" for r in self.rows)
 
 
