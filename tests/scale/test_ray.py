@@ -84,3 +84,15 @@ def test_an_exception_is_not_retried_and_the_other_jobs_finish(tmp_path, data, m
     status = CliRunner().invoke(main, ["status", "--workdir", str(tmp_path / "w")]).output
     assert "RuntimeError: injected fault at job:r:0" in status
     assert not (tmp_path / "w" / "oof" / "r.csv").exists()
+
+
+def test_every_node_must_see_the_work_dir(tmp_path, monkeypatch):
+    from aivh_ens.errors import UserError
+    from aivh_ens.scale.ray import check_shared_workdir
+
+    check_shared_workdir(tmp_path)  # one node, same disk: fine
+    assert not list((tmp_path / "runs").glob(".ray-probe-*"))
+    # A node that reads another file at that path (its own local disk) is what a missing shared mount looks like.
+    monkeypatch.setattr("aivh_ens.io.write_text", lambda path, text: Path(path).write_text("elsewhere"))
+    with pytest.raises(UserError, match="not visible on Ray node"):
+        check_shared_workdir(tmp_path)
