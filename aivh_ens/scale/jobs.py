@@ -92,9 +92,17 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def done_matches(spec: JobSpec) -> dict[str, Any] | None:
-    """The fold's done.json when it was written by this very job (same hash) and its OOF exists."""
+    """The fold's done.json when it was written by this very job (same hash) and its OOF exists.
+
+    A fold finished by a plain ``cv`` carries no hash; it counts as done, because the sweep has checked that
+    the run's config.json describes the same training (or ``--force`` removed the fold).
+    """
     done = read_json(spec.fold_dir / "done.json")
-    if done and done.get("job_hash") == spec.config_hash and (spec.fold_dir / "oof.csv").exists():
+    if (
+        done
+        and done.get("job_hash", spec.config_hash) == spec.config_hash
+        and (spec.fold_dir / "oof.csv").exists()
+    ):
         return done
     return None
 

@@ -69,7 +69,9 @@ def run_local(
     breaks the pool: the jobs it had not started are left pending, and running the sweep again resumes.
     """
     if threads is None and all(d == "cpu" for d in devices):
-        threads = max(1, (os.cpu_count() or 1) // len(devices))
+        from aivh_ens.system import cores
+
+        threads = max(1, cores() // len(devices))
     ctx = mp.get_context("spawn")
     tokens = ctx.Queue()
     for d in devices:
