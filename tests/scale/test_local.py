@@ -91,6 +91,9 @@ def test_the_oof_equals_sequential_cv_with_the_same_seed(swept, data, tmp_path):
         par = pd.read_csv(work / "oof" / f"{run['name']}.csv")
         assert seq[["file_name", "label", "fold"]].equals(par[["file_name", "label", "fold"]])
         np.testing.assert_allclose(par["prob"], seq["prob"], atol=1e-6)
+    # Folds that plain cv finished count as done for a sweep of the same plan.
+    res = CliRunner().invoke(main, ["sweep", str(swept[1]), "--workdir", str(tmp_path), "--dry-run"])
+    assert res.exit_code == 0 and res.output.count(" done ") == 6, res.output
 
 
 def test_running_the_same_sweep_again_trains_nothing(swept):
