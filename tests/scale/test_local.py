@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from cli_checks import assert_user_error
 from click.testing import CliRunner
-from plans import TINY, write_plan
+from sweep_plans import TINY, write_plan
 
 from aivh_ens.cli import main
 

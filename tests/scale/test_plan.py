@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cli_checks import assert_user_error
 from click.testing import CliRunner
-from plans import write_plan
+from sweep_plans import write_plan
 
 from aivh_ens.cli import main
 from aivh_ens.config import resolve_config

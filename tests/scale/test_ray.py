@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from plans import write_plan
+from sweep_plans import write_plan
 
 from aivh_ens.cli import main
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from plans import write_plan
+from sweep_plans import write_plan
 
 pytest.importorskip("submitit")  # CI installs the slurm extra, so this never skips there
 

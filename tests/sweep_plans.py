@@ -1,4 +1,4 @@
-"""Plan files for the sweep tests."""
+"""Plan files for the sweep tests (tests/scale/)."""
 
 from __future__ import annotations
 
