@@ -95,7 +95,7 @@ BAD = [
     ),
     ("wrong-type", {"runs": [{"name": "a", "epochs": "3"}]}, ["run a", "'epochs'", "int"]),
     ("wrong-tuple", {"runs": [{"name": "a", "rrc_scale": [0.5]}]}, ["run a", "'rrc_scale'"]),
-    ("out-of-range", {"runs": [{"name": "a", "lr": -1.0}]}, ["run a", "'lr'", "--lr must be > 0"]),
+    ("out-of-range", {"runs": [{"name": "a", "lr": -1.0}]}, ["run a", "'lr'", "(--lr) must be > 0"]),
     ("no-runs", {"runs": []}, ["'runs'", "no runs"]),
 ]
 
