@@ -24,6 +24,8 @@ AMP_MODES = ("bf16", "fp16", "none")
 SELECT = ("f1", "auc", "loss", "last")
 ON_BAD_IMAGE = ("error", "skip")
 CACHE = ("auto", "on", "off")
+HEADS = ("finetune", "linear", "mlp")
+PROBE_VIEWS = ("none", "hflip")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ class RunConfig:
     train_last: int | None = None  # None = train everything; 0 = frozen backbone; N = last N param tensors
     drop_rate: float | None = None  # timm drop_rate override
     drop_path_rate: float | None = None
+    # finetune: train the model on images; linear | mlp: a frozen-feature probe (features extracted once into
+    # runs/features/, then a logistic regression or a small MLP per fold on them)
+    head: str = "finetune"
+    probe_views: str = "none"  # probe runs: none | hflip (features of the image and its mirror, averaged)
 
     # -- preprocessing and augmentation
     mode: str = "resize"  # resize: whole image to img_size; crop: native-resolution crops of img_size
@@ -137,7 +143,7 @@ def validate(cfg: RunConfig) -> None:
     """Check ranges and choices; raise a UserError naming the field, its CLI flag, the value and the rule."""
     for name, options in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("mode", MODES),
                           ("amp", AMP_MODES), ("select", SELECT), ("on_bad_image", ON_BAD_IMAGE),
-                          ("cache", CACHE)):  # fmt: skip
+                          ("cache", CACHE), ("head", HEADS), ("probe_views", PROBE_VIEWS)):  # fmt: skip
         _choice(name, getattr(cfg, name), options)
     if cfg.name in RESERVED_RUN_NAMES:
         raise _bad(
@@ -168,6 +174,21 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise _bad("model", cfg.model, "must be a timm name or two joined by '+'")
     if cfg.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device):
         raise _bad("device", cfg.device, "must be auto, cpu, cuda or cuda:N")
+    if cfg.head != "finetune":
+        _check_probe(cfg)
+
+
+def _check_probe(cfg: RunConfig) -> None:
+    """A probe run reads features of one pretrained backbone: no fused model, no random initialisation."""
+    if len(cfg.backbones) > 1:
+        raise _bad("head", cfg.head, f"takes one backbone, got model={cfg.model!r} (--model); drop the '+'")
+    if not (cfg.pretrained or cfg.weights):
+        raise _bad(
+            "head",
+            cfg.head,
+            "probes frozen features, which need trained weights: pass pretrained=True (--pretrained, from "
+            "the HF cache) or weights=PATH (--weights PATH)",
+        )
 
 
 def default_run_name(model: str, recipe: str) -> str:

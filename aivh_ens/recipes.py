@@ -164,6 +164,29 @@ RECIPES: dict[str, dict[str, Any]] = {
         batch_size=32,
         tta="hflip+crops:5",
     ),
+    # Frozen-feature probes (UnivFD, Ojha et al. 2023: CLIP ViT-L/14 features + one linear layer). Features
+    # come from the backbone's own eval input (size, mean/std from its data config; shorter side to 224 with
+    # area resampling, the antialiased cv2 analogue of timm's PIL bicubic, then a centre crop); a logistic regression per
+    # fold. The quickgelu variant is the one timm loads OpenAI's weights into faithfully.
+    "clip-probe": dict(
+        model="vit_large_patch14_clip_quickgelu_224.openai",
+        pretrained=True,
+        head="linear",
+        img_size=224,
+        eval_resize=224,
+        batch_size=64,
+        tta="none",
+    ),
+    # DINOv2 ViT-B/14 (with registers) at 224 px (16 x 16 patches) instead of its native 518: 5x fewer tokens.
+    "dinov2-probe": dict(
+        model="vit_base_patch14_reg4_dinov2.lvd142m",
+        pretrained=True,
+        head="linear",
+        img_size=224,
+        eval_resize=224,
+        batch_size=64,
+        tta="none",
+    ),
 }
 
 

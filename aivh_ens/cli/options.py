@@ -156,6 +156,19 @@ training_options = options(
         default=None,
         help="Train only the last N parameter tensors of each backbone (0 = frozen backbone).",
     ),
+    click.option(
+        "--head",
+        type=click.Choice(["finetune", "linear", "mlp"]),
+        default=None,
+        help="finetune: train the model; linear|mlp: a probe on frozen features (extracted once into "
+        "runs/features/), one head per fold.  [default: finetune]",
+    ),
+    click.option(
+        "--probe-views",
+        type=click.Choice(["none", "hflip"]),
+        default=None,
+        help="Probe runs: features of each image (none) or averaged with its mirror (hflip).",
+    ),
     click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]"),
     click.option(
         "--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="CUDA mixed precision."

@@ -64,7 +64,7 @@ def folds_cmd(data, train_csv, file_col, label_col, n_folds, seed, group, workdi
     default="none",
     show_default=True,
     help="Named preset: none, tiny, effnet-b4-adam, effnet-b3-scratch, resnetv2-50-head, "
-    "coatnet-2-lamb, convitx, crop-robust. Flags below override it.",
+    "coatnet-2-lamb, convitx, crop-robust, clip-probe, dinov2-probe. Flags below override it.",
 )
 @data_options
 @click.option("--name", default=None, help="Run name (folder under runs/).  [default: model-recipe]")
@@ -109,6 +109,8 @@ def cv_cmd(
     aivh-ens cv --recipe effnet-b4-adam --data data/ --fold 0,1 --device cuda:0   # beside --fold 2,3,4 on cuda:1
     aivh-ens cv --recipe effnet-b4-adam --data data/ --resume                      # after an interruption
     aivh-ens cv --model efficientnet_b4,convnext_tiny --data data/ --devices cuda:0,cuda:1   # a sweep
+    aivh-ens cv --recipe clip-probe --data data/ --group pairs                      # frozen CLIP + linear head
+    aivh-ens cv --model convnext_tiny --pretrained --head mlp --data data/ --group pairs
     """
     from aivh_ens.config import resolve_config
     from aivh_ens.train.cv import format_summary, run_cv
@@ -132,9 +134,9 @@ def cv_cmd(
     cfg = resolve_config(recipe, model=model, name=name, **values)
     if model is None and recipe == "none":
         raise UserError("give --model NAME (any timm model) or --recipe NAME")
+    what = f"{cfg.epochs} epochs" if cfg.head == "finetune" else f"{cfg.head} probe on frozen features"
     click.echo(
-        f"run {cfg.name}: {cfg.model} (recipe {cfg.recipe}), {cfg.folds} folds, {cfg.epochs} epochs, "
-        f"device {cfg.device}"
+        f"run {cfg.name}: {cfg.model} (recipe {cfg.recipe}), {cfg.folds} folds, {what}, device {cfg.device}"
     )
     result = run_cv(
         cfg, workdir, fold_spec=fold_spec, resume=resume, force=force, progress=not quiet, log=click.echo
