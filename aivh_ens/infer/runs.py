@@ -56,6 +56,10 @@ def check_run(workdir: str | Path, name: str) -> RunInfo:
 
 def load_models(info: RunInfo, device: torch.device) -> tuple[list[nn.Module], DataConfig]:
     """Build the run's architecture once per fold and load that fold's weights (eval mode, on ``device``)."""
+    if info.cfg.head != "finetune":  # a probe run: its frozen backbone, then one head per fold
+        from aivh_ens.train.probe import load_probe_models
+
+        return load_probe_models(info.cfg, info.weights, device)
     # The fold weights replace everything: no pretrained download, no --weights file needed here.
     cfg = dataclasses.replace(info.cfg, pretrained=False, weights=None)
     models, dc = [], None

@@ -135,6 +135,16 @@ def run_test_scores(
     for info in infos:
         spec = specs[info.name]
         P, t0 = cached[info.name], time.perf_counter()
+        if info.cfg.head != "finetune":  # a probe run: its heads on the (cached) test feature store
+            from aivh_ens.train.probe import probe_test_scores
+
+            P = probe_test_scores(
+                info.cfg, info.weights, workdir, data_dir, list(ids), device, progress=progress, log=log
+            )
+            out.append(
+                RunScores(info.name, P, f"features:{info.cfg.probe_views}", False, time.perf_counter() - t0)
+            )
+            continue
         if P is None:
             P = _predict_run(
                 workdir,

@@ -204,6 +204,12 @@ def run_cv(
     Raises:
         UserError: any bad input, before the first file is written.
     """
+    if cfg.head != "finetune":  # a frozen-feature probe: features once, then a head per fold
+        from aivh_ens.train.probe import run_probe_cv
+
+        return run_probe_cv(
+            cfg, workdir, fold_spec=fold_spec, resume=resume, force=force, progress=progress, log=log
+        )
     workdir = Path(workdir)
     folds_to_run, table, bad = check_inputs(cfg, fold_spec)  # every check before the first file is written
     fold_table = prepare_run(cfg, workdir, table, bad, folds_to_run, force, log)
@@ -299,8 +305,12 @@ def run_fold(
     resume: bool,
     progress: bool,
     log: Log,
+    fit: Callable[..., dict[str, Any]] = fit_fold,
 ) -> dict[str, Any]:
-    """One (run, fold) job under the fold's lock: skipped when done, else trained; its done.json summary."""
+    """One (run, fold) job under the fold's lock: skipped when done, else trained; its done.json summary.
+
+    ``fit(job, source, resume=, progress=, log=)`` trains the fold: :func:`fit_fold`, or a probe head's.
+    """
     rdir, fdir = run_dir(workdir, cfg.name), fold_dir(workdir, cfg.name, k)
     if fold_done(fdir):
         log(f"fold {k}: already done (use --force to retrain)")
@@ -315,7 +325,7 @@ def run_fold(
             f"validating on {int((fold_table['fold'] == k).sum())}"
         )
         job = FoldJob(cfg, k, fdir, Path(cfg.data), fold_table[["file_name", "label", "fold"]], exclude)
-        summary = fit_fold(job, source, resume=resume, progress=progress, log=log)
+        summary = fit(job, source, resume=resume, progress=progress, log=log)
     faults.point("fold-done")
     return summary
 

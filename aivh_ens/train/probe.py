@@ -1,0 +1,374 @@
+"""Probe runs (``cv --head linear|mlp``): a head per fold on frozen-backbone features.
+
+The features of every train image are extracted once into the feature store (:mod:`aivh_ens.train.features`);
+each fold then fits its head on the other folds' rows only and scores its own rows:
+
+- ``linear``: L2 logistic regression (scikit-learn) on standardised features, C picked from
+  :data:`C_GRID` by log loss in an inner cross-validation over the training folds only (grouped by the run's
+  ``--group`` when it has one). The standardisation is fitted on the training folds too.
+- ``mlp``: ``--head-hidden`` layers (default :data:`MLP_HIDDEN`) with ReLU and ``--head-dropout``, trained for
+  :data:`MLP_EPOCHS` epochs of AdamW (``--lr``, ``--weight-decay``) on the standardised features.
+
+A fold writes the files a fine-tuned fold writes (``best.safetensors`` holding the head, ``metrics.csv``,
+``oof.csv``, ``done.json`` last), under the same lock, so blend, submit, predict and status treat the run
+like any other. At inference a head maps features (B, D) to (B, 2) logits ``[0, z]``: softmax gives
+P(AI) = sigmoid(z), exactly what a fold model gives.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from aivh_ens.config import RunConfig
+from aivh_ens.data.loader import derive_seed
+from aivh_ens.errors import UserError
+from aivh_ens.io import write_csv, write_json
+from aivh_ens.layout import features_dir
+from aivh_ens.train.features import FeatureExtractor, FeatureStore, build_extractor, ensure_features
+from aivh_ens.train.fold import DONE, FOLD_OOF, STATE, FoldJob, _split_rows
+from aivh_ens.train.loop import BEST, METRICS, _val_metrics, resolve_device, save_weights
+from aivh_ens.train.models import DataConfig
+
+Log = Callable[[str], None]
+
+C_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+"""Inverse L2 strengths the linear head's inner CV chooses from."""
+INNER_FOLDS = 5
+MLP_HIDDEN: tuple[int, ...] = (256,)
+MLP_EPOCHS = 50
+MLP_BATCH = 256
+
+
+def is_probe(cfg: RunConfig) -> bool:
+    """True for a frozen-feature probe run (``--head linear|mlp``)."""
+    return cfg.head != "finetune"
+
+
+class ProbeHead(nn.Module):
+    """Standardise features (buffers ``mean``, ``scale`` (D,)), then an MLP (no hidden layer: linear) to one
+    logit z; returns (B, 2) logits ``[0, z]`` so that softmax[:, 1] = sigmoid(z)."""
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...] = (), dropout: float = 0.0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_features))
+        self.register_buffer("scale", torch.ones(in_features))
+        layers: list[nn.Module] = []
+        prev = in_features
+        for h in hidden:
+            layers += [nn.Linear(prev, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            prev = h
+        layers.append(nn.Linear(prev, 1))
+        self.net = nn.Sequential(*layers)
+
+    def logit(self, f: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B,)
+        return self.net((f.float() - self.mean) / self.scale)[:, 0]
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, 2)
+        z = self.logit(f)
+        return torch.stack([torch.zeros_like(z), z], dim=1)
+
+
+class ProbeClassifier(nn.Module):
+    """A frozen feature extractor shared by the folds, then one fold's head: images (B, 3, S, S) -> (B, 2)."""
+
+    def __init__(self, extractor: FeatureExtractor, head: ProbeHead):
+        super().__init__()
+        self.extractor, self.head = extractor, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.extractor(x))
+
+
+def head_hidden(cfg: RunConfig) -> tuple[int, ...]:
+    """Hidden layer sizes of the run's head: none for ``linear``, ``--head-hidden`` or MLP_HIDDEN for ``mlp``."""
+    return () if cfg.head == "linear" else (cfg.head_hidden or MLP_HIDDEN)
+
+
+def probe_probs(head: ProbeHead, X: np.ndarray, batch: int = 8192) -> np.ndarray:
+    """P(label 1) (N,) float64 of features ``X`` (N, D) under ``head`` (on the CPU, in batches)."""
+    head.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(X), batch):
+            f = torch.from_numpy(np.asarray(X[i : i + batch], dtype=np.float32))
+            out.append(torch.sigmoid(head.logit(f)).double().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+# ---- fitting the heads ----------------------------------------------------------------------------------
+
+
+def _standardised(X: np.ndarray, head: ProbeHead) -> np.ndarray:
+    """Set ``head``'s standardisation from ``X`` (N, D) and return the standardised float64 features."""
+    X = np.asarray(X, dtype=np.float64)
+    mean, scale = X.mean(axis=0), X.std(axis=0)
+    scale = np.where(scale > 1e-6, scale, 1.0)  # constant features: leave them at 0
+    head.mean.copy_(torch.from_numpy(mean))
+    head.scale.copy_(torch.from_numpy(scale))
+    return (X - mean) / scale
+
+
+def inner_splits(y: np.ndarray, groups: np.ndarray | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified (and grouped, when ``groups`` is given) inner folds over the training rows only."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    k = int(min(INNER_FOLDS, np.bincount(y, minlength=2).min()))
+    if k < 2:
+        raise UserError("a probe head needs at least 2 training rows of each class in every fold")
+    if groups is None:
+        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(y, y))
+    return list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(y, y, groups))
+
+
+def fit_linear(
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, seed: int
+) -> tuple[ProbeHead, dict[str, float]]:
+    """Logistic regression on standardised ``X`` (N, D); C by inner CV (log loss), refitted on all N rows."""
+    from sklearn.linear_model import LogisticRegressionCV
+
+    head = ProbeHead(X.shape[1])
+    Z = _standardised(X, head)
+    params = inspect.signature(LogisticRegressionCV).parameters
+    # scikit-learn >= 1.8 warns unless the plain-L2 choices are spelled out; older versions lack the names.
+    extra = {k: v for k, v in (("l1_ratios", (0.0,)), ("use_legacy_attributes", False)) if k in params}
+    lr = LogisticRegressionCV(
+        Cs=list(C_GRID),
+        cv=inner_splits(y, groups, seed),
+        scoring="neg_log_loss",
+        max_iter=2000,
+        random_state=seed,
+        **extra,
+    )
+    lr.fit(Z, y)
+    with torch.no_grad():
+        head.net[-1].weight.copy_(torch.from_numpy(lr.coef_.astype(np.float32).reshape(1, -1)))  # (1, D)
+        head.net[-1].bias.copy_(torch.from_numpy(np.ravel(lr.intercept_).astype(np.float32)))
+    return head, {"C": float(np.ravel(lr.C_)[0])}
+
+
+def fit_mlp(
+    X: np.ndarray, y: np.ndarray, cfg: RunConfig, seed: int, device: torch.device
+) -> tuple[ProbeHead, dict[str, float]]:
+    """An MLP head on standardised ``X`` (N, D): MLP_EPOCHS of AdamW with BCE, seeded."""
+    torch.manual_seed(seed)
+    head = ProbeHead(X.shape[1], head_hidden(cfg), cfg.head_dropout)
+    Z = torch.from_numpy(_standardised(X, head).astype(np.float32)).to(device)
+    t = torch.from_numpy(y.astype(np.float32)).to(device)
+    head.to(device).train()
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    loss = torch.zeros(())
+    for _ in range(MLP_EPOCHS):
+        for idx in torch.randperm(len(Z), generator=gen).split(MLP_BATCH):
+            idx = idx.to(device)
+            # Standardisation is already applied: bypass it by calling the layers directly.
+            loss = nn.functional.binary_cross_entropy_with_logits(head.net(Z[idx])[:, 0], t[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return head.cpu().eval(), {"final_batch_loss": float(loss.detach())}
+
+
+# ---- one probe fold -------------------------------------------------------------------------------------
+
+
+def fit_probe_fold(
+    job: FoldJob,
+    store: FeatureStore,
+    *,
+    groups: np.ndarray | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Fit fold ``job.fold``'s head on the other folds' features; write the fold's files, ``done.json`` last.
+
+    ``resume`` and ``progress`` are accepted for the fold-job signature: a head takes seconds, so an
+    interrupted probe fold is simply fitted again.
+    """
+    cfg, fdir = job.cfg, job.fold_dir
+    fdir.mkdir(parents=True, exist_ok=True)
+    labels, train_rows, val_rows = _split_rows(job)
+    X = store.features  # (N, D) float16
+    seed = derive_seed(cfg.seed, job.fold, "head")
+    t0 = time.perf_counter()
+    if cfg.head == "linear":
+        g = None if groups is None else np.asarray(groups)[train_rows]
+        head, info = fit_linear(X[train_rows], labels[train_rows], g, seed)
+    else:
+        head, info = fit_mlp(X[train_rows], labels[train_rows], cfg, seed, resolve_device(cfg.device))
+    seconds = time.perf_counter() - t0
+    p_train, p_val = probe_probs(head, X[train_rows]), probe_probs(head, X[val_rows])  # (N_train,), (N_val,)
+    vm = _val_metrics(labels[val_rows], p_val)
+    train_loss = _val_metrics(labels[train_rows], p_train)["val_loss"]
+    row = {
+        "epoch": 1,
+        "train_loss": train_loss,
+        "lr": cfg.lr if cfg.head == "mlp" else float("nan"),
+        "img_s": len(train_rows) / max(seconds, 1e-9),
+        **vm,
+        "seconds": seconds,
+        "head": cfg.head,
+        **info,
+    }
+    save_weights(head, fdir / BEST)
+    write_csv(fdir / METRICS, pd.DataFrame([row]), float_format="%.6g")
+    names = job.fold_table["file_name"].to_numpy()
+    oof = pd.DataFrame(
+        {"file_name": names[val_rows], "label": labels[val_rows], "fold": job.fold, "prob": p_val}
+    )
+    write_csv(fdir / FOLD_OOF, oof, float_format="%.8g")
+    c = f" (C={info['C']:g}, chosen by inner CV)" if "C" in info else ""
+    log(
+        f"  fold {job.fold}: {cfg.head} head{c} fit in {seconds:.2f}s on {len(train_rows)} rows; "
+        f"val f1 {vm['val_f1']:.4f}  auc {vm['val_auc']:.4f}  loss {vm['val_loss']:.4f}"
+    )
+    summary = {
+        "fold": job.fold,
+        "best_epoch": 1,
+        "epochs_run": 1,
+        **{k: vm[k] for k in ("val_f1", "val_acc", "val_loss", "val_auc")},
+        "minutes": seconds / 60,
+        "n_train": int(len(train_rows)),
+        "n_val": int(len(val_rows)),
+        "skipped": sorted(names[sorted(job.exclude)].tolist()),
+        "wall_minutes_this_process": seconds / 60,
+        "head": cfg.head,
+        "head_seconds": seconds,
+        **info,
+    }
+    write_json(fdir / DONE, summary)
+    (fdir / STATE).unlink(missing_ok=True)
+    return summary
+
+
+# ---- the probe run --------------------------------------------------------------------------------------
+
+
+def _bad_rows(cfg: RunConfig, store: FeatureStore, bad: dict[int, str]) -> frozenset[int]:
+    """Rows to leave out: the scan's plus those the extraction could not decode (an error unless skipped)."""
+    extra = {i: r for i, r in store.bad.items() if i not in bad}
+    if extra and cfg.on_bad_image == "error":
+        first = min(extra)
+        raise UserError(
+            f"{len(extra)} train image(s) could not be decoded for features; first: {extra[first]}; "
+            "replace it, or pass --on-bad-image skip"
+        )
+    return frozenset(bad) | frozenset(extra)
+
+
+def run_probe_cv(
+    cfg: RunConfig,
+    workdir: str | Path = ".",
+    *,
+    fold_spec: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    log: Log = print,
+) -> Any:
+    """:func:`aivh_ens.train.cv.run_cv` for a probe run: check, prepare the run, extract (or reuse) the
+    train features, fit the requested folds' heads, assemble the OOF. Returns a ``CVResult``."""
+    from aivh_ens.data.cache import open_source
+    from aivh_ens.train.cv import check_inputs, finish_run, prepare_run, run_fold
+
+    workdir = Path(workdir)
+    folds_to_run, table, bad = check_inputs(cfg, fold_spec)
+    fold_table = prepare_run(cfg, workdir, table, bad, folds_to_run, force, log)
+    names = fold_table["file_name"].tolist()
+    root = Path(cfg.data)
+
+    def images(size: int) -> Any:
+        return open_source(cfg, root, names, workdir, img_size=size, progress=progress, log=log)
+
+    device = resolve_device(cfg.device)
+    store = ensure_features(
+        cfg, root, names, features_dir(workdir), images, device, progress=progress, log=log
+    )
+    exclude = _bad_rows(cfg, store, bad)
+    groups = fold_table["group"].to_numpy() if "group" in fold_table.columns else None
+    fit = functools.partial(fit_probe_fold, groups=groups)
+    summaries = [
+        run_fold(
+            cfg, k, workdir, fold_table, exclude, store, resume=resume, progress=progress, log=log, fit=fit
+        )
+        for k in folds_to_run
+    ]
+    return finish_run(cfg, workdir, fold_table, set(exclude), summaries, log)
+
+
+# ---- inference ------------------------------------------------------------------------------------------
+
+
+def load_heads(cfg: RunConfig, weights: tuple[Path, ...] | list[Path]) -> list[ProbeHead]:
+    """The K fold heads of a probe run from their ``best.safetensors`` (strict)."""
+    heads = []
+    for path in weights:
+        sd = load_file(str(path))
+        if "mean" not in sd:
+            raise UserError(f"{path} holds no probe head; re-train the fold with `aivh-ens cv --force ...`")
+        head = ProbeHead(int(sd["mean"].shape[0]), head_hidden(cfg), cfg.head_dropout)
+        try:
+            head.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise UserError(
+                f"cannot load {path} as a {cfg.head} head ({str(e).splitlines()[0][:160]}); "
+                "re-train the fold with `aivh-ens cv --force ...`"
+            ) from None
+        heads.append(head.eval())
+    return heads
+
+
+def load_probe_models(
+    cfg: RunConfig, weights: tuple[Path, ...], device: torch.device
+) -> tuple[list[nn.Module], DataConfig]:
+    """One image model per fold (the shared frozen backbone, then that fold's head), for ``predict``."""
+    from aivh_ens.train.features import probe_data_config
+
+    extractor = build_extractor(cfg).to(device)
+    models: list[nn.Module] = [
+        ProbeClassifier(extractor, h.to(device)).eval() for h in load_heads(cfg, weights)
+    ]
+    return models, probe_data_config(cfg)
+
+
+def probe_test_scores(
+    cfg: RunConfig,
+    weights: tuple[Path, ...],
+    workdir: str | Path,
+    data_dir: str | Path,
+    ids: list[str],
+    device: torch.device,
+    *,
+    progress: bool = True,
+    log: Log = print,
+) -> np.ndarray:
+    """Fold scores (K, N) of the test images from the feature store (built from the images only when it is
+    missing or stale), through each fold's head."""
+    from aivh_ens.data.loader import FileSource
+    from aivh_ens.data.transforms import storage_step
+
+    def images(size: int) -> Any:
+        return FileSource(Path(data_dir), ids, storage_step(cfg, size))
+
+    store = ensure_features(
+        cfg, data_dir, ids, features_dir(workdir), images, device, progress=progress, log=log
+    )
+    if store.bad:
+        first = min(store.bad)
+        raise UserError(
+            f"cannot decode test image {ids[first]}; replace the file (every test id needs a prediction)"
+        )
+    heads = load_heads(cfg, weights)
+    return np.stack([probe_probs(h, store.features) for h in heads]).astype(np.float32)  # (K, N)
