@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aivh_ens.blend.core import SPACES, combine, to_space
+from aivh_ens.blend.core import SPACES, combine, stack_scores, to_space
 from aivh_ens.errors import UserError
 from aivh_ens.io import sha256_file
 from aivh_ens.layout import workdir_of_blend
@@ -46,7 +46,10 @@ _REQUIRED_KEYS = frozenset(
 )
 
 
-_OPTIONAL_KEYS = frozenset({"rank_reference", "all_ai", "warnings"})
+_OPTIONAL_KEYS = frozenset({"rank_reference", "all_ai", "warnings", "stack"})
+
+
+_STACK_KEYS = frozenset({"coef", "intercept", "C", "features"})
 
 
 _RUN_KEYS = frozenset({"name", "config", "oof", "oof_sha256"})
@@ -144,6 +147,38 @@ def _check_blend_doc(doc: Any, where: str = "blend.json") -> None:
             isinstance(doc["warnings"], list) and all(isinstance(w, str) for w in doc["warnings"]),
             "warnings must be a list of strings",
         )
+    _check_stack(doc, names, where, need)
+
+
+def _check_stack(doc: dict[str, Any], names: list[str], where: str, need: Any) -> None:
+    """A ``stack`` section goes with method ``stack`` (and only with it): coefficients for exactly the runs,
+    a finite intercept, C > 0, space ``logit``, and weights equal to the shares of ``|coef|``."""
+    need(
+        ("stack" in doc) == (doc["method"] == "stack"),
+        "a stack section goes with method 'stack', and only with it",
+    )
+    if "stack" not in doc:
+        return
+    st = doc["stack"]
+    _keys(st, _STACK_KEYS, f"{where} stack")
+    coef = st["coef"]
+    need(
+        isinstance(coef, dict) and sorted(coef) == sorted(names),
+        "stack.coef must map each run of runs (and no other) to a number",
+    )
+    need(all(_is_number(v) for v in coef.values()), "stack.coef values must be finite numbers")
+    total = sum(abs(v) for v in coef.values())
+    need(total > 0, "stack.coef must not be all zero")
+    need(_is_number(st["intercept"]), "stack.intercept must be a finite number")
+    need(_is_number(st["C"]) and st["C"] > 0, "stack.C must be a number > 0")
+    need(
+        st["features"] == "logit" and doc["space"] == "logit",
+        "a stack reads logits: features and space logit",
+    )
+    need(
+        all(abs(doc["weights"][r] - abs(coef[r]) / total) <= 1e-6 for r in names),
+        "weights of a stack must be the shares of |stack.coef| (within 1e-6)",
+    )
 
 
 def load_blend(
@@ -226,5 +261,10 @@ def apply_blend(
     # all M rows makes the arithmetic identical to the OOF blend's.
     P = np.stack([arrays.get(r, np.full(n, 0.5)) for r in runs])  # (M, N)
     space = blend_json["space"]
-    probs = combine(to_space(P, space), weights, space)  # (N,)
+    if "stack" in blend_json:  # sigmoid(intercept + coef @ logits), exactly as the stack was scored on OOF
+        st = blend_json["stack"]
+        coef = np.array([st["coef"][r] for r in runs], dtype=np.float64)  # (M,)
+        probs = stack_scores(to_space(P, "logit"), coef, float(st["intercept"]))
+    else:
+        probs = combine(to_space(P, space), weights, space)  # (N,)
     return probs, (probs >= blend_json["threshold"]).astype(np.int64)

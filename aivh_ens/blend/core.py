@@ -80,6 +80,16 @@ def combine(S: np.ndarray, w: np.ndarray, space: str) -> np.ndarray:
     return np.clip(s, 0.0, 1.0, out=s)
 
 
+def stack_scores(L: np.ndarray, coef: np.ndarray, intercept: float) -> np.ndarray:
+    """A stacked blend: ``sigmoid(intercept + sum_i coef_i L_i)`` of logits ``L`` (M, N) -> (N,) in [0, 1].
+
+    Unlike :func:`combine`, the coefficients may be negative and need not sum to 1; the sigmoid is computed
+    as ``(1 + tanh(s / 2)) / 2``, which cannot overflow.
+    """
+    s = np.einsum("m,mn->n", np.asarray(coef, dtype=np.float64), np.asarray(L, dtype=np.float64)) + intercept
+    return 0.5 * (1.0 + np.tanh(0.5 * s))
+
+
 def _normalised(w: np.ndarray, m: int) -> np.ndarray:
     w = np.asarray(w, dtype=np.float64)
     if w.shape != (m,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:

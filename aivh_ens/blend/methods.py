@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aivh_ens.blend.core import SPACES, combine, spaces
+from aivh_ens.blend.core import SPACES, combine, spaces, stack_scores
 from aivh_ens.metrics import METRICS, best_threshold, check_metric
 
 if TYPE_CHECKING:
@@ -36,18 +36,32 @@ _COMPLEXITY = {
     "caruana": 2,
     "hill_climb": 3,
     "optuna": 4,
+    "stack": 5,
 }
 
 
 @dataclass(frozen=True)
 class Fit:
-    """A fitted blend: weights (M,) summing to 1 in ``space``, its threshold and its score where fitted."""
+    """A fitted blend: weights (M,) summing to 1 in ``space``, its threshold and its score where fitted.
+
+    A stacked blend (``coef`` set) scores ``sigmoid(intercept + coef @ logits)`` instead; its ``weights`` are
+    the shares of ``|coef|`` (what each run contributes, for display and for choosing the runs to predict).
+    """
 
     method: str
     space: str
     weights: np.ndarray
     threshold: float
     score: float
+    coef: np.ndarray | None = None  # (M,) logistic-regression coefficients on the runs' logits
+    intercept: float = 0.0
+    C: float | None = None  # the inverse L2 strength the stack's inner CV chose
+
+    def scores(self, S: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The blended scores (N,) in [0, 1] of precomputed spaces ``S`` (:func:`spaces`)."""
+        if self.coef is not None:
+            return stack_scores(S["logit"], self.coef, self.intercept)
+        return combine(S[self.space], self.weights, self.space)
 
 
 def score_weights(
@@ -148,8 +162,9 @@ class Method:
 
 
 def methods(runs: Sequence[str], metric: str, optuna_trials: int) -> list[Method]:
-    """Every method in table order: each single run, the three means, Caruana, hill climbing, Optuna."""
+    """Every method in table order: each single run, the three means, Caruana, hill climbing, Optuna, stack."""
     from aivh_ens.blend.search import fit_optuna  # search imports this module (Fit, score_weights)
+    from aivh_ens.blend.stack import fit_stack  # scikit-learn, imported when blending starts
 
     def single(i: int) -> Callable[[Mapping[str, np.ndarray], np.ndarray, int], Fit]:
         return lambda S, y, _seed: fit_single(S, y, metric, i, f"single:{runs[i]}")
@@ -167,6 +182,7 @@ def methods(runs: Sequence[str], metric: str, optuna_trials: int) -> list[Method
             _COMPLEXITY["optuna"],
             lambda S, y, seed: fit_optuna(S, y, metric, runs, optuna_trials, seed),
         ),
+        Method("stack", _COMPLEXITY["stack"], lambda S, y, seed: fit_stack(S, y, metric, seed)),
     ]
     return out
 
@@ -219,6 +235,6 @@ def nested_cv(
         S_train, S_test = spaces(P[:, ~test]), spaces(P[:, test])
         for m in candidates:
             fit = m.fit(S_train, y[~test], seed + 1 + k)
-            pred = combine(S_test[fit.space], fit.weights, fit.space) >= fit.threshold  # (N_k,)
+            pred = fit.scores(S_test) >= fit.threshold  # (N_k,)
             per_fold[m.name].append(float(score(y[test], pred)))
     return per_fold

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aivh_ens.blend.artifact import BLEND_VERSION, RANK_REFERENCE, _check_blend_doc
-from aivh_ens.blend.core import combine, spaces
+from aivh_ens.blend.core import spaces
 from aivh_ens.blend.methods import Fit, all_ai, methods, nested_cv
 from aivh_ens.blend.oof import OOFSet, load_oof
 from aivh_ens.blend.report import plot_threshold_curves, plot_weights
@@ -197,7 +197,7 @@ def run_blend(
     picked, reason = pick_method(results, metric, tie_tol)
     floor = all_ai_result(oof, metric)
     fit = picked.fit
-    ai_share = float(np.mean(combine(S[fit.space], fit.weights, fit.space) >= fit.threshold))  # OOF rows
+    ai_share = float(np.mean(fit.scores(S) >= fit.threshold))  # OOF rows
     warnings = blend_warnings(picked, floor, ai_share, metric)
     doc = blend_document(oof, picked, results, metric, n_trials, seed, floor, warnings)
     written = _write_outputs(oof, S, results, picked, doc)
@@ -299,6 +299,13 @@ def blend_document(
             "threshold": all_ai.fit.threshold,
         }
     doc["warnings"] = list(warnings)
+    if fit.coef is not None:
+        doc["stack"] = {
+            "coef": {r: float(c) for r, c in zip(oof.runs, fit.coef, strict=True)},
+            "intercept": float(fit.intercept),
+            "C": float(fit.C or 0.0),
+            "features": "logit",
+        }
     _check_blend_doc(doc)
     return doc
 
@@ -314,7 +321,7 @@ def _write_outputs(
     out_dir, fit, y = blend_dir(oof.workdir), picked.fit, oof.y.astype(bool)
     best_single = max((r for r in results if r.name.startswith("single:")), key=lambda r: r.fit.score)
     curves = {
-        f"blend ({picked.name}, {fit.space})": (combine(S[fit.space], fit.weights, fit.space), fit.threshold),
+        f"blend ({picked.name}, {fit.space})": (fit.scores(S), fit.threshold),
         best_single.name: (
             oof.P[oof.runs.index(best_single.name.split(":", 1)[1])],
             best_single.fit.threshold,

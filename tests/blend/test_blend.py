@@ -321,7 +321,7 @@ def test_complementary_blend_beats_best_single_run_nested(fitted):
     assert doc["weights"]["noise"] < 0.1
     # Every method appears once, each with finite scores; the shipped one has the best nested mean (± tie).
     assert list(rows) == ["single:a", "single:b", "single:noise", "mean_prob", "mean_logit", "mean_rank",
-                          "caruana", "hill_climb", "optuna"]  # fmt: skip
+                          "caruana", "hill_climb", "optuna", "stack"]  # fmt: skip
     assert doc["nested_score"]["mean"] >= max(b["nested_mean"] for b in rows.values()) - bstage.TIE_TOL
     assert len(doc["nested_score"]["per_fold"]) == 5
     assert (fitted / "runs" / "blend" / "threshold.png").stat().st_size > 0
@@ -510,5 +510,5 @@ def test_cli_prints_the_table_and_the_choice(fitted):
     out = result.stdout
     assert "oof macro_f1" in out and "nested macro_f1" in out and "<- picked" in out
     assert "picked " in out and "wrote " in out
-    for method in ("single:a", "mean_logit", "caruana", "hill_climb", "optuna"):
+    for method in ("single:a", "mean_logit", "caruana", "hill_climb", "optuna", "stack"):
         assert method in out
