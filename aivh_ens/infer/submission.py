@@ -136,14 +136,7 @@ def run_test_scores(
         spec = specs[info.name]
         P, t0 = cached[info.name], time.perf_counter()
         if info.cfg.head != "finetune":  # a probe run: its heads on the (cached) test feature store
-            from aivh_ens.train.probe import probe_test_scores
-
-            P = probe_test_scores(
-                info.cfg, info.weights, workdir, data_dir, list(ids), device, progress=progress, log=log
-            )
-            out.append(
-                RunScores(info.name, P, f"features:{info.cfg.probe_views}", False, time.perf_counter() - t0)
-            )
+            out.append(_probe_scores(workdir, info, data_dir, ids, device, progress, log))
             continue
         if P is None:
             P = _predict_run(
@@ -213,6 +206,25 @@ def _predict_run(
     }
     write_cache(*cache_paths(workdir, info.name, spec), key, ids, P, meta)
     return P
+
+
+def _probe_scores(
+    workdir: str | Path,
+    info: RunInfo,
+    data_dir: Path,
+    ids: Sequence[str],
+    device: torch.device,
+    progress: bool,
+    log: Log,
+) -> RunScores:
+    """A probe run's fold scores: its heads on the test feature store (extracted only when not cached)."""
+    from aivh_ens.train.probe import probe_test_scores
+
+    t0 = time.perf_counter()
+    P = probe_test_scores(
+        info.cfg, info.weights, workdir, data_dir, list(ids), device, progress=progress, log=log
+    )
+    return RunScores(info.name, P, f"features:{info.cfg.probe_views}", False, time.perf_counter() - t0)
 
 
 def blended_runs(workdir: Path, blend_path: str | Path | None) -> tuple[dict[str, Any], list[RunInfo]]:

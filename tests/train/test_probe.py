@@ -202,3 +202,16 @@ def test_fine_tuned_plus_probe_run_blend_and_submit_end_to_end(probe_run, tmp_pa
     res = invoke("submit", "--workdir", work, "--data", data, "--out", out2, "--quiet")
     assert res.exit_code == 0, res.output
     assert out2.read_text() == out.read_text()
+
+
+def test_predict_scores_a_probe_run_like_its_stored_features(probe_run):
+    from aivh_ens.infer.predict import predict_images
+    from aivh_ens.infer.runs import check_run
+    from aivh_ens.train.probe import probe_test_scores
+
+    data, work, _ = probe_run
+    ids = pd.read_csv(data / "test.csv", dtype=str)["id"].tolist()[:4]
+    preds, _ = predict_images([data / i for i in ids], work, run="p", tta="none", device="cpu")
+    info = check_run(work, "p")
+    P = probe_test_scores(info.cfg, info.weights, work, data, ids, torch.device("cpu"), progress=False)
+    np.testing.assert_allclose([p.prob for p in preds], P.mean(axis=0), atol=5e-3)
