@@ -1,4 +1,5 @@
-"""Training: models, the epoch loop, one (run, fold) job, and the cv stage over a run's folds."""
+"""Training: models, the epoch loop, one (run, fold) job, the cv stage over a run's folds, and probe runs
+(frozen-backbone features in a feature store, one head per fold)."""
 
 from __future__ import annotations
 
@@ -20,5 +21,11 @@ __getattr__, __dir__, __all__ = attach(
         "run_cv": ".cv",
         "CVResult": ".cv",
         "format_summary": ".cv",
+        "FeatureStore": ".features",
+        "ensure_features": ".features",
+        "extract_features": ".features",
+        "ProbeHead": ".probe",
+        "fit_probe_fold": ".probe",
+        "run_probe_cv": ".probe",
     },
 )

@@ -94,6 +94,17 @@ def test_probe_run_writes_the_files_of_a_fine_tuned_run_and_says_what_it_cost(pr
     assert len(list((work / "runs" / "features").glob("*.feats"))) == 1
 
 
+def test_a_second_cv_reuses_the_features_and_skips_finished_folds(probe_run):
+    data, work, _ = probe_run
+    cfg = json.loads((work / "runs" / "p" / "config.json").read_text())["config"]
+    before = (work / "oof" / "p.csv").read_bytes()
+    res = invoke("cv", *PROBE, "--head", "linear", "--weights", cfg["weights"], "--name", "p", "--data", data,
+                 "--workdir", work, "--fold", "1")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "reused" in res.output and "fold 1: already done" in res.output
+    assert (work / "oof" / "p.csv").read_bytes() == before
+
+
 def test_oof_row_comes_from_a_head_that_never_saw_it(probe_run, monkeypatch):
     """Re-fit each fold with a spy: the rows a head is fitted on never include the rows it scores."""
     _, work, _ = probe_run
