@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from aivh_ens.config import RunConfig
 from aivh_ens.data.loader import ImageDataset, ImageSource, Normalizer, default_workers, make_loader
 from aivh_ens.data.transforms import eval_transform, storage_step
+from aivh_ens.errors import UserError
 from aivh_ens.io import atomic_path, sha256_file
 from aivh_ens.train.loop import autocast, eval_batch_size
 from aivh_ens.train.models import DataConfig, create_backbone, weights_files
@@ -195,14 +196,16 @@ def read_store(path: str | Path, key: dict[str, Any]) -> FeatureStore | None:
                 return None
             f.seek(offset)
             doc = json.loads(f.read(length))
-        n, d = (int(v) for v in doc["shape"])
-        if doc.get("key") != key or n * d * 2 != offset or len(doc["names"]) != n:
-            return None
-        feats = (
-            np.memmap(path, dtype=np.float16, mode="r", shape=(n, d))
-            if n * d
-            else np.zeros((n, d), np.float16)
-        )
+            n, d = (int(v) for v in doc["shape"])
+            if doc.get("key") != key or n * d * 2 != offset or len(doc["names"]) != n:
+                return None
+            # Mapped through the descriptor the index was read from: a rebuild renamed over the path
+            # meanwhile cannot pair this index with another file's numbers.
+            feats = (
+                np.memmap(f, dtype=np.float16, mode="r", shape=(n, d))
+                if n * d
+                else np.zeros((n, d), np.float16)
+            )
         bad = {int(k): str(v) for k, v in doc["bad"].items()}
         return FeatureStore(path, feats, tuple(doc["names"]), bad, dict(doc.get("info", {})))
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error):
@@ -335,6 +338,11 @@ def _build(
     t0 = time.perf_counter()
     feats, bad = extract_features(extractor, dc, cfg, source, device, progress=progress)
     seconds = time.perf_counter() - t0
+    if not np.isfinite(feats).all():
+        raise UserError(
+            f"features of {cfg.backbones[0]} overflow float16 (|x| > 65504) for some images; the feature "
+            "store cannot hold them: use a fine-tuned run (--head finetune) for this backbone"
+        )
     info = {"seconds": seconds, "img_s": len(names) / max(seconds, 1e-9), "device": str(device)}
     write_store(path, key, names, feats, bad, info)
     store = read_store(path, key)
