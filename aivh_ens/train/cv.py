@@ -320,8 +320,9 @@ def run_fold(
             return read_fold_summary(fdir)
         for tmp in fdir.glob(".*.tmp"):  # left by a process killed mid-write; never read, safe to drop
             tmp.unlink(missing_ok=True)
+        what = cfg.model if cfg.head == "finetune" else f"a {cfg.head} head on {cfg.model} features"
         log(
-            f"fold {k}/{cfg.folds - 1}: training {cfg.model} on {int((fold_table['fold'] != k).sum())} rows, "
+            f"fold {k}/{cfg.folds - 1}: training {what} on {int((fold_table['fold'] != k).sum())} rows, "
             f"validating on {int((fold_table['fold'] == k).sum())}"
         )
         job = FoldJob(cfg, k, fdir, Path(cfg.data), fold_table[["file_name", "label", "fold"]], exclude)
