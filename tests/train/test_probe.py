@@ -174,7 +174,7 @@ def test_store_is_never_read_half_written_and_key_changes_make_another_file(tmp_
     ("args", "needles"),
     [
         (["--head", "linear"], ["--pretrained", "--weights"]),
-        (["--head", "mlp", "--model", "test_vit+test_vit", "--pretrained"], ["--head mlp", "one backbone"]),
+        (["--head", "mlp", "--model", "test_vit+test_vit", "--pretrained"], ["(--head)", "one backbone"]),
         (["--head", "ridge"], ["--head"]),
     ],
 )
