@@ -90,7 +90,15 @@ def blend_cmd(runs, metric, trials, timeout, storage, seed, nested_trials, quiet
     click.echo(
         f"space {b['space']}, threshold {b['threshold']:.4f}, weights "
         + ", ".join(f"{r} {w:.3f}" for r, w in b["weights"].items())
+        + (" (shares of |coef|)" if "stack" in b else "")
     )
+    if "stack" in b:  # what apply_blend computes: sigmoid(intercept + sum coef * logit(p))
+        st = b["stack"]
+        click.echo(
+            f"stack: sigmoid({st['intercept']:+.4f} "
+            + " ".join(f"{c:+.4f} * logit({r})" for r, c in st["coef"].items())
+            + f"), C {st['C']:g}"
+        )
     click.echo("wrote " + ", ".join(str(p) for p in result.written))
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)

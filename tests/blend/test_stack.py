@@ -113,3 +113,16 @@ def test_tampered_stack_section_is_refused_in_one_line(stacked, tmp_path, edit, 
     path.write_text(json.dumps(doc))
     with pytest.raises(UserError, match=re.escape(error)):
         load_blend(path, stacked)
+
+
+def test_cli_prints_the_stack_row_and_its_formula(stacked):
+    from click.testing import CliRunner
+
+    from aivh_ens.cli import main
+
+    res = CliRunner().invoke(
+        main, ["blend", "--workdir", str(stacked), "--trials", "5", "--nested-trials", "3", "--quiet"]
+    )
+    assert res.exit_code == 0, res.output
+    assert re.search(r"^stack\s+logit\s", res.output, re.M) and "<- picked" in res.output
+    assert "stack: sigmoid(" in res.output and "* logit(b)" in res.output
