@@ -19,10 +19,13 @@ from aivh_ens.cli import main
 from aivh_ens.config import resolve_config
 from aivh_ens.data.loader import FileSource
 from aivh_ens.data.transforms import eval_transform, storage_step
+from aivh_ens.errors import UserError
 from aivh_ens.infer.submission import validate_submission
+from aivh_ens.recipes import RECIPES
 from aivh_ens.train import features as features_mod
 from aivh_ens.train import probe as probe_mod
 from aivh_ens.train.features import (
+    FeatureExtractor,
     build_extractor,
     probe_data_config,
     read_store,
@@ -30,7 +33,7 @@ from aivh_ens.train.features import (
     store_path,
     write_store,
 )
-from aivh_ens.train.probe import fit_linear, fit_mlp, probe_probs
+from aivh_ens.train.probe import ProbeHead, fit_linear, fit_mlp, probe_probs
 
 PROBE = ["--model", "test_vit", "--img-size", "32", "--folds", "3", "--group", "pairs", "--quiet"]
 
@@ -226,3 +229,23 @@ def test_predict_scores_a_probe_run_like_its_stored_features(probe_run):
     info = check_run(work, "p")
     P = probe_test_scores(info.cfg, info.weights, work, data, ids, torch.device("cpu"), progress=False)
     np.testing.assert_allclose([p.prob for p in preds], P.mean(axis=0), atol=5e-3)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n in RECIPES if RECIPES[n].get("head", "finetune") != "finetune")
+)
+def test_every_probe_recipe_builds_its_extractor_and_head(name):
+    """Real backbones (random init: no downloads): pooled features, then a head, give (B, 2) logits; without
+    weights the recipe is refused."""
+    cfg = resolve_config(name)
+    assert cfg.pretrained and cfg.head in ("linear", "mlp")
+    with pytest.raises(UserError, match=re.escape("(--pretrained")):
+        resolve_config(name, pretrained=False)
+    torch.manual_seed(0)
+    backbone = timm.create_model(cfg.backbones[0], pretrained=False, num_classes=0, img_size=cfg.img_size)
+    extractor = FeatureExtractor(backbone)
+    dc = probe_data_config(cfg)
+    feats = extractor(torch.randn(2, 3, dc.img_size, dc.img_size))
+    assert feats.shape == (2, extractor.num_features) and torch.isfinite(feats).all()
+    out = ProbeHead(extractor.num_features, probe_mod.head_hidden(cfg))(feats)
+    assert out.shape == (2, 2) and torch.isfinite(out).all()
