@@ -203,7 +203,6 @@ def _train(spec: JobSpec, device: str, started: dict[str, Any]) -> dict[str, Any
     workdir = Path(spec.workdir)
     table = read_fold_file(workdir / spec.fold_file)
     names = table["file_name"].tolist()
-    source = open_source(cfg, cfg.data, names, workdir, progress=False, log=_log(spec))
     meta = {
         "job_hash": spec.config_hash,
         "host": started["host"],
@@ -222,7 +221,14 @@ def _train(spec: JobSpec, device: str, started: dict[str, Any]) -> dict[str, Any
         frozenset(spec.exclude),
         meta,
     )
-    summary = fit_fold(job, source, resume=True, progress=False, log=_log(spec))
+    if cfg.head != "finetune":  # a probe fold: the run's feature store, then the fold's head
+        from aivh_ens.train.probe import fit_probe_job
+
+        groups = table["group"].to_numpy() if "group" in table.columns else None
+        summary = fit_probe_job(job, workdir, groups, log=_log(spec))
+    else:
+        source = open_source(cfg, cfg.data, names, workdir, progress=False, log=_log(spec))
+        summary = fit_fold(job, source, resume=True, progress=False, log=_log(spec))
     assemble_oof(workdir, cfg, table, set(spec.exclude), _log(spec))
     return summary
 

@@ -17,6 +17,7 @@ P(AI) = sigmoid(z), exactly what a fold model gives.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import time
@@ -36,7 +37,7 @@ from aivh_ens.errors import UserError
 from aivh_ens.io import write_csv, write_json
 from aivh_ens.layout import features_dir
 from aivh_ens.train.features import FeatureExtractor, FeatureStore, build_extractor, ensure_features
-from aivh_ens.train.fold import DONE, FOLD_OOF, STATE, FoldJob, _split_rows
+from aivh_ens.train.fold import DONE, FOLD_OOF, FoldJob, _split_rows
 from aivh_ens.train.loop import BEST, METRICS, _val_metrics, resolve_device, save_weights
 from aivh_ens.train.models import DataConfig
 
@@ -260,9 +261,9 @@ def fit_probe_fold(
         "head": cfg.head,
         "head_seconds": seconds,
         **info,
+        **job.meta,
     }
     write_json(fdir / DONE, summary)
-    (fdir / STATE).unlink(missing_ok=True)
     return summary
 
 
@@ -319,6 +320,27 @@ def run_probe_cv(
         for k in folds_to_run
     ]
     return finish_run(cfg, workdir, fold_table, set(exclude), summaries, log)
+
+
+def fit_probe_job(
+    job: FoldJob, workdir: str | Path, groups: np.ndarray | None, *, log: Log = print
+) -> dict[str, Any]:
+    """One probe fold as a standalone job (a sweep backend's): the run's feature store (built by whichever job
+    gets its lock first, read by the others), then the fold's head."""
+    from aivh_ens.data.cache import open_source
+
+    cfg = job.cfg
+    names = job.fold_table["file_name"].tolist()
+
+    def images(size: int) -> Any:
+        return open_source(cfg, job.data_root, names, workdir, img_size=size, progress=False, log=log)
+
+    device = resolve_device(cfg.device)
+    store = ensure_features(
+        cfg, job.data_root, names, features_dir(workdir), images, device, progress=False, log=log
+    )
+    exclude = _bad_rows(cfg, store, dict.fromkeys(job.exclude, ""))
+    return fit_probe_fold(dataclasses.replace(job, exclude=exclude), store, groups=groups, log=log)
 
 
 # ---- inference ------------------------------------------------------------------------------------------

@@ -249,3 +249,17 @@ def test_every_probe_recipe_builds_its_extractor_and_head(name):
     assert feats.shape == (2, extractor.num_features) and torch.isfinite(feats).all()
     out = ProbeHead(extractor.num_features, probe_mod.head_hidden(cfg))(feats)
     assert out.shape == (2, 2) and torch.isfinite(out).all()
+
+
+def test_a_probe_run_in_a_sweep_fits_heads_and_matches_plain_cv(probe_run):
+    """``cv --devices cpu`` runs the folds as sweep jobs: they read the same feature store and fit the same
+    heads, so the OOF equals the plain run's."""
+    data, work, _ = probe_run
+    cfg = json.loads((work / "runs" / "p" / "config.json").read_text())["config"]
+    res = invoke("cv", *PROBE, "--head", "linear", "--weights", cfg["weights"], "--name", "ps", "--data", data,
+                 "--workdir", work, "--devices", "cpu")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    a, b = pd.read_csv(work / "oof" / "p.csv"), pd.read_csv(work / "oof" / "ps.csv")
+    assert a["file_name"].tolist() == b["file_name"].tolist()
+    np.testing.assert_allclose(a["prob"], b["prob"], atol=1e-6)
+    assert json.loads((work / "runs" / "ps" / "fold0" / "done.json").read_text())["head"] == "linear"
