@@ -93,16 +93,7 @@ def _check_blend_doc(doc: Any, where: str = "blend.json") -> None:
             f"{where} has version {doc.get('version')!r}; this aivh-ens reads version {BLEND_VERSION}"
         )
     _keys(doc, _REQUIRED_KEYS, where, _OPTIONAL_KEYS)
-    need(isinstance(doc["runs"], list) and len(doc["runs"]) >= 1, "runs must be a non-empty list")
-    for i, run in enumerate(doc["runs"]):
-        _keys(run, _RUN_KEYS, f"{where} runs[{i}]")
-        need(
-            all(isinstance(run[k], str) and run[k] for k in ("name", "config", "oof")),
-            f"runs[{i}] needs strings",
-        )
-        need(_is_sha256(run["oof_sha256"]), f"runs[{i}].oof_sha256 must be a hex sha256")
-    names = [run["name"] for run in doc["runs"]]
-    need(len(set(names)) == len(names), "runs lists a run twice")
+    names = _check_runs(doc, where, need)
     need(_is_sha256(doc["fold_sha256"]), "fold_sha256 must be a hex sha256")
     need(doc["space"] in SPACES, f"space must be one of {', '.join(SPACES)}")
     need(doc["metric"] in METRICS, f"metric must be one of {', '.join(METRICS)}")
@@ -137,6 +128,27 @@ def _check_blend_doc(doc: Any, where: str = "blend.json") -> None:
         "trials: int",
     )
     need(isinstance(doc["seed"], int) and not isinstance(doc["seed"], bool), "seed must be an integer")
+    _check_optional(doc, where, need)
+    _check_stack(doc, names, where, need)
+
+
+def _check_runs(doc: dict[str, Any], where: str, need: Any) -> list[str]:
+    """The ``runs`` list: one object per run (name, config and OOF paths, OOF sha256), no run twice."""
+    need(isinstance(doc["runs"], list) and len(doc["runs"]) >= 1, "runs must be a non-empty list")
+    for i, run in enumerate(doc["runs"]):
+        _keys(run, _RUN_KEYS, f"{where} runs[{i}]")
+        need(
+            all(isinstance(run[k], str) and run[k] for k in ("name", "config", "oof")),
+            f"runs[{i}] needs strings",
+        )
+        need(_is_sha256(run["oof_sha256"]), f"runs[{i}].oof_sha256 must be a hex sha256")
+    names = [run["name"] for run in doc["runs"]]
+    need(len(set(names)) == len(names), "runs lists a run twice")
+    return names
+
+
+def _check_optional(doc: dict[str, Any], where: str, need: Any) -> None:
+    """``rank_reference``, ``all_ai`` (a baselines row) and ``warnings``, where present."""
     if "rank_reference" in doc:
         need(doc["rank_reference"] == RANK_REFERENCE, f"rank_reference must be {RANK_REFERENCE!r}")
     if "all_ai" in doc:  # the score of predicting every row AI, in the form of a baselines row
@@ -147,7 +159,6 @@ def _check_blend_doc(doc: Any, where: str = "blend.json") -> None:
             isinstance(doc["warnings"], list) and all(isinstance(w, str) for w in doc["warnings"]),
             "warnings must be a list of strings",
         )
-    _check_stack(doc, names, where, need)
 
 
 def _check_stack(doc: dict[str, Any], names: list[str], where: str, need: Any) -> None:

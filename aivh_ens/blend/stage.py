@@ -245,6 +245,12 @@ def _score_methods(
     )
 
 
+def _baseline_row(r: MethodResult) -> dict[str, Any]:
+    """One method's scores as blend.json lists them (``baselines`` and ``all_ai``)."""
+    return {"method": r.name, "oof_score": r.fit.score, "nested_mean": r.nested_mean,
+            "nested_std": r.nested_std, "threshold": r.fit.threshold}  # fmt: skip
+
+
 def blend_document(
     oof: OOFSet,
     picked: MethodResult,
@@ -275,29 +281,14 @@ def blend_document(
             "std": picked.nested_std,
             "per_fold": list(picked.per_fold),
         },
-        "baselines": [
-            {
-                "method": r.name,
-                "oof_score": r.fit.score,
-                "nested_mean": r.nested_mean,
-                "nested_std": r.nested_std,
-                "threshold": r.fit.threshold,
-            }
-            for r in results
-        ],
+        "baselines": [_baseline_row(r) for r in results],
         "trials": n_trials,
         "seed": seed,
     }
     if fit.space == "rank":
         doc["rank_reference"] = RANK_REFERENCE
     if all_ai is not None:
-        doc["all_ai"] = {
-            "method": all_ai.name,
-            "oof_score": all_ai.fit.score,
-            "nested_mean": all_ai.nested_mean,
-            "nested_std": all_ai.nested_std,
-            "threshold": all_ai.fit.threshold,
-        }
+        doc["all_ai"] = _baseline_row(all_ai)
     doc["warnings"] = list(warnings)
     if fit.coef is not None:
         doc["stack"] = {

@@ -118,17 +118,9 @@ def cv_cmd(
     scale = {k: flags.pop(k) for k in SCALE_KEYS}
     if flags.get("deterministic") is False:
         flags["deterministic"] = None
-    values = dict(
-        data=str(data) if data else None,
-        train_csv=train_csv,
-        file_col=file_col,
-        label_col=label_col,
-        folds=n_folds,
-        seed=seed,
-        group=group,
-        rrc_scale=parse_floats(rrc_scale, 2, "--rrc-scale"),
-        **flags,
-    )
+    values = dict(data=str(data) if data else None, train_csv=train_csv, file_col=file_col, label_col=label_col,
+                  folds=n_folds, seed=seed, group=group, rrc_scale=parse_floats(rrc_scale, 2, "--rrc-scale"),
+                  **flags)  # fmt: skip
     if _is_sweep(model, scale):
         return _cv_sweep(model, recipe, name, fold_spec, force, workdir, scale, values)
     cfg = resolve_config(recipe, model=model, name=name, **values)
