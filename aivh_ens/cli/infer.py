@@ -7,31 +7,21 @@ from pathlib import Path
 
 import click
 
-from aivh_ens.cli.options import WORKDIR, cpu_threads, user_errors
+from aivh_ens.cli.options import BLEND, TTA, WORKDIR, cpu_threads, user_errors
 
 # ---- submit / predict ----------------------------------------------------------------------------------
 # (the submit and predict commands are defined below this line)
-_TTA_HELP = (
-    "Test-time augmentation: none, hflip, d4 (8 flips/rotations), crops:N (N native-resolution "
-    "crops), or combined, e.g. hflip+crops:5.  [default: each run's recipe default]"
-)
 
 
 @click.command("submit")
-@click.option(
-    "--blend",
-    "blend_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Fitted blend.  [default: WORKDIR/runs/blend/blend.json]",
-)
+@BLEND
 @click.option(
     "--data",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Dataset folder with test.csv and the test images.  [default: the runs' training data]",
 )
-@click.option("--tta", default=None, metavar="SPEC", help=_TTA_HELP)
+@TTA
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -92,15 +82,9 @@ def submit_cmd(blend_path, data, tta, out, proba, device, batch_size, workers, q
 
 @click.command("predict")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--blend",
-    "blend_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Fitted blend.  [default: WORKDIR/runs/blend/blend.json]",
-)
+@BLEND
 @click.option("--run", default=None, help="Score with this one run instead of a blend (threshold 0.5).")
-@click.option("--tta", default=None, metavar="SPEC", help=_TTA_HELP)
+@TTA
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
 @click.option(

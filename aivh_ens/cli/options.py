@@ -206,3 +206,17 @@ def report_line(workdir: Path) -> str:
     from aivh_ens.layout import report_path
 
     return f"report: {report_path(workdir)} (write or refresh it with `aivh-ens report --workdir {workdir}`)"
+
+
+TTA_HELP = (
+    "Test-time augmentation: none, hflip, d4 (8 flips/rotations), crops:N (N native-resolution "
+    "crops), or combined, e.g. hflip+crops:5.  [default: each run's recipe default]"
+)
+TTA = click.option("--tta", default=None, metavar="SPEC", help=TTA_HELP)
+BLEND = click.option(
+    "--blend",
+    "blend_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Fitted blend.  [default: WORKDIR/runs/blend/blend.json]",
+)

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import click
 
-from aivh_ens.cli.infer import _TTA_HELP
-from aivh_ens.cli.options import WORKDIR, cpu_threads, user_errors
+from aivh_ens.cli.options import BLEND, TTA, WORKDIR, cpu_threads, user_errors
 
 
 @click.command("serve")
-@click.option(
-    "--blend",
-    "blend_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Fitted blend.  [default: WORKDIR/runs/blend/blend.json]",
-)
+@BLEND
 @click.option("--run", default=None, help="Serve this one run instead of a blend (threshold 0.5).")
-@click.option("--tta", default=None, metavar="SPEC", help=_TTA_HELP)
+@TTA
 @click.option(
     "--host",
     default="127.0.0.1",
