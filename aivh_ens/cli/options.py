@@ -16,6 +16,17 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import click
 
+from aivh_ens.config import (
+    AMP_MODES,
+    CACHE,
+    HEADS,
+    MODES,
+    ON_BAD_IMAGE,
+    OPTIMIZERS,
+    PROBE_VIEWS,
+    SCHEDULERS,
+    SELECT,
+)
 from aivh_ens.errors import UserError
 
 WORKDIR = click.option(
@@ -120,8 +131,8 @@ training_options = options(
     click.option("--accum-steps", type=int, default=None, help="Gradient accumulation steps."),
     click.option("--lr", type=float, default=None),
     click.option("--weight-decay", type=float, default=None),
-    click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "lamb"]), default=None),
-    click.option("--scheduler", type=click.Choice(["cosine", "step", "onecycle", "constant"]), default=None),
+    click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None),
+    click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None),
     click.option("--warmup-epochs", type=float, default=None),
     click.option("--label-smoothing", type=float, default=None),
     click.option("--clip-grad", type=float, default=None, help="Max gradient norm."),
@@ -131,13 +142,13 @@ training_options = options(
     click.option("--early-stop", type=int, default=None, help="Patience in epochs."),
     click.option(
         "--select",
-        type=click.Choice(["f1", "auc", "loss", "last"]),
+        type=click.Choice(SELECT),
         default=None,
         help="Validation metric that picks the saved epoch.",
     ),
     click.option(
         "--mode",
-        type=click.Choice(["resize", "crop"]),
+        type=click.Choice(MODES),
         default=None,
         help="resize: whole image to --img-size; crop: native-resolution crops (keeps generator traces).",
     ),
@@ -158,21 +169,19 @@ training_options = options(
     ),
     click.option(
         "--head",
-        type=click.Choice(["finetune", "linear", "mlp"]),
+        type=click.Choice(HEADS),
         default=None,
         help="finetune: train the model; linear|mlp: a probe on frozen features (extracted once into "
         "runs/features/), one head per fold.  [default: finetune]",
     ),
     click.option(
         "--probe-views",
-        type=click.Choice(["none", "hflip"]),
+        type=click.Choice(PROBE_VIEWS),
         default=None,
         help="Probe runs: features of each image (none) or averaged with its mirror (hflip).",
     ),
     click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]"),
-    click.option(
-        "--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="CUDA mixed precision."
-    ),
+    click.option("--amp", type=click.Choice(AMP_MODES), default=None, help="CUDA mixed precision."),
     click.option(
         "--compile/--no-compile",
         default=None,
@@ -185,13 +194,13 @@ training_options = options(
     click.option("--deterministic", is_flag=True, default=None, help="Deterministic cuDNN (slower on GPU)."),
     click.option(
         "--on-bad-image",
-        type=click.Choice(["error", "skip"]),
+        type=click.Choice(ON_BAD_IMAGE),
         default=None,
         help="A corrupt image stops the run (error) or is skipped and recorded (skip).",
     ),
     click.option(
         "--cache",
-        type=click.Choice(["auto", "on", "off"]),
+        type=click.Choice(CACHE),
         default=None,
         help="Decode every image once into a memory-mapped cache (auto: when it fits on disk).",
     ),

@@ -16,6 +16,7 @@ from aivh_ens.cli.options import (
     user_errors,
 )
 from aivh_ens.cli.sweep import scale_options
+from aivh_ens.config import MODES
 from aivh_ens.errors import UserError
 
 
@@ -194,7 +195,7 @@ def _cv_sweep(model, recipe, name, fold_spec, force, workdir, scale, values) -> 
 @click.option("--model", default=None, help="Derive the storage size from this timm model's input size.")
 @click.option(
     "--mode",
-    type=click.Choice(["resize", "crop"]),
+    type=click.Choice(MODES),
     default=None,
     help="resize: S x S (or shorter side S when the recipe crops after a resize); crop: native pixels, "
     "shorter side capped at S.",

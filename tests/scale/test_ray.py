@@ -9,12 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray  # the ray extra: make install (and CI) installs it, so a missing one fails loudly
 from click.testing import CliRunner
 from sweep_plans import write_plan
 
 from aivh_ens.cli import main
 
-ray = pytest.importorskip("ray")  # CI installs the ray extra, so this never skips there
 ROOT = Path(__file__).resolve().parents[2]
 
 

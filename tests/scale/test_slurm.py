@@ -8,13 +8,11 @@ import os
 from pathlib import Path
 
 import pandas as pd
-import pytest
+import submitit  # noqa: F401  # the slurm extra: make install (and CI) installs it; missing fails loudly
 from sweep_plans import write_plan
 
-pytest.importorskip("submitit")  # CI installs the slurm extra, so this never skips there
-
-from aivh_ens.scale.plan import load_plan  # noqa: E402
-from aivh_ens.scale.sweep import SlurmOptions, run_sweep  # noqa: E402
+from aivh_ens.scale.plan import load_plan
+from aivh_ens.scale.sweep import SlurmOptions, run_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 
