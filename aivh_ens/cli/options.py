@@ -16,6 +16,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import click
 
+from aivh_ens import system
 from aivh_ens.config import (
     AMP_MODES,
     CACHE,
@@ -44,10 +45,7 @@ def cpu_threads(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, threads: int | None = None, **kwargs: Any) -> Any:
         click.get_current_context().meta["threads"] = threads  # a sweep hands it on to its jobs
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
+        system.set_torch_threads(threads)
         return fn(*args, **kwargs)
 
     return click.option(

@@ -46,7 +46,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from aivh_ens import system
+from aivh_ens import layout, system
 from aivh_ens.config import RunConfig
 from aivh_ens.data.cache_format import (
     _MISSING,
@@ -417,7 +417,7 @@ def model_img_size(cfg: RunConfig) -> int:
 
 def default_cache_dir(cfg: RunConfig, workdir: str | Path) -> Path:
     """``cfg.cache_dir``, else ``<workdir>/runs/cache``."""
-    return Path(cfg.cache_dir) if cfg.cache_dir else Path(workdir) / "runs" / "cache"
+    return Path(cfg.cache_dir) if cfg.cache_dir else layout.cache_dir(workdir)
 
 
 def open_source(

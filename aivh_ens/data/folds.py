@@ -15,6 +15,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from aivh_ens.errors import UserError
 from aivh_ens.io import sha256_file, write_csv
+from aivh_ens.layout import folds_dir
 
 
 def fold_file_name(k: int, seed: int, group: str | None) -> str:
@@ -93,7 +94,7 @@ def ensure_fold_file(
 
     Returns (path, sha256, fold table, created).
     """
-    path = Path(workdir) / "folds" / fold_file_name(k, seed, group)
+    path = folds_dir(workdir) / fold_file_name(k, seed, group)
     created = False
     if path.exists():
         folds = read_fold_file(path)

@@ -16,17 +16,14 @@ from aivh_ens.config import training_identity
 from aivh_ens.infer.runs import RunInfo
 from aivh_ens.infer.tta import TTASpec
 from aivh_ens.io import sha256_file, sha256_text, write_csv, write_json
-from aivh_ens.layout import run_dir
+from aivh_ens.layout import test_scores_dir
 
 CACHE_VERSION = 1
 
 
-TEST_DIR = "test"  # runs/<run>/test/: cached test scores
-
-
 def cache_paths(workdir: str | Path, run: str, spec: TTASpec) -> tuple[Path, Path]:
     """``runs/<run>/test/<tta>.csv`` and its sidecar ``.json``."""
-    d = run_dir(Path(workdir), run) / TEST_DIR
+    d = test_scores_dir(workdir, run)
     return d / f"{spec.file_stem}.csv", d / f"{spec.file_stem}.json"
 
 

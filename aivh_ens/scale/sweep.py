@@ -96,10 +96,11 @@ def _check_unchanged(cfg: RunConfig, workdir: Path, where: str) -> None:
 def expand(checked: list[_Checked], workdir: Path) -> list[tuple[JobSpec, str]]:
     """Every (run, fold) job with its state (``done`` when its done.json matches its hash), longest first."""
     from aivh_ens.data.folds import fold_file_name
+    from aivh_ens.layout import FOLDS
 
     jobs = []
     for c in checked:
-        fold_file = str(Path("folds") / fold_file_name(c.cfg.folds, c.cfg.seed, c.cfg.group))
+        fold_file = str(Path(FOLDS) / fold_file_name(c.cfg.folds, c.cfg.seed, c.cfg.group))
         for k in range(c.cfg.folds):
             spec = make_spec(c.cfg, k, workdir, fold_file, tuple(sorted(c.bad)))
             jobs.append((spec, "done" if done_matches(spec) else "pending"))
