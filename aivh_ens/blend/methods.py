@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aivh_ens.blend.core import SPACES, combine, spaces, stack_scores
+from aivh_ens.blend.core import SPACES, combine, spaces, stack_scores, to_space
 from aivh_ens.metrics import METRICS, best_threshold, check_metric
 
 if TYPE_CHECKING:
@@ -162,7 +162,9 @@ class Method:
 
 
 def methods(runs: Sequence[str], metric: str, optuna_trials: int) -> list[Method]:
-    """Every method in table order: each single run, the three means, Caruana, hill climbing, Optuna, stack."""
+    """Every method in table order: each single run, the three means, Caruana, hill climbing, Optuna, stack.
+
+    One run blends as itself: its ``single`` method alone (every other method would reproduce it)."""
     from aivh_ens.blend.search import fit_optuna  # search imports this module (Fit, score_weights)
     from aivh_ens.blend.stack import fit_stack  # scikit-learn, imported when blending starts
 
@@ -173,6 +175,8 @@ def methods(runs: Sequence[str], metric: str, optuna_trials: int) -> list[Method
         return lambda S, y, _seed: fit_mean(S, y, metric, space)
 
     out = [Method(f"single:{run}", _COMPLEXITY["single"], single(i)) for i, run in enumerate(runs)]
+    if len(runs) == 1:
+        return out
     out += [Method(f"mean_{space}", _COMPLEXITY[f"mean_{space}"], mean(space)) for space in SPACES]
     out += [
         Method("caruana", _COMPLEXITY["caruana"], lambda S, y, _seed: fit_caruana(S, y, metric)),
@@ -199,6 +203,14 @@ def all_ai(y: np.ndarray, folds: np.ndarray, metric: str) -> tuple[float, list[f
     return float(score(y, ones)), [float(score(y[folds == f], ones[folds == f])) for f in np.unique(folds)]
 
 
+@dataclass(frozen=True)
+class NestedCV:
+    """Nested-CV results: per method, the score on each outer fold and the held-out label of every row."""
+
+    per_fold: dict[str, list[float]]  # {method: [score on each fold, in sorted fold order]}
+    pred: dict[str, np.ndarray]  # {method: (N,) bool, each row predicted by the fit that did not see it}
+
+
 def nested_cv(
     P: np.ndarray,
     y: np.ndarray,
@@ -207,11 +219,11 @@ def nested_cv(
     candidates: Sequence[Method],
     seed: int = 0,
     progress: bool = False,
-) -> dict[str, list[float]]:
+) -> NestedCV:
     """Per fold k: fit every method on the other folds, score fold k with the fitted weights AND threshold.
 
-    Spaces are recomputed on each side of the split, so rank-space blends rank the held-out fold among
-    itself, as the test set is ranked at submission time.
+    Spaces are recomputed on each side of the split. Rank-space scores of the held-out fold are placed among
+    the training folds' scores, as test scores are placed among the OOF scores at submission time.
 
     Args:
         P: (M, N) OOF probabilities.
@@ -221,20 +233,19 @@ def nested_cv(
         candidates: the methods to fit.
         seed: Optuna methods use ``seed + 1 + fold index``.
         progress: show a progress bar over folds.
-
-    Returns:
-        ``{method name: [score on each fold, in sorted fold order]}``.
     """
     from aivh_ens.progress import Progress
 
     score = METRICS[check_metric(metric)]
     y = np.asarray(y, dtype=bool)
     per_fold: dict[str, list[float]] = {m.name: [] for m in candidates}
+    pred = {m.name: np.zeros(len(y), dtype=bool) for m in candidates}
     for k, fold in enumerate(Progress(np.unique(folds), "nested CV", unit="fold", enabled=progress)):
         test = folds == fold
-        S_train, S_test = spaces(P[:, ~test]), spaces(P[:, test])
+        S_train = spaces(P[:, ~test])
+        S_test = {**spaces(P[:, test]), "rank": to_space(P[:, test], "rank", P[:, ~test])}
         for m in candidates:
             fit = m.fit(S_train, y[~test], seed + 1 + k)
-            pred = fit.scores(S_test) >= fit.threshold  # (N_k,)
-            per_fold[m.name].append(float(score(y[test], pred)))
-    return per_fold
+            pred[m.name][test] = fit.scores(S_test) >= fit.threshold  # (N_k,)
+            per_fold[m.name].append(float(score(y[test], pred[m.name][test])))
+    return NestedCV(per_fold, pred)

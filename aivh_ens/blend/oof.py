@@ -1,4 +1,4 @@
-"""Read and cross-check the OOF files of several runs (``oof/<run>.csv`` + each run's config.json)."""
+"""Read and cross-check the OOF files of one or more runs (``oof/<run>.csv`` + each run's config.json)."""
 
 from __future__ import annotations
 
@@ -55,11 +55,6 @@ def _run_names(oof_dir: Path, runs: Sequence[str] | None) -> list[str]:
                     f"run {r!r} has no OOF file {oof_dir / (r + '.csv')}; available runs: "
                     f"{', '.join(available) or 'none'} (a run's OOF appears when all its folds are done)"
                 )
-    if len(names) < 2:
-        raise UserError(
-            f"a blend needs at least two runs, got {len(names)} ({', '.join(names)}); train another model with "
-            "`aivh-ens cv --model NAME` or list more with --runs a,b"
-        )
     return names
 
 
@@ -162,7 +157,7 @@ def load_oof(workdir: str | Path, runs: Sequence[str] | None = None) -> OOFSet:
     """Read and cross-check the OOF files of ``runs`` (default: every ``oof/*.csv``) before any work.
 
     Raises:
-        UserError: fewer than two runs, an unreadable file, NaN or out-of-range probabilities, a missing
+        UserError: no run, an unreadable file, NaN or out-of-range probabilities, a missing
             run config, runs made from different fold files, or rows/labels/folds that differ between runs.
     """
     workdir = Path(workdir)

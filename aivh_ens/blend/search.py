@@ -73,9 +73,11 @@ def _completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def open_study(
-    storage: str | optuna.storages.BaseStorage | None, name: str | None, seed: int
+    storage: str | optuna.storages.BaseStorage | None, name: str | None, seed: int, fresh: bool = False
 ) -> optuna.Study:
     """Create or load (``load_if_exists``) a maximising study with a seeded TPE sampler.
+
+    ``fresh`` deletes a study of that name first, so the study holds exactly the trials of this call.
 
     The sampler is seeded with ``seed + number of trials already in the study``, so a resumed study does
     not replay the random draws of the session before it, and the same sequence of sessions repeats.
@@ -85,6 +87,9 @@ def open_study(
 
     try:
         with _quiet_optuna():
+            if fresh and name is not None:
+                with contextlib.suppress(KeyError):  # no such study yet
+                    optuna.delete_study(study_name=name, storage=journal_storage(storage))
             study = optuna.create_study(
                 storage=journal_storage(storage), study_name=name, direction="maximize", load_if_exists=True
             )

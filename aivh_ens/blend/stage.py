@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     pass
 
 
-TIE_TOL = 1e-4
-"""Nested-CV means closer than this count as a tie, and the simpler method is shipped."""
+BOOTSTRAPS = 500
+"""Bootstrap samples of the BBC-CV estimate (Tsamardinos et al. 2018)."""
 
 ALL_AI_MARGIN = 0.02
 """blend warns when the shipped nested score is within this of predicting every row AI."""
@@ -45,6 +45,7 @@ class MethodResult:
     complexity: int
     fit: Fit
     per_fold: tuple[float, ...]
+    pred: np.ndarray | None = None  # (N,) bool nested-CV labels, each row from the fit that did not see it
 
     @property
     def nested_mean(self) -> float:
@@ -68,17 +69,25 @@ class BlendResult:
     warnings: tuple[str, ...] = ()
 
 
-def pick_method(
-    results: Sequence[MethodResult], metric: str, tie_tol: float = TIE_TOL
-) -> tuple[MethodResult, str]:
-    """The method to ship: best nested-CV mean, the simplest of those within ``tie_tol`` of it.
+def paired_se(a: Sequence[float], b: Sequence[float]) -> float:
+    """Standard error of the mean per-fold difference ``a - b`` (the same folds): ``std(d, ddof=1) / sqrt(K)``."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+
+
+def pick_method(results: Sequence[MethodResult], metric: str) -> tuple[MethodResult, str]:
+    """The method to ship by the one-standard-error rule: the simplest method whose nested-CV mean is within
+    one paired standard error (over the outer folds) of the best method's.
+
+    A difference smaller than that is noise of the fold split, so a more complex method must earn its place.
 
     Returns:
         ``(result, reason)`` with a one-sentence reason.
     """
-    top = max(results, key=lambda r: r.nested_mean)
-    tied = [r for r in results if r.nested_mean >= top.nested_mean - tie_tol]
-    picked = min(tied, key=lambda r: (r.complexity, -r.nested_mean))
+    top = max(results, key=lambda r: (r.nested_mean, -r.complexity))
+    se = {r.name: paired_se(top.per_fold, r.per_fold) for r in results}
+    close = [r for r in results if top.nested_mean - r.nested_mean <= se[r.name]]
+    picked = min(close, key=lambda r: (r.complexity, -r.nested_mean))
     reason = (
         f"picked {picked.name}: nested {metric} {picked.nested_mean:.4f} ± {picked.nested_std:.4f} "
         f"(in-sample {picked.fit.score:.4f})"
@@ -87,8 +96,8 @@ def pick_method(
         reason += f", the best nested score of the {len(results)} methods"
     else:
         reason += (
-            f"; {top.name} scores {top.nested_mean:.4f} nested, within the {tie_tol:g} tie margin, so the "
-            "simpler method ships"
+            f"; {top.name} scores {top.nested_mean:.4f} nested, {top.nested_mean - picked.nested_mean:.4f} more, "
+            f"within one paired standard error ({se[picked.name]:.4f}), so the simpler method ships"
         )
     in_sample = max(results, key=lambda r: r.fit.score)
     if in_sample.name != picked.name:
@@ -97,6 +106,36 @@ def pick_method(
             "threshold on the rows it is scored on is optimistic"
         )
     return picked, reason
+
+
+def bbc_score(
+    results: Sequence[MethodResult], y: np.ndarray, metric: str, n_boot: int = BOOTSTRAPS, seed: int = 0
+) -> tuple[float, float] | None:
+    """Bootstrap bias-corrected nested score (BBC-CV, Tsamardinos et al. 2018): ``(mean, std)`` over bootstraps.
+
+    Each bootstrap draws rows with replacement, picks the method that scores best on the drawn rows (from
+    their nested-CV labels) and scores it on the rows not drawn. Choosing the best of several candidates on
+    the same rows it is reported on is what makes the raw best nested mean optimistic; this removes that.
+    None when no method kept its per-row labels.
+    """
+    from aivh_ens.metrics import METRICS
+
+    cands = [r for r in results if r.pred is not None]
+    if not cands:
+        return None
+    score = METRICS[metric]
+    y = np.asarray(y, dtype=bool)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        oob = np.ones(len(y), dtype=bool)
+        oob[idx] = False
+        if not oob.any() or y[oob].all() or not y[oob].any():
+            continue
+        best = max(cands, key=lambda r: score(y[idx], r.pred[idx]))  # type: ignore[index]
+        out.append(score(y[oob], best.pred[oob]))  # type: ignore[index]
+    return (float(np.mean(out)), float(np.std(out))) if out else None
 
 
 def format_table(
@@ -160,12 +199,12 @@ def run_blend(
     workdir: str | Path,
     runs: Sequence[str] | None = None,
     metric: str = "f1",
-    trials: int = 300,
+    trials: int = 100,
     timeout: float | None = None,
     storage: str | None = None,
     seed: int = 42,
-    nested_trials: int = 100,
-    tie_tol: float = TIE_TOL,
+    nested_trials: int | None = None,
+    resume_study: bool = False,
     progress: bool = False,
 ) -> BlendResult:
     """The blend stage: validate the OOF files, search, score every method in and out of sample, pick, write.
@@ -174,15 +213,18 @@ def run_blend(
         workdir: project folder holding ``oof/`` and ``runs/`` (``--workdir``).
         runs: run names (``--runs``); default every ``oof/*.csv``.
         metric: a name in :data:`aivh_ens.metrics.METRICS` (``--metric``).
-        trials: Optuna trials to add to the study (``--trials``; it resumes if it exists).
+        trials: Optuna trials of the shipped search (``--trials``).
         timeout: stop the search after this many seconds (``--timeout``).
         storage: an Optuna storage URL (``--storage``); default SQLite at ``runs/blend/study.db``.
         seed: seeds the TPE samplers (``--seed``).
-        nested_trials: Optuna trials per nested-CV fold (``--nested-trials``).
-        tie_tol: nested means within this are a tie, broken towards the simpler method.
+        nested_trials: Optuna trials per nested-CV fold (``--nested-trials``); default ``trials``, so what
+            ships is searched exactly as what was scored.
+        resume_study: add ``trials`` to the study of the same inputs instead of starting a fresh one
+            (``--resume-study``).
         progress: show progress bars.
     """
     check_metric(metric)
+    nested_trials = trials if nested_trials is None else nested_trials
     if trials < 1 or nested_trials < 1:
         raise UserError(
             f"trials={trials} (--trials) and nested_trials={nested_trials} (--nested-trials) must be "
@@ -192,14 +234,19 @@ def run_blend(
         raise UserError(f"timeout={timeout} (--timeout) must be a positive number of seconds")
     oof = load_oof(workdir, runs)  # every input check happens here, before anything is written
     S = spaces(oof.P)
-    optuna_fit, n_trials = _search(oof, S, metric, trials, timeout, storage, seed, progress)
+    optuna_fit, n_trials = (
+        _search(oof, S, metric, trials, timeout, storage, seed, resume_study, progress)
+        if len(oof.runs) > 1
+        else (None, 0)  # one run blends as itself: nothing to search
+    )
     results = _score_methods(oof, S, metric, optuna_fit, nested_trials, seed, progress)
-    picked, reason = pick_method(results, metric, tie_tol)
+    picked, reason = pick_method(results, metric)
     floor = all_ai_result(oof, metric)
     fit = picked.fit
     ai_share = float(np.mean(fit.scores(S) >= fit.threshold))  # OOF rows
     warnings = blend_warnings(picked, floor, ai_share, metric)
-    doc = blend_document(oof, picked, results, metric, n_trials, seed, floor, warnings)
+    bbc = bbc_score(results, oof.y, metric, seed=seed)
+    doc = blend_document(oof, picked, results, metric, n_trials, seed, floor, warnings, bbc)
     written = _write_outputs(oof, S, results, picked, doc)
     return BlendResult(doc, results, picked, reason, written, floor, warnings)
 
@@ -212,13 +259,15 @@ def _search(
     timeout: float | None,
     storage: str | None,
     seed: int,
+    resume: bool,
     progress: bool,
 ) -> tuple[Fit, int]:
-    """Add ``trials`` to the persistent study of these inputs; its best blend and its number of trials."""
+    """Run ``trials`` in a fresh study of these inputs (or add them to it: ``resume``); its best blend and its
+    number of trials."""
     y = oof.y.astype(bool)
     store = default_storage(oof.workdir) if storage is None else storage
     try:
-        study = open_study(store, study_name(oof, metric), seed)
+        study = open_study(store, study_name(oof, metric), seed, fresh=not resume)
         fit = optimize(study, S, y, metric, oof.runs, trials, timeout, progress)
         return fit, len(_completed(study))
     finally:
@@ -230,7 +279,7 @@ def _score_methods(
     oof: OOFSet,
     S: Mapping[str, np.ndarray],
     metric: str,
-    optuna_fit: Fit,
+    optuna_fit: Fit | None,
     nested_trials: int,
     seed: int,
     progress: bool,
@@ -238,17 +287,22 @@ def _score_methods(
     """Every method fitted on all OOF rows (Optuna: the study's best) and scored by nested CV."""
     y = oof.y.astype(bool)
     candidates = methods(oof.runs, metric, nested_trials)
-    in_sample = {m.name: (optuna_fit if m.name == "optuna" else m.fit(S, y, seed)) for m in candidates}
-    per_fold = nested_cv(oof.P, y, oof.folds, metric, candidates, seed=seed, progress=progress)
+    in_sample = {
+        m.name: (optuna_fit if m.name == "optuna" and optuna_fit else m.fit(S, y, seed)) for m in candidates
+    }
+    nested = nested_cv(oof.P, y, oof.folds, metric, candidates, seed=seed, progress=progress)
     return tuple(
-        MethodResult(m.name, m.complexity, in_sample[m.name], tuple(per_fold[m.name])) for m in candidates
+        MethodResult(
+            m.name, m.complexity, in_sample[m.name], tuple(nested.per_fold[m.name]), nested.pred[m.name]
+        )
+        for m in candidates
     )
 
 
 def _baseline_row(r: MethodResult) -> dict[str, Any]:
     """One method's scores as blend.json lists them (``baselines`` and ``all_ai``)."""
     return {"method": r.name, "oof_score": r.fit.score, "nested_mean": r.nested_mean,
-            "nested_std": r.nested_std, "threshold": r.fit.threshold}  # fmt: skip
+            "nested_std": r.nested_std, "threshold": r.fit.threshold, "per_fold": list(r.per_fold)}  # fmt: skip
 
 
 def blend_document(
@@ -260,6 +314,7 @@ def blend_document(
     seed: int,
     all_ai: MethodResult | None = None,
     warnings: Sequence[str] = (),
+    bbc: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """The blend.json content for the picked method (checked against the schema before it is returned)."""
     fit = picked.fit
@@ -280,12 +335,13 @@ def blend_document(
             "mean": picked.nested_mean,
             "std": picked.nested_std,
             "per_fold": list(picked.per_fold),
+            **({"bbc_mean": bbc[0], "bbc_std": bbc[1]} if bbc is not None else {}),
         },
         "baselines": [_baseline_row(r) for r in results],
         "trials": n_trials,
         "seed": seed,
     }
-    if fit.space == "rank":
+    if fit.space == "rank" and fit.coef is None:
         doc["rank_reference"] = RANK_REFERENCE
     if all_ai is not None:
         doc["all_ai"] = _baseline_row(all_ai)

@@ -27,9 +27,9 @@ from aivh_ens.cli.options import WORKDIR, report_line, user_errors
 @click.option(
     "--trials",
     type=click.IntRange(min=1),
-    default=300,
+    default=100,
     show_default=True,
-    help="Optuna trials to add; re-running continues the same study.",
+    help="Optuna trials of the shipped search, in a fresh study (each nested-CV fold gets the same budget).",
 )
 @click.option(
     "--timeout",
@@ -48,18 +48,26 @@ from aivh_ens.cli.options import WORKDIR, report_line, user_errors
 @click.option(
     "--nested-trials",
     type=click.IntRange(min=1),
-    default=100,
-    show_default=True,
-    help="Optuna trials per fold in the nested-CV estimate.",
+    default=None,
+    help="Optuna trials per fold in the nested-CV estimate.  [default: --trials]",
+)
+@click.option(
+    "--resume-study",
+    is_flag=True,
+    help="Add --trials to the study of the same inputs instead of starting a fresh one (the nested estimate "
+    "then scores a smaller search than the one that ships).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @WORKDIR
 @user_errors
-def blend_cmd(runs, metric, trials, timeout, storage, seed, nested_trials, quiet, workdir) -> None:
+def blend_cmd(
+    runs, metric, trials, timeout, storage, seed, nested_trials, resume_study, quiet, workdir
+) -> None:
     """Tune blend weights, space and threshold on oof/*.csv; write runs/blend/blend.json.
 
-    Scores every single run, the equal-weight means, Caruana selection, hill climbing and an Optuna search
-    in-sample and by nested CV, and ships the method with the best nested score (ties: the simpler one).
+    Scores every single run, the equal-weight means, Caruana selection, hill climbing, an Optuna search and
+    a stack in-sample and by nested CV, and ships the simplest method within one paired standard error of
+    the best nested score. One run blends as itself (its threshold tuned on its OOF rows).
 
     \b
     aivh-ens blend
@@ -81,12 +89,19 @@ def blend_cmd(runs, metric, trials, timeout, storage, seed, nested_trials, quiet
         storage=storage,
         seed=seed,
         nested_trials=nested_trials,
+        resume_study=resume_study,
         progress=not quiet,
     )
     b = result.blend
     click.echo(f"{len(b['runs'])} runs, {b['trials']} trials in the study; in-sample and nested-CV {metric}:")
     click.echo(format_table(result.methods, metric, result.picked.name, result.all_ai))
     click.echo(result.reason)
+    nested = b["nested_score"]
+    if "bbc_mean" in nested:
+        click.echo(
+            f"nested {metric} of the shipped method {nested['mean']:.4f}; bootstrap bias-corrected for choosing "
+            f"among {len(result.methods)} methods (BBC-CV): {nested['bbc_mean']:.4f} ± {nested['bbc_std']:.4f}"
+        )
     click.echo(
         f"space {b['space']}, threshold {b['threshold']:.4f}, weights "
         + ", ".join(f"{r} {w:.3f}" for r, w in b["weights"].items())

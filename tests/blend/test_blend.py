@@ -50,9 +50,6 @@ def _bad(root: Path, case: str) -> list[str]:
     if case == "no_oof":
         (root / "oof").mkdir()
         return []
-    if case == "one_run":
-        write_run(root, "a", probs["a"])
-        return []
     for name in ("a", "b"):
         write_run(root, name, probs[name])
     p = probs["b"].copy()
@@ -60,8 +57,6 @@ def _bad(root: Path, case: str) -> list[str]:
         return ["--runs", "a,zzz"]
     if case == "runs_twice":
         return ["--runs", "a,a,b"]
-    if case == "runs_one":
-        return ["--runs", "b"]
     if case == "nan":
         p[7] = np.nan
         write_run(root, "b", p)
@@ -102,8 +97,6 @@ def _bad(root: Path, case: str) -> list[str]:
 
 ERRORS = [  # (case, words the one-line message must contain)
     ("no_oof", ["no OOF files", "aivh-ens cv"]),
-    ("one_run", ["at least two runs", "(a)"]),
-    ("runs_one", ["at least two runs", "(b)"]),
     ("unknown_run", ["'zzz'", "available runs: a, b"]),
     ("runs_twice", ["a more than once"]),
     ("nan", ["oof/b.csv", "NaN", "line 9"]),
@@ -274,37 +267,62 @@ def test_nested_cv_fits_on_other_folds_only(data):
         seen.append(len(y_train))
         return bmethods.Fit("spy", "prob", np.array([1.0, 0, 0]), 2.0, 0.0)  # threshold above every score
 
-    per_fold = bmethods.nested_cv(P, y, folds, "f1", [bmethods.Method("spy", 0, spy)])
+    nested = bmethods.nested_cv(P, y, folds, "f1", [bmethods.Method("spy", 0, spy)])
     assert seen == [N - np.sum(folds == k) for k in range(5)]
     # The fitted threshold is the one applied: nothing reaches 2.0, so F1 is 0 on every held-out fold.
-    assert per_fold == {"spy": [0.0] * 5}
+    assert nested.per_fold == {"spy": [0.0] * 5}
+    assert not nested.pred["spy"].any()  # every row kept its held-out label
 
 
-def _result(name: str, complexity: int, mean: float, score: float = 0.9) -> bstage.MethodResult:
-    return bstage.MethodResult(
-        name, complexity, bmethods.Fit(name, "prob", np.ones(1), 0.5, score), (mean, mean)
-    )
+def _result(name: str, complexity: int, per_fold, score: float = 0.9) -> bstage.MethodResult:
+    per_fold = (per_fold, per_fold) if np.isscalar(per_fold) else tuple(per_fold)
+    return bstage.MethodResult(name, complexity, bmethods.Fit(name, "prob", np.ones(1), 0.5, score), per_fold)
+
+
+_BASE = np.array([0.90, 0.92, 0.88, 0.91, 0.89])  # per-fold scores of the simple method
 
 
 @pytest.mark.parametrize(
-    ("means", "picked"),
+    ("gain", "picked"),
     [
-        ({"mean_prob": 0.90, "caruana": 0.95, "optuna": 0.94}, "caruana"),
-        ({"mean_prob": 0.90, "caruana": 0.95, "optuna": 0.95004}, "caruana"),  # a tie: the simpler one ships
-        ({"mean_prob": 0.90, "caruana": 0.95, "optuna": 0.96}, "optuna"),
-        ({"single:a": 0.95, "optuna": 0.95}, "single:a"),
+        # the complex method wins on every fold by 0.010 +- 0.002: SE 0.0009, so it earns its place
+        (np.array([0.010, 0.012, 0.008, 0.011, 0.009]), "optuna"),
+        # it wins by 0.004 on average but by -0.02..+0.03 per fold: SE 0.0083 > 0.004, so the simple one ships
+        (np.array([0.030, -0.020, 0.020, -0.010, 0.000]), "mean_prob"),
+        # exactly equal on every fold: SE 0, a tie, the simple one ships
+        (np.zeros(5), "mean_prob"),
     ],
 )
-def test_pick_method_by_nested_score_ties_to_simpler(means, picked):
-    complexity = {"single:a": 0, "mean_prob": 1, "caruana": 2, "optuna": 4}
-    results = [_result(name, complexity[name], mean) for name, mean in means.items()]
+def test_pick_method_one_standard_error_rule(gain, picked):
+    results = [_result("mean_prob", 1, _BASE), _result("optuna", 4, _BASE + gain)]
     chosen, reason = bstage.pick_method(results, "f1")
     assert chosen.name == picked
     assert reason.startswith(f"picked {picked}: nested f1")
+    se = bstage.paired_se(_BASE + gain, _BASE)
+    assert se == pytest.approx(np.std(gain, ddof=1) / np.sqrt(5))
+    assert (picked == "optuna") == (gain.mean() > se)
+    if picked == "mean_prob" and gain.mean() > 0:
+        assert "within one paired standard error" in reason
+
+
+def test_pick_method_simplest_of_those_within_one_se():
+    results = [
+        _result("single:a", 0, _BASE - 0.05),  # clearly worse: never picked
+        _result("caruana", 2, _BASE + np.array([0.01, -0.01, 0.0, 0.01, -0.005])),
+        _result("optuna", 4, _BASE + 0.004),
+        _result("mean_prob", 1, _BASE),
+    ]
+    chosen, _ = bstage.pick_method(results, "f1")
+    # optuna beats mean_prob by 0.004 on every fold (SE 0): real. caruana trails optuna by 0.003 with SE
+    # 0.004: noise. So the simplest method within one SE of optuna is caruana.
+    assert chosen.name == "caruana"
 
 
 def test_pick_method_ignores_in_sample_score():
-    results = [_result("optuna", 4, 0.90, score=0.999), _result("mean_prob", 1, 0.92, score=0.93)]
+    results = [
+        _result("optuna", 4, [0.90, 0.91], score=0.999),
+        _result("mean_prob", 1, [0.92, 0.93], score=0.93),
+    ]
     chosen, reason = bstage.pick_method(results, "f1")
     assert chosen.name == "mean_prob" and "optimistic" in reason
 
@@ -322,7 +340,10 @@ def test_complementary_blend_beats_best_single_run_nested(fitted):
     # Every method appears once, each with finite scores; the shipped one has the best nested mean (± tie).
     assert list(rows) == ["single:a", "single:b", "single:noise", "mean_prob", "mean_logit", "mean_rank",
                           "caruana", "hill_climb", "optuna", "stack"]  # fmt: skip
-    assert doc["nested_score"]["mean"] >= max(b["nested_mean"] for b in rows.values()) - bstage.TIE_TOL
+    best = max(rows.values(), key=lambda b: b["nested_mean"])
+    se = bstage.paired_se(best["per_fold"], doc["nested_score"]["per_fold"])
+    assert doc["nested_score"]["mean"] >= best["nested_mean"] - se  # the 1-SE rule
+    assert 0.0 < doc["nested_score"]["bbc_mean"] <= 1.0
     assert len(doc["nested_score"]["per_fold"]) == 5
     assert (fitted / "runs" / "blend" / "threshold.png").stat().st_size > 0
     assert (fitted / "runs" / "blend" / "weights.png").stat().st_size > 0
@@ -458,17 +479,23 @@ def _study_trials(root: Path) -> dict[str, int]:
     return {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(url, include_best_trial=False)}
 
 
-def test_study_resumes_and_a_new_run_set_is_a_new_study(tmp_path):
+def test_each_blend_is_a_fresh_study_unless_resumed(tmp_path):
     root = make_project(tmp_path, 400)
     args = ("--trials", "20", "--nested-trials", "3")
     assert invoke(root, *args).exit_code == 0
     first = json.loads((root / "runs" / "blend" / "blend.json").read_text())
+    # A second call scores what it ships: a fresh 20-trial study, the same seed, so the same blend.
     result = invoke(root, *args)
     assert result.exit_code == 0, result.output
-    assert "40 trials in the study" in result.stdout
+    assert "20 trials in the study" in result.stdout
+    again = json.loads((root / "runs" / "blend" / "blend.json").read_text())
+    assert again["trials"] == 20 and again["weights"] == first["weights"]
+    assert list(_study_trials(root).values()) == [20]
+    # --resume-study adds the trials to the same study.
+    result = invoke(root, *args, "--resume-study")
+    assert result.exit_code == 0 and "40 trials in the study" in result.stdout
     doc = json.loads((root / "runs" / "blend" / "blend.json").read_text())
-    assert doc["trials"] == 40
-    assert list(_study_trials(root).values()) == [40]
+    assert doc["trials"] == 40 and list(_study_trials(root).values()) == [40]
     # Resuming can only find an equal or better in-sample optimum.
     rows = {b["method"]: b["oof_score"] for b in doc["baselines"]}
     assert rows["optuna"] >= {b["method"]: b["oof_score"] for b in first["baselines"]}["optuna"]
@@ -484,7 +511,10 @@ def test_any_optuna_storage_url(tmp_path):
     root = make_project(tmp_path, 200)
     url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     assert invoke(root, "--trials", "4", "--nested-trials", "2", "--storage", url).exit_code == 0
-    assert invoke(root, "--trials", "3", "--nested-trials", "2", "--storage", url).exit_code == 0
+    assert (
+        invoke(root, "--trials", "3", "--nested-trials", "2", "--storage", url, "--resume-study").exit_code
+        == 0
+    )
     (summary,) = optuna.get_all_study_summaries(url, include_best_trial=False)
     assert summary.n_trials == 7
     assert not (root / "runs" / "blend" / "study.db").exists()
@@ -512,3 +542,38 @@ def test_cli_prints_the_table_and_the_choice(fitted):
     assert "picked " in out and "wrote " in out
     for method in ("single:a", "mean_logit", "caruana", "hill_climb", "optuna", "stack"):
         assert method in out
+
+
+def test_one_run_blends_as_itself(tmp_path):
+    p = complementary(400)["a"]
+    write_run(tmp_path, "a", p)
+    result = invoke(tmp_path, "--trials", "5")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "runs" / "blend" / "blend.json").read_text())
+    y = (np.arange(400) % 2 == 0).astype(int)
+    assert doc["method"] == "single:a" and doc["weights"] == {"a": 1.0} and doc["trials"] == 0
+    assert [b["method"] for b in doc["baselines"]] == ["single:a"]
+    # the threshold is the run's own exact best on its OOF rows, and the nested estimate scores it per fold
+    assert (doc["threshold"], doc["oof_score"]) == pytest.approx(best_threshold(y, p, "f1"))
+    assert len(doc["nested_score"]["per_fold"]) == 5 and doc["nested_score"]["mean"] <= doc["oof_score"]
+
+
+def test_a_blend_winning_by_less_than_one_se_loses_to_the_simpler_method(tmp_path):
+    """Constructed OOF data: two near-copies of one run. Every blend of them can only fit fold noise, so
+    whichever method tops the nested table does so by less than one paired SE, and a single run ships."""
+    rng = np.random.default_rng(3)
+    y = (np.arange(600) % 2 == 0).astype(int)
+    base = np.clip(0.5 + (y - 0.5) * 0.5 + rng.normal(0, 0.25, 600), 0.001, 0.999)
+    write_run(tmp_path, "a", base, y=y)
+    write_run(tmp_path, "b", np.clip(base + rng.normal(0, 0.01, 600), 0.001, 0.999), y=y)
+    result = invoke(tmp_path, "--trials", "10")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "runs" / "blend" / "blend.json").read_text())
+    rows = {b["method"]: b for b in doc["baselines"]}
+    top = max(rows.values(), key=lambda b: b["nested_mean"])
+    assert doc["method"].startswith("single:") and top["method"] != doc["method"]
+    gap = top["nested_mean"] - doc["nested_score"]["mean"]
+    assert 0 < gap <= bstage.paired_se(top["per_fold"], doc["nested_score"]["per_fold"])
+    assert "within one paired standard error" in result.stdout
+    # the bias-corrected estimate of choosing among the methods is reported next to the raw one
+    assert "bbc_mean" in doc["nested_score"] and "BBC-CV" in result.stdout
