@@ -129,18 +129,9 @@ def _sort_with_labels(p: np.ndarray, y8: np.ndarray) -> tuple[np.ndarray, np.nda
     return p[order], y8[order]
 
 
-def threshold_sweep(y: np.ndarray, p: np.ndarray, metric: str = "f1") -> tuple[np.ndarray, np.ndarray]:
-    """Score of predicting 1 when ``p >= t`` for every distinct score ``t`` in ``p``, by one sort.
-
-    Args:
-        y: (N,) labels in {0, 1} (any non-zero counts as 1).
-        p: (N,) scores, no NaN.
-        metric: a name in :data:`METRICS`.
-
-    Returns:
-        ``(thresholds, scores)``: the (K,) distinct scores ascending and the (K,) metric at each.
-    """
-    check_metric(metric)
+def _sweep_counts(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """``(thresholds, tp, predicted positives, n, n_pos)`` of predicting 1 when ``p >= t``, for every distinct
+    score ``t`` in ``p`` (ascending), by one sort."""
     y8 = np.asarray(y, dtype=bool).view(np.int8)
     p = np.asarray(p, dtype=np.float64)
     if p.ndim != 1 or y8.shape != p.shape or len(p) == 0:
@@ -158,8 +149,41 @@ def threshold_sweep(y: np.ndarray, p: np.ndarray, metric: str = "f1") -> tuple[n
     np.not_equal(ps[1:], ps[:-1], out=new_group[1:])
     starts = np.flatnonzero(new_group)  # (K,)
     n_pos = int(pos_below[-1])
-    tp = n_pos - pos_below[starts]  # (K,)
-    return ps[starts], _scores_from_counts(metric, tp, n - starts, n, n_pos)
+    return ps[starts], n_pos - pos_below[starts], n - starts, n, n_pos
+
+
+def threshold_sweep(y: np.ndarray, p: np.ndarray, metric: str = "f1") -> tuple[np.ndarray, np.ndarray]:
+    """Score of predicting 1 when ``p >= t`` for every distinct score ``t`` in ``p``, by one sort.
+
+    Args:
+        y: (N,) labels in {0, 1} (any non-zero counts as 1).
+        p: (N,) scores, no NaN.
+        metric: a name in :data:`METRICS`.
+
+    Returns:
+        ``(thresholds, scores)``: the (K,) distinct scores ascending and the (K,) metric at each.
+    """
+    check_metric(metric)
+    thresholds, tp, pred_pos, n, n_pos = _sweep_counts(y, p)
+    return thresholds, _scores_from_counts(metric, tp, pred_pos, n, n_pos)
+
+
+def weighted_threshold_sweep(
+    y: np.ndarray, p: np.ndarray, w_pos: float, w_neg: float, metric: str = "f1"
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`threshold_sweep` with every label-1 row counted ``w_pos`` times and every label-0 row ``w_neg``
+    times (re-weighting the classes to another prior); same exact sweep, weighted counts."""
+    check_metric(metric)
+    thresholds, tp, pred_pos, n, n_pos = _sweep_counts(y, p)
+    tpw, fpw = w_pos * tp, w_neg * (pred_pos - tp)
+    npw, nnw = w_pos * n_pos, w_neg * (n - n_pos)
+    if metric == "f1":
+        return thresholds, _safe_ratio(2.0 * tpw, tpw + fpw + npw)
+    tnw = nnw - fpw
+    if metric == "accuracy":
+        return thresholds, (tpw + tnw) / (npw + nnw)
+    f1_neg = _safe_ratio(2.0 * tnw, (nnw - fpw) + (npw - tpw) + nnw)
+    return thresholds, 0.5 * (_safe_ratio(2.0 * tpw, tpw + fpw + npw) + f1_neg)
 
 
 def best_threshold(y: np.ndarray, p: np.ndarray, metric: str = "f1") -> tuple[float, float]:

@@ -23,8 +23,11 @@ if TYPE_CHECKING:
 BLEND_VERSION = 1
 
 
-RANK_REFERENCE = "within_set"
-"""How rank-space blends rank new scores: among the rows scored together (see the module docstring)."""
+RANK_REFERENCE = "oof"
+"""How rank-space blends rank new scores: among each run's OOF scores (:func:`aivh_ens.blend.core.rank_against`).
+Blends written before it say ``within_set``: ``submit`` then ranks the test rows among themselves."""
+
+RANK_REFERENCES = ("oof", "within_set")
 
 
 _REQUIRED_KEYS = frozenset(
@@ -58,7 +61,13 @@ _RUN_KEYS = frozenset({"name", "config", "oof", "oof_sha256"})
 _NESTED_KEYS = frozenset({"mean", "std", "per_fold"})
 
 
+_NESTED_OPTIONAL = frozenset({"bbc_mean", "bbc_std"})  # the bootstrap bias-corrected estimate
+
+
 _BASELINE_KEYS = frozenset({"method", "oof_score", "nested_mean", "nested_std", "threshold"})
+
+
+_BASELINE_OPTIONAL = frozenset({"per_fold"})  # the nested score on each outer fold
 
 
 def _is_number(x: Any) -> bool:
@@ -110,7 +119,7 @@ def _check_blend_doc(doc: Any, where: str = "blend.json") -> None:
         "threshold must be a number in [0, 1]",
     )
     need(_is_number(doc["oof_score"]), "oof_score must be a number")
-    _keys(doc["nested_score"], _NESTED_KEYS, f"{where} nested_score")
+    _keys(doc["nested_score"], _NESTED_KEYS, f"{where} nested_score", _NESTED_OPTIONAL)
     nested = doc["nested_score"]
     need(
         _is_number(nested["mean"]) and _is_number(nested["std"]), "nested_score mean and std must be numbers"
@@ -118,9 +127,14 @@ def _check_blend_doc(doc: Any, where: str = "blend.json") -> None:
     need(
         isinstance(nested["per_fold"], list) and all(map(_is_number, nested["per_fold"])), "per_fold: numbers"
     )
+    need(all(_is_number(nested[k]) for k in _NESTED_OPTIONAL & nested.keys()), "bbc_mean/bbc_std: numbers")
     need(isinstance(doc["baselines"], list), "baselines must be a list")
     for i, b in enumerate(doc["baselines"]):
-        _keys(b, _BASELINE_KEYS, f"{where} baselines[{i}]")
+        _keys(b, _BASELINE_KEYS, f"{where} baselines[{i}]", _BASELINE_OPTIONAL)
+        need(
+            isinstance(b.get("per_fold", []), list) and all(map(_is_number, b.get("per_fold", []))),
+            f"baselines[{i}].per_fold must be a list of numbers",
+        )
         need(isinstance(b["method"], str), f"baselines[{i}].method must be a string")
         need(all(_is_number(b[k]) for k in _BASELINE_KEYS - {"method"}), f"baselines[{i}] needs numbers")
     need(
@@ -150,9 +164,9 @@ def _check_runs(doc: dict[str, Any], where: str, need: Any) -> list[str]:
 def _check_optional(doc: dict[str, Any], where: str, need: Any) -> None:
     """``rank_reference``, ``all_ai`` (a baselines row) and ``warnings``, where present."""
     if "rank_reference" in doc:
-        need(doc["rank_reference"] == RANK_REFERENCE, f"rank_reference must be {RANK_REFERENCE!r}")
+        need(doc["rank_reference"] in RANK_REFERENCES, f"rank_reference must be one of {RANK_REFERENCES}")
     if "all_ai" in doc:  # the score of predicting every row AI, in the form of a baselines row
-        _keys(doc["all_ai"], _BASELINE_KEYS, f"{where} all_ai")
+        _keys(doc["all_ai"], _BASELINE_KEYS, f"{where} all_ai", _BASELINE_OPTIONAL)
         need(all(_is_number(doc["all_ai"][k]) for k in _BASELINE_KEYS - {"method"}), "all_ai needs numbers")
     if "warnings" in doc:
         need(
@@ -232,18 +246,42 @@ def load_blend(
     return doc
 
 
+def rank_reference(workdir: str | Path, doc: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Each blended run's OOF probabilities (N_oof,), read from ``oof/<run>.csv``: what a rank-space blend
+    places new scores among."""
+    import pandas as pd
+
+    runs = [r for r in doc["runs"] if doc["weights"][r["name"]] > 0]
+    return {
+        r["name"]: pd.read_csv(Path(workdir) / r["oof"], usecols=["prob"])["prob"].to_numpy() for r in runs
+    }
+
+
+def ranks_among_oof(blend_json: Mapping[str, Any]) -> bool:
+    """Whether the blend places new scores among the OOF scores (rank space, ``rank_reference: oof``)."""
+    return (
+        blend_json["space"] == "rank"
+        and "stack" not in blend_json
+        and (blend_json.get("rank_reference", "within_set") == "oof")
+    )
+
+
 def apply_blend(
-    blend_json: Mapping[str, Any], scores: Mapping[str, np.ndarray]
+    blend_json: Mapping[str, Any],
+    scores: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply a fitted blend to new scores, as the submit stage does.
+    """Apply a fitted blend to new scores, as ``submit``, ``predict`` and ``serve`` do.
 
     Args:
         blend_json: a blend document (see :func:`load_blend`).
         scores: ``{run: (N,) P(label 1)}`` for the same N rows; runs with weight 0 may be left out.
+        reference: ``{run: (N_oof,) OOF probabilities}`` (:func:`rank_reference`); needed by rank-space
+            blends, which place each score among its run's OOF scores.
 
     Returns:
         ``(probs, labels)``: the (N,) blended scores in [0, 1] and the (N,) int64 labels
-        (``probs >= threshold``). Rank-space blends rank the N rows among themselves (module docstring).
+        (``probs >= threshold``).
     """
     _check_blend_doc(dict(blend_json))
     runs = [run["name"] for run in blend_json["runs"]]
@@ -272,10 +310,18 @@ def apply_blend(
     # all M rows makes the arithmetic identical to the OOF blend's.
     P = np.stack([arrays.get(r, np.full(n, 0.5)) for r in runs])  # (M, N)
     space = blend_json["space"]
+    ref = None
+    if ranks_among_oof(blend_json):
+        if reference is None:
+            raise UserError(
+                "a rank-space blend needs reference=rank_reference(workdir, blend) (the OOF scores)"
+            )
+        # a list: runs left out (weight 0) get a one-score placeholder, their rank row is multiplied by 0
+        ref = [np.asarray(reference[r], dtype=np.float64) if r in arrays else np.full(1, 0.5) for r in runs]
     if "stack" in blend_json:  # sigmoid(intercept + coef @ logits), exactly as the stack was scored on OOF
         st = blend_json["stack"]
         coef = np.array([st["coef"][r] for r in runs], dtype=np.float64)  # (M,)
         probs = stack_scores(to_space(P, "logit"), coef, float(st["intercept"]))
     else:
-        probs = combine(to_space(P, space), weights, space)  # (N,)
+        probs = combine(to_space(P, space, ref), weights, space)  # (N,)
     return probs, (probs >= blend_json["threshold"]).astype(np.int64)

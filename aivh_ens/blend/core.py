@@ -8,14 +8,16 @@ No torch, optuna or matplotlib here (``import aivh_ens.blend.core`` stays cheap;
 - ``logit``: ``sigmoid(sum_i w_i logit(clip(p_i, eps, 1 - eps)))`` with ``eps =`` :data:`LOGIT_EPS`.
 - ``rank``: ``sum_i w_i r_i`` with ``r_i = rank / (n - 1)``: the 0-based rank of each of run i's scores
   among the n rows scored together (ties share their mean rank), so 0 for the lowest score, 1 for the
-  highest, 0.5 when n == 1 (:func:`rank01`). The OOF blend ranks all OOF rows together; at submission time
-  the test rows are ranked among themselves, per run. The threshold then cuts at a fraction of the rows,
-  so it transfers only as far as the test set's share of positives resembles the OOF one.
+  highest, 0.5 when n == 1 (:func:`rank01`). The OOF blend ranks all OOF rows together. New scores (test
+  rows, one uploaded image) are placed among each run's OOF scores by :func:`rank_against`, which gives an
+  OOF score exactly its :func:`rank01` value, so one image gets the same blended score in ``submit``,
+  ``predict`` and ``serve``, and the test set's AI share is free to differ from the OOF one.
 
 The label is 1 (AI-generated) when the blended score is ``>= threshold``."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -50,8 +52,26 @@ def rank01(p: np.ndarray) -> np.ndarray:
     return (average_ranks(p) - 1.0) / (len(p) - 1)
 
 
-def to_space(P: np.ndarray, space: str) -> np.ndarray:
-    """Map probabilities ``P`` (M, N) to the blend space, as a float64 C-contiguous (M, N) array."""
+def rank_against(reference: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Normalised rank (N,) of scores ``p`` among ``reference`` scores (R,), on :func:`rank01`'s scale.
+
+    A score equal to reference values gets their average rank, so ``rank_against(r, r) == rank01(r)``; a
+    score between reference values gets the mean rank of its neighbours, clipped to [0, 1] outside them."""
+    ref = np.sort(np.asarray(reference, dtype=np.float64))
+    if len(ref) == 1:
+        return np.full(len(np.atleast_1d(p)), 0.5)
+    p = np.asarray(p, dtype=np.float64)
+    lo, hi = np.searchsorted(ref, p, "left"), np.searchsorted(ref, p, "right")  # (N,) counts below / <=
+    return np.clip((lo + hi - 1) / (2.0 * (len(ref) - 1)), 0.0, 1.0)
+
+
+def to_space(
+    P: np.ndarray, space: str, reference: Sequence[np.ndarray] | np.ndarray | None = None
+) -> np.ndarray:
+    """Map probabilities ``P`` (M, N) to the blend space, as a float64 C-contiguous (M, N) array.
+
+    ``reference`` (M, R): for the rank space, each run's reference scores (its OOF probabilities) that new
+    scores are ranked among (:func:`rank_against`); without it the N rows are ranked among themselves."""
     check_space(space)
     P = np.asarray(P, dtype=np.float64)
     if P.ndim != 2:
@@ -61,6 +81,10 @@ def to_space(P: np.ndarray, space: str) -> np.ndarray:
     if space == "logit":
         q = np.clip(P, LOGIT_EPS, 1.0 - LOGIT_EPS)
         return np.ascontiguousarray(np.log(q) - np.log1p(-q))
+    if reference is not None:
+        return np.ascontiguousarray(
+            np.stack([rank_against(r, row) for r, row in zip(reference, P, strict=True)])
+        )
     return np.ascontiguousarray(np.stack([rank01(row) for row in P]) if len(P) else P)
 
 

@@ -29,6 +29,22 @@ from aivh_ens.cli.options import BLEND, TTA, WORKDIR, cpu_threads, user_errors
     help="Submission file (id,label).  [default: WORKDIR/submission.csv]",
 )
 @click.option("--proba", is_flag=True, help="Also write the blended scores (id,prob) to <out>_proba.csv.")
+@click.option(
+    "--threshold",
+    "threshold",
+    default="auto",
+    show_default=True,
+    metavar="MODE",
+    help="How the test scores are cut: oof (the blend's OOF threshold), share:P (the top P of test rows are AI), "
+    "prior:P (the OOF threshold re-tuned for an AI share P), auto (chosen from the shift diagnosis), or a "
+    "number in [0, 1].",
+)
+@click.option(
+    "--adapt-bn",
+    is_flag=True,
+    help="Re-estimate every fold model's BatchNorm statistics on the test images before scoring (AdaBN); the "
+    "saved weights do not change.",
+)
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
 @click.option(
     "--batch-size",
@@ -46,18 +62,26 @@ from aivh_ens.cli.options import BLEND, TTA, WORKDIR, cpu_threads, user_errors
 @WORKDIR
 @cpu_threads
 @user_errors
-def submit_cmd(blend_path, data, tta, out, proba, device, batch_size, workers, quiet, workdir) -> None:
+def submit_cmd(
+    blend_path, data, tta, out, proba, threshold, adapt_bn, device, batch_size, workers, quiet, workdir
+) -> None:
     """Predict test.csv with every run of the blend (folds x TTA, cached per run) and write the submission.
 
-    The blend's weights, space and threshold are applied as fitted on the OOF rows. A second submit with
-    another blend or threshold reuses each run's cached test scores (runs/<run>/test/).
+    The blend's weights and space are applied as fitted on the OOF rows. The test scores are then compared
+    with the OOF scores (predicted AI share, score shift, estimated test AI share) and cut by --threshold;
+    <out stem>.json records the mode, the threshold, the reason and the diagnosis. A second submit with
+    another threshold reuses each run's cached test scores (runs/<run>/test/).
 
     \b
     aivh-ens submit --data data/
-    aivh-ens submit --data data/ --tta hflip+crops:5 --out sub_tta.csv --proba
-    aivh-ens submit --blend runs/blend/blend.json --device cuda:0 --batch-size 256
+    aivh-ens submit --data data/ --threshold share:0.5      # the test set is known to be balanced
+    aivh-ens submit --data data/ --tta hflip+crops:5 --out sub_tta.csv --proba --adapt-bn
+    aivh-ens submit --blend runs/blend/blend.json --device cuda:0 --batch-size 256 --threshold oof
     """
+    from aivh_ens.blend.shift import parse_threshold
     from aivh_ens.infer.submission import submit
+
+    mode = parse_threshold(threshold)  # a bad mode fails here, before any model loads
 
     r = submit(
         workdir,
@@ -66,6 +90,8 @@ def submit_cmd(blend_path, data, tta, out, proba, device, batch_size, workers, q
         tta=tta,
         out=out,
         proba=proba,
+        threshold=mode,
+        adapt_bn=adapt_bn,
         device=device,
         batch_size=batch_size,
         workers=workers,
@@ -73,9 +99,18 @@ def submit_cmd(blend_path, data, tta, out, proba, device, batch_size, workers, q
         log=click.echo,
     )
     runs = [f"{s.name} ({s.tta}, {'cached' if s.cached else f'{s.seconds:.1f}s'})" for s in r.runs]
-    click.echo(f"blend: {r.space} space, threshold {r.threshold:.4f}; runs: {', '.join(runs)}")
-    click.echo(f"wrote {r.out} ({r.n} rows)" + (f" and {r.proba}" if r.proba else ""))
+    click.echo(f"blend: {r.space} space, OOF threshold {r.oof_threshold:.4f}; runs: {', '.join(runs)}")
+    click.echo("shift diagnosis (test scores against OOF scores):")
+    for line in r.diagnosis.lines():
+        click.echo(f"  {line}")
+    c = r.choice
+    click.echo(f"threshold {c.threshold:.4f} by --threshold {c.mode}: {c.reason}")
     click.echo(f"predicted AI rate {r.ai_rate:.1%} (training rate {r.train_rate:.1%})")
+    click.echo(
+        f"wrote {r.out} ({r.n} rows)"
+        + (f", {r.proba}" if r.proba else "")
+        + f" and {r.record} (how it was cut)"
+    )
     if r.warning:
         click.echo(f"warning: {r.warning}", err=True)
 

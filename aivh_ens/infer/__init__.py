@@ -22,6 +22,6 @@ __getattr__, __dir__, __all__ = attach(
         "format_predictions": ".predict",
         "scorer": ".predict",
         "blend_scores": ".predict",
-        "rank_reference": ".predict",
+        "rank_reference": "aivh_ens.blend.artifact",
     },
 )

@@ -8,14 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from aivh_ens.blend.artifact import apply_blend, load_blend
-from aivh_ens.blend.core import combine
+from aivh_ens.blend.artifact import apply_blend, load_blend, rank_reference
 from aivh_ens.data.loader import FileSource
 from aivh_ens.data.transforms import storage_step
 from aivh_ens.errors import UserError
-from aivh_ens.infer.runs import RunInfo, check_run, fold_average, load_models, predict_folds, run_spec
+from aivh_ens.infer.runs import (
+    RunInfo,
+    check_run,
+    fold_average,
+    load_models,
+    predict_folds,
+    run_spec,
+    view_average,
+)
 from aivh_ens.infer.submission import default_blend_path
 from aivh_ens.infer.tta import parse_tta
 from aivh_ens.train.loop import resolve_device
@@ -29,13 +35,6 @@ class ImagePrediction:
     prob: float | None = None  # P(AI); for a rank-space blend the blended rank score in [0, 1]
     label: int | None = None
     error: str | None = None
-
-
-def rank_against(reference: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Normalised rank (N,) of scores ``p`` among ``reference`` scores: the share below, ties count half."""
-    ref = np.sort(np.asarray(reference, dtype=np.float64))
-    lo, hi = np.searchsorted(ref, p, "left"), np.searchsorted(ref, p, "right")
-    return (lo + hi) / (2.0 * len(ref))
 
 
 def scorer(
@@ -52,30 +51,22 @@ def scorer(
     return doc, infos, {"blend": str(bpath), "space": doc["space"], "threshold": float(doc["threshold"])}
 
 
-def rank_reference(workdir: Path, doc: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Each blended run's OOF scores (N_oof,): what a rank-space blend ranks single images among."""
-    oof_files = {r["name"]: workdir / r["oof"] for r in doc["runs"]}
-    w = [n for n, v in doc["weights"].items() if v > 0]
-    return {n: pd.read_csv(oof_files[n], usecols=["prob"])["prob"].to_numpy() for n in w}
-
-
 def blend_scores(
     workdir: Path,
     doc: dict[str, Any] | None,
     scores: dict[str, np.ndarray],
     reference: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """The (N,) scores to threshold: one run's as they are, else the blend's. A rank-space blend ranks each
-    image among that run's OOF scores (``reference``, read from the OOF files if not given), since a handful
-    of images cannot be ranked among themselves."""
+    """The (N,) scores to threshold: one run's as they are, else the blend's (:func:`apply_blend`). A rank-space
+    blend places each image among that run's OOF scores (``reference``, read from the OOF files if not
+    given), as ``submit`` does; a blend written before ``rank_reference: oof`` is read the same way here,
+    since a handful of images cannot be ranked among themselves."""
     if doc is None:
         return next(iter(scores.values()))
-    if doc["space"] != "rank":
+    if doc["space"] != "rank" or "stack" in doc:
         return apply_blend(doc, scores)[0]
-    w = {n: v for n, v in doc["weights"].items() if v > 0}
     ref = reference if reference is not None else rank_reference(workdir, doc)
-    R = np.stack([rank_against(ref[n], scores[n]) for n in w])  # (M, N_good)
-    return combine(R, np.array(list(w.values())), "rank")
+    return apply_blend({**doc, "rank_reference": "oof"}, scores, ref)[0]
 
 
 def predict_images(
@@ -91,9 +82,8 @@ def predict_images(
 ) -> tuple[list[ImagePrediction], dict[str, Any]]:
     """P(AI) and the label of single images, from a fitted blend or from one run (threshold 0.5).
 
-    Each run's fold models are loaded once and score all images in batches. A rank-space blend ranks each
-    image's score among that run's OOF scores (the rows the blend was fitted on), since a handful of images
-    cannot be ranked among themselves. Unreadable images get an ``error`` and do not stop the others.
+    Each run's fold models are loaded once and score all images in batches. A rank-space blend places each
+    image's score among that run's OOF scores (the rows the blend was fitted on), exactly as ``submit`` does. Unreadable images get an ``error`` and do not stop the others.
 
     Returns:
         ``(predictions in input order, source)``: source describes what scored them (blend or run, space,
@@ -113,8 +103,9 @@ def predict_images(
         models, dc = load_models(info, dev)
         source = FileSource(Path("."), paths, storage_step(info.cfg, dc.img_size))
         P, bad = predict_folds(
-            models, dc, info.cfg, source, good, spec, dev, batch_size=batch_size, workers=workers
-        )
+            models, dc, info.cfg, source, good, spec, dev, batch_size=batch_size, workers=workers,
+            average=view_average(space),
+        )  # fmt: skip
         del models
         errors.update({int(good[i]): r for i, r in bad.items()})
         keep = np.array([i not in bad for i in range(len(good))], dtype=bool)

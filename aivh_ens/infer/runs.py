@@ -93,8 +93,10 @@ def predict_folds(
     workers: int | None = None,
     progress: bool = False,
     desc: str = "test",
+    average: str = "prob",
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """P(label 1) of each row under each fold model, averaged over the TTA views.
+    """P(label 1) of each row under each fold model, averaged over the TTA views (``average``: their mean
+    probability, or the sigmoid of their mean logit for logit-space blends, :func:`view_average`).
 
     Args:
         models: the K fold models of one run (:func:`load_models`).
@@ -135,15 +137,79 @@ def predict_folds(
         b, vc = x.shape[:2]
         xn = normalize(x.reshape(b * vc, *x.shape[2:])).reshape(b, vc, *x.shape[2:])
         p = score_views(models, xn, spec.flip_views, amp=cfg.amp, memory_format=fmt)  # (K, B, V)
-        done.append((pos, p.mean(dim=2)))  # copied to the host once the pass ends: no wait per batch
+        done.append(
+            (pos, _mean_views(p, average))
+        )  # copied to the host once the pass ends: no wait per batch
     if done:
         P[:, np.concatenate([pos for pos, _ in done])] = torch.cat([p for _, p in done], dim=1).cpu().numpy()
     return P, bad
 
 
+def view_average(space: str) -> str:
+    """How TTA views and fold models are averaged for a blend in ``space``: ``logit`` for logit-space blends
+    (stacks included: they are fitted on logits), else ``prob``."""
+    return "logit" if space == "logit" else "prob"
+
+
 def fold_average(P: np.ndarray, space: str) -> np.ndarray:
-    """Average fold probabilities ``P`` (K, N) into (N,): in logit space for logit blends, else their mean."""
-    return blend(P, np.ones(len(P)), "logit" if space == "logit" else "prob")
+    """Average fold probabilities ``P`` (K, N) into (N,) in the blend's averaging space (:func:`view_average`)."""
+    return blend(P, np.ones(len(P)), view_average(space))
+
+
+def _mean_views(p: torch.Tensor, average: str) -> torch.Tensor:
+    """(K, B, V) view probabilities -> (K, B): their mean, or the sigmoid of their mean logit."""
+    if average == "prob":
+        return p.mean(dim=2)
+    return torch.sigmoid(torch.logit(p.double(), eps=1e-7).mean(dim=2)).float()
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
+@torch.no_grad()  # not inference_mode: the running statistics are updated in place
+def adapt_batchnorm(
+    models: Sequence[nn.Module],
+    dc: DataConfig,
+    cfg: RunConfig,
+    source: ImageSource,
+    rows: Sequence[int],
+    device: torch.device,
+    *,
+    batch_size: int | None = None,
+    workers: int | None = None,
+) -> int:
+    """Test-time BatchNorm adaptation (AdaBN, Li et al. 2016): re-estimate every BatchNorm layer's running
+    mean and variance on the images ``rows`` of ``source`` (one pass, the plain view), in place.
+
+    Only the in-memory models change; the saved fold weights do not. Returns the number of models adapted
+    (0 when the architecture has no BatchNorm, e.g. ConvNeXt's LayerNorm)."""
+    adapted = 0
+    bns = [_batchnorms(m) for m in models]
+    if not any(bns):
+        return 0
+    ds = TTADataset(source, rows, cfg, dc.img_size, 0)
+    bs = batch_size or eval_batch_size(cfg)
+    loader = make_loader(ds, bs, train=False, device=device,  # type: ignore[arg-type]
+                         workers=default_workers(device, workers if workers is not None else cfg.workers))  # fmt: skip
+    normalize = Normalizer(dc.mean, dc.std, device, False)
+    for model, layers in zip(models, bns, strict=True):
+        if not layers:
+            continue
+        for bn in layers:
+            bn.reset_running_stats()
+            bn.momentum = None  # a cumulative average over every test batch, not an exponential one
+            bn.train()
+        for x, _pos, ok, _reasons in loader:
+            if bool(ok.any()):
+                xs = x[ok][:, 0]  # (B, 3, S, S): the one plain view
+                model(normalize(xs))
+        for bn in layers:
+            bn.eval()
+        adapted += 1
+    return adapted
 
 
 def run_spec(info: RunInfo, forced: TTASpec | None, log: Log | None = None) -> TTASpec:

@@ -21,10 +21,13 @@ from aivh_ens.layout import test_scores_dir
 CACHE_VERSION = 1
 
 
-def cache_paths(workdir: str | Path, run: str, spec: TTASpec) -> tuple[Path, Path]:
-    """``runs/<run>/test/<tta>.csv`` and its sidecar ``.json``."""
+def cache_paths(
+    workdir: str | Path, run: str, spec: TTASpec, average: str = "prob", adapt_bn: bool = False
+) -> tuple[Path, Path]:
+    """``runs/<run>/test/<tta>[_logit][_adabn].csv`` and its sidecar ``.json``."""
     d = test_scores_dir(workdir, run)
-    return d / f"{spec.file_stem}.csv", d / f"{spec.file_stem}.json"
+    stem = spec.file_stem + ("_logit" if average == "logit" else "") + ("_adabn" if adapt_bn else "")
+    return d / f"{stem}.csv", d / f"{stem}.json"
 
 
 def test_files_digest(data_dir: str | Path, ids: Sequence[str]) -> str:
@@ -37,7 +40,13 @@ def test_files_digest(data_dir: str | Path, ids: Sequence[str]) -> str:
 
 
 def scores_key(
-    info: RunInfo, spec: TTASpec, data_dir: str | Path, test_csv: str, ids: Sequence[str]
+    info: RunInfo,
+    spec: TTASpec,
+    data_dir: str | Path,
+    test_csv: str,
+    ids: Sequence[str],
+    average: str = "prob",
+    adapt_bn: bool = False,
 ) -> dict[str, Any]:
     """What a run's cached test scores depend on (compared as a whole; any difference means re-predict)."""
     return {
@@ -46,6 +55,8 @@ def scores_key(
         "config_sha256": sha256_text(json.dumps(training_identity(info.cfg), sort_keys=True)),
         "weights_sha256": [sha256_file(w) for w in info.weights],
         "tta": spec.name,
+        "average": average,
+        "adapt_bn": adapt_bn,
         "data": str(Path(data_dir).resolve()),
         "test_csv": test_csv,
         "n": len(ids),

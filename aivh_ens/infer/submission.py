@@ -13,16 +13,35 @@ import numpy as np
 import pandas as pd
 import torch
 
-from aivh_ens.blend.artifact import apply_blend, load_blend
+from aivh_ens.blend.artifact import apply_blend, load_blend, rank_reference
+from aivh_ens.blend.shift import (
+    AUTO_RULE,
+    ShiftDiagnosis,
+    ThresholdChoice,
+    ThresholdMode,
+    choose_threshold,
+    diagnose,
+    parse_threshold,
+)
 from aivh_ens.data.images import BadImageError, image_size
 from aivh_ens.data.loader import FileSource
 from aivh_ens.data.tables import read_test_table
 from aivh_ens.data.transforms import storage_step
 from aivh_ens.errors import UserError
-from aivh_ens.infer.runs import Log, RunInfo, check_run, fold_average, load_models, predict_folds, run_spec
+from aivh_ens.infer.runs import (
+    Log,
+    RunInfo,
+    adapt_batchnorm,
+    check_run,
+    fold_average,
+    load_models,
+    predict_folds,
+    run_spec,
+    view_average,
+)
 from aivh_ens.infer.scores import cache_paths, read_cache, scores_key, write_cache
 from aivh_ens.infer.tta import TTASpec, parse_tta
-from aivh_ens.io import write_csv
+from aivh_ens.io import write_csv, write_json
 from aivh_ens.layout import BLEND_DIR
 from aivh_ens.train.loop import resolve_device
 
@@ -70,8 +89,12 @@ class SubmitResult:
     train_rate: float  # share of label 1 in the OOF (training) labels
     warning: str | None
     space: str
-    threshold: float
+    threshold: float  # the threshold applied to the test scores
     runs: list[RunScores]
+    choice: ThresholdChoice | None = None  # the threshold mode, its threshold and why
+    diagnosis: ShiftDiagnosis | None = None  # how far the test scores are from the OOF scores
+    record: Path | None = None  # <out>.json: how the labels were cut
+    oof_threshold: float | None = None  # the blend's threshold (blend.json)
 
 
 def default_blend_path(workdir: str | Path) -> Path:
@@ -123,12 +146,17 @@ def run_test_scores(
     workers: int | None = None,
     progress: bool = True,
     log: Log = print,
+    average: str = "prob",
+    adapt_bn: bool = False,
 ) -> list[RunScores]:
-    """Each run's fold scores (K, N) on the test ids: from the cache when its key matches, else predicted."""
-    keys = {i.name: scores_key(i, specs[i.name], data_dir, test_csv, ids) for i in infos}
-    cached = {
-        i.name: read_cache(*cache_paths(workdir, i.name, specs[i.name]), keys[i.name], ids) for i in infos
-    }
+    """Each run's fold scores (K, N) on the test ids: from the cache when its key matches, else predicted.
+
+    ``average``: how TTA views are averaged (:func:`aivh_ens.infer.runs.view_average`); ``adapt_bn``:
+    re-estimate BatchNorm statistics on the test images first (:func:`aivh_ens.infer.runs.adapt_batchnorm`).
+    """
+    keys = {i.name: scores_key(i, specs[i.name], data_dir, test_csv, ids, average, adapt_bn) for i in infos}
+    paths = {i.name: cache_paths(workdir, i.name, specs[i.name], average, adapt_bn) for i in infos}
+    cached = {i.name: read_cache(*paths[i.name], keys[i.name], ids) for i in infos}
     if any(P is None for P in cached.values()):
         scan_test_images(data_dir, ids, test_csv)
     out = []
@@ -139,19 +167,8 @@ def run_test_scores(
             out.append(_probe_scores(workdir, info, data_dir, ids, device, progress, log))
             continue
         if P is None:
-            P = _predict_run(
-                workdir,
-                info,
-                spec,
-                keys[info.name],
-                data_dir,
-                ids,
-                device,
-                batch_size,
-                workers,
-                progress,
-                log,
-            )
+            opts = _Predict(device, batch_size, workers, progress, log, average, adapt_bn)
+            P = _predict_run(paths[info.name], info, spec, keys[info.name], data_dir, ids, opts)
         else:
             log(f"run {info.name}: cached test scores ({spec.name}, {len(info.weights)} folds)")
         seconds = time.perf_counter() - t0
@@ -159,39 +176,59 @@ def run_test_scores(
     return out
 
 
+@dataclass(frozen=True)
+class _Predict:
+    """How one run's test images are predicted (device, batching, progress, view averaging, AdaBN)."""
+
+    device: torch.device
+    batch_size: int | None
+    workers: int | None
+    progress: bool
+    log: Log
+    average: str
+    adapt_bn: bool
+
+
 def _predict_run(
-    workdir: str | Path,
+    paths: tuple[Path, Path],
     info: RunInfo,
     spec: TTASpec,
-    key: str,
+    key: dict[str, Any],
     data_dir: Path,
     ids: Sequence[str],
-    device: torch.device,
-    batch_size: int | None,
-    workers: int | None,
-    progress: bool,
-    log: Log,
+    o: _Predict,
 ) -> np.ndarray:
     """Predict the test ids with every fold model of one run and cache the (K, N) scores under ``key``."""
-    log(
+    device = o.device
+    o.log(
         f"run {info.name}: predicting {len(ids)} images x {spec.n_views} view(s) ({spec.name}) "
         f"x {len(info.weights)} folds on {device}"
     )
     models, dc = load_models(info, device)
     # The run's own storage step, as in training (the cache and the uncached path share it).
     source = FileSource(data_dir, list(ids), storage_step(info.cfg, dc.img_size))
+    rows = np.arange(len(ids))
+    if o.adapt_bn:
+        n = adapt_batchnorm(
+            models, dc, info.cfg, source, rows, device, batch_size=o.batch_size, workers=o.workers
+        )
+        o.log(
+            f"run {info.name}: BatchNorm statistics re-estimated on the {len(ids)} test images in {n} of "
+            f"{len(models)} fold models" + ("" if n else " (the architecture has no BatchNorm)")
+        )
     P, bad = predict_folds(
         models,
         dc,
         info.cfg,
         source,
-        np.arange(len(ids)),
+        rows,
         spec,
         device,
-        batch_size=batch_size,
-        workers=workers,
-        progress=progress,
+        batch_size=o.batch_size,
+        workers=o.workers,
+        progress=o.progress,
         desc=f"{info.name} test",
+        average=o.average,
     )
     del models
     if bad:
@@ -204,7 +241,7 @@ def _predict_run(
         "amp": info.cfg.amp if device.type == "cuda" else "none",
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    write_cache(*cache_paths(workdir, info.name, spec), key, ids, P, meta)
+    write_cache(*paths, key, ids, P, meta)
     return P
 
 
@@ -260,18 +297,53 @@ def _write_submission(
     return proba_path
 
 
-def _rate_check(workdir: Path, doc: dict[str, Any], labels: np.ndarray) -> tuple[float, float, str | None]:
-    """``(training AI rate, predicted AI rate, a warning when they differ by more than RATE_WARN)``."""
-    oof = pd.read_csv(workdir / doc["runs"][0]["oof"], usecols=["label"])
-    train_rate, ai_rate = float(oof["label"].mean()), float(labels.mean())
-    warning = None
-    if abs(ai_rate - train_rate) > RATE_WARN:
-        warning = (
-            f"the predicted AI rate {ai_rate:.1%} differs from the training rate {train_rate:.1%} by "
-            f"more than {RATE_WARN * 100:.0f} points: the threshold ({doc['threshold']:.4f}, "
-            f"{doc['space']} space) may not transfer to this test set"
-        )
-    return train_rate, ai_rate, warning
+def _rate_warning(train_rate: float, ai_rate: float, choice: ThresholdChoice) -> str | None:
+    """A warning when the predicted AI rate differs from the training rate by more than RATE_WARN."""
+    if abs(ai_rate - train_rate) <= RATE_WARN:
+        return None
+    return (
+        f"the predicted AI rate {ai_rate:.1%} differs from the training rate {train_rate:.1%} by more than "
+        f"{RATE_WARN * 100:.0f} points (threshold {choice.threshold:.4f}, mode {choice.resolved}): read the "
+        "shift diagnosis above before trusting this threshold"
+    )
+
+
+def oof_blend(workdir: Path, doc: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """``(blended OOF scores (N_oof,), OOF labels (N_oof,), {run: OOF probs}``): the blend applied to the rows
+    it was fitted on, exactly as it is applied to test rows."""
+    ref = rank_reference(workdir, doc)
+    first = workdir / doc["runs"][0]["oof"]
+    y = pd.read_csv(first, usecols=["label"])["label"].to_numpy(dtype=np.int8)
+    return apply_blend(doc, ref, ref)[0], y, ref
+
+
+def _record(
+    path: Path, doc: dict[str, Any], choice: ThresholdChoice, diag: ShiftDiagnosis, scores: list[RunScores],
+    adapt_bn: bool, ai_rate: float,
+) -> Path:  # fmt: skip
+    """``<out>.json``: how the labels were cut, so the submission can be reproduced."""
+    return write_json(
+        path,
+        {
+            "threshold_mode": choice.mode,
+            "resolved_mode": choice.resolved,
+            "threshold": choice.threshold,
+            "reason": choice.reason,
+            "oof_threshold": float(doc["threshold"]),
+            "space": doc["space"],
+            "method": doc["method"],
+            "predicted_ai_share": ai_rate,
+            "adapt_bn": adapt_bn,
+            "tta": {s.name: s.tta for s in scores},
+            "diagnosis": diag.to_dict(),
+            "auto_rule": AUTO_RULE,
+        },
+    )
+
+
+DEFAULT_THRESHOLD = "auto"
+"""``submit --threshold`` default: the mode with the smallest mean gap to the best threshold across the
+shifted test sets of ``bench/bench_shift.py`` (README: "When the test set differs from train")."""
 
 
 def submit(
@@ -282,6 +354,8 @@ def submit(
     tta: str | None = None,
     out: str | Path | None = None,
     proba: bool = False,
+    threshold: str | ThresholdMode = DEFAULT_THRESHOLD,
+    adapt_bn: bool = False,
     device: str | None = None,
     batch_size: int | None = None,
     workers: int | None = None,
@@ -295,15 +369,19 @@ def submit(
         blend_path: the blend file (default ``runs/blend/blend.json``).
         data: dataset folder with test.csv and the images (default: the folder the runs were trained on).
         tta: TTA spec for every run (see :mod:`aivh_ens.infer.tta`); default each run's recipe default.
-        out: submission path (default ``<workdir>/submission.csv``).
+        out: submission path (default ``<workdir>/submission.csv``); ``<out stem>.json`` records the cut.
         proba: also write the blended scores, ``id,prob``, to ``<out stem>_proba.csv``.
+        threshold: ``oof | share:P | prior:P | auto | <number>`` (:mod:`aivh_ens.blend.shift`).
+        adapt_bn: re-estimate BatchNorm statistics of every fold model on the test images (AdaBN).
         device, batch_size, workers: inference settings (default auto, the run's eval batch, per device).
 
     Raises:
-        UserError: a bad TTA spec, a blend whose runs, fold weights or OOF files are missing or changed, a
-            missing or invalid test table, or an unreadable test image; all found before anything is written.
+        UserError: a bad TTA spec or threshold mode, a blend whose runs, fold weights or OOF files are
+            missing or changed, a missing or invalid test table, or an unreadable test image; all found
+            before anything is written.
     """
     workdir = Path(workdir)
+    mode = parse_threshold(threshold)
     forced = parse_tta(tta) if tta is not None else None
     doc, infos = blended_runs(workdir, blend_path)
     specs = {i.name: run_spec(i, forced, log) for i in infos}
@@ -312,25 +390,22 @@ def submit(
     ids = read_test_table(data_dir, cfg0.test_csv, id_col=cfg0.id_col)["id"].tolist()
     dev = resolve_device(device or "auto")
     out_path = Path(out) if out is not None else workdir / "submission.csv"
+    oof_scores, y, ref = oof_blend(workdir, doc)
 
-    scores = run_test_scores(
-        workdir,
-        infos,
-        specs,
-        data_dir,
-        cfg0.test_csv,
-        ids,
-        dev,
-        batch_size=batch_size,
-        workers=workers,
-        progress=progress,
-        log=log,
-    )
     space = doc["space"]
-    probs, labels = apply_blend(doc, {s.name: fold_average(s.P, space) for s in scores})  # (N,), (N,)
+    scores = run_test_scores(
+        workdir, infos, specs, data_dir, cfg0.test_csv, ids, dev, batch_size=batch_size, workers=workers,
+        progress=progress, log=log, average=view_average(space), adapt_bn=adapt_bn,
+    )  # fmt: skip
+    probs = apply_blend(doc, {s.name: fold_average(s.P, space) for s in scores}, ref)[0]  # (N,)
+    diag = diagnose(oof_scores, y, probs, float(doc["threshold"]))
+    choice = choose_threshold(mode, oof_scores, y, probs, float(doc["threshold"]), doc["metric"], diag)
+    labels = (probs >= choice.threshold).astype(np.int64)
 
     proba_path = _write_submission(out_path, ids, labels, probs if proba else None)
-    train_rate, ai_rate, warning = _rate_check(workdir, doc, labels)
+    train_rate, ai_rate = float(np.mean(y)), float(labels.mean())
+    record = _record(out_path.with_suffix(".json"), doc, choice, diag, scores, adapt_bn, ai_rate)
     return SubmitResult(
-        out_path, proba_path, len(ids), ai_rate, train_rate, warning, space, float(doc["threshold"]), scores
-    )
+        out_path, proba_path, len(ids), ai_rate, train_rate, _rate_warning(train_rate, ai_rate, choice), space,
+        choice.threshold, scores, choice, diag, record, float(doc["threshold"]),
+    )  # fmt: skip

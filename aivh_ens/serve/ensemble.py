@@ -20,7 +20,7 @@ from torch import nn
 from aivh_ens.data.images import decode_image
 from aivh_ens.data.transforms import StorageStep, storage_step
 from aivh_ens.infer.predict import blend_scores, rank_reference, scorer
-from aivh_ens.infer.runs import RunInfo, fold_average, load_models, predict_folds, run_spec
+from aivh_ens.infer.runs import RunInfo, fold_average, load_models, predict_folds, run_spec, view_average
 from aivh_ens.infer.tta import TTASpec, parse_tta
 from aivh_ens.train.loop import resolve_device
 from aivh_ens.train.models import DataConfig
@@ -152,6 +152,7 @@ class Ensemble:
                 self.device,
                 batch_size=n * r.spec.n_views,
                 workers=0,
+                average=view_average(self.space),
             )  # (K, N)
             if bad:  # decoded already: a failure here is a bug, not bad input
                 raise RuntimeError(f"run {r.info.name}: stored images failed the TTA transform: {bad}")

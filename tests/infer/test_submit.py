@@ -14,11 +14,11 @@ from cli_checks import run as run_cli
 from click.testing import CliRunner
 
 from aivh_ens.blend.artifact import apply_blend
+from aivh_ens.blend.core import rank01, rank_against
 from aivh_ens.cli import main
 from aivh_ens.errors import UserError
 from aivh_ens.infer import predict as predict_mod
 from aivh_ens.infer import runs as runs_mod
-from aivh_ens.infer.predict import rank_against
 from aivh_ens.infer.runs import fold_average
 from aivh_ens.infer.submission import validate_submission
 from aivh_ens.train.models import build_model
@@ -68,18 +68,27 @@ def _count_builds(monkeypatch) -> list[int]:
     return calls
 
 
-def test_submit_end_to_end_and_its_cache(copy, monkeypatch):
-    data, work = copy
-    # On data this small the fitted blend may ship one run alone; give both runs weight so both are used.
+def two_run_blend(work: Path, space: str = "prob") -> dict:
+    """On data this small the fitted blend may ship one run alone; give both runs weight so both are used."""
     blend_path = work / "runs" / "blend" / "blend.json"
     doc = json.loads(blend_path.read_text())
     doc["weights"] = {"a": 0.6, "b": 0.4}
+    doc["space"] = space  # prob: views and folds averaged as probabilities (hflip.csv)
+    doc.pop("rank_reference", None)
+    if space == "rank":
+        doc["rank_reference"] = "oof"
     if doc.pop("stack", None) is not None:  # a stack's weights follow its coefficients: make it a plain blend
         doc["method"] = "hand-set"
     blend_path.write_text(json.dumps(doc))
+    return doc
+
+
+def test_submit_end_to_end_and_its_cache(copy, monkeypatch):
+    data, work = copy
+    two_run_blend(work)
     builds = _count_builds(monkeypatch)
     out = work / "sub.csv"
-    res = invoke("submit", "--workdir", work, "--out", out, "--proba", "--quiet")
+    res = invoke("submit", "--workdir", work, "--out", out, "--proba", "--quiet", "--threshold", "oof")
     assert res.exit_code == 0, res.output
     assert len(builds) == 6  # 2 runs x 3 folds, each fold model built once
     test_ids = pd.read_csv(data / "test.csv", dtype=str)["id"].tolist()
@@ -109,14 +118,14 @@ def test_submit_end_to_end_and_its_cache(copy, monkeypatch):
 
     monkeypatch.setattr(runs_mod, "build_model", no_build)
     first = out.read_bytes()
-    res = invoke("submit", "--workdir", work, "--out", out, "--quiet")
+    res = invoke("submit", "--workdir", work, "--out", out, "--quiet", "--threshold", "oof")
     assert res.exit_code == 0, res.output
     assert "cached" in res.output and out.read_bytes() == first
 
     # A new blend (another threshold) also costs no inference, and its threshold is applied as is.
     blend_doc["threshold"] = 1.0
     (work / "runs" / "blend" / "blend.json").write_text(json.dumps(blend_doc))
-    res = invoke("submit", "--workdir", work, "--out", work / "t1.csv", "--quiet")
+    res = invoke("submit", "--workdir", work, "--out", work / "t1.csv", "--quiet", "--threshold", "oof")
     assert res.exit_code == 0, res.output
     expected = apply_blend(blend_doc, scores)[1]
     np.testing.assert_array_equal(pd.read_csv(work / "t1.csv")["label"], expected)
@@ -156,6 +165,10 @@ def _no_submission(work: Path) -> bool:
         ("blend_unknown_key", ["blend.json", "unknown key(s) tuned_by"]),
         ("blend_threshold", ["blend.json", "threshold must be a number in [0, 1]"]),
         ("blend_weights", ["blend.json", "sum to 1"]),
+        ("threshold_share_high", ["--threshold", "'share:1.5'", "between 0 and 1"]),
+        ("threshold_prior_negative", ["--threshold", "'prior:-1'", "between 0 and 1"]),
+        ("threshold_share_text", ["--threshold", "'share:abc'", "share:P"]),
+        ("threshold_unknown", ["--threshold", "'median'", "oof, share:P"]),
     ],
 )
 def test_submit_refusals(copy, monkeypatch, case, needles):
@@ -176,6 +189,9 @@ def test_submit_refusals(copy, monkeypatch, case, needles):
         (data / first).write_bytes(b"definitely not a jpeg")
     elif case == "bad_tta":
         args += ["--tta", "flip"]
+    elif case.startswith("threshold_"):
+        value = {"share_high": "share:1.5", "prior_negative": "prior:-1", "share_text": "share:abc"}
+        args += ["--threshold", value.get(case.removeprefix("threshold_"), "median")]
     elif case == "no_blend":
         (work / "runs" / "blend" / "blend.json").unlink()
     elif case.startswith("blend_"):  # a hand-edited or downloaded blend.json
@@ -240,6 +256,7 @@ def test_predict_scores_good_images_and_reports_bad_ones(project, tmp_path):
 
 def test_submit_tta_option_and_predict_agree(copy):
     data, work = copy
+    two_run_blend(work)
     res = invoke("submit", "--workdir", work, "--tta", "d4+crops:3", "--quiet")
     assert res.exit_code == 0, res.output
     # Both runs resize the whole image: the crops do not apply, and the log says so.
@@ -304,8 +321,12 @@ def test_fold_average_by_space():
 
 
 def test_rank_against_reference():
-    ref = np.array([0.1, 0.2, 0.2, 0.3])
-    np.testing.assert_allclose(rank_against(ref, np.array([0.0, 0.2, 0.25, 1.0])), [0.0, 0.5, 0.75, 1.0])
+    ref = np.array([0.1, 0.2, 0.2, 0.3])  # rank01: 0, 0.5, 0.5, 1
+    # below every score: 0; a tied score: their mean rank; between 0.2 and 0.3: the mean of their ranks
+    np.testing.assert_allclose(rank_against(ref, np.array([0.0, 0.2, 0.25, 1.0])), [0.0, 0.5, 5 / 6, 1.0])
+    rng = np.random.default_rng(0)
+    r = rng.integers(0, 20, 200) / 20.0  # many ties
+    np.testing.assert_allclose(rank_against(r, r), rank01(r))  # the OOF rows keep their rank01 scores
 
 
 def test_killed_submit_never_leaves_a_partial_submission(copy):
@@ -329,3 +350,106 @@ def test_killed_submit_never_leaves_a_partial_submission(copy):
     code, out = run_cli([*args, "--tta", "none"], "write:submission.csv")
     assert code == -9 and "predicting" in out, out
     assert sub.read_bytes() == first
+
+
+def _stack_blend(work: Path) -> dict:
+    doc = two_run_blend(work, "logit")
+    coef = {"a": 1.5, "b": -0.5}
+    doc.update(method="stack", stack={"coef": coef, "intercept": 0.2, "C": 1.0, "features": "logit"},
+               weights={"a": 0.75, "b": 0.25})  # fmt: skip
+    (work / "runs" / "blend" / "blend.json").write_text(json.dumps(doc))
+    return doc
+
+
+@pytest.mark.parametrize("space", ["prob", "logit", "rank", "stack"])
+def test_submit_predict_and_serve_give_one_label_per_image(copy, space):
+    """One score mapping everywhere: the same image gets the same blended score and label from submit, from
+    predict and from the served ensemble, in every blend space (rank blends place scores among the OOF's)."""
+    from aivh_ens.serve import Ensemble
+
+    data, work = copy
+    doc = _stack_blend(work) if space == "stack" else two_run_blend(work, space)
+    res = invoke("submit", "--workdir", work, "--proba", "--quiet", "--threshold", "oof")
+    assert res.exit_code == 0, res.output
+    proba = pd.read_csv(work / "submission_proba.csv", dtype={"id": str})
+    sub = pd.read_csv(work / "submission.csv", dtype={"id": str})
+    ids = proba["id"].tolist()[:8]
+    preds, source = predict_mod.predict_images([data / i for i in ids], work, device="cpu")
+    assert source["threshold"] == doc["threshold"]
+    ens = Ensemble.load(work, device="cpu")
+    served = ens.score([ens.decode((data / i).read_bytes(), i) for i in ids])
+    np.testing.assert_allclose([p.prob for p in preds], proba["prob"][:8], atol=1e-6)
+    np.testing.assert_allclose([s.prob for s in served], proba["prob"][:8], atol=1e-6)
+    assert [p.label for p in preds] == [s.label for s in served] == sub["label"][:8].tolist()
+    # a logit-space blend (a stack too) averages TTA views and folds as logits: its cache says so
+    logit = space in ("logit", "stack")
+    assert (work / "runs" / "a" / "test" / ("hflip_logit.csv" if logit else "hflip.csv")).is_file()
+
+
+def test_submit_writes_how_it_cut_and_every_mode_reuses_the_scores(copy, monkeypatch):
+    data, work = copy
+    two_run_blend(work)
+    res = invoke("submit", "--workdir", work, "--proba", "--quiet")
+    assert res.exit_code == 0, res.output
+    # the diagnosis is printed, one line each, and recorded with the mode next to the submission
+    for words in ("predicted AI share", "score shift: KS", "by EM on calibrated scores", "Lipton 2018",
+                  "two-component mixture", "threshold", "--threshold auto"):  # fmt: skip
+        assert words in res.output, words
+    rec = json.loads((work / "submission.json").read_text())
+    assert rec["threshold_mode"] == "auto" and rec["resolved_mode"] in res.output
+    assert rec["diagnosis"]["n_test"] == 30 and len(rec["diagnosis"]["estimates"]) == 3
+    probs = pd.read_csv(work / "submission_proba.csv")["prob"].to_numpy()
+    labels = pd.read_csv(work / "submission.csv")["label"].to_numpy()
+    np.testing.assert_array_equal(labels, probs >= rec["threshold"])
+
+    def no_build(cfg):
+        raise AssertionError("a threshold mode re-ran the models")
+
+    monkeypatch.setattr(runs_mod, "build_model", no_build)
+    for mode, share in (("share:0.3", 0.3), ("0.5", None), ("prior:0.2", None)):
+        res = invoke("submit", "--workdir", work, "--quiet", "--threshold", mode, "--out", work / "m.csv")
+        assert res.exit_code == 0, res.output
+        rec = json.loads((work / "m.json").read_text())
+        got = pd.read_csv(work / "m.csv")["label"].to_numpy()
+        np.testing.assert_array_equal(got, probs >= rec["threshold"])
+        assert rec["threshold_mode"] == mode and rec["oof_threshold"] == pytest.approx(
+            json.loads((work / "runs" / "blend" / "blend.json").read_text())["threshold"]
+        )
+        if share is not None:
+            assert got.mean() == pytest.approx(share, abs=1 / 30)
+
+
+def test_adapt_bn_rescores_without_touching_the_weights(copy):
+    data, work = copy
+    two_run_blend(work)
+    weights = {p: p.read_bytes() for p in (work / "runs").glob("*/fold*/best.safetensors")}
+    res = invoke("submit", "--workdir", work, "--proba", "--quiet", "--threshold", "oof", "--adapt-bn")
+    assert res.exit_code == 0, res.output
+    # test_efficientnet has BatchNorm (3 folds adapted); test_convnext has LayerNorm only
+    assert "run a: BatchNorm statistics re-estimated on the 30 test images in 3 of 3" in res.output
+    assert "run b: BatchNorm statistics re-estimated on the 30 test images in 0 of 3" in res.output
+    adapted = pd.read_csv(work / "runs" / "a" / "test" / "hflip_adabn.csv")
+    res = invoke("submit", "--workdir", work, "--quiet", "--threshold", "oof", "--out", work / "plain.csv")
+    assert res.exit_code == 0, res.output
+    plain = pd.read_csv(work / "runs" / "a" / "test" / "hflip.csv")
+    assert not np.allclose(adapted["prob"], plain["prob"], atol=1e-4)  # the statistics did change
+    b_ad = pd.read_csv(work / "runs" / "b" / "test" / "hflip_adabn.csv")["prob"]
+    np.testing.assert_allclose(
+        b_ad, pd.read_csv(work / "runs" / "b" / "test" / "hflip.csv")["prob"], atol=1e-6
+    )
+    assert all(p.read_bytes() == b for p, b in weights.items())
+    assert json.loads((work / "submission.json").read_text())["adapt_bn"] is True
+
+
+def test_one_run_cv_blend_submit(tmp_path, demo_data):
+    """The first thing a newcomer tries: one cv run, blend, submit."""
+    data, work = demo_data(n=120, n_test=30, seed=5), tmp_path / "work"
+    res = invoke("cv", *FAST, "--data", data, "--workdir", work, "--name", "only")
+    assert res.exit_code == 0, res.output
+    res = invoke("blend", "--workdir", work, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "picked single:only" in res.output
+    res = invoke("submit", "--workdir", work, "--quiet")
+    assert res.exit_code == 0, res.output
+    ids = pd.read_csv(data / "test.csv", dtype=str)["id"].tolist()
+    assert len(validate_submission(work / "submission.csv", ids)) == 30

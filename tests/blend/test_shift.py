@@ -1,0 +1,128 @@
+"""Shift diagnosis and threshold modes (aivh_ens.blend.shift) on constructed score distributions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import ks_2samp
+
+from aivh_ens.blend import shift
+from aivh_ens.errors import UserError
+from aivh_ens.metrics import best_threshold, f1
+
+
+def scores(n: int, share: float, seed: int, move: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, scores): class logits N(+-1.5, 1), AI share ``share``; ``move`` shifts every logit."""
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < share
+    z = np.where(y, 1.5, -1.5) + rng.normal(0, 1, n) + move
+    return y.astype(np.int8), 1 / (1 + np.exp(-z))
+
+
+OOF = scores(6000, 0.5, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "value"),
+    [("oof", "oof", None), ("auto", "auto", None), ("share:0.5", "share", 0.5), ("prior:0.25", "prior", 0.25),
+     ("0.7", "value", 0.7), ("0", "value", 0.0), (" 1 ", "value", 1.0)],
+)  # fmt: skip
+def test_parse_threshold(text, kind, value):
+    m = shift.parse_threshold(text)
+    assert (m.kind, m.value) == (kind, value)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [("share:1.5", ["'share:1.5'", "strictly between 0 and 1"]), ("prior:-1", ["'prior:-1'", "between 0 and 1"]),
+     ("share:abc", ["'share:abc'", "share:P"]), ("share:0", ["between 0 and 1"]), ("mean:0.5", ["unknown mode 'mean'"]),
+     ("1.2", ["number in [0, 1]"]), ("nan", ["number in [0, 1]"]), ("", ["''"])],
+)  # fmt: skip
+def test_parse_threshold_refuses(text, words):
+    with pytest.raises(UserError) as e:
+        shift.parse_threshold(text)
+    msg = str(e.value)
+    assert "--threshold" in msg and "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_ks_distance_matches_scipy():
+    a, b = scores(500, 0.5, 1)[1], scores(700, 0.3, 2)[1]
+    assert shift.ks_distance(a, b) == pytest.approx(ks_2samp(a, b).statistic)
+    # weights equal to repeating rows
+    w = np.arange(len(b)) % 3 + 1
+    assert shift.ks_distance(a, b, w) == pytest.approx(ks_2samp(a, np.repeat(b, w)).statistic)
+
+
+def test_share_threshold_labels_the_top_share():
+    s = np.random.default_rng(0).random(1000)
+    for share in (0.1, 0.25, 0.5, 0.9):
+        t = shift.share_threshold(s, share)
+        assert np.sum(s >= t) == round(share * 1000)
+
+
+def test_prior_threshold_is_the_sweep_on_reweighted_rows():
+    y, s = OOF
+    # at the training share it is the plain exact best threshold
+    t_same = shift.prior_threshold(s, y, float(y.mean()))
+    assert f1(y, s >= t_same) == pytest.approx(best_threshold(y, s)[1])
+    # prior 0.25 from a 50% set = every human row counted three times as often as an AI row
+    t = shift.prior_threshold(s, y, 0.25)
+    reps = np.where(y == 1, 1, 3)
+    t_dup, _ = best_threshold(np.repeat(y, reps), np.repeat(s, reps))
+    assert np.sum(s >= t) == np.sum(s >= t_dup)
+    assert t > t_same  # fewer AI rows: a higher cut
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.75])
+def test_label_shift_estimates_recover_the_share(share):
+    y, s = OOF
+    yt, t = scores(4000, share, 7)
+    d = shift.diagnose(s, y, t, best_threshold(y, s)[0])
+    for e in d.estimates:  # the mixture assumes less, and overlapping lumps cost it some accuracy
+        tol = 0.06 if "mixture" in e.method else 0.03
+        assert e.share == pytest.approx(yt.mean(), abs=tol), e.method
+    assert d.ks_label_shift < shift.KS_TOLERANCE  # only the share changed
+    if share != 0.5:
+        assert d.ks > d.ks_label_shift
+
+
+def test_moved_scores_are_told_apart_from_label_shift():
+    y, s = OOF
+    yt, t = scores(
+        4000, 0.5, 8, move=-1.5
+    )  # every test logit moved down: the OOF threshold labels too few AI
+    thr = best_threshold(y, s)[0]
+    d = shift.diagnose(s, y, t, thr)
+    assert d.ks_label_shift > shift.KS_TOLERANCE
+    assert d.predicted_share < 0.35 and "moved" in " ".join(d.lines())
+    assert d.estimate("two-component mixture on test logits") == pytest.approx(0.5, abs=0.06)
+    c = shift.choose_threshold("auto", s, y, t, thr, "f1", d)
+    assert c.resolved.startswith("share:") and "moved" in c.reason
+    best = best_threshold(yt, t)[1]
+    assert best - f1(yt, t >= c.threshold) < 0.02 < best - f1(yt, t >= thr)
+
+
+@pytest.mark.parametrize(("share", "resolved"), [(0.5, "oof"), (0.2, "prior:"), (0.8, "prior:")])
+def test_auto_under_label_shift(share, resolved):
+    y, s = OOF
+    yt, t = scores(4000, share, 9)
+    thr = best_threshold(y, s)[0]
+    c = shift.choose_threshold("auto", s, y, t, thr)
+    assert c.resolved.startswith(resolved) and c.mode == "auto"
+    if resolved == "oof":
+        assert c.threshold == thr
+    else:
+        assert f1(yt, t >= c.threshold) >= f1(yt, t >= thr) - 0.002
+        assert best_threshold(yt, t)[1] - f1(yt, t >= c.threshold) < 0.02
+
+
+def test_each_mode_names_its_threshold():
+    y, s = OOF
+    t = scores(1000, 0.5, 3)[1]
+    table = shift.modes_table(["oof", "share:0.3", "prior:0.3", "0.42", "auto"], s, y, t, 0.5)
+    assert table["oof"].threshold == 0.5 and table["0.42"].threshold == 0.42
+    assert np.mean(t >= table["share:0.3"].threshold) == pytest.approx(0.3, abs=0.001)
+    assert table["prior:0.3"].threshold == shift.prior_threshold(s, y, 0.3)
+    assert all(c.reason for c in table.values())
