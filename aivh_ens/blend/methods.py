@@ -158,7 +158,7 @@ class Method:
 
     name: str
     complexity: int
-    fit: Callable[[Mapping[str, np.ndarray], np.ndarray, int], Fit]  # (spaces, labels, seed) -> Fit
+    fit: Callable[..., Fit]  # (spaces, labels, seed, groups) -> Fit; groups (N,) or None
 
 
 def methods(runs: Sequence[str], metric: str, optuna_trials: int) -> list[Method]:
@@ -168,25 +168,27 @@ def methods(runs: Sequence[str], metric: str, optuna_trials: int) -> list[Method
     from aivh_ens.blend.search import fit_optuna  # search imports this module (Fit, score_weights)
     from aivh_ens.blend.stack import fit_stack  # scikit-learn, imported when blending starts
 
-    def single(i: int) -> Callable[[Mapping[str, np.ndarray], np.ndarray, int], Fit]:
-        return lambda S, y, _seed: fit_single(S, y, metric, i, f"single:{runs[i]}")
+    def single(i: int) -> Callable[..., Fit]:
+        return lambda S, y, _seed, _groups=None: fit_single(S, y, metric, i, f"single:{runs[i]}")
 
-    def mean(space: str) -> Callable[[Mapping[str, np.ndarray], np.ndarray, int], Fit]:
-        return lambda S, y, _seed: fit_mean(S, y, metric, space)
+    def mean(space: str) -> Callable[..., Fit]:
+        return lambda S, y, _seed, _groups=None: fit_mean(S, y, metric, space)
 
     out = [Method(f"single:{run}", _COMPLEXITY["single"], single(i)) for i, run in enumerate(runs)]
     if len(runs) == 1:
         return out
     out += [Method(f"mean_{space}", _COMPLEXITY[f"mean_{space}"], mean(space)) for space in SPACES]
     out += [
-        Method("caruana", _COMPLEXITY["caruana"], lambda S, y, _seed: fit_caruana(S, y, metric)),
-        Method("hill_climb", _COMPLEXITY["hill_climb"], lambda S, y, _seed: fit_hill_climb(S, y, metric)),
+        Method("caruana", _COMPLEXITY["caruana"], lambda S, y, _seed, _g=None: fit_caruana(S, y, metric)),
+        Method(
+            "hill_climb", _COMPLEXITY["hill_climb"], lambda S, y, _seed, _g=None: fit_hill_climb(S, y, metric)
+        ),
         Method(
             "optuna",
             _COMPLEXITY["optuna"],
-            lambda S, y, seed: fit_optuna(S, y, metric, runs, optuna_trials, seed),
+            lambda S, y, seed, _g=None: fit_optuna(S, y, metric, runs, optuna_trials, seed),
         ),
-        Method("stack", _COMPLEXITY["stack"], lambda S, y, seed: fit_stack(S, y, metric, seed)),
+        Method("stack", _COMPLEXITY["stack"], lambda S, y, seed, g=None: fit_stack(S, y, metric, seed, g)),
     ]
     return out
 
@@ -219,6 +221,7 @@ def nested_cv(
     candidates: Sequence[Method],
     seed: int = 0,
     progress: bool = False,
+    groups: np.ndarray | None = None,
 ) -> NestedCV:
     """Per fold k: fit every method on the other folds, score fold k with the fitted weights AND threshold.
 
@@ -233,6 +236,7 @@ def nested_cv(
         candidates: the methods to fit.
         seed: Optuna methods use ``seed + 1 + fold index``.
         progress: show a progress bar over folds.
+        groups: (N,) the rows' groups, handed to methods with inner folds (the stack).
     """
     from aivh_ens.progress import Progress
 
@@ -245,7 +249,7 @@ def nested_cv(
         S_train = spaces(P[:, ~test])
         S_test = {**spaces(P[:, test]), "rank": to_space(P[:, test], "rank", P[:, ~test])}
         for m in candidates:
-            fit = m.fit(S_train, y[~test], seed + 1 + k)
+            fit = m.fit(S_train, y[~test], seed + 1 + k, None if groups is None else groups[~test])
             pred[m.name][test] = fit.scores(S_test) >= fit.threshold  # (N_k,)
             per_fold[m.name].append(float(score(y[test], pred[m.name][test])))
     return NestedCV(per_fold, pred)

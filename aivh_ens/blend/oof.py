@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 
 OOF_COLUMNS: tuple[str, ...] = ("file_name", "label", "fold", "prob")
+"""Every OOF file has these; runs trained on grouped folds (``--group``) add ``group``."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class OOFSet:
     fold_file: str
     fold_sha256: str
     oof_sha256: tuple[str, ...]
+    groups: np.ndarray | None = None  # (N,) group of each row (grouped folds), else None
 
 
 def _run_names(oof_dir: Path, runs: Sequence[str] | None) -> list[str]:
@@ -88,7 +90,7 @@ def _read_oof(run: str, path: Path) -> pd.DataFrame:
         first_bad(~np.isfinite(v) | (v != np.round(v)), f"a non-integer {col}")
     first_bad(~df["label"].isin([0, 1]).to_numpy(), "a label other than 0 or 1")
     first_bad(df["file_name"].isna().to_numpy(), "an empty file_name")
-    return pd.DataFrame(
+    out = pd.DataFrame(
         {
             "file_name": df["file_name"].astype(str).to_numpy(dtype=object),
             "label": df["label"].to_numpy(dtype=np.int8),
@@ -96,6 +98,9 @@ def _read_oof(run: str, path: Path) -> pd.DataFrame:
             "prob": prob,
         }
     )
+    if "group" in df.columns:
+        out["group"] = df["group"].astype(str).to_numpy(dtype=object)
+    return out
 
 
 def _read_config(workdir: Path, run: str) -> dict[str, Any]:
@@ -186,4 +191,5 @@ def load_oof(workdir: str | Path, runs: Sequence[str] | None = None) -> OOFSet:
         fold_file=ref_file,
         fold_sha256=ref_sha,
         oof_sha256=tuple(sha256_file(layout.oof_path(workdir, r)) for r in names),
+        groups=base["group"].to_numpy() if "group" in base.columns else None,
     )

@@ -214,6 +214,11 @@ class ShiftDiagnosis:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShiftDiagnosis:
+        """The inverse of :meth:`to_dict` (what ``<submission>.json`` holds)."""
+        return cls(**{**d, "estimates": tuple(Estimate(**e) for e in d.get("estimates", ()))})
+
     def lines(self) -> list[str]:
         """One line per finding, plus what it means for the threshold."""
         out = [

@@ -4,7 +4,8 @@ Unlike the convex blends, a stack may give a run a negative coefficient and an i
 informative only against another (its errors correlate with theirs) can still help. Everything is fitted
 on the rows it is given, which in the nested CV are the outer training folds only:
 
-1. For each C in :data:`C_GRID`: an inner stratified K-fold over those rows gives inner-OOF stacked scores;
+1. For each C in :data:`C_GRID`: an inner stratified K-fold over those rows (whole groups per fold when the
+   OOF files carry the fold file's groups) gives inner-OOF stacked scores;
    C is the one with the lowest inner log loss.
 2. The threshold is the exact best one on the inner-OOF scores of that C, never on scores of a model that
    saw the rows (scikit-learn's ``TunedThresholdClassifierCV`` warns against that).
@@ -41,20 +42,25 @@ def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
     return float(-np.mean(np.where(y, np.log(p), np.log1p(-p))))
 
 
-def fit_stack(S: Mapping[str, np.ndarray], y: np.ndarray, metric: str, seed: int = 0) -> Fit:
+def fit_stack(
+    S: Mapping[str, np.ndarray], y: np.ndarray, metric: str, seed: int = 0, groups: np.ndarray | None = None
+) -> Fit:
     """Stack the runs of ``S`` (precomputed spaces, (M, N) each) on labels ``y`` (N,).
+
+    ``groups`` (N,): the rows' groups (grouped folds); the inner folds then keep each group whole, so an
+    AI/human pair never has one image in the inner training rows and the other in the inner test rows.
 
     Returns:
         A :class:`Fit` with ``coef`` and ``intercept``; ``threshold`` tuned on inner-OOF scores, ``score`` the
         metric of the final model on these rows at that threshold, ``weights`` the shares of ``|coef|``.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from aivh_ens.data.folds import group_splits
 
     L = np.asarray(S[FEATURES], dtype=np.float64)  # (M, N)
     y = np.asarray(y, dtype=bool)
     X = L.T  # (N, M)
     k = int(min(INNER_FOLDS, y.sum(), (~y).sum()))
-    splits = list(StratifiedKFold(max(k, 2), shuffle=True, random_state=seed).split(X, y))
+    splits = group_splits(y, groups, max(k, 2), seed)
     best: tuple[float, float, np.ndarray] | None = None  # (inner log loss, C, inner-OOF scores)
     for C in C_GRID:
         inner = np.empty(len(y))  # (N,)

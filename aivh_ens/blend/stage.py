@@ -288,9 +288,12 @@ def _score_methods(
     y = oof.y.astype(bool)
     candidates = methods(oof.runs, metric, nested_trials)
     in_sample = {
-        m.name: (optuna_fit if m.name == "optuna" and optuna_fit else m.fit(S, y, seed)) for m in candidates
+        m.name: (optuna_fit if m.name == "optuna" and optuna_fit else m.fit(S, y, seed, oof.groups))
+        for m in candidates
     }
-    nested = nested_cv(oof.P, y, oof.folds, metric, candidates, seed=seed, progress=progress)
+    nested = nested_cv(
+        oof.P, y, oof.folds, metric, candidates, seed=seed, progress=progress, groups=oof.groups
+    )
     return tuple(
         MethodResult(
             m.name, m.complexity, in_sample[m.name], tuple(nested.per_fold[m.name]), nested.pred[m.name]

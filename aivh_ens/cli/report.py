@@ -70,10 +70,17 @@ def inspect_cmd(data, train_csv, test_csv, file_col, label_col, id_col, jobs, qu
     default=None,
     help="Page to write.  [default: WORKDIR/runs/report.html]",
 )
+@click.option(
+    "--submission",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The record submit wrote beside its submission (<out stem>.json): its shift diagnosis and threshold "
+    "choice.  [default: WORKDIR/submission.json when present]",
+)
 @WORKDIR
 @user_errors
-def report_cmd(runs, with_blend, out, workdir) -> None:
-    """Write one self-contained HTML page about a work dir's runs, blend and inspect findings.
+def report_cmd(runs, with_blend, out, submission, workdir) -> None:
+    """Write one self-contained HTML page about a work dir's runs, blend, submission and inspect findings.
 
     Training curves, per-fold tables, OOF confusion matrices and F1 against threshold per run; across runs a
     leaderboard, the correlation of the runs' OOF logits and the blend weights. RUN names pick runs
@@ -85,6 +92,6 @@ def report_cmd(runs, with_blend, out, workdir) -> None:
     """
     from aivh_ens.report import build_report
 
-    r = build_report(workdir, runs=list(runs) or None, blend=with_blend, out=out)
+    r = build_report(workdir, runs=list(runs) or None, blend=with_blend, out=out, submission=submission)
     click.echo(r.summary)
     click.echo(f"wrote {r.path}")

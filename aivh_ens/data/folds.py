@@ -64,6 +64,21 @@ def assign_folds(labels: np.ndarray, k: int, seed: int, groups: np.ndarray | Non
     return fold
 
 
+def group_splits(
+    y: np.ndarray, groups: np.ndarray | None, k: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` inner (train, test) index splits of rows ``y`` (N,): stratified, or whole groups dealt to random
+    folds when ``groups`` (N,) is given (AI/human pairs are balanced by themselves; scikit-learn's
+    StratifiedGroupKFold takes minutes for tens of thousands of groups)."""
+    if groups is None:
+        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(y, y))
+    _, inv = np.unique(np.asarray(groups), return_inverse=True)
+    fold_of = np.empty(inv.max() + 1, dtype=np.int64)
+    fold_of[np.random.default_rng(seed).permutation(len(fold_of))] = np.arange(len(fold_of)) % k
+    f = fold_of[inv]  # (N,) inner fold of each row
+    return [(np.flatnonzero(f != j), np.flatnonzero(f == j)) for j in range(k)]
+
+
 def make_fold_table(table: pd.DataFrame, k: int, seed: int, group: str | None) -> pd.DataFrame:
     """``file_name,label,fold[,group]`` for a validated train table."""
     groups = group_labels(table, group)

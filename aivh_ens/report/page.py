@@ -278,11 +278,37 @@ def _inspect_section(workdir: Path) -> str | None:
     )
 
 
+def _submission_section(path: Path) -> str | None:
+    """How the submission beside the work dir was cut (``submission.json``, written by ``submit``)."""
+    if not path.is_file():
+        return None
+    from aivh_ens.blend.shift import ShiftDiagnosis
+
+    doc = _read_json(path)
+    try:
+        lines = ShiftDiagnosis.from_dict(doc["diagnosis"]).lines()
+        cut = (
+            f"threshold {float(doc['threshold']):.4f} by --threshold {doc['threshold_mode']} "
+            f"(OOF threshold {float(doc['oof_threshold']):.4f}): {doc['reason']}"
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        return section("Submission", f'<p class="note">{esc(path)} is not a submit record ({esc(e)})</p>')
+    items = "".join(f"<li>{esc(x)}</li>" for x in lines)
+    return section(
+        "Submission: train/test shift",
+        f'<p class="muted">{esc(path.name)}: {len(lines)} findings from comparing the blended test scores with '
+        "the OOF scores, without test labels.</p>",
+        f"<ul>{items}</ul><p>{esc(cut)}; predicted AI share {float(doc['predicted_ai_share']):.1%}.</p>",
+        anchor="submission",
+    )
+
+
 def build_report(
     workdir: str | Path = ".",
     runs: list[str] | None = None,
     blend: bool | None = None,
     out: str | Path | None = None,
+    submission: str | Path | None = None,
 ) -> ReportResult:
     """Write the work dir's report page.
 
@@ -292,6 +318,8 @@ def build_report(
         blend: include the blend; None: when ``runs/blend/blend.json`` exists (and still matches its runs);
             True: fail without it; False: leave it out.
         out: the page's path (default ``runs/report.html``).
+        submission: the record ``submit`` wrote beside its submission (default ``<workdir>/submission.json``
+            when it exists): its shift diagnosis and threshold choice.
 
     Raises:
         UserError: an unknown run, a file that cannot be read, or ``blend=True`` without a valid blend.
@@ -322,6 +350,9 @@ def build_report(
         parts.append(_blend_section(workdir, blend_doc, loaded))
     elif blend_note:
         parts.append(section("Blend", f'<p class="note">{esc(blend_note)}</p>'))
+    sub_part = _submission_section(Path(submission) if submission else workdir / "submission.json")
+    if sub_part:
+        parts.append(sub_part)
     parts += [_run_section(r) for r in loaded]
     path = Path(out) if out is not None else layout.report_path(workdir)
     write_text(path, page("aivh-ens report", *parts, subtitle=f"work dir: {workdir.resolve()}"))

@@ -138,7 +138,11 @@ def assemble_oof(
                 f"the fold OOF files of run {cfg.name} do not cover every row exactly once; "
                 "re-run with --force"
             )
-        oof = oof.sort_values("_row").drop(columns="_row")[["file_name", "label", "fold", "prob"]]
+        cols = ["file_name", "label", "fold", "prob"]
+        if "group" in fold_table.columns:  # grouped folds: blend's inner folds (the stack) keep groups whole
+            oof["group"] = oof["_row"].map(fold_table["group"])
+            cols.append("group")
+        oof = oof.sort_values("_row").drop(columns="_row")[cols]
         sources = {d.name: sha256_file(d / FOLD_OOF) for d in fdirs}
         meta_path = rdir / "oof_sources.json"
         if out.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == sources:

@@ -263,7 +263,7 @@ def test_nested_cv_fits_on_other_folds_only(data):
     folds = (np.arange(N) // 2) % 5
     seen: list[int] = []
 
-    def spy(S, y_train, seed):
+    def spy(S, y_train, seed, groups=None):
         seen.append(len(y_train))
         return bmethods.Fit("spy", "prob", np.array([1.0, 0, 0]), 2.0, 0.0)  # threshold above every score
 

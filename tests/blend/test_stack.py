@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from oof_project import write_run
 
@@ -126,3 +127,33 @@ def test_cli_prints_the_stack_row_and_its_formula(stacked):
     assert res.exit_code == 0, res.output
     assert re.search(r"^stack\s+logit\s", res.output, re.M) and "<- picked" in res.output
     assert "stack: sigmoid(" in res.output and "* logit(b)" in res.output
+
+
+def test_stack_inner_folds_keep_groups_whole(tmp_path, monkeypatch):
+    from aivh_ens.data import folds as folds_mod
+
+    y = np.tile([1, 0], 300)  # AI/human pairs
+    groups = np.repeat(np.arange(300), 2)
+    splits = folds_mod.group_splits(y, groups, 5, seed=0)
+    seen = np.zeros(600, dtype=int)
+    for train, test in splits:
+        assert not set(groups[train]) & set(groups[test])  # no pair split across inner train and test
+        seen[test] += 1
+    assert (seen == 1).all()  # every row in exactly one inner test fold
+    # OOF files with a group column: the blend hands each fit the groups of its rows
+    rng = np.random.default_rng(0)
+    for run in ("a", "b"):
+        write_run(tmp_path, run, np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.3, 600), 0.01, 0.99), y=y,
+                  folds=groups % 5)  # fmt: skip
+        oof = tmp_path / "oof" / f"{run}.csv"
+        df = pd.read_csv(oof)
+        df["group"] = groups
+        df.to_csv(oof, index=False)
+    calls = []
+    real = folds_mod.group_splits
+    monkeypatch.setattr(
+        folds_mod, "group_splits", lambda y, g, k, seed: calls.append(g) or real(y, g, k, seed)
+    )
+    run_blend(tmp_path, trials=3)
+    assert len(calls) == 6 and all(g is not None for g in calls)  # the full fit and the 5 nested folds
+    assert sorted(len(g) for g in calls) == [480] * 5 + [600]

@@ -401,6 +401,12 @@ def test_submit_writes_how_it_cut_and_every_mode_reuses_the_scores(copy, monkeyp
     probs = pd.read_csv(work / "submission_proba.csv")["prob"].to_numpy()
     labels = pd.read_csv(work / "submission.csv")["label"].to_numpy()
     np.testing.assert_array_equal(labels, probs >= rec["threshold"])
+    # the report shows the same diagnosis and cut
+    res = invoke("report", "--workdir", work)
+    assert res.exit_code == 0, res.output
+    page = (work / "runs" / "report.html").read_text()
+    assert "Submission: train/test shift" in page and "by --threshold auto" in page
+    assert "two-component mixture on test logits" in page
 
     def no_build(cfg):
         raise AssertionError("a threshold mode re-ran the models")

@@ -45,7 +45,14 @@ def test_cv_writes_the_oof_contract(tmp_path, data):
     oof = pd.read_csv(tmp_path / "oof" / "r1.csv")
     train = pd.read_csv(data / "train.csv")
     folds = pd.read_csv(tmp_path / "folds" / "k3_s42_gpairs.csv")
-    assert list(oof.columns) == ["file_name", "label", "fold", "prob"]
+    assert list(oof.columns) == [
+        "file_name",
+        "label",
+        "fold",
+        "prob",
+        "group",
+    ]  # grouped folds: the group too
+    assert (oof["group"] == folds["group"]).all()
     assert oof["file_name"].tolist() == train["file_name"].tolist()  # train.csv order, every row once
     assert (oof["label"] == train["label"]).all() and (oof["fold"] == folds["fold"]).all()
     assert oof["prob"].between(0, 1).all() and oof["prob"].nunique() > 10

@@ -92,7 +92,7 @@ def test_probe_run_writes_the_files_of_a_fine_tuned_run_and_says_what_it_cost(pr
         assert json.loads((fdir / "done.json").read_text())["head"] == "linear"
     assert json.loads((work / "runs" / "p" / "config.json").read_text())["config"]["head"] == "linear"
     oof = pd.read_csv(work / "oof" / "p.csv")
-    assert list(oof.columns) == ["file_name", "label", "fold", "prob"] and len(oof) == 120
+    assert list(oof.columns)[:4] == ["file_name", "label", "fold", "prob"] and len(oof) == 120
     assert "img/s" in out and "MB" in out and "head (C=" in out and "fit in" in out
     assert len(list((work / "runs" / "features").glob("*.feats"))) == 1
 
