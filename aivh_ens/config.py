@@ -20,7 +20,7 @@ CONFIG_VERSION = 1
 OPTIMIZERS = ("adam", "adamw", "sgd", "lamb")
 SCHEDULERS = ("cosine", "step", "onecycle", "constant")
 MODES = ("resize", "crop")
-AMP_MODES = ("bf16", "fp16", "none")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
 SELECT = ("f1", "auc", "loss", "last")
 ON_BAD_IMAGE = ("error", "skip")
 CACHE = ("auto", "on", "off")
@@ -50,7 +50,9 @@ class RunConfig:
     group: str | None = None  # None | "pairs" (row // 2) | a column of train.csv
 
     # -- model
-    pretrained: bool = False  # timm pretrained weights from the HF cache (offline: needs a populated cache)
+    # auto: timm's pretrained weights when this machine holds them (HF cache), else random init with a note;
+    # True: they must be there (--pretrained); False: random initialisation (--no-pretrained)
+    pretrained: bool | str = "auto"
     weights: str | None = None  # local weights file (.safetensors/.pth); "a,b" for fused models
     head_hidden: tuple[int, ...] = ()  # () = timm's own classifier; else an MLP on pooled features
     head_dropout: float = 0.0
@@ -105,9 +107,11 @@ class RunConfig:
 
     # -- hardware
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "bf16"  # bf16 | fp16 | none (CUDA only; CPU always runs fp32)
-    channels_last: bool = True  # CUDA only
-    compile: bool = False
+    # auto: bf16 on GPUs with compute capability >= 8.0, fp16 + GradScaler below, fp32 on the CPU; an explicit
+    # bf16 | fp16 | none is used on any device (inference always chooses by the device it runs on)
+    amp: str = "auto"
+    channels_last: bool | None = None  # None = on CUDA only; True/False force it on any device
+    compile: bool = False  # torch.compile (inductor, also on the CPU), eager when compiling fails
     workers: int | None = None  # DataLoader workers; None = one per core (up to 8) on CUDA, 0 on CPU
     eval_batch_size: int | None = None  # None = 2 x batch_size
     deterministic: bool = False  # cudnn deterministic algorithms (slower on GPU; CPU is deterministic)
@@ -151,6 +155,8 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", cfg.name):
         raise _bad("name", cfg.name, "must use letters, digits, '_', '-', '.' (a run name names a folder)")
+    if cfg.pretrained not in (True, False, "auto"):
+        raise _bad("pretrained", cfg.pretrained, "must be true, false or 'auto'")
     if cfg.folds < 2:
         raise _bad("folds", cfg.folds, "must be at least 2: one fold leaves nothing to train on")
     for name in ("epochs", "batch_size", "accum_steps"):
@@ -182,7 +188,7 @@ def _check_probe(cfg: RunConfig) -> None:
     """A probe run reads features of one pretrained backbone: no fused model, no random initialisation."""
     if len(cfg.backbones) > 1:
         raise _bad("head", cfg.head, f"takes one backbone, got model={cfg.model!r} (--model); drop the '+'")
-    if not (cfg.pretrained or cfg.weights):
+    if cfg.pretrained is False and not cfg.weights:
         raise _bad(
             "head",
             cfg.head,
@@ -204,6 +210,8 @@ RUNTIME_FIELDS = (
     "workers",
     "eval_batch_size",
     "compile",
+    "amp",
+    "channels_last",
     "extra",
     "on_bad_image",
     "cache",

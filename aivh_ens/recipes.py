@@ -123,7 +123,6 @@ RECIPES: dict[str, dict[str, Any]] = {
         cosine_epochs=10,
         epochs=10,
         batch_size=8,
-        amp="fp16",
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         tta="hflip",

@@ -155,7 +155,13 @@ training_options = options(
         "--jpeg-p", type=float, default=None, help="Probability of JPEG re-compression augmentation."
     ),
     click.option("--blur-p", type=float, default=None, help="Probability of Gaussian blur augmentation."),
-    click.option("--pretrained/--no-pretrained", default=None, help="timm pretrained weights (HF cache)."),
+    click.option(
+        "--pretrained/--no-pretrained",
+        default=None,
+        help="Start from timm's pretrained weights, which must be in the Hugging Face cache (--pretrained), "
+        "or from random initialisation (--no-pretrained).  [default: auto: the cached weights when there are "
+        "any, else random initialisation, with a note]",
+    ),
     click.option(
         "--weights", default=None, help="Local weights (.safetensors/.pth); 'a,b' for a fused model."
     ),
@@ -179,13 +185,23 @@ training_options = options(
         help="Probe runs: features of each image (none) or averaged with its mirror (hflip).",
     ),
     click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]"),
-    click.option("--amp", type=click.Choice(AMP_MODES), default=None, help="CUDA mixed precision."),
+    click.option(
+        "--amp",
+        default=None,
+        metavar="[" + "|".join(AMP_MODES) + "]",
+        help="Mixed precision. auto: bf16 on GPUs of compute capability >= 8.0, fp16 + GradScaler on older "
+        "GPUs (T4, P100, V100), fp32 on the CPU; an explicit mode applies on any device.  [default: auto]",
+    ),
     click.option(
         "--compile/--no-compile",
         default=None,
-        help="torch.compile the model (CUDA); falls back to eager, with a message, if compiling fails.",
+        help="torch.compile the model (inductor); falls back to eager, with a message, if compiling fails.",
     ),
-    click.option("--channels-last/--no-channels-last", default=None),
+    click.option(
+        "--channels-last/--no-channels-last",
+        default=None,
+        help="channels_last memory format.  [default: on CUDA only]",
+    ),
     click.option(
         "--workers", type=int, default=None, help="DataLoader workers.  [default: cores on CUDA, 0 on CPU]"
     ),

@@ -23,6 +23,7 @@ from aivh_ens.layout import run_dir
 from aivh_ens.train.fold import DONE
 from aivh_ens.train.loop import BEST, eval_batch_size, load_weights, progress_bar
 from aivh_ens.train.models import DataConfig, build_model
+from aivh_ens.train.precision import choose_amp, cuda_capability, inference_channels_last
 
 Log = Callable[[str], None]
 
@@ -73,7 +74,7 @@ def load_models(info: RunInfo, device: torch.device) -> tuple[list[nn.Module], D
                 f"re-train the fold with `aivh-ens cv --name {info.name} --force ...`"
             ) from None
         model.eval().to(device)
-        if device.type == "cuda" and cfg.channels_last:
+        if inference_channels_last(cfg, device):
             model.to(memory_format=torch.channels_last)
         models.append(model)
     assert dc is not None  # a run has at least two folds
@@ -120,7 +121,8 @@ def predict_folds(
         device=device,  # type: ignore[arg-type]
         workers=default_workers(device, workers if workers is not None else cfg.workers),
     )
-    channels_last = device.type == "cuda" and cfg.channels_last
+    channels_last = inference_channels_last(cfg, device)
+    amp = choose_amp("auto", device.type, cuda_capability(device))  # by this device, not the training one
     normalize = Normalizer(dc.mean, dc.std, device, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     P = np.full((len(models), len(ds)), np.nan, dtype=np.float32)  # (K, N)
@@ -136,7 +138,7 @@ def predict_folds(
         pos = pos.numpy()  # (B,) positions; x: (B, Vc, 3, S, S) uint8
         b, vc = x.shape[:2]
         xn = normalize(x.reshape(b * vc, *x.shape[2:])).reshape(b, vc, *x.shape[2:])
-        p = score_views(models, xn, spec.flip_views, amp=cfg.amp, memory_format=fmt)  # (K, B, V)
+        p = score_views(models, xn, spec.flip_views, amp=amp, memory_format=fmt)  # (K, B, V)
         done.append(
             (pos, _mean_views(p, average))
         )  # copied to the host once the pass ends: no wait per batch

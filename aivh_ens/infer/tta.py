@@ -31,7 +31,7 @@ from aivh_ens.data.images import BadImageError
 from aivh_ens.data.loader import ImageSource
 from aivh_ens.data.transforms import eval_transform
 from aivh_ens.errors import UserError
-from aivh_ens.train.loop import autocast
+from aivh_ens.train.precision import autocast
 
 FLIPS: dict[str, tuple[str, ...]] = {
     "none": ("id",),
@@ -226,7 +226,7 @@ def score_views(
         models: K models mapping (B, 3, S, S) to (B, 2) logits, in eval mode, on ``x``'s device.
         x: normalised crop views (B, Vc, 3, S, S) on the device.
         views: flip/rotation views to apply to each crop (names of :data:`FLIPS`).
-        amp: autocast mode on CUDA (bf16 | fp16 | none).
+        amp: autocast mode (auto | bf16 | fp16 | none; auto chooses by the device of ``x``).
         memory_format: layout of the model input (channels_last on CUDA).
 
     Returns:

@@ -27,6 +27,9 @@ from aivh_ens.layout import config_path, fold_dir, oof_path, read_run_config, ru
 from aivh_ens.locks import FileLock
 from aivh_ens.system import cpu_contention_note, library_versions
 from aivh_ens.train.fold import DONE, FOLD_OOF, FoldJob, fit_fold
+from aivh_ens.train.loop import resolve_device
+from aivh_ens.train.models import random_init_note
+from aivh_ens.train.precision import resolve_precision
 
 Log = Callable[[str], None]
 
@@ -161,11 +164,18 @@ def check_run_inputs(cfg: RunConfig) -> None:
     from aivh_ens.data.cache import model_img_size
     from aivh_ens.data.loader import default_workers, ring_prefetch
     from aivh_ens.train.loop import eval_batch_size, resolve_device
-    from aivh_ens.train.models import check_model_name, weights_files
+    from aivh_ens.train.models import check_model_name, check_weights_match, local_pretrained, weights_files
 
     for name in cfg.backbones:
         check_model_name(name)
-    weights_files(cfg)
+    for name, file in zip(cfg.backbones, weights_files(cfg), strict=True):
+        if file is not None:
+            check_weights_match(name, file, cfg.img_size)
+        elif cfg.head != "finetune" and cfg.pretrained == "auto" and not local_pretrained(name):
+            raise UserError(
+                f"--head {cfg.head} probes pretrained features, and there are no local weights for {name} "
+                "(Hugging Face cache); pass --weights PATH, or fill the cache once online (HF_HUB_OFFLINE=0)"
+            )
     device = resolve_device(cfg.device)
     workers = default_workers(device, cfg.workers)
     if workers > 0:  # the training and the validation loader of a fold, as fit_fold makes them
@@ -280,6 +290,11 @@ def prepare_run(
     note = cpu_contention_note(cfg.device)
     if note:
         log(note)
+    if cfg.head == "finetune":
+        log(resolve_precision(cfg.amp, resolve_device(cfg.device)).line())
+        init_note = random_init_note(cfg)
+        if init_note:
+            log(init_note)
     rdir = run_dir(workdir, cfg.name)
     if force:
         for k in folds_to_run:

@@ -39,8 +39,9 @@ from aivh_ens.data.loader import ImageDataset, ImageSource, Normalizer, default_
 from aivh_ens.data.transforms import eval_transform, storage_step
 from aivh_ens.errors import UserError
 from aivh_ens.io import atomic_path, sha256_file
-from aivh_ens.train.loop import autocast, eval_batch_size
+from aivh_ens.train.loop import eval_batch_size
 from aivh_ens.train.models import DataConfig, create_backbone, weights_files
+from aivh_ens.train.precision import autocast, inference_channels_last
 
 Log = Callable[[str], None]
 
@@ -107,7 +108,11 @@ def build_extractor(cfg: RunConfig) -> FeatureExtractor:
     """The run's frozen backbone: its pretrained or ``--weights`` weights, no classifier, eval mode."""
     (file,) = weights_files(cfg)
     backbone = create_backbone(
-        cfg.backbones[0], pretrained=cfg.pretrained, weights=file, num_classes=0, img_size=cfg.img_size
+        cfg.backbones[0],
+        pretrained=cfg.pretrained is not False,
+        weights=file,
+        num_classes=0,
+        img_size=cfg.img_size,
     )
     return FeatureExtractor(backbone, hflip=cfg.probe_views == "hflip")
 
@@ -260,7 +265,7 @@ def extract_features(
     )
     workers = default_workers(device, cfg.workers)
     loader = make_loader(ds, eval_batch_size(cfg), train=False, device=device, workers=workers)
-    channels_last = device.type == "cuda" and cfg.channels_last
+    channels_last = inference_channels_last(cfg, device)
     normalize = Normalizer(dc.mean, dc.std, device, channels_last)
     extractor.to(device)
     if channels_last:
@@ -273,7 +278,7 @@ def extract_features(
             x, r = x[ok], r[ok]
         if len(r) == 0:
             continue
-        with autocast(device, cfg.amp):
+        with autocast(device, "auto"):  # by the device extracting
             f = extractor(normalize(x))
         out[r.numpy()] = f.float().cpu().numpy().astype(np.float16)
     return out, bad

@@ -5,9 +5,10 @@ A :class:`FoldJob` is a pure function of its frozen config and fold index; it wr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from aivh_ens.train.loop import (
     train_one_epoch,
 )
 from aivh_ens.train.models import build_model
+from aivh_ens.train.precision import resolve_precision, use_channels_last
 
 STATE = "state.pt"  # resume state of an unfinished fold
 FOLD_OOF = "oof.csv"
@@ -94,11 +96,12 @@ def fit_fold(
     Named steps: set up (model, optimizer, loaders) -> resume -> epochs -> write outputs (``done.json`` last).
     """
     job.fold_dir.mkdir(parents=True, exist_ok=True)
-    setup = _set_up(job, source)
-    state = _resume(job, setup, resume, log)
-    t_fold = time.perf_counter()
-    _train_epochs(job, setup, state, progress, log)
-    return _write_outputs(job, setup, state, progress, time.perf_counter() - t_fold)
+    with cudnn_flags_restored():
+        setup = _set_up(job, source)
+        state = _resume(job, setup, resume, log)
+        t_fold = time.perf_counter()
+        _train_epochs(job, setup, state, progress, log)
+        return _write_outputs(job, setup, state, progress, time.perf_counter() - t_fold)
 
 
 @dataclass
@@ -151,25 +154,22 @@ def _split_rows(job: FoldJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _set_up(job: FoldJob, source: ImageSource) -> _Setup:
     """The device settings, the model (seeded per fold), optimizer, scaler, EMA, datasets and loaders."""
     cfg = job.cfg
-    device = resolve_device(cfg.device)
-    if cfg.deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    device = _use_device(cfg)
     labels, train_rows, val_rows = _split_rows(job)
     torch.manual_seed(derive_seed(cfg.seed, job.fold, "init"))
     model, dc = build_model(cfg)
     model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    channels_last = use_channels_last(cfg.channels_last, device)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp == "fp16" else None
+    precision = resolve_precision(cfg.amp, device)
     ema = None
     if cfg.ema_decay:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=cfg.ema_decay, device=device)
+        # warm-up: the decay ramps up over the first steps, so the EMA does not average in the random start
+        ema = ModelEmaV3(model, decay=cfg.ema_decay, device=device, use_warmup=True)
     workers = default_workers(device, cfg.workers)
     train_ds = ImageDataset(
         source,
@@ -182,17 +182,46 @@ def _set_up(job: FoldJob, source: ImageSource) -> _Setup:
     val_ds = ImageDataset(source, val_rows, labels[val_rows], eval_transform(cfg, dc.img_size), dc.img_size)
     val_loader = make_loader(val_ds, eval_batch_size(cfg), train=False, device=device, workers=workers)
     ctx = FoldContext(
-        cfg,
-        device,
-        Normalizer(dc.mean, dc.std, device, cfg.channels_last and device.type == "cuda"),
-        source.describe,
-        set(),
+        cfg, device, Normalizer(dc.mean, dc.std, device, channels_last), source.describe, set(), precision.amp
     )
     batches = len(train_rows) // cfg.batch_size if len(train_rows) > cfg.batch_size else 1
     total_steps = max(1, math.ceil(batches / cfg.accum_steps)) * cfg.epochs
     return _Setup(
-        device, model, optimizer, scaler, ema, train_ds, val_loader, ctx, workers, train_rows, total_steps
+        device,
+        model,
+        optimizer,
+        precision.scaler(),
+        ema,
+        train_ds,
+        val_loader,
+        ctx,
+        workers,
+        train_rows,
+        total_steps,
     )
+
+
+def _use_device(cfg: RunConfig) -> torch.device:
+    """The fold's device, made current (``cuda:N``), with the cuDNN flags the config asks for; a fresh
+    compile cache (dynamo's guards and recompile counts would otherwise carry over from the last fold)."""
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # kernels, caches and streams on this GPU, not on cuda:0
+    torch.backends.cudnn.deterministic = cfg.deterministic
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.deterministic
+    if cfg.compile:
+        torch._dynamo.reset()
+    return device
+
+
+@contextlib.contextmanager
+def cudnn_flags_restored() -> Iterator[None]:
+    """cuDNN's global flags as they were before the block (a job must not change the next job's)."""
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
 
 
 def _resume(job: FoldJob, s: _Setup, resume: bool, log: Callable[[str], None]) -> _State:
@@ -229,8 +258,8 @@ def _resume(job: FoldJob, s: _Setup, resume: bool, log: Callable[[str], None]) -
 def _train_epochs(job: FoldJob, s: _Setup, state: _State, progress: bool, log: Callable[[str], None]) -> None:
     """Epochs from ``state.start_epoch``: train, validate, keep the best weights, save the resume state."""
     cfg, fold = job.cfg, job.fold
-    train_model = CompileFallback(s.model, log) if cfg.compile and s.device.type == "cuda" else s.model
-    eval_model = s.ema.module if s.ema is not None else train_model
+    train_model = CompileFallback(s.model, log) if cfg.compile else s.model
+    eval_model = s.eval_model  # uncompiled: no recompile for eval mode or the last partial batch
     for epoch in range(state.start_epoch, cfg.epochs):
         torch.manual_seed(derive_seed(cfg.seed, fold, epoch))  # dropout, drop-path: replayable on resume
         s.train_ds.set_epoch(epoch)

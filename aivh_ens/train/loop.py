@@ -5,7 +5,6 @@ of the step (tested against torch's OneCycleLR); weights are saved and read as s
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -25,7 +24,8 @@ from aivh_ens.data.loader import Normalizer
 from aivh_ens.errors import TrainingDiverged, UserError
 from aivh_ens.io import atomic_path
 from aivh_ens.progress import Progress
-from aivh_ens.train.models import fully_frozen_backbones
+from aivh_ens.train.models import frozen_eval_modules
+from aivh_ens.train.precision import autocast
 
 BEST = "best.safetensors"
 
@@ -93,13 +93,6 @@ def create_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     return create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA; a no-op elsewhere (CPU trains in fp32)."""
-    if device.type != "cuda" or amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 @dataclass
 class FoldContext:
     """What train_one_epoch/evaluate need besides the model and data."""
@@ -109,6 +102,7 @@ class FoldContext:
     normalize: Normalizer
     describe: Callable[[int], str]  # row -> file name, for error messages
     skipped: set[int]  # rows skipped as bad images (with --on-bad-image skip)
+    amp: str = "none"  # the resolved autocast mode (bf16 | fp16 | none), see train.precision
 
 
 def _check_batch(ctx: FoldContext, rows: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -172,7 +166,7 @@ def train_one_epoch(
     """
     cfg, device = ctx.cfg, ctx.device
     model.train()
-    for m in fully_frozen_backbones(model):  # frozen backbones keep their BatchNorm statistics
+    for m in frozen_eval_modules(model):  # frozen backbones and norms keep their BatchNorm statistics
         m.eval()
     steps_per_epoch, sync_every = max(1, math.ceil(len(loader) / cfg.accum_steps)), _sync_every(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum over samples, on the device
@@ -220,7 +214,7 @@ def _forward_backward(
     cfg, device = ctx.cfg, ctx.device
     x = ctx.normalize(x)
     y = y.to(device, non_blocking=True)
-    with autocast(device, cfg.amp):
+    with autocast(device, ctx.amp):
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     scaled = loss / cfg.accum_steps
@@ -278,7 +272,7 @@ def evaluate(
         if not bool(keep.any()):
             continue
         x, y = _good(x, y, keep)
-        with autocast(ctx.device, ctx.cfg.amp):
+        with autocast(ctx.device, ctx.amp):
             logits = model(ctx.normalize(x))
         out_p.append(torch.softmax(logits.float(), dim=1)[:, 1])  # (B,) on the device
         out_y.append(y.numpy())

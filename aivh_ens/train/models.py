@@ -5,8 +5,10 @@ Every model maps a (B, 3, H, W) float batch to (B, 2) logits; P(AI) = softmax(lo
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +49,9 @@ def weights_files(cfg: RunConfig) -> list[str | None]:
         )
     for f in files:
         if f is not None and not Path(f).is_file():
-            raise UserError(f"--weights file {f} does not exist")
+            raise UserError(
+                f"--weights file {f} does not exist; give the path of a .safetensors or .pth file"
+            )
         if f is not None and Path(f).suffix not in (".safetensors", ".pth", ".pt", ".bin"):
             raise UserError(f"--weights file {f}: expected a .safetensors, .pth, .pt or .bin file")
     return files
@@ -91,6 +95,91 @@ def create_backbone(
                 f"pass --weights PATH to a .safetensors/.pth file for {name}, or drop --pretrained"
             ) from None
         raise
+
+
+def local_pretrained(name: str) -> bool:
+    """Whether timm's default pretrained weights for ``name`` are on this machine already (the Hugging Face
+    cache, or torch hub's cache for URL weights): a look-up in the caches, never a download."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+    from timm.models._hub import check_cached_file
+
+    pcfg = get_pretrained_cfg(name)
+    if pcfg is None:
+        return False
+    if pcfg.hf_hub_id:
+        repo, _, revision = pcfg.hf_hub_id.partition("@")
+        names = [n for n in (pcfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin") if n]
+        for filename in names:
+            if isinstance(try_to_load_from_cache(repo, filename, revision=revision or None), str):
+                return True
+    return bool(pcfg.url) and bool(check_cached_file(pcfg.url))
+
+
+def use_pretrained(cfg: RunConfig, name: str, weights: str | None) -> bool:
+    """Whether backbone ``name`` starts from pretrained weights: ``--weights``, ``--pretrained`` (the HF cache,
+    an error when absent), ``--no-pretrained``, or by default (``auto``) the weights this machine holds."""
+    if weights is not None or cfg.pretrained is True:
+        return True
+    return cfg.pretrained == "auto" and local_pretrained(name)
+
+
+def random_init_note(cfg: RunConfig) -> str | None:
+    """The one line a run prints when ``--pretrained auto`` finds no local weights and trains from scratch."""
+    if cfg.pretrained != "auto":
+        return None
+    files = weights_files(cfg)
+    missing = [n for n, f in zip(cfg.backbones, files, strict=True) if not use_pretrained(cfg, n, f)]
+    if not missing:
+        return None
+    return (
+        f"note: no local pretrained weights for {', '.join(missing)} (Hugging Face cache, --weights): training "
+        "from random initialisation, which needs many more epochs; pass --weights PATH, or fill the cache once "
+        "online (HF_HUB_OFFLINE=0), or --no-pretrained to choose random initialisation"
+    )
+
+
+def _backbone_params(name: str, **kwargs: object) -> tuple[dict[str, tuple[int, ...]], nn.Module]:
+    """Parameter names and shapes of a randomly initialised backbone (no classifier)."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except TypeError:
+        kwargs.pop("img_size", None)
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    return {k: tuple(p.shape) for k, p in model.named_parameters()}, model
+
+
+def check_weights_match(name: str, weights: str, img_size: int | None = None) -> None:
+    """UserError unless the file at ``weights`` covers every backbone parameter of ``name`` by name and shape
+    (the classifier aside; timm's own key filter for the model applied first). Read only: nothing is written.
+
+    timm loads a file with a classifier of another size non-strictly, so a file of another model would
+    otherwise load nothing, with a warning, and the run would train from random initialisation.
+    """
+    from timm.models import load_state_dict
+
+    try:
+        sd = load_state_dict(weights, use_ema=False, weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text or "pickle" in text.lower():
+            raise UserError(
+                f"refusing to load {weights}: it is a pickle that needs code to run (only tensors are "
+                "accepted); convert it to .safetensors"
+            ) from None
+        raise UserError(f"cannot read weights {weights}: {(text.splitlines() or [''])[0][:160]}") from None
+    want, model = _backbone_params(name, img_size=img_size)
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        with contextlib.suppress(Exception):  # a filter for another layout: compare the keys as stored
+            sd = filter_fn(dict(sd), model)
+    matched = sum(1 for k, shape in want.items() if k in sd and tuple(sd[k].shape) == shape)
+    if matched < len(want):
+        raise UserError(
+            f"--weights {weights} does not fit {name}: {matched} of {len(want)} backbone tensors match by name "
+            f"and shape (classifier aside); pass weights saved from {name}, or --model the model they belong to"
+        )
 
 
 class MLPHead(nn.Module):
@@ -140,7 +229,11 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, DataConfig]:
     extra = dict(drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, img_size=cfg.img_size)
     parts = [
         create_backbone(
-            n, pretrained=cfg.pretrained, weights=f, num_classes=0 if fused else NUM_CLASSES, **extra
+            n,
+            pretrained=use_pretrained(cfg, n, f),
+            weights=f,
+            num_classes=0 if fused else NUM_CLASSES,
+            **extra,
         )
         for n, f in zip(names, files, strict=True)
     ]
@@ -192,6 +285,25 @@ def fully_frozen_backbones(model: nn.Module) -> list[nn.Module]:
     """Backbones with no trainable parameter: kept in eval mode so BatchNorm statistics stay as loaded."""
     mods = list(model.backbones) if isinstance(model, PooledClassifier) else []
     return [m for m in mods if not any(p.requires_grad for p in m.parameters())]
+
+
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)  # BatchNorm*, InstanceNorm*, ...
+
+
+def frozen_eval_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that stay in eval mode while the model trains: fully frozen backbones, and every norm layer
+    whose parameters are all frozen (``--train-last``), so BatchNorm statistics stay as loaded.
+
+    ``model`` may be a compile wrapper: the walk goes through its original module (``_orig_mod``), whose
+    type a wrapper hides.
+    """
+    model = getattr(model, "_orig_mod", model)
+    mods = fully_frozen_backbones(model)
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if isinstance(m, NORM_LAYERS) and own and not any(p.requires_grad for p in own):
+            mods.append(m)
+    return mods
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -139,7 +139,8 @@ CASES = [
     ("fold-out-of-range", NOOP, ["--fold", "5"], ["--fold"]),
     ("img-size-tiny", NOOP, ["--img-size", "4"], ["--img-size"]),
     ("no-cuda", NOOP, ["--device", "cuda:0"], ["CUDA"]),
-    ("weights-missing", NOOP, ["--weights", "nope.safetensors"], ["nope.safetensors"]),
+    ("weights-missing", NOOP, ["--weights", "nope.safetensors"], ["nope.safetensors", "does not exist"]),
+    ("amp-unknown", NOOP, ["--amp", "fp8"], ["--amp", "fp8", "auto, bf16, fp16, none"]),
     ("bad-run-name", NOOP, ["--name", "../x"], ["run name"]),
 ]
 
@@ -224,3 +225,18 @@ def test_a_diverging_run_stops_with_one_line_naming_fold_and_fix(tmp_path, base,
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", nan_loss)
     res = CliRunner().invoke(main, ["cv", *BASE_ARGS, "--data", str(base), "--workdir", str(tmp_path / "w")])
     assert_user_error(res, "fold 0: training diverged", "epoch 1, batch 0", "--lr", "--force")
+
+
+def test_weights_of_another_model_are_refused_with_nothing_written(tmp_path, base):
+    """timm would load them non-strictly (nothing matches, a warning) and train from random init."""
+    from safetensors.torch import save_file
+
+    from aivh_ens.train.models import create_backbone
+
+    def other_weights(d: Path) -> None:
+        src = create_backbone("test_convnext", pretrained=False, weights=None, num_classes=0)
+        save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(d / "other.safetensors"))
+
+    weights = tmp_path / "data" / "other.safetensors"  # where _assert_refused's copy of the data puts it
+    extra = ["--weights", str(weights)]
+    _assert_refused(tmp_path, base, "weights-other-model", other_weights, extra, ["does not fit", "0 of"])

@@ -104,3 +104,103 @@ def test_weights_count_must_match_backbones(tmp_path):
     cfg = resolve_config("none", model="test_efficientnet+test_convnext", head_hidden=(8,), weights="a.pth")
     with pytest.raises(UserError, match="one file per backbone"):
         build_model(dataclasses.replace(cfg))
+
+
+def _save_weights_of(name: str, path, **kw) -> None:
+    src = create_backbone(name, pretrained=False, weights=None, num_classes=1000, **kw)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+
+
+@pytest.mark.parametrize(
+    "content,matched",
+    [
+        ("other-model", "0 of "),  # test_convnext's weights for test_efficientnet
+        ("one-tensor", "0 of "),  # a file holding one unrelated tensor
+        ("half", None),  # the backbone's own file with half its tensors gone
+    ],
+)
+def test_weights_that_do_not_cover_the_backbone_are_refused(tmp_path, content, matched):
+    from aivh_ens.train.models import _backbone_params, check_weights_match
+
+    path = tmp_path / "w.safetensors"
+    if content == "other-model":
+        _save_weights_of("test_convnext", path)
+    elif content == "one-tensor":
+        save_file({"unrelated": torch.zeros(3)}, str(path))
+    else:
+        src = create_backbone("test_efficientnet", pretrained=False, weights=None, num_classes=0)
+        keys = sorted(src.state_dict())
+        save_file({k: src.state_dict()[k].contiguous() for k in keys[: len(keys) // 2]}, str(path))
+    n = len(_backbone_params("test_efficientnet")[0])
+    with pytest.raises(UserError) as err:
+        check_weights_match("test_efficientnet", str(path))
+    msg = str(err.value)
+    assert "\n" not in msg and "does not fit test_efficientnet" in msg and f"of {n} backbone tensors" in msg
+    assert matched is None or matched in msg
+
+
+def test_weights_of_the_model_itself_pass_the_check(tmp_path):
+    from aivh_ens.train.models import check_weights_match
+
+    path = tmp_path / "w.safetensors"
+    _save_weights_of("test_efficientnet", path)  # a 1000-class classifier: set aside, not compared
+    check_weights_match("test_efficientnet", str(path))
+
+
+def test_pickle_with_code_is_refused_by_the_up_front_check(tmp_path):
+    from aivh_ens.train.models import check_weights_match
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"conv_stem.weight": _Evil()}, f)
+    with pytest.raises(UserError, match="refusing to load"):
+        check_weights_match("test_efficientnet", str(path))
+
+
+def test_pretrained_auto_without_local_weights_trains_from_random_init_with_a_note(monkeypatch):
+    from aivh_ens.train import models
+
+    cfg = resolve_config("none", model="test_efficientnet")
+    assert cfg.pretrained == "auto"
+    monkeypatch.setattr(models, "local_pretrained", lambda name: False)
+    note = models.random_init_note(cfg)
+    assert note and "test_efficientnet" in note and "random initialisation" in note
+    assert "--weights" in note and "--no-pretrained" in note
+    assert models.use_pretrained(cfg, "test_efficientnet", None) is False
+    monkeypatch.setattr(models, "local_pretrained", lambda name: True)  # cached weights: used, no note
+    assert models.random_init_note(cfg) is None
+    assert models.use_pretrained(cfg, "test_efficientnet", None) is True
+    explicit = resolve_config("none", model="test_efficientnet", pretrained=False)
+    assert models.random_init_note(explicit) is None and not models.use_pretrained(explicit, "x", None)
+
+
+def test_local_pretrained_looks_in_the_hf_cache(tmp_path, monkeypatch):
+    """A cached model.safetensors under the timm repo id counts as local weights; an empty cache does not."""
+    import huggingface_hub.constants as hc
+    from timm.models import get_pretrained_cfg
+
+    from aivh_ens.train.models import local_pretrained
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    assert not local_pretrained("test_efficientnet")
+    repo = get_pretrained_cfg("test_efficientnet").hf_hub_id
+    snap = tmp_path / f"models--{repo.replace('/', '--')}"
+    (snap / "refs").mkdir(parents=True)
+    (snap / "refs" / "main").write_text("abc")
+    (snap / "snapshots" / "abc").mkdir(parents=True)
+    (snap / "snapshots" / "abc" / "model.safetensors").write_bytes(b"x")
+    assert local_pretrained("test_efficientnet")
+
+
+def test_frozen_norms_are_found_through_compile_wrappers():
+    """--train-last freezes a plain timm model's BatchNorm layers; the wrappers of --compile hide its type."""
+    from aivh_ens.train.loop import CompileFallback
+    from aivh_ens.train.models import frozen_eval_modules
+
+    model, _ = build_model(resolve_config("tiny", train_last=2, pretrained=False))
+    norms = {id(m) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert norms
+    for wrapped in (model, torch.compile(model), CompileFallback(model, compile_fn=lambda m: m)):
+        assert norms <= {id(m) for m in frozen_eval_modules(wrapped)}
+    trainable, _ = build_model(resolve_config("tiny", pretrained=False))
+    assert not frozen_eval_modules(trainable)

@@ -1,0 +1,151 @@
+"""Precision by device (the amp decision table), and the CUDA code paths run on the CPU: forced bf16 and
+fp16 autocast with a GradScaler, channels_last, torch.compile, EMA with accumulation, frozen norms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli_checks import assert_user_error, tiny_cv
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from aivh_ens.cli import main
+from aivh_ens.config import resolve_config
+from aivh_ens.train import fold as fold_mod
+from aivh_ens.train.precision import choose_amp, resolve_precision
+
+# (requested, device type, compute capability) -> mode
+AMP_TABLE = [
+    ("auto", "cuda", (6, 0), "fp16"),  # P100
+    ("auto", "cuda", (7, 0), "fp16"),  # V100
+    ("auto", "cuda", (7, 5), "fp16"),  # T4
+    ("auto", "cuda", (8, 0), "bf16"),  # A100
+    ("auto", "cuda", (8, 6), "bf16"),  # RTX 30xx, A10
+    ("auto", "cuda", (8, 9), "bf16"),  # L4, RTX 40xx
+    ("auto", "cuda", (9, 0), "bf16"),  # H100
+    ("auto", "cuda", (10, 0), "bf16"),  # B200
+    ("auto", "cuda", None, "fp16"),  # capability unknown: the mode every CUDA GPU runs
+    ("auto", "cpu", None, "none"),
+    ("auto", "mps", None, "none"),
+    ("bf16", "cuda", (7, 5), "bf16"),  # an explicit mode is kept
+    ("fp16", "cuda", (9, 0), "fp16"),
+    ("none", "cuda", (9, 0), "none"),
+    ("bf16", "cpu", None, "bf16"),  # forced on the CPU (how the tests below exercise the CUDA path)
+    ("fp16", "cpu", None, "fp16"),
+]
+
+
+@pytest.mark.parametrize("requested,device,capability,expected", AMP_TABLE)
+def test_amp_decision_table(requested, device, capability, expected):
+    assert choose_amp(requested, device, capability) == expected
+
+
+def test_auto_is_the_default_and_the_cpu_line_says_fp32():
+    assert resolve_config("tiny").amp == "auto"
+    p = resolve_precision("auto", torch.device("cpu"))
+    assert p.amp == "none" and p.scaler() is None
+    assert p.line() == "precision: fp32 on cpu (--amp auto: cpu trains in fp32)"
+    forced = resolve_precision("fp16", torch.device("cpu"))
+    assert isinstance(forced.scaler(), torch.amp.GradScaler) and "GradScaler" in forced.line()
+
+
+@pytest.fixture(scope="module")
+def data(demo_data) -> Path:
+    return demo_data(n=48, n_test=8, seed=5)
+
+
+def _cv(workdir: Path, data: Path, *extra: str):
+    args = ["cv", *tiny_cv(folds=2, epochs=1), "--fold", "0", "--data", str(data), "--workdir", str(workdir)]
+    return CliRunner().invoke(main, [*args, *extra])
+
+
+def test_unknown_amp_is_one_line_exit_2(tmp_path, data):
+    res = _cv(tmp_path, data, "--amp", "fp8")
+    assert_user_error(res, "--amp", "fp8", "auto, bf16, fp16, none")
+    assert not (tmp_path / "folds").exists() and not (tmp_path / "runs").exists()
+
+
+def _spy_forward(monkeypatch) -> list[tuple[torch.dtype | None, bool]]:
+    """Record, per training forward pass, the CPU autocast dtype (None when off) and whether the input
+    arrived in channels_last."""
+    seen: list[tuple[torch.dtype | None, bool]] = []
+    build = fold_mod.build_model
+
+    def hook(module, args):
+        if module.training:
+            on = torch.is_autocast_enabled("cpu")
+            x = args[0]
+            seen.append(
+                (
+                    torch.get_autocast_dtype("cpu") if on else None,
+                    x.is_contiguous(memory_format=torch.channels_last),
+                )
+            )
+
+    def spied(cfg):
+        model, dc = build(cfg)
+        model.register_forward_pre_hook(hook)
+        return model, dc
+
+    monkeypatch.setattr(fold_mod, "build_model", spied)
+    return seen
+
+
+def test_cpu_fold_under_forced_bf16_channels_last_with_ema_and_accumulation(tmp_path, data, monkeypatch):
+    seen = _spy_forward(monkeypatch)
+    res = _cv(tmp_path, data, "--amp", "bf16", "--channels-last", "--ema", "0.9", "--accum-steps", "2")
+    assert res.exit_code == 0, res.output
+    assert "precision: bf16 autocast on cpu (--amp bf16)" in res.output
+    assert seen and all(s == (torch.bfloat16, True) for s in seen)
+    done = json.loads((tmp_path / "runs" / "test_efficientnet-tiny" / "fold0" / "done.json").read_text())
+    assert 0 <= done["val_loss"] < 5
+
+
+def test_cpu_fold_under_forced_fp16_steps_through_the_grad_scaler(tmp_path, data, monkeypatch):
+    seen = _spy_forward(monkeypatch)
+    steps: list[float] = []
+    real_step = torch.amp.GradScaler.step
+
+    def step(self, optimizer, *a, **k):
+        steps.append(self.get_scale())
+        return real_step(self, optimizer, *a, **k)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "step", step)
+    res = _cv(tmp_path, data, "--amp", "fp16", "--no-channels-last")
+    assert res.exit_code == 0, res.output
+    assert "precision: fp16 autocast + GradScaler on cpu" in res.output
+    assert seen and all(s == (torch.float16, False) for s in seen)
+    assert steps and steps[0] == 65536.0  # the scaler's initial scale: the loss really was scaled
+
+
+def test_cpu_default_is_fp32_contiguous(tmp_path, data, monkeypatch):
+    seen = _spy_forward(monkeypatch)
+    res = _cv(tmp_path, data)
+    assert res.exit_code == 0, res.output
+    assert "precision: fp32 on cpu (--amp auto" in res.output
+    assert seen and all(s == (None, False) for s in seen)
+
+
+def test_compiled_fold_keeps_frozen_norms_in_eval(tmp_path, data, monkeypatch):
+    """--compile (inductor on the CPU) with --train-last: the fold trains through the compiled model, the
+    frozen BatchNorm layers keep their initial statistics, and evaluation runs the uncompiled module."""
+    wrappers: list[fold_mod.CompileFallback] = []
+
+    class Recording(fold_mod.CompileFallback):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            wrappers.append(self)
+
+    monkeypatch.setattr(fold_mod, "CompileFallback", Recording)
+    res = _cv(tmp_path, data, "--compile", "--train-last", "2", "--name", "c")
+    assert res.exit_code == 0, res.output
+    assert len(wrappers) == 1 and wrappers[0]._ran and not wrappers[0].fell_back, res.output
+    sd = load_file(str(tmp_path / "runs" / "c" / "fold0" / "best.safetensors"))
+    means = [v for k, v in sd.items() if k.endswith("running_mean")]
+    variances = [v for k, v in sd.items() if k.endswith("running_var")]
+    assert means and all(bool((m == 0).all()) for m in means)  # a fresh BatchNorm's statistics, untouched
+    assert all(bool((v == 1).all()) for v in variances)
+    assert int(sd["classifier.weight"].abs().sum() > 0)
