@@ -11,7 +11,6 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -58,15 +57,16 @@ def read_train_table(
         file_col: column with image paths relative to ``data_dir``.
         label_col: column with labels, 0 = human-made, 1 = AI-generated (1.0/0.0 accepted).
         group_col: optional column whose values group rows that must share a fold.
-        check_files: also check that every image exists and no symlink leads outside ``data_dir``
-            (the lexical checks, absolute paths and ``..``, always run).
+        check_files: also check that every image exists (following symbolic links); the lexical checks,
+            absolute paths and ``..``, always run.
 
     Returns:
         Columns ``file_name`` (str, as written in the CSV), ``label`` (int64, 0/1) and, with ``group_col``,
         ``group`` (str, as written); CSV row order, RangeIndex.
 
     Raises:
-        UserError: the CSV is missing or malformed, a value is bad, or an image is missing/outside.
+        UserError: the CSV is missing or malformed, a value is bad, or an image is missing or outside
+            ``data_dir`` as written.
     """
     path = _csv_path(data_dir, csv)
     wanted = [file_col, label_col] + ([group_col] if group_col else [])
@@ -98,14 +98,14 @@ def read_test_table(
         data_dir: folder holding the CSV and the images (``--data``).
         csv: CSV file name inside ``data_dir`` (an absolute path is used as is).
         id_col: column with the image ids, which are image paths relative to ``data_dir`` (Kaggle layout).
-        check_files: also check that every image exists and no symlink leads outside ``data_dir``.
+        check_files: also check that every image exists (following symbolic links).
 
     Returns:
         One column ``id`` (str, as written in the CSV); CSV row order, RangeIndex.
 
     Raises:
         UserError: the CSV is missing or malformed, an id is empty or repeated, or an image is missing or
-            outside ``data_dir``.
+            outside ``data_dir`` as written.
     """
     path = _csv_path(data_dir, csv)
     header, rows, lines = _read_csv(path, id_col)
@@ -120,24 +120,19 @@ def read_test_table(
 def resolve_image_path(data_dir: str | Path, rel: str) -> Path:
     """Absolute path of ``rel`` inside ``data_dir``.
 
+    The path must stay inside ``data_dir`` as written (no ``..`` out of it, not absolute); symbolic links
+    under ``data_dir`` are followed wherever they lead (an image folder linked to another disk is common on
+    Kaggle and clusters): whoever can make links in the data folder chose where it reads from.
+
     Raises:
-        UserError: ``rel`` is empty or absolute, escapes ``data_dir`` with ``..``, or resolves (through a
-            symlink) to a place outside ``data_dir``.
+        UserError: ``rel`` is empty or absolute, or escapes ``data_dir`` with ``..``.
     """
     problem = _lexical_problem(rel)
     if problem:
         raise UserError(
             f"image path {rel!r} {problem}; paths must be relative to --data ({data_dir}) and stay inside it"
         )
-    full = os.path.abspath(os.path.join(data_dir, rel))
-    root = os.path.realpath(data_dir)
-    real = os.path.realpath(full)
-    if not _inside(real, root):
-        raise UserError(
-            f"image path {rel!r} resolves to {real}, outside --data ({root}), through a symlink; "
-            "keep the images inside the data folder (copy them, or point --data at the real folder)"
-        )
-    return Path(full)
+    return Path(os.path.abspath(os.path.join(data_dir, rel)))
 
 
 def _csv_path(data_dir: str | Path, csv_name: str) -> Path:
@@ -300,10 +295,6 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def _inside(real: str, root: str) -> bool:
-    return real == root or os.path.commonpath([real, root]) == root
-
-
 def _show(name: str) -> str:
     """A path for a message: bare when readable, quoted when whitespace or control characters would hide."""
     return name if name == name.strip() and name.isprintable() else repr(name)
@@ -318,7 +309,7 @@ def _check_paths(
     option: str,
     check_files: bool,
 ) -> None:
-    """Refuse absolute, escaping, repeated, symlinked-outside and (with check_files) missing image paths."""
+    """Refuse absolute, escaping, repeated and (with check_files) missing image paths."""
     # 'a/./b.jpg' and 'a/b.jpg' name the same image; normpath only where a string can be non-normal.
     posix = os.sep == "/"
     norm = [
@@ -357,7 +348,7 @@ def _check_paths(
 def _missing_files(
     path: Path, data_dir: str | Path, files: list[str], norm: list[str], lines: list[int], col: str
 ) -> list[int]:
-    """Rows whose image does not exist (or is not a file); a symlink out of the data folder is refused."""
+    """Rows whose image does not exist (or is not a file); symbolic links are followed."""
     # One listing per directory instead of a stat per file (the Kaggle layout has two directories);
     # DirEntry knows from the listing alone whether a name is a symlink or a regular file.
     root = os.path.realpath(data_dir)
@@ -367,8 +358,6 @@ def _missing_files(
     missing: list[int] = []
     for d, rows in by_dir.items():
         real_dir = os.path.realpath(os.path.join(root, d))
-        if not _inside(real_dir, root):
-            _outside(path, data_dir, files[rows[0]], lines[rows[0]], col, real_dir)
         try:
             with os.scandir(real_dir) as it:
                 entries = {e.name: e for e in it}
@@ -382,22 +371,11 @@ def _missing_files(
             if entry is None:
                 missing.append(i)
             elif entry.is_symlink():
-                real = os.path.realpath(entry.path)
-                if not _inside(real, root):
-                    _outside(path, data_dir, files[i], lines[i], col, real)
-                if not os.path.isfile(real):
+                if not os.path.isfile(entry.path):  # follows the link; a dangling one is missing
                     missing.append(i)
             elif not entry.is_file():
                 missing.append(i)
     return missing
-
-
-def _outside(path: Path, data_dir: str | Path, f: str, line: int, col: str, real: str) -> NoReturn:
-    raise UserError(
-        f"{path} line {line}: {col} {f!r} resolves to {real}, outside --data ({os.path.realpath(data_dir)}), "
-        "through a symlink; keep the images inside the data folder "
-        "(copy them, or point --data at the real folder)"
-    )
 
 
 def _check_duplicates(path: Path, files: list[str], norm: list[str], lines: list[int], col: str) -> None:

@@ -174,7 +174,7 @@ def check_run_inputs(cfg: RunConfig) -> None:
         elif cfg.head != "finetune" and cfg.pretrained == "auto" and not local_pretrained(name):
             raise UserError(
                 f"--head {cfg.head} probes pretrained features, and there are no local weights for {name} "
-                "(Hugging Face cache); pass --weights PATH, or fill the cache once online (HF_HUB_OFFLINE=0)"
+                "(Hugging Face cache); pass --weights PATH, or run once online (HF_HUB_OFFLINE=0) with --pretrained"
             )
     device = resolve_device(cfg.device)
     workers = default_workers(device, cfg.workers)
