@@ -71,7 +71,7 @@ def check_plan(plan: Plan, workdir: Path, force: bool, check_device: str) -> lis
             check_run_inputs(dataclasses.replace(cfg, device=check_device))
             key = (cfg.data, cfg.train_csv, cfg.file_col, cfg.label_col, cfg.group, cfg.on_bad_image)
             if key not in tables:
-                tables[key] = load_checked_table(cfg)
+                tables[key] = load_checked_table(cfg, workdir)  # reuses earlier decode verdicts
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         if not force:

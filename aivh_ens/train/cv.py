@@ -225,7 +225,7 @@ def run_cv(
             cfg, workdir, fold_spec=fold_spec, resume=resume, force=force, progress=progress, log=log
         )
     workdir = Path(workdir)
-    folds_to_run, table, bad = check_inputs(cfg, fold_spec)  # every check before the first file is written
+    folds_to_run, table, bad = check_inputs(cfg, fold_spec, workdir)  # every check before the first write
     fold_table = prepare_run(cfg, workdir, table, bad, folds_to_run, force, log)
     from aivh_ens.data.cache import open_source
 
@@ -241,7 +241,9 @@ def run_cv(
     return finish_run(cfg, workdir, fold_table, set(bad), summaries, log)
 
 
-def check_inputs(cfg: RunConfig, fold_spec: str | None) -> tuple[list[int], pd.DataFrame, dict[int, str]]:
+def check_inputs(
+    cfg: RunConfig, fold_spec: str | None, workdir: str | Path | None = None
+) -> tuple[list[int], pd.DataFrame, dict[int, str]]:
     """The folds to train, the validated train table and ``{row: reason}`` of unreadable images.
 
     Images: every one is fully decoded (a truncated JPEG has a fine header), so a bad image stops the run, or
@@ -249,18 +251,39 @@ def check_inputs(cfg: RunConfig, fold_spec: str | None) -> tuple[list[int], pd.D
     """
     folds_to_run = parse_fold_list(fold_spec, cfg.folds)
     check_run_inputs(cfg)
-    table, bad = load_checked_table(cfg)
+    table, bad = load_checked_table(cfg, workdir)
     return folds_to_run, table, bad
 
 
-def load_checked_table(cfg: RunConfig) -> tuple[pd.DataFrame, dict[int, str]]:
+VERDICTS = "decode_verdicts"  # the table's attrs key: the verdicts prepare_run keeps once inputs are valid
+
+
+def load_checked_table(
+    cfg: RunConfig, workdir: str | Path | None = None
+) -> tuple[pd.DataFrame, dict[int, str]]:
     """The validated train table and ``{row: reason}`` of images that fail a full decode.
+
+    With ``workdir``, the verdicts of earlier calls (:mod:`aivh_ens.data.verdicts`) are reused: only images
+    that are new or changed since are decoded. The updated verdicts travel with the table
+    (``table.attrs``) and :func:`prepare_run` writes them once every input is valid.
 
     Raises:
         UserError: an image fails and ``cfg.on_bad_image`` is ``error``; names the file and ``--on-bad-image``.
     """
+    from aivh_ens.data.cache import default_cache_dir
+    from aivh_ens.data.verdicts import Verdicts, verdicts_path
+
     table = load_train_table(cfg)
-    bad = scan_images(Path(cfg.data), table["file_name"], decode=True)
+    root, files = Path(cfg.data), table["file_name"].tolist()
+    path = verdicts_path(default_cache_dir(cfg, workdir), root) if workdir is not None else None
+    verdicts = Verdicts.read(path)
+
+    def decode(rows: list[int]) -> dict[int, str]:
+        found = scan_images(root, [files[i] for i in rows], decode=True)
+        return {rows[j]: reason for j, reason in found.items()}
+
+    bad, _ = verdicts.check(root, files, decode)
+    table.attrs[VERDICTS] = verdicts
     if bad and cfg.on_bad_image == "error":
         first = min(bad)
         raise UserError(
@@ -283,6 +306,8 @@ def prepare_run(
     fold_path, fold_sha, fold_table, created = ensure_fold_file(
         workdir, table, cfg.folds, cfg.seed, cfg.group
     )
+    if VERDICTS in table.attrs:  # every input is valid now: keep the decode verdicts for the next call
+        table.attrs[VERDICTS].save()
     log(
         f"fold file: {fold_path} ({'created' if created else 'reused'}, sha256 {fold_sha[:12]}, "
         f"{len(fold_table)} rows, {cfg.folds} folds{', grouped by ' + cfg.group if cfg.group else ''})"

@@ -298,7 +298,7 @@ def run_probe_cv(
     from aivh_ens.train.cv import check_inputs, finish_run, prepare_run, run_fold
 
     workdir = Path(workdir)
-    folds_to_run, table, bad = check_inputs(cfg, fold_spec)
+    folds_to_run, table, bad = check_inputs(cfg, fold_spec, workdir)
     fold_table = prepare_run(cfg, workdir, table, bad, folds_to_run, force, log)
     names = fold_table["file_name"].tolist()
     root = Path(cfg.data)
