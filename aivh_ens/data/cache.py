@@ -347,6 +347,9 @@ def _decode_into(
             bar.update()
 
 
+SMALLER_STORAGE = "--img-size, --train-resize, --eval-resize set the stored size"
+
+
 def _write(
     path: Path,
     key: dict[str, Any],
@@ -378,8 +381,13 @@ def _write(
             f"{_gb(free)} free"
         )
         if required:
-            raise UserError(f"{msg}; free some space, pass --cache-dir on a larger disk, or --cache off")
-        log(f"{msg}: decoding on the fly instead (--cache-dir DIR puts the cache elsewhere)")
+            raise UserError(
+                f"{msg}; free some space, or pass --cache-dir on a larger disk, a smaller stored size "
+                f"({SMALLER_STORAGE}), or --cache off"
+            )
+        log(
+            f"{msg}: decoding on the fly instead (--cache-dir DIR puts the cache elsewhere; {SMALLER_STORAGE})"
+        )
         return False
     t0 = time.perf_counter()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -239,7 +239,7 @@ def test_disk_space_check(tmp_path, data, monkeypatch):
     Usage = namedtuple("Usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 10**6, 10**6))
     storage = StorageStep("short", 40)
-    with pytest.raises(UserError, match=r"needs .* GB .* free.*--cache-dir"):
+    with pytest.raises(UserError, match=r"needs .* GB .* free.*--cache-dir.*--img-size.*--cache off"):
         C.ensure_cache(root, names, storage, tmp_path / "c", **QUIET)
     assert C.ensure_cache(root, names, storage, tmp_path / "c", required=False, **QUIET) is None
     assert not CF.cache_file(tmp_path / "c", root, storage).exists()
