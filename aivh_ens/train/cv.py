@@ -23,7 +23,7 @@ from aivh_ens.data.images import BadImageError, image_size, load_image
 from aivh_ens.data.tables import read_train_table
 from aivh_ens.errors import UserError
 from aivh_ens.io import sha256_file, write_csv, write_json
-from aivh_ens.layout import config_path, fold_dir, oof_path, read_run_config, run_dir
+from aivh_ens.layout import config_path, fold_dir, inspect_dir, oof_path, read_run_config, run_dir
 from aivh_ens.locks import FileLock
 from aivh_ens.system import cpu_contention_note, library_versions
 from aivh_ens.train.fold import DONE, FOLD_OOF, FoldJob, fit_fold
@@ -293,6 +293,34 @@ def load_checked_table(
     return table, bad
 
 
+def pair_layout_hint(cfg: RunConfig, table: pd.DataFrame, workdir: Path) -> str | None:
+    """One line when the rows look like the Kaggle pair layout (2k and 2k+1 show the same content) and the
+    folds are not grouped: ``inspect``'s finding when it checked this data, else labels that alternate."""
+    if cfg.group is not None:
+        return None
+    doc_path = inspect_dir(workdir) / "inspect.json"
+    try:
+        doc = json.loads(doc_path.read_text())
+    except (OSError, ValueError):
+        doc = None
+    same_data = (
+        bool(doc) and doc.get("data") == str(Path(cfg.data).resolve()) and doc.get("n_train") == len(table)
+    )
+    if same_data:
+        found = any(f.get("key") == "pairs" and f.get("level") == "warn" for f in doc.get("findings", []))
+        why = f"{doc_path} found rows 2k and 2k+1 to be pairs of the same content"
+    else:
+        y = table["label"].to_numpy()
+        n = len(y) // 2
+        found = n >= 10 and float((y[0 : 2 * n : 2] != y[1 : 2 * n : 2]).mean()) >= 0.95
+        why = (
+            "labels alternate in rows 2k, 2k+1 (the Kaggle pair layout; `aivh-ens inspect` checks the images)"
+        )
+    if not found:
+        return None
+    return f"note: {why}; random folds put the two halves of a pair on both sides: pass --group pairs"
+
+
 def prepare_run(
     cfg: RunConfig,
     workdir: Path,
@@ -303,6 +331,9 @@ def prepare_run(
     log: Log,
 ) -> pd.DataFrame:
     """Make or reuse the fold file, clear forced folds, write config.json and skipped.csv; the fold table."""
+    hint = pair_layout_hint(cfg, table, workdir)
+    if hint:
+        log(hint)
     fold_path, fold_sha, fold_table, created = ensure_fold_file(
         workdir, table, cfg.folds, cfg.seed, cfg.group
     )

@@ -295,3 +295,41 @@ def test_console_script_exit_code_for_bad_input(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error:") and "train.csv" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def _pairs_table(n: int, alternate: bool) -> pd.DataFrame:
+    labels = [1, 0] * (n // 2) if alternate else [1, 1, 0, 0] * (n // 4)
+    return pd.DataFrame({"file_name": [f"{i}.jpg" for i in range(n)], "label": labels})
+
+
+def test_pair_layout_hint_names_the_flag(tmp_path):
+    from aivh_ens.config import resolve_config
+    from aivh_ens.train.cv import pair_layout_hint
+
+    data = tmp_path / "d"
+    data.mkdir()
+    cfg = resolve_config("tiny", data=str(data))
+    hint = pair_layout_hint(cfg, _pairs_table(40, alternate=True), tmp_path)
+    assert hint and "labels alternate" in hint and hint.endswith("--group pairs") and "\n" not in hint
+    assert pair_layout_hint(cfg, _pairs_table(40, alternate=False), tmp_path) is None
+    grouped = resolve_config("tiny", data=str(data), group="pairs")
+    assert pair_layout_hint(grouped, _pairs_table(40, alternate=True), tmp_path) is None
+    # inspect's verdict on the images wins over the labels when it checked this data
+    doc = {"data": str(data.resolve()), "n_train": 40, "findings": [{"key": "pairs", "level": "warn"}]}
+    (tmp_path / "runs" / "inspect").mkdir(parents=True)
+    (tmp_path / "runs" / "inspect" / "inspect.json").write_text(json.dumps(doc))
+    hint = pair_layout_hint(cfg, _pairs_table(40, alternate=False), tmp_path)
+    assert hint and "inspect.json found rows 2k and 2k+1" in hint and "--group pairs" in hint
+    doc["findings"] = [{"key": "pairs", "level": "ok"}]
+    (tmp_path / "runs" / "inspect" / "inspect.json").write_text(json.dumps(doc))
+    assert pair_layout_hint(cfg, _pairs_table(40, alternate=True), tmp_path) is None
+
+
+def test_cv_without_group_on_the_pair_layout_says_so(tmp_path, data):
+    res = CliRunner().invoke(
+        main,
+        ["cv", *tiny_cv(folds=3, epochs=1, pairs=False), "--fold", "0", "--data", str(data),
+         "--workdir", str(tmp_path)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert sum("pass --group pairs" in ln for ln in res.output.splitlines()) == 1
