@@ -69,6 +69,26 @@ def shm_free() -> int | None:
     return int(st.f_bavail) * int(st.f_frsize)
 
 
+def shm_total() -> int | None:
+    """Bytes :data:`SHM_DIR` holds in all (a container's ``--shm-size``), or None where there is none."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return int(st.f_blocks) * int(st.f_frsize)
+
+
+JOBS_AT_ONCE_ENV = "AIVH_ENS_JOBS_AT_ONCE"  # set by a sweep's local backend in each of its job processes
+
+
+def jobs_at_once() -> int:
+    """How many training jobs run at once on this machine (they share its /dev/shm): 1 unless a sweep says."""
+    try:
+        return max(1, int(os.environ.get(JOBS_AT_ONCE_ENV, "1")))
+    except ValueError:
+        return 1
+
+
 @contextlib.contextmanager
 def cv2_threads(n: int) -> Iterator[None]:
     """OpenCV's own thread pool at ``n`` threads while the block runs (e.g. 1 while many decoding threads

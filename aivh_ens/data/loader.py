@@ -198,7 +198,9 @@ def prefetch_factor(workers: int, batch_bytes: int, budget: int = PREFETCH_BUDGE
 SHM_SHARE = 0.45  # of its free space, the most one loader's ring takes (a fold holds two: train, validation)
 
 
-def ring_prefetch(workers: int, batch_size: int, img_size: int, free: int | None = None) -> int:
+def ring_prefetch(
+    workers: int, batch_size: int, img_size: int, free: int | None = None, jobs: int | None = None
+) -> int:
     """Batches each worker keeps in flight, within the memory budget and within the shared memory free.
 
     The ring takes ``(workers * prefetch + 1)`` batches of shared memory at once. A container's ``/dev/shm``
@@ -206,23 +208,33 @@ def ring_prefetch(workers: int, batch_size: int, img_size: int, free: int | None
     worker with SIGBUS. So the prefetch depth shrinks (down to one batch a worker) to fit ``SHM_SHARE`` of
     what is free, and where even that does not fit this stops with a :class:`UserError` naming the fix.
 
+    Jobs that run at once on the machine (a sweep's, :func:`aivh_ens.system.jobs_at_once`) share it: each
+    sizes its rings to its part of the whole, not to what happens to be free when it starts, so the last job
+    to start is not the one that dies.
+
     Args:
         free: bytes free in shared memory (default: :data:`aivh_ens.system.SHM_DIR` now; None: no check).
+        jobs: jobs sharing it (default: :func:`aivh_ens.system.jobs_at_once`).
     """
     batch_bytes = batch_size * 3 * img_size * img_size
     prefetch = prefetch_factor(workers, batch_bytes)
     free = system.shm_free() if free is None else free
     if free is None:
         return prefetch
-    budget = int(free * SHM_SHARE)
+    jobs = jobs or system.jobs_at_once()
+    total = system.shm_total() if jobs > 1 else None
+    share = min(free, total // jobs) if total else free
+    budget = int(share * SHM_SHARE)
     while prefetch > 1 and (workers * prefetch + 1) * batch_bytes > budget:
         prefetch -= 1
     need = (workers + 1) * batch_bytes
     if need > budget:
+        shared = f", shared by {jobs} jobs at once ({share / 2**20:.0f} MiB each)" if jobs > 1 else ""
         raise UserError(
-            f"shared memory ({system.SHM_DIR}) has {free / 2**20:.0f} MiB free, and {workers} loader workers need "
-            f"{need / SHM_SHARE / 2**20:.0f} MiB ({workers + 1} batches of {batch_size} images at {img_size} px, "
-            f"uint8): give the container more (docker run --shm-size=8g), or lower --workers or --batch-size"
+            f"shared memory ({system.SHM_DIR}) has {free / 2**20:.0f} MiB free{shared}, and {workers} loader "
+            f"workers need {need / SHM_SHARE / 2**20:.0f} MiB ({workers + 1} batches of {batch_size} images at "
+            f"{img_size} px, uint8): give the container more (docker run --shm-size=8g), or lower --workers or "
+            "--batch-size" + (", or run fewer jobs at once (--devices)" if jobs > 1 else "")
         )
     return prefetch
 

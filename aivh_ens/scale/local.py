@@ -46,9 +46,13 @@ def parse_devices(devices: str | None, gpus: int | None) -> list[str]:
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]
 
 
-def _pin(tokens: Any, threads: int | None) -> None:
-    """Pool initializer: take this worker's device for the rest of its life."""
+def _pin(tokens: Any, threads: int | None, at_once: int = 1) -> None:
+    """Pool initializer: take this worker's device for the rest of its life; say how many jobs run at once
+    (they share /dev/shm, see :func:`aivh_ens.data.loader.ring_prefetch`)."""
     global _DEVICE, _THREADS
+    from aivh_ens.system import JOBS_AT_ONCE_ENV
+
+    os.environ[JOBS_AT_ONCE_ENV] = str(at_once)
     device = tokens.get(timeout=60)
     if device.startswith("cuda:"):
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
@@ -78,7 +82,7 @@ def run_local(
         tokens.put(d)
     rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(
-        len(devices), mp_context=ctx, initializer=_pin, initargs=(tokens, threads)
+        len(devices), mp_context=ctx, initializer=_pin, initargs=(tokens, threads, len(devices))
     ) as pool:
         futures = {pool.submit(_run, str(f), time.time()): f for f in job_files}
         for fut in as_completed(futures):

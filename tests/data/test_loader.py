@@ -125,3 +125,21 @@ def test_ring_fits_the_shared_memory_free(workers, batch):
         assert p == usual or workers * (p + 1) + 1 > room  # the deepest ring that fits
     with pytest.raises(UserError, match=r"/dev/shm.*--shm-size.*--workers or --batch-size"):
         ring_prefetch(workers, batch, 224, free=int(workers * one / SHM_SHARE))
+
+
+def test_jobs_at_once_share_the_whole_shared_memory(monkeypatch):
+    """A sweep's concurrent jobs each size their ring to their part of /dev/shm, not to what is free when
+    each starts; a part too small for one batch a worker stops at once, naming the fixes."""
+    from aivh_ens import system
+
+    one = 8 * 3 * 224 * 224  # bytes of one uint8 batch
+    total = int(20 * one / SHM_SHARE) + 8  # room for 20 batches in all
+    monkeypatch.setattr(system, "shm_total", lambda: total)
+    assert ring_prefetch(3, 8, 224, free=total, jobs=1) == prefetch_factor(3, one)  # alone: the usual depth
+    assert ring_prefetch(3, 8, 224, free=total, jobs=4) == 1  # 5 batches each: 3 workers x 1 + 1
+    with pytest.raises(UserError, match=r"shared by 8 jobs at once.*--shm-size.*fewer jobs at once"):
+        ring_prefetch(3, 8, 224, free=total, jobs=8)  # 2.5 batches each, 4 needed
+    monkeypatch.setenv(system.JOBS_AT_ONCE_ENV, "8")  # what the local backend sets in its job processes
+    assert system.jobs_at_once() == 8
+    with pytest.raises(UserError, match="shared by 8 jobs"):
+        ring_prefetch(3, 8, 224, free=total)

@@ -121,12 +121,24 @@ def test_cpu_fold_under_forced_fp16_steps_through_the_grad_scaler(tmp_path, data
     assert steps and steps[0] == 65536.0  # the scaler's initial scale: the loss really was scaled
 
 
-def test_cpu_default_is_fp32_contiguous(tmp_path, data, monkeypatch):
+def test_cpu_default_is_fp32_contiguous_and_cudnn_flags_are_restored(tmp_path, data, monkeypatch):
     seen = _spy_forward(monkeypatch)
-    res = _cv(tmp_path, data)
+    during: list[tuple[bool, bool]] = []
+    build = fold_mod.build_model
+
+    def spied(cfg):
+        during.append((torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark))
+        return build(cfg)
+
+    monkeypatch.setattr(fold_mod, "build_model", spied)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    res = _cv(tmp_path, data, "--deterministic")
     assert res.exit_code == 0, res.output
     assert "precision: fp32 on cpu (--amp auto" in res.output
     assert seen and all(s == (None, False) for s in seen)
+    assert during == [(True, False)]  # the job's flags while it ran
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == (False, True)  # restored
 
 
 def test_compiled_fold_keeps_frozen_norms_in_eval(tmp_path, data, monkeypatch):
