@@ -145,16 +145,26 @@ def test_compiled_fold_keeps_frozen_norms_in_eval(tmp_path, data, monkeypatch):
     """--compile (inductor on the CPU) with --train-last: the fold trains through the compiled model, the
     frozen BatchNorm layers keep their initial statistics, and evaluation runs the uncompiled module."""
     wrappers: list[fold_mod.CompileFallback] = []
+    modes: list[bool] = []  # the model's training flag at each call of the compiled model
 
     class Recording(fold_mod.CompileFallback):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             wrappers.append(self)
 
+        def forward(self, *a, **k):
+            modes.append(self._orig_mod.training)
+            return super().forward(*a, **k)
+
     monkeypatch.setattr(fold_mod, "CompileFallback", Recording)
+    resets: list[int] = []
+    real_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real_reset())[1])
     res = _cv(tmp_path, data, "--compile", "--train-last", "2", "--name", "c")
     assert res.exit_code == 0, res.output
     assert len(wrappers) == 1 and wrappers[0]._ran and not wrappers[0].fell_back, res.output
+    assert resets == [1]  # a fresh compile cache for the fold
+    assert modes and all(modes)  # validation and OOF scoring ran the uncompiled model
     sd = load_file(str(tmp_path / "runs" / "c" / "fold0" / "best.safetensors"))
     means = [v for k, v in sd.items() if k.endswith("running_mean")]
     variances = [v for k, v in sd.items() if k.endswith("running_var")]
