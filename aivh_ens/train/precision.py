@@ -22,14 +22,16 @@ def choose_amp(requested: str, device_type: str, capability: tuple[int, int] | N
     """The autocast mode (``bf16`` | ``fp16`` | ``none``) for ``requested`` on a device.
 
     Args:
-        requested: ``auto`` or an explicit mode (``--amp``); an explicit mode is kept on any device.
+        requested: ``auto`` or an explicit mode (``--amp``); an explicit mode is kept on CUDA and the CPU.
         device_type: ``cuda``, ``cpu`` or ``mps``.
         capability: the CUDA device's compute capability (major, minor); None when unknown.
     """
+    if device_type not in ("cuda", "cpu"):
+        return "none"  # MPS and others: no autocast here
     if requested != "auto":
         return requested
     if device_type != "cuda":
-        return "none"  # CPU and MPS: fp32
+        return "none"  # the CPU trains in fp32 unless a mode is forced
     if capability is not None and tuple(capability) >= BF16_MIN_CAPABILITY:
         return "bf16"
     return "fp16"

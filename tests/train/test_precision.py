@@ -35,6 +35,7 @@ AMP_TABLE = [
     ("none", "cuda", (9, 0), "none"),
     ("bf16", "cpu", None, "bf16"),  # forced on the CPU (how the tests below exercise the CUDA path)
     ("fp16", "cpu", None, "fp16"),
+    ("bf16", "mps", None, "none"),  # no autocast on other devices
 ]
 
 
