@@ -12,8 +12,9 @@ and, for ours, starts the workers) and the peak GPU memory:
 
 - ``synthetic``: uint8 batches already in pinned memory (no decoding, no augmentation): the ceiling;
 - ``ours``: the ``effnet-b4-adam`` pipeline as ``cv`` runs it: the decode-once cache (built first, timed
-  apart), persistent workers (one per core but one), the pinned ring, normalisation on the GPU; bf16
-  autocast, channels_last and a fused AdamW, eager and ``--compile``;
+  apart), persistent workers (one per core but one), the pinned ring, normalisation on the GPU; the
+  autocast ``--amp auto`` picks (bf16 from compute capability 8.0, fp16 + GradScaler below),
+  channels_last and a fused AdamW, eager and ``--compile``;
 - ``seed-000``: the pipeline of the public seed-000 notebook: PIL decode + torchvision Resize 255 / flip /
   rotation 20 / RandomResizedCrop 224 / ToTensor / Normalize in a DataLoader (same workers, pinned), and an
   fp32 eager model.
@@ -56,6 +57,7 @@ from aivh_ens.train.loop import (
     train_one_epoch,
 )
 from aivh_ens.train.models import build_model
+from aivh_ens.train.precision import resolve_precision, use_channels_last
 
 
 class Pinned:
@@ -105,11 +107,13 @@ def train_row(cfg, device, loader_for, normalize, epochs: int = 2) -> dict[str, 
     torch.manual_seed(0)
     model, _ = build_model(cfg)
     model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if use_channels_last(cfg.channels_last, device):
         model.to(memory_format=torch.channels_last)
     opt = create_optimizer(cfg, model)
     run = CompileFallback(model) if cfg.compile and device.type == "cuda" else model
-    ctx = FoldContext(cfg, device, normalize, str, set())
+    precision = resolve_precision(cfg.amp, device)  # as fit_fold resolves it: bf16 from sm 8.0, fp16 below
+    ctx = FoldContext(cfg, device, normalize, str, set(), precision.amp)
+    scaler = precision.scaler()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0, img_s = time.perf_counter(), []
@@ -122,7 +126,7 @@ def train_row(cfg, device, loader_for, normalize, epochs: int = 2) -> dict[str, 
             epoch=epoch,
             step=0,
             total_steps=10**6,
-            scaler=None,
+            scaler=scaler,
             ema=None,
             progress=False,
         )
@@ -169,7 +173,7 @@ def main() -> None:
     )
 
     _, dc = build_model(cfg)
-    normalize = Normalizer(dc.mean, dc.std, device, cfg.channels_last and device.type == "cuda")
+    normalize = Normalizer(dc.mean, dc.std, device, use_channels_last(cfg.channels_last, device))
     pin = device.type == "cuda"
     synthetic = Pinned(len(names) // a.batch, a.batch, size, pin)
     rows: dict[str, dict[str, float]] = {}
