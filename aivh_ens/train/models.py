@@ -150,17 +150,13 @@ def _backbone_params(name: str, **kwargs: object) -> tuple[dict[str, tuple[int, 
     return {k: tuple(p.shape) for k, p in model.named_parameters()}, model
 
 
-def check_weights_match(name: str, weights: str, img_size: int | None = None) -> None:
-    """UserError unless the file at ``weights`` covers every backbone parameter of ``name`` by name and shape
-    (the classifier aside; timm's own key filter for the model applied first). Read only: nothing is written.
-
-    timm loads a file with a classifier of another size non-strictly, so a file of another model would
-    otherwise load nothing, with a warning, and the run would train from random initialisation.
-    """
+def _read_weights(weights: str) -> dict[str, torch.Tensor]:
+    """A weights file's state dict, as timm reads it (``module.`` prefixes dropped, EMA or ``state_dict``
+    entries unwrapped); a pickle that needs code to run is refused."""
     from timm.models import load_state_dict
 
     try:
-        sd = load_state_dict(weights, use_ema=False, weights_only=True)
+        return load_state_dict(weights, use_ema=False, weights_only=True)
     except Exception as e:
         text = str(e)
         if "weights_only" in text or "Unsupported global" in text or "pickle" in text.lower():
@@ -169,7 +165,34 @@ def check_weights_match(name: str, weights: str, img_size: int | None = None) ->
                 "accepted); convert it to .safetensors"
             ) from None
         raise UserError(f"cannot read weights {weights}: {(text.splitlines() or [''])[0][:160]}") from None
+
+
+def _safetensors_shapes(weights: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes from a .safetensors header, without reading a tensor ({} for other files)."""
+    if not weights.endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+    from timm.models import clean_state_dict
+
+    try:
+        with safe_open(weights, "pt") as f:
+            return clean_state_dict({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
+    except Exception:
+        return {}  # the full read below names the problem
+
+
+def check_weights_match(name: str, weights: str, img_size: int | None = None) -> None:
+    """UserError unless the file at ``weights`` covers every backbone parameter of ``name`` by name and shape
+    (the classifier aside; timm's own key filter for the model applied first). Read only: nothing is written.
+
+    timm loads a file with a classifier of another size non-strictly, so a file of another model would
+    otherwise load nothing, with a warning, and the run would train from random initialisation.
+    """
     want, model = _backbone_params(name, img_size=img_size)
+    shapes = _safetensors_shapes(weights)  # the common case: a timm file, checked from its header alone
+    if shapes and all(shapes.get(k) == shape for k, shape in want.items()):
+        return
+    sd = _read_weights(weights)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         with contextlib.suppress(Exception):  # a filter for another layout: compare the keys as stored

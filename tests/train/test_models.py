@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from aivh_ens.config import resolve_config
 from aivh_ens.errors import UserError
@@ -139,12 +139,18 @@ def test_weights_that_do_not_cover_the_backbone_are_refused(tmp_path, content, m
     assert matched is None or matched in msg
 
 
-def test_weights_of_the_model_itself_pass_the_check(tmp_path):
-    from aivh_ens.train.models import check_weights_match
+def test_weights_of_the_model_itself_pass_the_check(tmp_path, monkeypatch):
+    from aivh_ens.train import models
 
     path = tmp_path / "w.safetensors"
     _save_weights_of("test_efficientnet", path)  # a 1000-class classifier: set aside, not compared
-    check_weights_match("test_efficientnet", str(path))
+    models.check_weights_match("test_efficientnet", str(path))
+    torch.save(load_file(str(path)), tmp_path / "w.pth")
+    models.check_weights_match("test_efficientnet", str(tmp_path / "w.pth"))  # read in full
+    monkeypatch.setattr(
+        models, "_read_weights", lambda w: pytest.fail("a fitting .safetensors is read in full")
+    )
+    models.check_weights_match("test_efficientnet", str(path))  # from the header alone
 
 
 def test_pickle_with_code_is_refused_by_the_up_front_check(tmp_path):
