@@ -34,5 +34,6 @@ __getattr__, __dir__, __all__ = attach(
         "Normalizer": ".loader",
         "ensure_cache": ".cache",
         "open_source": ".cache",
+        "Verdicts": ".verdicts",
     },
 )
