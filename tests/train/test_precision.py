@@ -172,3 +172,35 @@ def test_compiled_fold_keeps_frozen_norms_in_eval(tmp_path, data, monkeypatch):
     assert means and all(bool((m == 0).all()) for m in means)  # a fresh BatchNorm's statistics, untouched
     assert all(bool((v == 1).all()) for v in variances)
     assert int(sd["classifier.weight"].abs().sum() > 0)
+
+
+def test_inference_chooses_by_its_own_device_not_the_training_one(data, monkeypatch):
+    """A run trained with --amp bf16 (or fp16) scores on the CPU in fp32: submit, predict and serve pick the
+    precision of the device they run on."""
+    import pandas as pd
+
+    from aivh_ens.data.loader import FileSource
+    from aivh_ens.data.transforms import storage_step
+    from aivh_ens.infer import tta
+    from aivh_ens.infer.runs import predict_folds
+    from aivh_ens.train.models import build_model
+
+    seen: list[bool] = []
+    real = tta.autocast
+
+    def spy(device, amp):
+        ctx = real(device, amp)
+        seen.append(isinstance(ctx, type(real(torch.device("cpu"), "none"))))  # a no-op context
+        return ctx
+
+    monkeypatch.setattr(tta, "autocast", spy)
+    names = pd.read_csv(data / "train.csv")["file_name"].tolist()[:8]
+    for trained in ("bf16", "fp16"):
+        cfg = resolve_config("tiny", img_size=32, amp=trained)
+        model, dc = build_model(cfg)
+        source = FileSource(data, names, storage_step(cfg, dc.img_size))
+        P, bad = predict_folds(
+            [model.eval()], dc, cfg, source, range(len(names)), tta.parse_tta("hflip"), torch.device("cpu")
+        )
+        assert P.shape == (1, 8) and not bad and P.dtype == "float32"
+    assert seen and all(seen)
