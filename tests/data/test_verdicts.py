@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from cli_checks import tiny_cv
 from click.testing import CliRunner
+from sweep_plans import write_plan
 
 from aivh_ens.cli import main
 from aivh_ens.data.verdicts import Verdicts, verdicts_path
@@ -86,3 +87,12 @@ def test_second_cv_decodes_no_image_the_verdicts_hold(tmp_path, demo_data, monke
     first = sorted(data.glob("train_data/*"))[0]
     first.write_bytes(first.read_bytes() + b"\0")  # a changed image (trailing bytes: still decodes)
     assert run() == 1 and decoded == [data / "train_data" / first.name]
+    # a sweep's driver (here its --dry-run) reads the same verdicts
+    plan = write_plan(tmp_path / "plan.toml", data, [{"name": "a"}, {"name": "b", "model": "test_convnext"}])
+    decoded.clear()
+    res = CliRunner().invoke(main, ["sweep", str(plan), "--workdir", str(work), "--dry-run"])
+    assert res.exit_code == 0 and "nothing written" in res.output, res.output
+    assert decoded == []
+    verdicts_path(work / "runs" / "cache", data).unlink()  # without them, the dry run decodes every image
+    CliRunner().invoke(main, ["sweep", str(plan), "--workdir", str(work), "--dry-run"])
+    assert len(decoded) == 48 and not verdicts_path(work / "runs" / "cache", data).exists()  # nor writes
