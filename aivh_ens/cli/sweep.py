@@ -74,7 +74,7 @@ def slurm_options(kw: dict[str, Any]) -> Any:
 def run_plan(
     plan: Any, workdir: Path, dry_run: bool, force: bool, kw: dict[str, Any], echo: Callable[[str], None]
 ) -> None:
-    """Run a sweep from the parsed scale options, print its table, exit 1 when a job failed."""
+    """Run a sweep from the parsed scale options, print its table; exit 1 unless every job is done."""
     from aivh_ens.scale.status import format_table
     from aivh_ens.scale.sweep import run_sweep
 
@@ -95,11 +95,22 @@ def run_plan(
     if dry_run:
         echo(f"dry run: {len(result.rows)} jobs, nothing written")
     echo(format_table(result.rows))
-    if result.failed:
-        echo(
-            f"{result.failed} job(s) failed; fix the cause and run the same command again to resume", err=True
-        )
+    if dry_run:
+        return
+    if result.unfinished:
+        echo(f"{unfinished_line(result)}; run the same command again to resume", err=True)
         sys.exit(1)
+
+
+def unfinished_line(result: Any) -> str:
+    """``2 of 6 jobs not done (1 failed, 1 running elsewhere)``."""
+    from collections import Counter
+
+    from aivh_ens.scale.sweep import DONE_STATES
+
+    counts = Counter(r["state"] for r in result.rows if r["state"] not in DONE_STATES)
+    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    return f"{result.unfinished} of {len(result.rows)} jobs not done ({parts})"
 
 
 @click.command("sweep")
@@ -123,7 +134,8 @@ def sweep_cmd(plan_file: Path, dry_run: bool, force: bool, workdir: Path, **kw: 
     """Train every fold of several runs, one job per (run, fold), on local devices, Ray or Slurm.
 
     Re-running the same command resumes: finished jobs are skipped, interrupted ones continue from their
-    last epoch. Exit code 1 when a job failed (the others still finish).
+    last epoch. Exit code 1 unless every job is done (failed, pending or running elsewhere); a failed
+    job never stops the others.
 
     \b
     aivh-ens sweep plan.toml --devices cuda:0,cuda:1          # Kaggle 2xT4

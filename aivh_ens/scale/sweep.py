@@ -7,8 +7,9 @@ Named steps: :func:`check_plan` (every input, the full decode of every image inc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from aivh_ens.scale.plan import Plan
 
 Log = Callable[[str], None]
 BACKENDS = ("local", "ray", "slurm")
+DONE_STATES = ("done", "skipped (done)")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class SweepResult:
     def failed(self) -> int:
         """How many jobs failed."""
         return sum(r["state"] == "failed" for r in self.rows)
+
+    @property
+    def unfinished(self) -> int:
+        """How many jobs are not done: failed, pending, or running elsewhere (the sweep then exits 1)."""
+        return sum(r["state"] not in DONE_STATES for r in self.rows)
 
 
 @dataclass(frozen=True)
@@ -114,12 +121,40 @@ def prepare(
     from aivh_ens.data.cache import open_source
     from aivh_ens.train.cv import prepare_run
 
-    for c in checked:
-        table = prepare_run(c.cfg, workdir, c.table, c.bad, list(range(c.cfg.folds)), force, log)
+    tables = []
+    with contextlib.ExitStack() as held:  # --force: every fold of every run locked before any is deleted
+        for c in checked:
+            held.enter_context(fold_locks(c.cfg, workdir, force))
+        for c in checked:
+            tables.append(prepare_run(c.cfg, workdir, c.table, c.bad, list(range(c.cfg.folds)), force, log))
+    for c, table in zip(checked, tables, strict=True):
         open_source(c.cfg, c.cfg.data, table["file_name"].tolist(), workdir, progress=False, log=log)
     for spec, state in jobs:
         if state == "pending":
             write_spec(spec)
+
+
+@contextlib.contextmanager
+def fold_locks(cfg: RunConfig, workdir: Path, take: bool) -> Iterator[None]:
+    """Hold every fold lock of a run (``--force`` deletes its folds only under them; no job trains meanwhile).
+
+    Raises:
+        UserError: a fold is running (its lock is live), naming the holder; nothing is deleted.
+    """
+    from aivh_ens.layout import run_dir
+    from aivh_ens.locks import FileLock, LockHeld
+
+    with contextlib.ExitStack() as stack:
+        if take:
+            for k in range(cfg.folds):
+                lock = FileLock(run_dir(workdir, cfg.name) / f"fold{k}.lock", f"fold {k} of run {cfg.name}")
+                try:
+                    stack.enter_context(lock)
+                except LockHeld as e:
+                    raise UserError(
+                        f"--force: {str(e).split(';')[0]}; stop it first, or run without --force"
+                    ) from None
+        yield
 
 
 def run_sweep(
