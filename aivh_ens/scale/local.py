@@ -1,24 +1,22 @@
-"""The local backend: one child process per job, pinned to its device and its share of the cores.
+"""The local backend: one process per device, pinned to it and its share of the cores; a dying job fails alone.
 
-A thread pool with one thread per device is the scheduler: each thread takes a device slot, starts
-``python -m aivh_ens.scale.local JOB`` for the next job and waits for it. A job that dies outright (OOM
-killer, SIGKILL, a segfault) takes only its own process down: it is reported ``failed`` with its signal or
-exit code, and every other job runs on. ``cuda:N`` means the N-th of the caller's visible GPUs (its
+A thread pool with one thread per device is the scheduler: each task takes a free device slot and sends
+its job to that slot's process (spawned, pinned to the device and its cores, kept from job to job to save
+torch's start-up). A job that dies outright (OOM killer, SIGKILL, a segfault) takes only its own process
+down: it is reported ``failed`` with its signal or exit code, the slot starts a fresh process, and every other
+job runs on. ``cuda:N`` means the N-th of the caller's visible GPUs (its
 ``CUDA_VISIBLE_DEVICES``, indices, UUIDs or MIG entries alike); the child sees only that one, as ``cuda:0``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
+import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import queue
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -105,30 +103,36 @@ def make_slots(devices: Sequence[str], visible: str | None, cpus: Sequence[int])
 def run_local(
     job_files: list[Path], devices: list[str], log: Log, threads: int | None = None
 ) -> list[dict[str, Any]]:
-    """Run the jobs (in the given order), one at a time per device, each in its own process; their rows.
+    """Run the jobs (in the given order), one at a time per device, each device's in its own process; rows.
 
-    Each job gets its device's share of the cores (its torch threads and loader workers count those);
-    ``threads`` overrides its torch threads. A job that raises or dies is a failed row; the others go on.
+    Each device's process gets that device's share of the cores (its torch threads and loader workers count
+    those); ``threads`` overrides its torch threads. A job that raises is a failed row; a job whose process
+    dies is a failed row naming the signal or exit code, and the device gets a fresh process for its next job.
     """
     slots = make_slots(devices, os.environ.get("CUDA_VISIBLE_DEVICES"), sorted(_affinity()))
-    free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
-    for s in slots:
-        free.put(s)
+    free: queue.SimpleQueue[Worker] = queue.SimpleQueue()
+    workers = [Worker(s, threads) for s in slots]
+    for w in workers:
+        free.put(w)
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="aivh-sweep-") as tmp, ThreadPoolExecutor(len(slots)) as pool:
-        futures = [pool.submit(_run_in_slot, Path(f), free, threads, Path(tmp)) for f in job_files]
-        try:
-            for fut in as_completed(futures):
-                row = fut.result()
-                log(
-                    f"{row['run']} fold {row['fold']}: {row['state']}{' - ' + row['error'] if row['error'] else ''}"
-                )
-                rows.append(row)
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            _stop_children()
-            raise
+    try:
+        with ThreadPoolExecutor(len(workers)) as pool:
+            futures = [pool.submit(_run_on_free_worker, Path(f), free) for f in job_files]
+            try:
+                for fut in as_completed(futures):
+                    row = fut.result()
+                    error = f" - {row['error']}" if row["error"] else ""
+                    log(f"{row['run']} fold {row['fold']}: {row['state']}{error}")
+                    rows.append(row)
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                for w in workers:
+                    w.kill()  # a Ctrl-C or an error here: the jobs resume from their last epoch next time
+                raise
+    finally:
+        for w in workers:
+            w.close()
     return rows
 
 
@@ -136,50 +140,70 @@ def _affinity() -> set[int]:
     return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
-_children: set[subprocess.Popen] = set()
-_children_lock = threading.Lock()
-
-
-def _stop_children() -> None:
-    """On Ctrl-C or an error here: stop the running jobs (they resume from their last epoch next time)."""
-    with _children_lock:
-        for p in _children:
-            p.terminate()
-
-
-def _run_in_slot(job_file: Path, free: queue.SimpleQueue, threads: int | None, tmp: Path) -> dict[str, Any]:
-    slot = free.get()
+def _run_on_free_worker(job_file: Path, free: queue.SimpleQueue) -> dict[str, Any]:
+    worker = free.get()
     try:
-        return run_child(job_file, slot, threads, tmp)
+        return worker.run(job_file)
     finally:
-        free.put(slot)
+        free.put(worker)
 
 
-def run_child(job_file: Path, slot: Slot, threads: int | None, tmp: Path) -> dict[str, Any]:
-    """Run one job in a child process on ``slot``; its row (``failed`` with the cause if the child died)."""
+class Worker:
+    """The process of one slot: started on its first job, it runs jobs sent over a pipe, one at a time, and is
+    replaced by a fresh one when it dies."""
+
+    def __init__(self, slot: Slot, threads: int | None):
+        self.slot, self.threads = slot, threads
+        self.proc: Any = None
+        self.conn: Any = None
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")  # no inherited CUDA or thread state
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=serve_jobs, args=(child, self.slot, self.threads), name=self.slot.device
+        )
+        self.proc.start()
+        child.close()
+
+    def run(self, job_file: Path) -> dict[str, Any]:
+        """The job's row; ``failed`` with the cause when the process died running it."""
+        if self.proc is None or not self.proc.is_alive():
+            self._start()
+        try:
+            self.conn.send((str(job_file), time.time()))
+            ready = mp_connection.wait([self.conn, self.proc.sentinel])
+            if self.conn in ready:
+                return self.conn.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            pass
+        self.proc.join()
+        return died_row(job_file, self.proc.exitcode)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.terminate()
+
+    def close(self) -> None:
+        """Ask the process to exit after its job and wait for it."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(None)
+        self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+        self.proc = None
+
+
+def died_row(job_file: Path, exitcode: int | None) -> dict[str, Any]:
+    """The row (and ``failed.json``) of a job whose process died: its signal or exit code."""
     from aivh_ens.io import write_json
     from aivh_ens.scale.jobs import FAILED, read_spec, result_row
 
-    out = tmp / f"{job_file.parent.parent.name}-{job_file.parent.name}.json"
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    if slot.visible is not None:
-        env["CUDA_VISIBLE_DEVICES"] = slot.visible
-    cmd = [sys.executable, "-m", "aivh_ens.scale.local", str(job_file), "--device", slot.device]
-    cmd += ["--cpus", ",".join(map(str, slot.cpus)), "--result", str(out), "--submitted", str(time.time())]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, env=env)
-    with _children_lock:
-        _children.add(proc)
-    try:
-        rc = proc.wait()
-    finally:
-        with _children_lock:
-            _children.discard(proc)
-    try:
-        return json.loads(out.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        pass
+    rc = -1 if exitcode is None else exitcode
     error = f"the job's process {exit_cause(rc)}; run the sweep again to resume it from its last epoch"
     spec = read_spec(job_file)
     write_json(spec.fold_dir / FAILED, {"error": error, "host": socket.gethostname(), "time": time.time()})
@@ -187,7 +211,7 @@ def run_child(job_file: Path, slot: Slot, threads: int | None, tmp: Path) -> dic
 
 
 def exit_cause(rc: int) -> str:
-    """``was killed by SIGKILL (out of memory?)`` or ``exited with code 3``, from a Popen return code."""
+    """``was killed by SIGKILL (...)`` or ``exited with code 3``, from a process's exit code."""
     if rc < 0:
         try:
             name = signal.Signals(-rc).name
@@ -198,34 +222,24 @@ def exit_cause(rc: int) -> str:
     return f"exited with code {rc}"
 
 
-def child_main(argv: Sequence[str] | None = None) -> int:
-    """The job process: pin to its cores, run the job, write its row to ``--result``."""
-    p = argparse.ArgumentParser(prog="python -m aivh_ens.scale.local")
-    p.add_argument("job_file")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--cpus", default="")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--result", required=True)
-    p.add_argument("--submitted", type=float, default=None)
-    a = p.parse_args(argv)
-    cpus = {int(c) for c in a.cpus.split(",") if c}
-    if cpus and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, cpus)  # before torch: its thread pool and the loader workers count these
-    from aivh_ens.io import write_json
+def serve_jobs(conn: Any, slot: Slot, threads: int | None) -> None:
+    """The slot's process: pin to its GPU and cores (before torch is imported), then run jobs until told."""
+    if slot.visible is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        device = "cpu"
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot.visible
+        device = "cuda:0"
+    if slot.cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, slot.cpus)  # torch's thread pool and the loader workers count these
     from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job
 
-    device = "cuda:0" if a.device.startswith("cuda") else a.device
-    job_id = f"local-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
-    try:
-        row = run_job(
-            a.job_file, device, threads=a.threads or max(1, len(cpus)), job_id=job_id, submitted=a.submitted
-        )
-    except Exception as e:
-        write_json(Path(a.result), result_row(read_spec(a.job_file), "failed", error=error_line(e)))
-        return 1
-    write_json(Path(a.result), row)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(child_main())
+    threads = threads or max(1, len(slot.cpus))
+    while (msg := conn.recv()) is not None:
+        job_file, submitted = msg
+        job_id = f"local-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        try:
+            row = run_job(job_file, device, threads=threads, job_id=job_id, submitted=submitted)
+        except Exception as e:
+            row = result_row(read_spec(job_file), "failed", error=error_line(e))
+        conn.send(row)
