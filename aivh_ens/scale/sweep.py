@@ -41,6 +41,29 @@ class SlurmOptions:
 
 
 @dataclass(frozen=True)
+class RayOptions:
+    """What ``--backend ray`` asks for per task (None: see :func:`aivh_ens.scale.ray.run_ray`)."""
+
+    gpus_per_task: float | None = None
+    cpus_per_task: int | None = None
+
+
+EXTRAS = {"ray": ("ray", "ray"), "slurm": ("submitit", "slurm")}  # backend -> (module, extra)
+
+
+def check_extra(backend: str) -> None:
+    """UserError naming the pip command when the backend's optional dependency is missing."""
+    import importlib.util
+
+    if backend in EXTRAS:
+        module, extra = EXTRAS[backend]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(
+                f"--backend {backend} needs {module}, which is not installed: pip install 'aivh-ens[{extra}]'"
+            )
+
+
+@dataclass(frozen=True)
 class SweepResult:
     """One row per job (run, fold, state, host, minutes, f1, error); ``failed`` counts the failed jobs."""
 
@@ -169,6 +192,7 @@ def run_sweep(
     force: bool = False,
     ray_address: str | None = None,
     slurm: SlurmOptions | None = None,
+    ray: RayOptions | None = None,
     log: Log = print,
 ) -> SweepResult:
     """Train every fold of every run in the plan on the chosen backend; skip jobs already done.
@@ -183,12 +207,14 @@ def run_sweep(
         force: retrain runs whose config changed, and every fold of the plan's runs (``--force``).
         ray_address: an existing Ray cluster (``--ray-address``); None starts a private local one.
         slurm: submitit settings for ``--backend slurm``.
+        ray: GPUs and CPUs per task for ``--backend ray``.
 
     Raises:
-        UserError: a bad plan or input, before anything is written.
+        UserError: a bad plan or input, or a missing extra, before anything is written or decoded.
     """
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    check_extra(backend)
     workdir = Path(workdir)
     device_list = _local_devices(backend, devices, gpus)
     checked = check_plan(plan, workdir, force, device_list[0] if device_list else "cpu")
@@ -200,7 +226,8 @@ def run_sweep(
     prepare(checked, jobs, workdir, force, log)
     pending = [s.path for s, st in jobs if st == "pending"]
     log(f"sweep: {len(jobs)} jobs, {len(pending)} to run, backend {backend}")
-    rows = _dispatch(backend, pending, workdir, device_list, threads, ray_address, slurm, log)
+    engine = (ray_address, ray or RayOptions()) if backend == "ray" else slurm
+    rows = _dispatch(backend, pending, workdir, device_list, threads, engine, log)
     return finish(checked, jobs, rows, workdir, log)
 
 
@@ -220,8 +247,7 @@ def _dispatch(
     workdir: Path,
     devices: list[str],
     threads: int | None,
-    ray_address: str | None,
-    slurm: SlurmOptions | None,
+    engine: Any,
     log: Log,
 ) -> list[dict[str, Any]]:
     if not pending:
@@ -233,10 +259,11 @@ def _dispatch(
     if backend == "ray":
         from aivh_ens.scale.ray import run_ray
 
-        return run_ray(pending, workdir, ray_address, log, threads)
+        address, opts = engine
+        return run_ray(pending, workdir, address, log, threads, opts.gpus_per_task, opts.cpus_per_task)
     from aivh_ens.scale.slurm import run_slurm
 
-    return run_slurm(pending, workdir, slurm or SlurmOptions(), log)
+    return run_slurm(pending, workdir, engine or SlurmOptions(), log)
 
 
 def finish(
