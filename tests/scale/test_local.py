@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,22 @@ def test_two_sweeps_started_at_once_train_every_fold_exactly_once(data, tmp_path
             assert len(pd.read_csv(fdir / "metrics.csv")) == 1
         oof = pd.read_csv(tmp_path / "oof" / f"{run}.csv")
         assert len(oof) == 60 and oof["file_name"].is_unique and oof["prob"].notna().all()
+
+
+def test_force_takes_every_fold_lock_before_deleting_anything(swept):
+    work, plan = swept[:2]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    lock = work / "runs" / "c" / "fold2.lock"
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "token": "t"}))
+        before = sorted(p.stat().st_mtime_ns for p in (work / "runs").rglob("done.json"))
+        res = CliRunner().invoke(main, ["sweep", str(plan), "--workdir", str(work), "--force"])
+        assert_user_error(
+            res, "--force", "fold 2 of run c is locked by PID", str(holder.pid), "stop it first"
+        )
+        assert sorted(p.stat().st_mtime_ns for p in (work / "runs").rglob("done.json")) == before
+        assert (work / "oof" / "c.csv").exists() and not (work / "runs" / "e" / "fold0.lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        lock.unlink(missing_ok=True)
