@@ -102,3 +102,11 @@ def test_a_ray_request_no_node_can_hold_is_refused_up_front():
             UserError, match="cpu-box: 0 GPU 8 CPU, gpu-box: 2 GPU 4 CPU\\); pass --gpus-per-task"
         ):
             check_nodes(gpus, cpus, nodes)
+
+
+def test_cv_refuses_a_sweep_flag_of_another_backend_too(tmp_path, demo_data, no_decode):
+    data = demo_data(n=40, n_test=10, seed=5)
+    args = ["cv", "--model", "test_efficientnet", "--data", str(data), "--workdir", str(tmp_path / "w")]
+    res = CliRunner().invoke(main, [*args, "--slurm-partition", "gpu"])
+    assert_user_error(res, "--slurm-partition is for --backend slurm")
+    assert not (tmp_path / "w").exists()
