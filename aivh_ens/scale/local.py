@@ -17,6 +17,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -27,6 +28,7 @@ from typing import Any
 from aivh_ens.errors import UserError
 
 Log = Callable[[str], None]
+INTERRUPTED = 130  # a job process's exit code after Ctrl-C (128 + SIGINT): its job is pending, not failed
 
 
 def physical_device(index: int, visible: str | None) -> str:
@@ -156,6 +158,7 @@ class Worker:
         self.slot, self.threads = slot, threads
         self.proc: Any = None
         self.conn: Any = None
+        self.stopped = False
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")  # no inherited CUDA or thread state
@@ -178,9 +181,17 @@ class Worker:
         except (EOFError, BrokenPipeError, ConnectionResetError):
             pass
         self.proc.join()
+        if self.stopped or self.proc.exitcode == INTERRUPTED:
+            from aivh_ens.scale.jobs import read_spec, result_row
+
+            return result_row(
+                read_spec(job_file), "pending", error="interrupted; run the sweep again to resume"
+            )
         return died_row(job_file, self.proc.exitcode)
 
     def kill(self) -> None:
+        """Stop the running job (the sweep was interrupted): its row says pending, not failed."""
+        self.stopped = True
         if self.proc is not None and self.proc.is_alive():
             self.proc.terminate()
 
@@ -240,6 +251,8 @@ def serve_jobs(conn: Any, slot: Slot, threads: int | None) -> None:
         job_id = f"local-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
         try:
             row = run_job(job_file, device, threads=threads, job_id=job_id, submitted=submitted)
+        except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the sweep is being stopped
+            sys.exit(INTERRUPTED)
         except Exception as e:
             row = result_row(read_spec(job_file), "failed", error=error_line(e))
         conn.send(row)
