@@ -129,8 +129,7 @@ def run_local(
             except BaseException:
                 for fut in futures:
                     fut.cancel()
-                for w in workers:
-                    w.kill()  # a Ctrl-C or an error here: the jobs resume from their last epoch next time
+                stop_workers(workers)  # a Ctrl-C or an error here: the jobs resume from their last epoch
                 raise
     finally:
         for w in workers:
@@ -189,11 +188,8 @@ class Worker:
             )
         return died_row(job_file, self.proc.exitcode)
 
-    def kill(self) -> None:
-        """Stop the running job (the sweep was interrupted): its row says pending, not failed."""
-        self.stopped = True
-        if self.proc is not None and self.proc.is_alive():
-            self.proc.terminate()
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
 
     def close(self) -> None:
         """Ask the process to exit after its job and wait for it."""
@@ -207,6 +203,23 @@ class Worker:
             self.proc.join()
         self.conn.close()
         self.proc = None
+
+
+def stop_workers(workers: list[Worker], grace_s: float = 10.0) -> None:
+    """Stop the running jobs (their rows say pending, not failed), letting each release its fold's lock.
+
+    A Ctrl-C reached them too; any still running after ``grace_s`` get a SIGINT of their own, then SIGTERM.
+    """
+    for w in workers:
+        w.stopped = True
+    for action in (None, signal.SIGINT, signal.SIGTERM):
+        live = [w for w in workers if w.alive()]
+        for w in live:
+            if action is not None:
+                os.kill(w.proc.pid, action)
+        deadline = time.monotonic() + grace_s
+        for w in live:
+            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def died_row(job_file: Path, exitcode: int | None) -> dict[str, Any]:
