@@ -205,7 +205,7 @@ class Worker:
         self.proc = None
 
 
-def stop_workers(workers: list[Worker], grace_s: float = 10.0) -> None:
+def stop_workers(workers: list[Worker], grace_s: float = 5.0) -> None:
     """Stop the running jobs (their rows say pending, not failed), letting each release its fold's lock.
 
     A Ctrl-C reached them too; any still running after ``grace_s`` get a SIGINT of their own, then SIGTERM.
@@ -265,7 +265,9 @@ def serve_jobs(conn: Any, slot: Slot, threads: int | None) -> None:
         try:
             row = run_job(job_file, device, threads=threads, job_id=job_id, submitted=submitted)
         except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the sweep is being stopped
-            sys.exit(INTERRUPTED)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(INTERRUPTED)  # the lock is released; don't wait for the loader's feeding threads
         except Exception as e:
             row = result_row(read_spec(job_file), "failed", error=error_line(e))
         conn.send(row)
