@@ -15,7 +15,8 @@ and taken over, when
 Taking over is atomic: the stale file is renamed to a unique name, and only the contender whose rename
 succeeded and whose moved file is still the record it judged stale removes it and races (``O_EXCL``) for a
 new one. A holder whose heartbeat finds another token in its lock file has lost it: ``lost`` is set and
-``on_lost`` is called, so the job stops before its next checkpoint.
+``on_lost`` is called; :meth:`FileLock.verify` (which a job runs before each checkpoint write, through
+:func:`aivh_ens.io.guarded`) raises :class:`LockLost`, so the job stops before its next checkpoint.
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ class LockHeld(UserError):
     def __init__(self, message: str, owner: dict[str, Any] | None):
         super().__init__(message)
         self.owner = owner or {}
+
+
+class LockLost(RuntimeError):
+    """This process's lock was taken over by another (it was presumed dead): it must write nothing more."""
 
 
 class FileLock:
@@ -263,6 +268,17 @@ class FileLock:
                 return
             missing = 0
             write_json(self.path, {**owner, "heartbeat": self.clock(), "beat": int(owner.get("beat", 0)) + 1})
+
+    def verify(self) -> None:
+        """Raise :class:`LockLost` unless the lock file still holds this acquisition's token."""
+        owner = read_owner(self.path)
+        if owner is None:  # mid-write, or moved aside for a moment by a contender: look once more
+            time.sleep(0.05)
+            owner = read_owner(self.path)
+        if owner is None or owner.get("token") != self.token:
+            self.lost.set()
+            who = describe_owner(owner) if owner else "nobody (the lock file is gone)"
+            raise LockLost(f"{self.what}: the lock {self.path} is now held by {who}; this process stops")
 
     def _lose(self) -> None:
         self.lost.set()

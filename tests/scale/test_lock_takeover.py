@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from aivh_ens.locks import FileLock, LockHeld, read_owner, stale_reason
+from aivh_ens.io import guarded, write_json
+from aivh_ens.locks import FileLock, LockHeld, LockLost, read_owner, stale_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -135,6 +136,18 @@ def test_a_holder_that_loses_its_lock_is_told_and_stops(tmp_path):
         while time.monotonic() < deadline:
             time.sleep(0.01)
     assert lock.lost.is_set() and read_owner(path)["token"] == "t"  # the new holder's lock is left alone
+
+
+def test_a_holder_that_lost_its_lock_writes_no_further_checkpoint(tmp_path):
+    """However soon after the takeover (before any heartbeat), the next write under the fold is refused."""
+    path, fold = tmp_path / "fold0.lock", tmp_path / "fold0"
+    with FileLock(path, "fold 0 of run r") as lock, guarded(fold, lock.verify):
+        write_json(fold / "metrics.json", {"epoch": 1})  # still ours
+        foreign(path)
+        with pytest.raises(LockLost, match="fold 0 of run r: the lock .* is now held by PID 1 on other-host"):
+            write_json(fold / "state.json", {"epoch": 2})
+        write_json(tmp_path / "elsewhere.json", {})  # only the guarded folder is refused
+    assert lock.lost.is_set() and sorted(p.name for p in fold.iterdir()) == ["metrics.json"]
 
 
 def test_the_heartbeat_advances_while_the_lock_is_held(tmp_path):
