@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 DEMO ?= demo
 DEMO_N ?= 2000
 
-.PHONY: install demo serve test bench bench-gpu lint clean-demo
+.PHONY: install demo serve test test-deps bench bench-gpu lint clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,21 @@ demo: install
 serve: install
 	$(VENV)/bin/aivh-ens serve --workdir $(DEMO)
 
-test: install
+# The browser test drives Debian's headless Chromium through its chromedriver: installed here when missing
+# (as root), else one line naming the packages.
+TEST_DEBS := chromium chromium-driver
+
+test-deps:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_DEBS) >/dev/null; \
+		else \
+			echo "make test needs the Debian packages $(TEST_DEBS) (chromium and chromedriver for the browser test): sudo apt-get install $(TEST_DEBS)" >&2; \
+			exit 2; \
+		fi; \
+	fi
+
+test: install test-deps
 	$(PY) -m pytest -q
 
 bench: install

@@ -35,6 +35,28 @@ _UMASK = _read_umask()  # read once at import: os.umask is process-wide and not 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # folders may be shared between hosts
 
 
+_guards: dict[Path, Callable[[], None]] = {}  # folder -> check run before any file under it is put in place
+
+
+@contextlib.contextmanager
+def guarded(folder: str | os.PathLike, check: Callable[[], None]) -> Iterator[None]:
+    """While inside, every atomic write under ``folder`` calls ``check`` just before the file is renamed into
+    place; ``check`` raises to refuse it (a job that lost its fold's lock writes no further checkpoint)."""
+    key = Path(folder).resolve()
+    _guards[key] = check
+    try:
+        yield
+    finally:
+        _guards.pop(key, None)
+
+
+def _check_guards(path: Path) -> None:
+    for folder in path.resolve().parents:
+        check = _guards.get(folder)
+        if check is not None:
+            check()
+
+
 def _sweep_orphans(path: Path) -> None:
     """Remove temporary files of ``path`` left by processes of this host that died mid-write."""
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}-*.tmp"):
@@ -57,6 +79,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         faults.point(f"write:{path.name}")
+        if _guards:
+            _check_guards(path)
         os.replace(tmp_path, path)
         _sweep_orphans(path)
     finally:

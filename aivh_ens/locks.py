@@ -1,31 +1,43 @@
-"""Exclusive lock files naming their owner (host, PID, backend job id) with a heartbeat; stale-lock takeover.
+"""Exclusive lock files naming their owner (host, PID, backend job id and attempt) with a heartbeat.
 
 Two processes on the same (run, fold) would overwrite each other's checkpoints; the second stops with a
 message naming the lock and its owner. The lock file is created with ``O_EXCL`` (the one atomic test-and-set
-every filesystem offers, NFS included) and holds a JSON record that a daemon thread refreshes every
-``heartbeat_s`` seconds while the lock is held. A lock is stale, and taken over, when
+every filesystem offers, NFS included) and holds a JSON record with a unique token per acquisition; a daemon
+thread advances its heartbeat counter every ``heartbeat_s`` seconds while the lock is held. A lock is stale,
+and taken over, when
 
 - its PID is dead on this host,
-- its heartbeat is older than its grace period (a process on another host that died or lost the storage),
-- it carries this process's own backend job id (a requeued Slurm job finding the lock of its first attempt).
+- it belongs to an earlier attempt of this very job (same backend job id, lower attempt number: a requeued
+  Slurm task finding the lock of its first attempt),
+- it is another host's, and its heartbeat does not advance while this process watches it for the lock's
+  grace period of local monotonic time (no two hosts' clocks are ever compared).
+
+Taking over is atomic: the stale file is renamed to a unique name, and only the contender whose rename
+succeeded and whose moved file is still the record it judged stale removes it and races (``O_EXCL``) for a
+new one. A holder whose heartbeat finds another token in its lock file has lost it: ``lost`` is set and
+``on_lost`` is called; :meth:`FileLock.verify` (which a job runs before each checkpoint write, through
+:func:`aivh_ens.io.guarded`) raises :class:`LockLost`, so the job stops before its next checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aivh_ens.errors import UserError
 
 HEARTBEAT_S = 30.0
-"""Seconds between two refreshes of a held lock's heartbeat."""
+"""Seconds between two heartbeats of a held lock."""
 GRACE_S = 300.0
-"""A lock of another host whose heartbeat is older than this is stale (recorded in the lock file)."""
+"""How long another host's lock is watched for a heartbeat before it counts as stale (recorded in the lock)."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -47,6 +59,14 @@ def current_job_id() -> str | None:
     return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or None
 
 
+def current_attempt() -> int | None:
+    """This process's attempt of its batch job: Slurm's restart count (0 for the first run), else None."""
+    count = os.environ.get("SLURM_RESTART_COUNT")
+    if count is not None and count.strip().isdigit():
+        return int(count)
+    return 0 if os.environ.get("SLURM_JOB_ID") else None
+
+
 def read_owner(path: Path) -> dict | None:
     """The lock's owner record, or None if the file is gone or unreadable (mid-write)."""
     try:
@@ -56,17 +76,45 @@ def read_owner(path: Path) -> dict | None:
     return owner if isinstance(owner, dict) else None
 
 
-def stale_reason(owner: dict[str, Any], job_id: str | None = None, now: float | None = None) -> str | None:
-    """Why a lock record no longer protects anything (see the module docstring), or None if it is live."""
-    if job_id is not None and owner.get("job_id") == job_id:
-        return f"it belongs to this job ({job_id}), requeued"
-    pid = int(owner.get("pid", -1))
-    if owner.get("host") == socket.gethostname():
+def stale_reason(
+    owner: dict[str, Any], job_id: str | None = None, attempt: int | None = None, host: str | None = None
+) -> str | None:
+    """Why a lock record no longer protects anything, judged from the record alone, or None.
+
+    None means live, or another host's lock whose heartbeat must be watched (:func:`watch_heartbeat`).
+    ``job_id``/``attempt``: the contender's; ``host``: its host name (default this one).
+    """
+    theirs = owner.get("attempt")
+    if (
+        job_id is not None
+        and owner.get("job_id") == job_id
+        and attempt is not None
+        and isinstance(theirs, int)
+        and theirs < attempt
+    ):
+        return f"it belongs to attempt {theirs} of this job ({job_id}), which is attempt {attempt}"
+    if owner.get("host") == (host or socket.gethostname()):
+        pid = int(owner.get("pid", -1))
         return None if pid_alive(pid) else f"PID {pid} is gone"
-    beat = float(owner.get("heartbeat", owner.get("time", 0.0)))
-    age = (time.time() if now is None else now) - beat
+    return None
+
+
+def watch_heartbeat(
+    path: Path, owner: dict[str, Any], sleep: Callable[[float], None] = time.sleep
+) -> str | None:
+    """Watch another host's lock for its grace period of local monotonic time.
+
+    Returns None as soon as the file changes (its heartbeat advanced, or it changed hands or vanished), else
+    why it is stale. Wall clocks are never compared: the holder's clock may be minutes off.
+    """
     grace = float(owner.get("grace", GRACE_S))
-    return f"its heartbeat is {age:.0f}s old (grace {grace:.0f}s)" if age > grace else None
+    step = min(1.0, max(0.01, float(owner.get("heartbeat_s", HEARTBEAT_S)) / 4))
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < grace:
+        sleep(step)
+        if read_owner(path) != owner:
+            return None
+    return f"its heartbeat did not advance in {grace:.0f}s"
 
 
 def describe_owner(owner: dict[str, Any]) -> str:
@@ -83,14 +131,20 @@ class LockHeld(UserError):
         self.owner = owner or {}
 
 
+class LockLost(RuntimeError):
+    """This process's lock was taken over by another (it was presumed dead): it must write nothing more."""
+
+
 class FileLock:
     """``with FileLock(path, what="fold 2 of run x"):`` — raises :class:`LockHeld` if a live owner holds it.
 
     Args:
         path: the lock file.
         what: what it protects, for messages.
-        job_id: this process's batch job id (default: from the Slurm/submitit environment).
-        heartbeat_s: seconds between heartbeat refreshes; grace_s: age after which another host's lock is stale.
+        job_id, attempt: this process's batch job id and attempt (default: from the Slurm environment).
+        heartbeat_s: seconds between heartbeats; grace_s: how long a contender on another host watches for one.
+        on_lost: called (from the heartbeat thread) when another process has taken the lock over.
+        host, clock: this host's name and wall clock (recorded for people; never compared across hosts).
     """
 
     def __init__(
@@ -99,67 +153,101 @@ class FileLock:
         what: str,
         *,
         job_id: str | None = None,
+        attempt: int | None = None,
         heartbeat_s: float = HEARTBEAT_S,
         grace_s: float = GRACE_S,
+        on_lost: Callable[[], None] | None = None,
+        host: str | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.path = Path(path)
         self.what = what
         self.job_id = job_id if job_id is not None else current_job_id()
+        self.attempt = attempt if attempt is not None else current_attempt()
         self.heartbeat_s, self.grace_s = heartbeat_s, grace_s
+        self.on_lost = on_lost
+        self.host = host or socket.gethostname()
+        self.clock = clock
+        self.token = ""
         self.held = False
+        self.lost = threading.Event()
         self._stop = threading.Event()
         self._beater: threading.Thread | None = None
 
     def record(self) -> dict[str, Any]:
-        """The owner record this lock writes (and refreshes)."""
-        now = time.time()
+        """The owner record this lock writes (its heartbeat advances ``beat``)."""
+        now = self.clock()
         return {
             "pid": os.getpid(),
-            "host": socket.gethostname(),
+            "host": self.host,
             "job_id": self.job_id,
+            "attempt": self.attempt,
+            "token": self.token,
             "time": now,
             "heartbeat": now,
+            "beat": 0,
+            "heartbeat_s": self.heartbeat_s,
             "grace": self.grace_s,
         }
 
     def _try_create(self) -> bool:
+        self.token = uuid.uuid4().hex
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:
             json.dump(self.record(), f)
+            f.flush()
+            os.fsync(f.fileno())
         return True
 
     def acquire(self) -> None:
         """Take the lock, taking over a stale one; LockHeld when a live owner has it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        for _ in range(8):
             if self._try_create():
                 self.held = True
+                self.lost.clear()
                 self._start_heartbeat()
                 return
             owner = read_owner(self.path)
             if owner is None:
-                time.sleep(0.05)  # being written right now, or unreadable: look again
-                owner = read_owner(self.path)
-            if owner is not None and stale_reason(owner, self.job_id) is not None:
-                # Remove and race for it again: O_EXCL decides the winner.
-                self.path.unlink(missing_ok=True)
+                time.sleep(0.05)  # being written right now, or just moved aside: look again
                 continue
-            if (
-                owner is not None
-                and owner.get("pid") == os.getpid()
-                and owner.get("host") == socket.gethostname()
-            ):
+            if owner.get("pid") == os.getpid() and owner.get("host") == self.host:
                 raise LockHeld(f"{self.what} is already locked by this process ({self.path})", owner)
-            who = describe_owner(owner) if owner else "another process"
-            raise LockHeld(
-                f"{self.what} is locked by {who} ({self.path}); wait for it to finish, or delete the lock "
-                "file if that process is gone",
-                owner,
-            )
+            reason = stale_reason(owner, self.job_id, self.attempt, self.host)
+            if reason is None and owner.get("host") != self.host:
+                reason = watch_heartbeat(self.path, owner)
+                if reason is None and read_owner(self.path) is None:
+                    continue  # released while we watched: race for it
+            if reason is None:
+                who = describe_owner(owner)
+                raise LockHeld(
+                    f"{self.what} is locked by {who} ({self.path}); wait for it to finish, or delete the lock "
+                    "file if that process is gone",
+                    owner,
+                )
+            self._take_over(owner)
         raise UserError(f"could not take the lock {self.path}; delete it if no process is using {self.what}")
+
+    def _take_over(self, owner: dict[str, Any]) -> None:
+        """Remove the stale record ``owner`` atomically: only one contender's rename moves it away, and a
+        record that changed since it was judged (a heartbeat, a new holder) is put back."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another contender moved it first
+        try:
+            if read_owner(aside) != owner:
+                with contextlib.suppress(
+                    FileExistsError
+                ):  # put the live record back, unless a new one is there
+                    os.link(aside, self.path)
+        finally:
+            aside.unlink(missing_ok=True)
 
     def _start_heartbeat(self) -> None:
         self._stop.clear()
@@ -169,11 +257,33 @@ class FileLock:
     def _beat(self) -> None:
         from aivh_ens.io import write_json  # io imports this module
 
+        missing = 0
         while not self._stop.wait(self.heartbeat_s):
             owner = read_owner(self.path)
-            if owner is None or owner.get("pid") != os.getpid() or owner.get("host") != socket.gethostname():
-                return  # released, or taken over by another process after we were presumed dead
-            write_json(self.path, {**owner, "heartbeat": time.time()})
+            if owner is None and missing == 0:
+                missing = 1  # mid-write, or moved aside for a moment by a contender that will put it back
+                continue
+            if owner is None or owner.get("token") != self.token:
+                self._lose()
+                return
+            missing = 0
+            write_json(self.path, {**owner, "heartbeat": self.clock(), "beat": int(owner.get("beat", 0)) + 1})
+
+    def verify(self) -> None:
+        """Raise :class:`LockLost` unless the lock file still holds this acquisition's token."""
+        owner = read_owner(self.path)
+        if owner is None:  # mid-write, or moved aside for a moment by a contender: look once more
+            time.sleep(0.05)
+            owner = read_owner(self.path)
+        if owner is None or owner.get("token") != self.token:
+            self.lost.set()
+            who = describe_owner(owner) if owner else "nobody (the lock file is gone)"
+            raise LockLost(f"{self.what}: the lock {self.path} is now held by {who}; this process stops")
+
+    def _lose(self) -> None:
+        self.lost.set()
+        if self.on_lost is not None:
+            self.on_lost()
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock file if it is still ours."""
@@ -183,7 +293,7 @@ class FileLock:
             self._beater = None
         if self.held:
             owner = read_owner(self.path)
-            if owner is not None and owner.get("pid") == os.getpid():
+            if owner is not None and owner.get("token") == self.token:
                 self.path.unlink(missing_ok=True)
             self.held = False
 

@@ -22,6 +22,30 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def visible_gpus(visible: str | None) -> list[str] | None:
+    """A ``CUDA_VISIBLE_DEVICES`` value as its list of entries (indices, ``GPU-<uuid>``, ``MIG-...``); None
+    when unset (every GPU is visible). CUDA reads the list up to its first empty or negative entry; so does
+    this."""
+    if visible is None:
+        return None
+    out = []
+    for entry in visible.split(","):
+        entry = entry.strip()
+        if not entry or entry.startswith("-"):
+            break
+        out.append(entry)
+    return out
+
+
+def physical_gpu(index: int, visible: str | None) -> str | None:
+    """The ``CUDA_VISIBLE_DEVICES`` entry that a process whose own value is ``visible`` calls ``cuda:index``:
+    ``visible="4,5"``, index 1 -> ``"5"``; unset -> ``str(index)``; None when the index is past the list."""
+    entries = visible_gpus(visible)
+    if entries is None:
+        return str(index)
+    return entries[index] if 0 <= index < len(entries) else None
+
+
 def free_bytes(folder: Path) -> int:
     """Bytes free on the disk that holds ``folder`` (or its nearest existing parent)."""
     probe = Path(folder)

@@ -7,6 +7,7 @@ import os
 import click
 
 from aivh_ens.cli.options import BLEND, TTA, WORKDIR, cpu_threads, user_errors
+from aivh_ens.errors import UserError
 
 
 @click.command("serve")
@@ -56,6 +57,20 @@ from aivh_ens.cli.options import BLEND, TTA, WORKDIR, cpu_threads, user_errors
     help="How long the first image of a batch waits for others.",
 )
 @click.option(
+    "--max-queue",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Most images waiting for a forward pass; past it, 503 with Retry-After.",
+)
+@click.option(
+    "--max-connections",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Most connections at once; past it, 503.",
+)
+@click.option(
     "--decode-threads", type=int, default=None, help="Threads decoding uploads.  [default: cores, at most 4]"
 )
 @click.option(
@@ -76,6 +91,8 @@ def serve_cmd(
     max_files,
     max_batch,
     batch_window_ms,
+    max_queue,
+    max_connections,
     decode_threads,
     root_path,
     device,
@@ -91,6 +108,7 @@ def serve_cmd(
     curl -F files=@photo.jpg -F files=@render.png http://127.0.0.1:8000/predict
     AIVH_ENS_API_KEY=s3cret aivh-ens serve --host 0.0.0.0 --root-path /aivh --device cuda
     """
+    check_serve_extra()
     from aivh_ens.serve import ServeSettings, serve
 
     settings = ServeSettings(
@@ -98,6 +116,8 @@ def serve_cmd(
         max_files=max_files,
         max_batch=max_batch,
         window_ms=batch_window_ms,
+        max_queue=max_queue,
+        max_connections=max_connections,
         decode_threads=decode_threads or min(4, os.cpu_count() or 1),
         api_key=api_key,
     )
@@ -113,3 +133,17 @@ def serve_cmd(
         settings=settings,
         log=click.echo,
     )
+
+
+def check_serve_extra() -> None:
+    """UserError naming the pip command when the serve extra (fastapi, uvicorn, python-multipart) is missing."""
+    import importlib.util
+
+    needed = {
+        "fastapi": ("fastapi",),
+        "uvicorn": ("uvicorn",),
+        "python-multipart": ("python_multipart", "multipart"),
+    }
+    missing = [pkg for pkg, mods in needed.items() if not any(importlib.util.find_spec(m) for m in mods)]
+    if missing:
+        raise UserError(f"serve needs {', '.join(missing)}, not installed: pip install 'aivh-ens[serve]'")

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from aivh_ens.cli.options import WORKDIR, options, user_errors
+from aivh_ens.errors import UserError
 
 scale_options = options(
     click.option(
@@ -40,8 +41,19 @@ scale_options = options(
         default=None,
         help="slurm: time limit per task; a timed-out fold is requeued and resumes.  [default: 1440]",
     ),
-    click.option("--gpus-per-task", type=int, default=None, help="slurm: GPUs per array task.  [default: 1]"),
-    click.option("--cpus-per-task", type=int, default=None, help="slurm: CPUs per array task.  [default: 8]"),
+    click.option(
+        "--gpus-per-task",
+        type=click.FloatRange(min=0),
+        default=None,
+        help="ray, slurm: GPUs per job (ray: checked against the nodes up front).  [default: 1; a private Ray "
+        "on a machine without CUDA: 0]",
+    ),
+    click.option(
+        "--cpus-per-task",
+        type=click.IntRange(min=1),
+        default=None,
+        help="ray, slurm: CPUs per job.  [default: slurm 8; ray the job's loader workers]",
+    ),
     click.option("--mem-gb", type=int, default=None, help="slurm: memory per array task."),
     click.option(
         "--array-parallelism",
@@ -55,6 +67,37 @@ scale_options = options(
 )
 
 
+# Which backend each flag belongs to (the click parameter name -> backends that read it).
+BACKEND_FLAGS = {
+    "devices": ("local",),
+    "gpus": ("local",),
+    "ray_address": ("ray",),
+    "slurm_partition": ("slurm",),
+    "timeout_min": ("slurm",),
+    "gpus_per_task": ("ray", "slurm"),
+    "cpus_per_task": ("ray", "slurm"),
+    "mem_gb": ("slurm",),
+    "array_parallelism": ("slurm",),
+}
+
+
+def check_backend_flags(backend: str, kw: dict[str, Any]) -> None:
+    """UserError naming the first flag given for another backend (it would be silently ignored)."""
+    for name, backends in BACKEND_FLAGS.items():
+        if kw.get(name) is not None and backend not in backends:
+            flag = "--" + name.replace("_", "-")
+            need = " or ".join(f"--backend {b}" for b in backends)
+            raise UserError(f"{flag} is for {need}; this sweep runs on --backend {backend}: drop {flag}")
+    if kw.get("slurm_cluster") not in (None, "slurm") and backend != "slurm":
+        raise UserError(f"--slurm-cluster is for --backend slurm; this sweep runs on --backend {backend}")
+
+
+def _whole(value: float | None, flag: str) -> int | None:
+    if value is None or value == int(value):
+        return None if value is None else int(value)
+    raise UserError(f"{flag} for --backend slurm takes a whole number of GPUs (got {value:g})")
+
+
 def slurm_options(kw: dict[str, Any]) -> Any:
     """SlurmOptions from the --slurm-*/--timeout-min/... flags (None means the default)."""
     from aivh_ens.scale.sweep import SlurmOptions
@@ -62,8 +105,10 @@ def slurm_options(kw: dict[str, Any]) -> Any:
     given = {
         "partition": kw.pop("slurm_partition"),
         "timeout_min": kw.pop("timeout_min"),
-        "gpus_per_task": kw.pop("gpus_per_task"),
-        "cpus_per_task": kw.pop("cpus_per_task"),
+        "gpus_per_task": _whole(kw.get("gpus_per_task"), "--gpus-per-task")
+        if kw["backend"] == "slurm"
+        else None,
+        "cpus_per_task": kw.get("cpus_per_task"),
         "mem_gb": kw.pop("mem_gb"),
         "parallelism": kw.pop("array_parallelism"),
         "cluster": kw.pop("slurm_cluster"),
@@ -74,15 +119,18 @@ def slurm_options(kw: dict[str, Any]) -> Any:
 def run_plan(
     plan: Any, workdir: Path, dry_run: bool, force: bool, kw: dict[str, Any], echo: Callable[[str], None]
 ) -> None:
-    """Run a sweep from the parsed scale options, print its table, exit 1 when a job failed."""
+    """Run a sweep from the parsed scale options, print its table; exit 1 unless every job is done."""
     from aivh_ens.scale.status import format_table
-    from aivh_ens.scale.sweep import run_sweep
+    from aivh_ens.scale.sweep import RayOptions, run_sweep
 
+    backend = kw["backend"] or "local"
+    check_backend_flags(backend, kw)
+    ray = RayOptions(kw.get("gpus_per_task"), kw.get("cpus_per_task"))
     slurm = slurm_options(kw)
     result = run_sweep(
         plan,
         workdir,
-        backend=kw["backend"] or "local",
+        backend=backend,
         devices=kw["devices"],
         gpus=kw["gpus"],
         threads=kw.get("threads"),
@@ -90,16 +138,28 @@ def run_plan(
         force=force,
         ray_address=kw["ray_address"],
         slurm=slurm,
+        ray=ray,
         log=echo,
     )
     if dry_run:
         echo(f"dry run: {len(result.rows)} jobs, nothing written")
     echo(format_table(result.rows))
-    if result.failed:
-        echo(
-            f"{result.failed} job(s) failed; fix the cause and run the same command again to resume", err=True
-        )
+    if dry_run:
+        return
+    if result.unfinished:
+        echo(f"{unfinished_line(result)}; run the same command again to resume", err=True)
         sys.exit(1)
+
+
+def unfinished_line(result: Any) -> str:
+    """``2 of 6 jobs not done (1 failed, 1 running elsewhere)``."""
+    from collections import Counter
+
+    from aivh_ens.scale.sweep import DONE_STATES
+
+    counts = Counter(r["state"] for r in result.rows if r["state"] not in DONE_STATES)
+    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    return f"{result.unfinished} of {len(result.rows)} jobs not done ({parts})"
 
 
 @click.command("sweep")
@@ -123,7 +183,8 @@ def sweep_cmd(plan_file: Path, dry_run: bool, force: bool, workdir: Path, **kw: 
     """Train every fold of several runs, one job per (run, fold), on local devices, Ray or Slurm.
 
     Re-running the same command resumes: finished jobs are skipped, interrupted ones continue from their
-    last epoch. Exit code 1 when a job failed (the others still finish).
+    last epoch. Exit code 1 unless every job is done (failed, pending or running elsewhere); a failed
+    job never stops the others.
 
     \b
     aivh-ens sweep plan.toml --devices cuda:0,cuda:1          # Kaggle 2xT4

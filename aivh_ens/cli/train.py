@@ -154,9 +154,10 @@ SCALE_KEYS = (
 
 
 def _is_sweep(model: str | None, scale: dict) -> bool:
-    """cv becomes a sweep with several --model names or any --backend/--devices/--gpus option."""
+    """cv becomes a sweep with several --model names or any sweep option (--backend, --devices, --gpus,
+    --ray-address, --slurm-*...; one given without its backend is then refused, not ignored)."""
     return bool(model and "," in model) or any(
-        scale[k] is not None for k in ("backend", "devices", "gpus", "ray_address")
+        scale[k] is not None for k in SCALE_KEYS if k != "slurm_cluster" or scale[k] != "slurm"
     )
 
 

@@ -1,6 +1,6 @@
 """Sweeps: plans of several runs x folds, expanded into idempotent (run, fold) jobs that a backend runs.
 
-Backends: ``local`` (a process pool, one worker pinned per device), ``ray`` (Ray tasks, the only module that
+Backends: ``local`` (one process per device, pinned to it and its cores, replaced when a job kills it), ``ray`` (Ray tasks, the only module that
 imports ray) and ``slurm`` (submitit job arrays, the only module that imports submitit).
 """
 
@@ -19,6 +19,7 @@ __getattr__, __dir__, __all__ = attach(
         "run_sweep": ".sweep",
         "SweepResult": ".sweep",
         "SlurmOptions": ".sweep",
+        "RayOptions": ".sweep",
         "status_rows": ".status",
         "format_table": ".status",
     },

@@ -8,6 +8,7 @@ keeps the one-line error of the last failed one.
 
 from __future__ import annotations
 
+import _thread
 import dataclasses
 import json
 import os
@@ -21,9 +22,9 @@ from typing import Any
 
 from aivh_ens import faults
 from aivh_ens.config import RunConfig, from_dict, to_dict, training_identity
-from aivh_ens.io import sha256_text, write_json
+from aivh_ens.io import guarded, sha256_text, write_json
 from aivh_ens.layout import fold_dir, run_dir
-from aivh_ens.locks import FileLock, LockHeld
+from aivh_ens.locks import FileLock, LockHeld, LockLost, describe_owner
 
 JOB = "job.json"
 STARTED = "started.json"
@@ -118,6 +119,17 @@ def _done_row(spec: JobSpec, done: dict[str, Any], state: str = "done") -> dict[
     return result_row(spec, state, host=host, minutes=done.get("minutes"), f1=done.get("val_f1"))
 
 
+def physical_device(device: str) -> str:
+    """The device as the machine knows it: ``cuda:0`` in a process pinned to ``CUDA_VISIBLE_DEVICES=GPU-ab``
+    is ``cuda:GPU-ab``; ``cpu`` stays ``cpu``."""
+    from aivh_ens.system import physical_gpu
+
+    if not device.startswith("cuda"):
+        return device
+    index = int(device.partition(":")[2] or 0)
+    return f"cuda:{physical_gpu(index, os.environ.get('CUDA_VISIBLE_DEVICES'))}"
+
+
 def _mark_started(spec: JobSpec, job_id: str | None, device: str) -> dict[str, Any]:
     prev = read_json(spec.fold_dir / STARTED) or {}
     rec = {
@@ -126,6 +138,7 @@ def _mark_started(spec: JobSpec, job_id: str | None, device: str) -> dict[str, A
         "pid": os.getpid(),
         "job_id": job_id,
         "device": device,
+        "physical_device": physical_device(device),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "time": time.time(),
     }
@@ -134,12 +147,24 @@ def _mark_started(spec: JobSpec, job_id: str | None, device: str) -> dict[str, A
     return rec
 
 
+def fold_lock(spec: JobSpec, job_id: str | None, attempt: int | None) -> FileLock:
+    """The fold's lock; losing it (another process took it over) interrupts this job's training at once."""
+    return FileLock(
+        run_dir(spec.workdir, spec.run) / f"fold{spec.fold}.lock",
+        f"fold {spec.fold} of run {spec.run}",
+        job_id=job_id,
+        attempt=attempt,
+        on_lost=_thread.interrupt_main,  # the new holder writes this fold's checkpoints from now on
+    )
+
+
 def run_job(
     job_file: str | Path,
     device: str = "auto",
     *,
     threads: int | None = None,
     job_id: str | None = None,
+    attempt: int | None = None,
     submitted: float | None = None,
 ) -> dict[str, Any]:
     """Run one job (or skip it when done or running elsewhere); its row of the end table.
@@ -149,6 +174,8 @@ def run_job(
         device: the torch device this worker is pinned to.
         threads: torch CPU threads for this process (1 where processes share the cores).
         job_id: the backend's id of this job (Slurm array task, Ray task), recorded in the lock.
+        attempt: the backend's attempt number of this job (Slurm's restart count): a lock of an earlier
+            attempt of the same job id is taken over.
         submitted: when the backend was handed the job (``time.time()``), to measure its start-up overhead.
 
     Raises:
@@ -163,18 +190,23 @@ def run_job(
         import torch
 
         torch.set_num_threads(threads)
-    lock = FileLock(
-        run_dir(spec.workdir, spec.run) / f"fold{spec.fold}.lock",
-        f"fold {spec.fold} of run {spec.run}",
-        job_id=job_id,
-    )
+    lock = fold_lock(spec, job_id, attempt)
     try:
-        with lock:
+        with lock, guarded(spec.fold_dir, lock.verify):  # no checkpoint is written once the lock is lost
+            done = done_matches(spec)  # finished by another sweep between our first look and the lock
+            if done is not None:
+                return _done_row(spec, done, "skipped (done)")
             started = _mark_started(spec, job_id, device)
             faults.point(f"job:{spec.run}:{spec.fold}")
             summary = _train(spec, device, started)
     except LockHeld as e:
         return result_row(spec, "running elsewhere", host=e.owner.get("host", ""), error=str(e).split(";")[0])
+    except (KeyboardInterrupt, LockLost):
+        if not lock.lost.is_set():
+            raise
+        owner = read_json(lock.path) or {}
+        lost = f"lost its lock to {describe_owner(owner)} and stopped"
+        return result_row(spec, "running elsewhere", host=owner.get("host", ""), error=lost)
     except BaseException as e:
         if isinstance(e, Exception):
             write_json(

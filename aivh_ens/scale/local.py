@@ -1,31 +1,63 @@
-"""The local backend: a process pool with one worker per device, each pinned to its device for life.
+"""The local backend: one process per device, pinned to it and its share of the cores; a dying job fails alone.
 
-Worker processes are started with ``spawn`` (no inherited CUDA or thread state); each takes one device token
-from a queue in its initializer, so two workers never share a GPU. ``cuda:N`` is pinned through
-``CUDA_VISIBLE_DEVICES`` before torch is imported, and the job sees it as ``cuda:0``.
+A thread pool with one thread per device is the scheduler: each task takes a free device slot and sends
+its job to that slot's process (spawned, pinned to the device and its cores, kept from job to job to save
+torch's start-up). A job that dies outright (OOM killer, SIGKILL, a segfault) takes only its own process
+down: it is reported ``failed`` with its signal or exit code, the slot starts a fresh process, and every other
+job runs on. ``cuda:N`` means the N-th of the caller's visible GPUs (its
+``CUDA_VISIBLE_DEVICES``, indices, UUIDs or MIG entries alike); the child sees only that one, as ``cuda:0``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
+import queue
+import signal
+import socket
+import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job
+from aivh_ens.errors import UserError
 
-_DEVICE = "cpu"  # this worker's device, set once by _pin
-_THREADS: int | None = None
+Log = Callable[[str], None]
+INTERRUPTED = 130  # a job process's exit code after Ctrl-C (128 + SIGINT): its job is pending, not failed
 
 
-def parse_devices(devices: str | None, gpus: int | None) -> list[str]:
-    """``--devices cuda:0,cuda:1`` / ``--gpus N`` -> device names; default: every visible GPU, else the CPU."""
-    from aivh_ens.errors import UserError
+def physical_device(index: int, visible: str | None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` entry (physical index, ``GPU-<uuid>`` or ``MIG-...``) of ``cuda:index`` in
+    a process whose own ``CUDA_VISIBLE_DEVICES`` is ``visible``.
 
+    Raises:
+        UserError: ``index`` is past the visible list.
+    """
+    from aivh_ens.system import physical_gpu, visible_gpus
+
+    entry = physical_gpu(index, visible)
+    if entry is None:
+        n = len(visible_gpus(visible) or [])
+        valid = f"cuda:0..cuda:{n - 1}" if n else "cpu only"
+        raise UserError(
+            f"--devices cuda:{index}: CUDA_VISIBLE_DEVICES={visible!r} shows {n} GPU(s) here, so --devices "
+            f"takes {valid}"
+        )
+    return entry
+
+
+def parse_devices(devices: str | None, gpus: int | None, visible: str | None = None) -> list[str]:
+    """``--devices cuda:0,cuda:1`` / ``--gpus N`` -> device names; default: every visible GPU, else the CPU.
+
+    ``cuda:N`` counts the caller's visible GPUs (``visible``: its ``CUDA_VISIBLE_DEVICES``, default this
+    process's), as torch does.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
     if devices:
         out = [d.strip() for d in devices.split(",") if d.strip()]
         bad = [d for d in out if d != "cpu" and not (d.startswith("cuda:") and d[5:].isdigit())]
@@ -33,6 +65,9 @@ def parse_devices(devices: str | None, gpus: int | None) -> list[str]:
             raise UserError(
                 f"--devices takes cpu or cuda:N, comma-separated, e.g. cuda:0,cuda:1 (got {devices!r})"
             )
+        for d in out:
+            if d != "cpu":
+                physical_device(int(d[5:]), visible)  # checks the index
         return out
     import torch
 
@@ -46,59 +81,197 @@ def parse_devices(devices: str | None, gpus: int | None) -> list[str]:
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]
 
 
-def _pin(tokens: Any, threads: int | None, at_once: int = 1) -> None:
-    """Pool initializer: take this worker's device for the rest of its life; say how many jobs run at once
-    (they share /dev/shm, see :func:`aivh_ens.data.loader.ring_prefetch`)."""
-    global _DEVICE, _THREADS
-    from aivh_ens.system import JOBS_AT_ONCE_ENV
+@dataclass(frozen=True)
+class Slot:
+    """One device of the local backend: the child's device name, its CUDA_VISIBLE_DEVICES and its cores."""
 
-    os.environ[JOBS_AT_ONCE_ENV] = str(at_once)
-    device = tokens.get(timeout=60)
-    if device.startswith("cuda:"):
-        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-        device = "cuda:0"
-    _DEVICE, _THREADS = device, threads
+    device: str  # as given: cpu or cuda:N (N counts the caller's visible GPUs)
+    visible: str | None  # the child's CUDA_VISIBLE_DEVICES (one physical entry), None for the CPU
+    cpus: tuple[int, ...]  # the cores the child may run on
+    at_once: int = 1  # jobs running at once on this machine (they share /dev/shm)
 
 
-def _run(job_file: str, submitted: float) -> dict[str, Any]:
-    return run_job(job_file, _DEVICE, threads=_THREADS, job_id=f"local-{os.getpid()}", submitted=submitted)
+def make_slots(devices: Sequence[str], visible: str | None, cpus: Sequence[int]) -> list[Slot]:
+    """One slot per device; the cores are shared out in equal, disjoint blocks (overlapping when scarce)."""
+    n, cpus = len(devices), sorted(cpus)
+    share = max(1, len(cpus) // n)
+    slots = []
+    for i, d in enumerate(devices):
+        mine = cpus[i * share : (i + 1) * share] if len(cpus) >= n else [cpus[i % len(cpus)]]
+        pin = physical_device(int(d[5:]), visible) if d.startswith("cuda:") else None
+        slots.append(Slot(d, pin, tuple(mine), n))
+    return slots
 
 
 def run_local(
-    job_files: list[Path], devices: list[str], log: Callable[[str], None], threads: int | None = None
+    job_files: list[Path], devices: list[str], log: Log, threads: int | None = None
 ) -> list[dict[str, Any]]:
-    """Run the jobs (in the given order), one at a time per device; their end-table rows.
+    """Run the jobs (in the given order), one at a time per device, each device's in its own process; rows.
 
-    A job that raises is a failed row; the others go on. A worker killed outright (OOM killer, SIGKILL)
-    breaks the pool: the jobs it had not started are left pending, and running the sweep again resumes.
+    Each device's process gets that device's share of the cores (its torch threads and loader workers count
+    those); ``threads`` overrides its torch threads. A job that raises is a failed row; a job whose process
+    dies is a failed row naming the signal or exit code, and the device gets a fresh process for its next job.
     """
-    if threads is None and all(d == "cpu" for d in devices):
-        from aivh_ens.system import cores
-
-        threads = max(1, cores() // len(devices))
-    ctx = mp.get_context("spawn")
-    tokens = ctx.Queue()
-    for d in devices:
-        tokens.put(d)
+    slots = make_slots(devices, os.environ.get("CUDA_VISIBLE_DEVICES"), sorted(_affinity()))
+    free: queue.SimpleQueue[Worker] = queue.SimpleQueue()
+    workers = [Worker(s, threads) for s in slots]
+    for w in workers:
+        free.put(w)
     rows: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(
-        len(devices), mp_context=ctx, initializer=_pin, initargs=(tokens, threads, len(devices))
-    ) as pool:
-        futures = {pool.submit(_run, str(f), time.time()): f for f in job_files}
-        for fut in as_completed(futures):
-            rows.append(_row(fut, futures[fut], log))
+    try:
+        with ThreadPoolExecutor(len(workers)) as pool:
+            futures = [pool.submit(_run_on_free_worker, Path(f), free) for f in job_files]
+            try:
+                for fut in as_completed(futures):
+                    row = fut.result()
+                    error = f" - {row['error']}" if row["error"] else ""
+                    log(f"{row['run']} fold {row['fold']}: {row['state']}{error}")
+                    rows.append(row)
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                stop_workers(workers)  # a Ctrl-C or an error here: the jobs resume from their last epoch
+                raise
+    finally:
+        for w in workers:
+            w.close()
     return rows
 
 
-def _row(fut: Any, job_file: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    spec = read_spec(job_file)
+def _affinity() -> set[int]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def _run_on_free_worker(job_file: Path, free: queue.SimpleQueue) -> dict[str, Any]:
+    worker = free.get()
     try:
-        row = fut.result()
-    except BrokenProcessPool:
-        row = result_row(
-            spec, "pending", error="a worker process died (killed?); run the sweep again to resume"
+        return worker.run(job_file)
+    finally:
+        free.put(worker)
+
+
+class Worker:
+    """The process of one slot: started on its first job, it runs jobs sent over a pipe, one at a time, and is
+    replaced by a fresh one when it dies."""
+
+    def __init__(self, slot: Slot, threads: int | None):
+        self.slot, self.threads = slot, threads
+        self.proc: Any = None
+        self.conn: Any = None
+        self.stopped = False
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")  # no inherited CUDA or thread state
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=serve_jobs, args=(child, self.slot, self.threads), name=self.slot.device
         )
-    except Exception as e:
-        row = result_row(spec, "failed", error=error_line(e))
-    log(f"{row['run']} fold {row['fold']}: {row['state']}{' - ' + row['error'] if row['error'] else ''}")
-    return row
+        self.proc.start()
+        child.close()
+
+    def run(self, job_file: Path) -> dict[str, Any]:
+        """The job's row; ``failed`` with the cause when the process died running it."""
+        if self.proc is None or not self.proc.is_alive():
+            self._start()
+        try:
+            self.conn.send((str(job_file), time.time()))
+            ready = mp_connection.wait([self.conn, self.proc.sentinel])
+            if self.conn in ready:
+                return self.conn.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            pass
+        self.proc.join()
+        if self.stopped or self.proc.exitcode == INTERRUPTED:
+            from aivh_ens.scale.jobs import read_spec, result_row
+
+            return result_row(
+                read_spec(job_file), "pending", error="interrupted; run the sweep again to resume"
+            )
+        return died_row(job_file, self.proc.exitcode)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def close(self) -> None:
+        """Ask the process to exit after its job and wait for it."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(None)
+        self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+        self.proc = None
+
+
+def stop_workers(workers: list[Worker], grace_s: float = 5.0) -> None:
+    """Stop the running jobs (their rows say pending, not failed), letting each release its fold's lock.
+
+    A Ctrl-C reached them too; any still running after ``grace_s`` get a SIGINT of their own, then SIGTERM.
+    """
+    for w in workers:
+        w.stopped = True
+    for action in (None, signal.SIGINT, signal.SIGTERM):
+        live = [w for w in workers if w.alive()]
+        for w in live:
+            if action is not None:
+                os.kill(w.proc.pid, action)
+        deadline = time.monotonic() + grace_s
+        for w in live:
+            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def died_row(job_file: Path, exitcode: int | None) -> dict[str, Any]:
+    """The row (and ``failed.json``) of a job whose process died: its signal or exit code."""
+    from aivh_ens.io import write_json
+    from aivh_ens.scale.jobs import FAILED, read_spec, result_row
+
+    rc = -1 if exitcode is None else exitcode
+    error = f"the job's process {exit_cause(rc)}; run the sweep again to resume it from its last epoch"
+    spec = read_spec(job_file)
+    write_json(spec.fold_dir / FAILED, {"error": error, "host": socket.gethostname(), "time": time.time()})
+    return result_row(spec, "failed", error=error, exit_code=rc)
+
+
+def exit_cause(rc: int) -> str:
+    """``was killed by SIGKILL (...)`` or ``exited with code 3``, from a process's exit code."""
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        hint = " (out of memory? the OOM killer sends it)" if -rc == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {rc}"
+
+
+def serve_jobs(conn: Any, slot: Slot, threads: int | None) -> None:
+    """The slot's process: pin to its GPU and cores (before torch is imported), then run jobs until told."""
+    if slot.visible is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        device = "cpu"
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slot.visible
+        device = "cuda:0"
+    if slot.cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, slot.cpus)  # torch's thread pool and the loader workers count these
+    from aivh_ens.system import JOBS_AT_ONCE_ENV
+
+    os.environ[JOBS_AT_ONCE_ENV] = str(slot.at_once)  # the loader sizes its /dev/shm ring to its share
+    from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job
+
+    threads = threads or max(1, len(slot.cpus))
+    while (msg := conn.recv()) is not None:
+        job_file, submitted = msg
+        job_id = f"local-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        try:
+            row = run_job(job_file, device, threads=threads, job_id=job_id, submitted=submitted)
+        except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the sweep is being stopped
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(INTERRUPTED)  # the lock is released; don't wait for the loader's feeding threads
+        except Exception as e:
+            row = result_row(read_spec(job_file), "failed", error=error_line(e))
+        conn.send(row)

@@ -1,6 +1,7 @@
 """The Ray backend (``aivh-ens[ray]``; the only module that imports ray): one Ray task per (run, fold) job.
 
-Each task asks for one GPU (Ray sets its ``CUDA_VISIBLE_DEVICES``) and ``threads`` CPUs. A crashed worker or
+Each task asks for ``--gpus-per-task`` GPUs (Ray sets its ``CUDA_VISIBLE_DEVICES``) and its loader workers'
+CPUs, a request checked against the alive nodes before anything is submitted. A crashed worker or
 a lost node is retried by Ray (``max_retries``); a Python exception is not (``retry_exceptions=False``): a
 bug or an out-of-memory error would fail again and burn GPU hours. Before the first job, one task per node
 checks that it sees the work dir.
@@ -79,27 +80,63 @@ def run_ray(
     address: str | None,
     log: Callable[[str], None],
     threads: int | None = None,
+    gpus_per_task: float | None = None,
+    cpus_per_task: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the jobs as Ray tasks on the cluster at ``address`` (None: a private local Ray); their rows."""
+    """Run the jobs as Ray tasks on the cluster at ``address`` (None: a private local Ray); their rows.
+
+    ``gpus_per_task`` (``--gpus-per-task``) is what each task asks for; default 1, or 0 for a private Ray on a
+    machine without CUDA. ``cpus_per_task`` defaults to each job's loader workers (at least 1).
+
+    Raises:
+        UserError: no alive node can ever hold one task (checked before the first is submitted).
+    """
     started_here = not ray.is_initialized()
     if started_here:
         t0 = time.perf_counter()
         ray.init(address=address, log_to_driver=True)
         log(f"ray: connected in {time.perf_counter() - t0:.1f}s ({ray.cluster_resources()})")
     try:
+        gpus = gpus_per_task if gpus_per_task is not None else _default_gpus(started_here and address is None)
+        cpus = {
+            f: cpus_per_task or max(1, read_spec(f).config.get("workers") or threads or 1) for f in job_files
+        }
+        check_nodes(gpus, max(cpus.values(), default=1))
         check_shared_workdir(workdir)
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(_task)
         opts = {"num_gpus": gpus, "max_retries": MAX_RETRIES, "retry_exceptions": False}
         opts["runtime_env"] = {"env_vars": _env()}
         refs = {}
         for f in job_files:
-            cpus = max(1, read_spec(f).config.get("workers") or threads or 1)  # its loader workers
-            refs[task.options(**opts, num_cpus=cpus).remote(str(f), time.time(), threads or cpus)] = f
+            refs[task.options(**opts, num_cpus=cpus[f]).remote(str(f), time.time(), threads or cpus[f])] = f
         return _collect(refs, log)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _default_gpus(private: bool) -> float:
+    if not private:
+        return 1  # a cluster's nodes are not this machine: GPUs are the point, say --gpus-per-task 0 if not
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
+
+
+def check_nodes(gpus: float, cpus: float, nodes: list[dict[str, Any]] | None = None) -> None:
+    """UserError unless some alive node offers ``gpus`` GPUs and ``cpus`` CPUs (a larger request waits forever)."""
+    nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
+    res = [n.get("Resources", {}) for n in nodes]
+    if any(r.get("GPU", 0) >= gpus and r.get("CPU", 0) >= cpus for r in res):
+        return
+    seen = ", ".join(
+        f"{n.get('NodeManagerHostname', '?')}: {r.get('GPU', 0):g} GPU {r.get('CPU', 0):g} CPU"
+        for n, r in zip(nodes, res, strict=True)
+    )
+    raise UserError(
+        f"no Ray node can run a job that asks for {gpus:g} GPU and {cpus:g} CPU (nodes: {seen or 'none alive'}); "
+        "pass --gpus-per-task/--cpus-per-task that fit a node (--gpus-per-task 0 trains on CPU), or add nodes"
+    )
 
 
 def _collect(refs: dict[Any, Path], log: Callable[[str], None]) -> list[dict[str, Any]]:

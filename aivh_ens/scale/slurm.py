@@ -14,6 +14,7 @@ from typing import Any
 
 import submitit
 
+from aivh_ens.locks import current_attempt
 from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job
 
 
@@ -28,7 +29,8 @@ class FoldTask(submitit.helpers.Checkpointable):
 
         env = submitit.JobEnvironment()
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return run_job(job_file, device, threads=self.threads, job_id=str(env.job_id))
+        attempt = current_attempt()  # Slurm's restart count: a requeue takes over its first attempt's lock
+        return run_job(job_file, device, threads=self.threads, job_id=str(env.job_id), attempt=attempt)
 
 
 def make_executor(folder: Path, opts: Any) -> Any:

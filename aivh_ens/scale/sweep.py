@@ -7,8 +7,9 @@ Named steps: :func:`check_plan` (every input, the full decode of every image inc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from aivh_ens.scale.plan import Plan
 
 Log = Callable[[str], None]
 BACKENDS = ("local", "ray", "slurm")
+DONE_STATES = ("done", "skipped (done)")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,29 @@ class SlurmOptions:
 
 
 @dataclass(frozen=True)
+class RayOptions:
+    """What ``--backend ray`` asks for per task (None: see :func:`aivh_ens.scale.ray.run_ray`)."""
+
+    gpus_per_task: float | None = None
+    cpus_per_task: int | None = None
+
+
+EXTRAS = {"ray": ("ray", "ray"), "slurm": ("submitit", "slurm")}  # backend -> (module, extra)
+
+
+def check_extra(backend: str) -> None:
+    """UserError naming the pip command when the backend's optional dependency is missing."""
+    import importlib.util
+
+    if backend in EXTRAS:
+        module, extra = EXTRAS[backend]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(
+                f"--backend {backend} needs {module}, which is not installed: pip install 'aivh-ens[{extra}]'"
+            )
+
+
+@dataclass(frozen=True)
 class SweepResult:
     """One row per job (run, fold, state, host, minutes, f1, error); ``failed`` counts the failed jobs."""
 
@@ -49,6 +74,11 @@ class SweepResult:
     def failed(self) -> int:
         """How many jobs failed."""
         return sum(r["state"] == "failed" for r in self.rows)
+
+    @property
+    def unfinished(self) -> int:
+        """How many jobs are not done: failed, pending, or running elsewhere (the sweep then exits 1)."""
+        return sum(r["state"] not in DONE_STATES for r in self.rows)
 
 
 @dataclass(frozen=True)
@@ -114,12 +144,40 @@ def prepare(
     from aivh_ens.data.cache import open_source
     from aivh_ens.train.cv import prepare_run
 
-    for c in checked:
-        table = prepare_run(c.cfg, workdir, c.table, c.bad, list(range(c.cfg.folds)), force, log)
+    tables = []
+    with contextlib.ExitStack() as held:  # --force: every fold of every run locked before any is deleted
+        for c in checked:
+            held.enter_context(fold_locks(c.cfg, workdir, force))
+        for c in checked:
+            tables.append(prepare_run(c.cfg, workdir, c.table, c.bad, list(range(c.cfg.folds)), force, log))
+    for c, table in zip(checked, tables, strict=True):
         open_source(c.cfg, c.cfg.data, table["file_name"].tolist(), workdir, progress=False, log=log)
     for spec, state in jobs:
         if state == "pending":
             write_spec(spec)
+
+
+@contextlib.contextmanager
+def fold_locks(cfg: RunConfig, workdir: Path, take: bool) -> Iterator[None]:
+    """Hold every fold lock of a run (``--force`` deletes its folds only under them; no job trains meanwhile).
+
+    Raises:
+        UserError: a fold is running (its lock is live), naming the holder; nothing is deleted.
+    """
+    from aivh_ens.layout import run_dir
+    from aivh_ens.locks import FileLock, LockHeld
+
+    with contextlib.ExitStack() as stack:
+        if take:
+            for k in range(cfg.folds):
+                lock = FileLock(run_dir(workdir, cfg.name) / f"fold{k}.lock", f"fold {k} of run {cfg.name}")
+                try:
+                    stack.enter_context(lock)
+                except LockHeld as e:
+                    raise UserError(
+                        f"--force: {str(e).split(';')[0]}; stop it first, or run without --force"
+                    ) from None
+        yield
 
 
 def run_sweep(
@@ -134,6 +192,7 @@ def run_sweep(
     force: bool = False,
     ray_address: str | None = None,
     slurm: SlurmOptions | None = None,
+    ray: RayOptions | None = None,
     log: Log = print,
 ) -> SweepResult:
     """Train every fold of every run in the plan on the chosen backend; skip jobs already done.
@@ -148,12 +207,14 @@ def run_sweep(
         force: retrain runs whose config changed, and every fold of the plan's runs (``--force``).
         ray_address: an existing Ray cluster (``--ray-address``); None starts a private local one.
         slurm: submitit settings for ``--backend slurm``.
+        ray: GPUs and CPUs per task for ``--backend ray``.
 
     Raises:
-        UserError: a bad plan or input, before anything is written.
+        UserError: a bad plan or input, or a missing extra, before anything is written or decoded.
     """
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    check_extra(backend)
     workdir = Path(workdir)
     device_list = _local_devices(backend, devices, gpus)
     checked = check_plan(plan, workdir, force, device_list[0] if device_list else "cpu")
@@ -165,7 +226,8 @@ def run_sweep(
     prepare(checked, jobs, workdir, force, log)
     pending = [s.path for s, st in jobs if st == "pending"]
     log(f"sweep: {len(jobs)} jobs, {len(pending)} to run, backend {backend}")
-    rows = _dispatch(backend, pending, workdir, device_list, threads, ray_address, slurm, log)
+    engine = (ray_address, ray or RayOptions()) if backend == "ray" else slurm
+    rows = _dispatch(backend, pending, workdir, device_list, threads, engine, log)
     return finish(checked, jobs, rows, workdir, log)
 
 
@@ -185,8 +247,7 @@ def _dispatch(
     workdir: Path,
     devices: list[str],
     threads: int | None,
-    ray_address: str | None,
-    slurm: SlurmOptions | None,
+    engine: Any,
     log: Log,
 ) -> list[dict[str, Any]]:
     if not pending:
@@ -198,10 +259,11 @@ def _dispatch(
     if backend == "ray":
         from aivh_ens.scale.ray import run_ray
 
-        return run_ray(pending, workdir, ray_address, log, threads)
+        address, opts = engine
+        return run_ray(pending, workdir, address, log, threads, opts.gpus_per_task, opts.cpus_per_task)
     from aivh_ens.scale.slurm import run_slurm
 
-    return run_slurm(pending, workdir, slurm or SlurmOptions(), log)
+    return run_slurm(pending, workdir, engine or SlurmOptions(), log)
 
 
 def finish(

@@ -34,12 +34,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from aivh_ens import __version__
 from aivh_ens.data.images import MAX_PIXELS, BadImageError
 from aivh_ens.errors import UserError
-from aivh_ens.serve.batcher import Batcher, BatcherClosed
+from aivh_ens.serve.batcher import Batcher, BatcherClosed, QueueFull
 from aivh_ens.serve.ensemble import Decoded, Ensemble, Scored
 
 FIELD = "files"  # the multipart field holding the images
 API_KEY_ENV = "AIVH_ENS_API_KEY"
 ROUTES = "GET /, GET /health, POST /predict, GET /docs"
+RETRY = {"Retry-After": "1"}  # seconds: a 503 is overload or a restart, over in moments
+DRAIN_MIN_BYTES = 64 * 2**20  # a refused body up to this (or 4x --max-mb) is read and dropped, so the client
+# sees the 413 instead of a connection reset; past it the connection is closed at once.
 log = logging.getLogger("aivh_ens.serve")
 
 
@@ -53,6 +56,8 @@ class ServeSettings:
         max_batch: the most images per forward pass; 1 turns batching off [--max-batch].
         window_ms: how long the first image of a batch waits for others [--batch-window-ms].
         decode_threads: threads that decode uploads [--decode-threads].
+        max_queue: the most images waiting for a forward pass; past it, 503 with Retry-After [--max-queue].
+        max_connections: the most connections at once; past it, uvicorn answers 503 [--max-connections].
         api_key: if set, ``/predict`` and ``/health`` need ``Authorization: Bearer <key>`` [--api-key].
     """
 
@@ -61,6 +66,8 @@ class ServeSettings:
     max_batch: int = 32
     window_ms: float = 5.0
     decode_threads: int = 4
+    max_queue: int = 256
+    max_connections: int = 256
     api_key: str | None = field(default=None, repr=False)  # kept out of logs and tracebacks
 
     def __post_init__(self) -> None:
@@ -70,6 +77,8 @@ class ServeSettings:
             "max_batch (--max-batch)": self.max_batch >= 1,
             "window_ms (--batch-window-ms)": self.window_ms >= 0,
             "decode_threads (--decode-threads)": self.decode_threads >= 1,
+            "max_queue (--max-queue)": self.max_queue >= 1,
+            "max_connections (--max-connections)": self.max_connections >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -118,7 +127,10 @@ class ServeState:
     def __init__(self, ensemble: Ensemble, settings: ServeSettings):
         self.ensemble, self.settings = ensemble, settings
         self.batcher: Batcher[Decoded, Scored] = Batcher(
-            ensemble.score, max_batch=settings.max_batch, window_s=settings.window_ms / 1000
+            ensemble.score,
+            max_batch=settings.max_batch,
+            window_s=settings.window_ms / 1000,
+            max_queue=settings.max_queue,
         )
         self.pool: ThreadPoolExecutor | None = None
         self.warm = False
@@ -158,12 +170,28 @@ class ServeState:
                 f"Pillow reads, of at most {MAX_PIXELS:,} pixels",
             ) from None
 
-    async def score(self, image: Decoded, t0: float) -> tuple[Scored, float]:
-        """The image's score and the milliseconds since ``t0`` when it was ready."""
+    async def score(self, image: Decoded, t0: float, name: str = "image") -> tuple[Scored, float]:
+        """The image's score and the milliseconds since ``t0`` when it was ready.
+
+        503 (with Retry-After) when the queue is full, the server is stopping or memory ran out; 422 naming
+        the upload when scoring it alone fails.
+        """
         try:
             (scored,) = await self.batcher.submit([image])
-        except BatcherClosed as e:
-            raise HTTPException(503, f"{e}; retry shortly") from None
+        except (BatcherClosed, QueueFull) as e:
+            raise HTTPException(503, f"{e}; retry shortly", headers=RETRY) from None
+        except Exception as e:  # it failed scored alone (the batcher retried its batch item by item)
+            if out_of_memory(e):
+                log.warning(
+                    "out of memory scoring an image: %s", str(e).splitlines()[0][:200] if str(e) else e
+                )
+                raise HTTPException(
+                    503, "out of memory while scoring; retry shortly", headers=RETRY
+                ) from None
+            log.error("%s: an image could not be scored", name, exc_info=e)
+            raise HTTPException(
+                422, f"{name}: this image could not be scored ({type(e).__name__}); the other images were"
+            ) from None
         return scored, (time.perf_counter() - t0) * 1000
 
 
@@ -189,7 +217,9 @@ def create_app(ensemble: Ensemble, settings: ServeSettings | None = None) -> Fas
 # ---- routes ---------------------------------------------------------------------------------------------------
 
 _bearer = HTTPBearer(auto_error=False, description="the key given to --api-key")
-_ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 413, 415, 422)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    c: {"model": ErrorResponse} for c in (400, 401, 413, 415, 422, 503)
+}
 _MULTIPART = {
     "requestBody": {
         "required": True,
@@ -241,7 +271,12 @@ def _add_routes(app: FastAPI, page: str) -> None:
                 "batches": s.batcher.batches,
                 "images": s.batcher.items,
             },
-            "limits": {"max_mb": s.settings.max_mb, "max_files": s.settings.max_files},
+            "limits": {
+                "max_mb": s.settings.max_mb,
+                "max_files": s.settings.max_files,
+                "max_queue": s.settings.max_queue,
+                "max_connections": s.settings.max_connections,
+            },
         }
 
     @app.post(
@@ -257,7 +292,9 @@ def _add_routes(app: FastAPI, page: str) -> None:
         s: ServeState = request.app.state.serve
         uploads = await read_uploads(request, s.settings)
         decoded = await asyncio.gather(*(s.decode(data, name) for name, data in uploads))
-        scored = await asyncio.gather(*(s.score(d, t0) for d in decoded))
+        scored = await asyncio.gather(
+            *(s.score(d, t0, name) for d, (name, _) in zip(decoded, uploads, strict=True))
+        )
         t = s.ensemble.threshold
         results = [
             ImageResult(image=name, prob=r.prob, label=r.label, threshold=t, runs=r.runs, latency_ms=ms)
@@ -266,6 +303,11 @@ def _add_routes(app: FastAPI, page: str) -> None:
         return PredictResponse(
             results=results, space=s.ensemble.space, threshold=t, latency_ms=max(ms for _, ms in scored)
         )
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is running out of memory (host or GPU): a 503, not the image's fault."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e)
 
 
 # ---- uploads ----------------------------------------------------------------------------------------------
@@ -340,11 +382,13 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimit:
-    """ASGI middleware: refuse a body over ``max_bytes`` from its Content-Length, before reading it, or
-    (chunked uploads) as soon as the bytes read pass the limit."""
+    """ASGI middleware: refuse a body over ``max_bytes`` from its Content-Length, before the app sees it, or
+    (chunked uploads) as soon as the bytes read pass the limit. The rest of a refused body is read and dropped
+    (up to ``drain_bytes``), so a client that sends it all before reading (urllib, requests) gets the 413."""
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
+        self.drain_bytes = max(DRAIN_MIN_BYTES, 4 * max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -356,6 +400,8 @@ class BodyLimit:
                 BodyTooLarge(self.max_bytes) if length.isdigit() else HTTPException(400, "bad Content-Length")
             )
             _log_error(scope, err.status_code, str(err.detail))
+            if length.isdigit() and int(length) <= self.drain_bytes:
+                await drain(receive, self.drain_bytes)
             await JSONResponse(
                 {"error": err.detail}, status_code=err.status_code, headers={"Connection": "close"}
             )(scope, receive, send)
@@ -367,10 +413,23 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
+                if message.get("more_body"):
+                    await drain(receive, self.drain_bytes - seen)
                 raise BodyTooLarge(self.max_bytes)
             return message
 
         await self.app(scope, limited, send)
+
+
+async def drain(receive: Receive, budget: int) -> None:
+    """Read and drop the rest of a request body, at most ``budget`` bytes of it."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return  # the client left
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body"):
+            return
 
 
 def _log_error(scope: Scope, status: int, detail: str) -> None:

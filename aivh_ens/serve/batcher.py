@@ -2,7 +2,9 @@
 
 The first item opens a collection window (``window_s``); items arriving within it join, up to ``max_batch``.
 The batch function runs in one dedicated thread, so the event loop keeps accepting and decoding uploads
-while the models work, and items that arrive meanwhile form the next batch.
+while the models work, and items that arrive meanwhile form the next batch. The queue is bounded
+(``max_queue``): past it, :class:`QueueFull` at once, so an overloaded server answers instead of queueing for
+ever. A batch whose call raises is scored again item by item, so only the items that fail alone fail.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ class BatcherClosed(RuntimeError):
     """The batcher stopped before an item was scored (the server is shutting down)."""
 
 
+class QueueFull(RuntimeError):
+    """More items wait than ``max_queue`` allows (the server is overloaded: retry later)."""
+
+
 @dataclass
 class _Pending:
     value: Any
@@ -35,15 +41,25 @@ class Batcher(Generic[T, R]):
         fn: the batch function; runs in a single worker thread; returns one result per item, in order.
         max_batch: the most items per call (1 turns batching off).
         window_s: how long the first item of a batch waits for others.
+        max_queue: the most items waiting for a batch (None: no bound).
 
     Attributes:
         batches, items: calls of ``fn`` so far and the items they took.
     """
 
-    def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int, window_s: float):
-        if max_batch < 1 or window_s < 0:
-            raise ValueError(f"need max_batch >= 1 and window_s >= 0; got {max_batch} and {window_s}")
-        self.fn, self.max_batch, self.window_s = fn, max_batch, window_s
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Sequence[R]],
+        *,
+        max_batch: int,
+        window_s: float,
+        max_queue: int | None = None,
+    ):
+        if max_batch < 1 or window_s < 0 or (max_queue is not None and max_queue < 1):
+            raise ValueError(
+                f"need max_batch >= 1, window_s >= 0, max_queue >= 1; got {max_batch}, {window_s}, {max_queue}"
+            )
+        self.fn, self.max_batch, self.window_s, self.max_queue = fn, max_batch, window_s, max_queue
         self.batches = self.items = 0
         self._queue: asyncio.Queue[_Pending] | None = None
         self._arrived: asyncio.Event | None = None
@@ -75,9 +91,18 @@ class Batcher(Generic[T, R]):
         self._current = []
 
     async def submit(self, values: Sequence[T]) -> list[R]:
-        """Results for ``values`` (they may be split over several batches and share them with others)."""
+        """Results for ``values`` (they may be split over several batches and share them with others).
+
+        Raises:
+            QueueFull: ``values`` would take the queue past ``max_queue`` (none of them is queued).
+            Exception: what the batch function raised for an item scored alone.
+        """
         if self._queue is None or self._arrived is None:
             raise RuntimeError("Batcher.start() was not called")
+        if self.max_queue is not None and self._queue.qsize() + len(values) > self.max_queue:
+            raise QueueFull(
+                f"{self._queue.qsize()} images are waiting to be scored (--max-queue {self.max_queue})"
+            )
         loop = asyncio.get_running_loop()
         pending = [_Pending(v, loop.create_future()) for v in values]
         for p in pending:
@@ -102,25 +127,48 @@ class Batcher(Generic[T, R]):
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = [p for p in await self._collect() if not p.future.done()]  # skip callers that left
             if not batch:
                 continue
             self._current = batch
             try:
-                results = await loop.run_in_executor(self._thread, self.fn, [p.value for p in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(
-                        f"the batch function returned {len(results)} results for {len(batch)} items"
-                    )
-            except Exception as e:  # a bug in fn: fail this batch's callers, keep serving the next one
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
+                results = await self._call([p.value for p in batch])
+            except Exception as e:
+                if len(batch) == 1:
+                    self._settle(batch, error=e)
+                    continue
+                await self._one_by_one(batch)  # one bad item must not fail the others
                 continue
             self.batches += 1
             self.items += len(batch)
-            for p, r in zip(batch, results, strict=True):
-                if not p.future.done():
-                    p.future.set_result(r)
+            self._settle(batch, results)
+
+    async def _call(self, values: list[Any]) -> Sequence[Any]:
+        results = await asyncio.get_running_loop().run_in_executor(self._thread, self.fn, values)
+        if len(results) != len(values):
+            raise RuntimeError(f"the batch function returned {len(results)} results for {len(values)} items")
+        return results
+
+    async def _one_by_one(self, batch: list[_Pending]) -> None:
+        for p in batch:
+            if p.future.done():
+                continue
+            try:
+                result = await self._call([p.value])
+            except Exception as e:
+                self._settle([p], error=e)
+                continue
+            self.batches += 1
+            self.items += 1
+            self._settle([p], [result[0]])
+
+    @staticmethod
+    def _settle(batch: list[_Pending], results: Sequence[Any] = (), error: Exception | None = None) -> None:
+        for i, p in enumerate(batch):
+            if p.future.done():
+                continue
+            if error is not None:
+                p.future.set_exception(error)
+            else:
+                p.future.set_result(results[i])

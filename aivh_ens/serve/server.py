@@ -48,15 +48,21 @@ def _log_config(level: str) -> dict:
     return cfg
 
 
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this: idle clients cannot pile up
+
+
 def make_server(app: FastAPI, *, root_path: str = "", log_level: str = "info") -> uvicorn.Server:
-    """A uvicorn server for ``app`` (proxy headers trusted from 127.0.0.1, as uvicorn does by default)."""
+    """A uvicorn server for ``app`` (proxy headers trusted from 127.0.0.1, as uvicorn does by default); at
+    most the settings' ``max_connections`` at once (uvicorn answers 503 past it)."""
+    settings = getattr(getattr(app.state, "serve", None), "settings", None) or ServeSettings()
     config = uvicorn.Config(
         app,
         root_path=root_path,
         log_level=log_level,
         log_config=_log_config(log_level),
         proxy_headers=True,
-        timeout_keep_alive=5,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=settings.max_connections,
         timeout_graceful_shutdown=10,
     )
     return uvicorn.Server(config)

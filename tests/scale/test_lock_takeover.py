@@ -1,9 +1,12 @@
-"""Fold locks across processes and hosts: exclusive create, dead PIDs, stale heartbeats, requeued jobs."""
+"""Fold locks across processes and hosts: exclusive create, atomic takeover of dead PIDs' locks, heartbeats
+watched over local monotonic time (never another host's clock), requeued attempts, lost locks."""
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from aivh_ens.locks import FileLock, LockHeld, read_owner, stale_reason
+from aivh_ens.io import guarded, write_json
+from aivh_ens.locks import FileLock, LockHeld, LockLost, read_owner, stale_reason
 
 ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 RACER = """
 import sys, time
 from aivh_ens.locks import FileLock, LockHeld
@@ -30,67 +35,129 @@ else:
     time.sleep(1.5)
     lock.release()
 """
+# A holder on "another host" whose wall clock is off by argv[2] seconds; its heartbeat runs every 50 ms.
+HOLDER = """
+import sys, time
+from aivh_ens.locks import FileLock
+off = float(sys.argv[2])
+lock = FileLock(sys.argv[1], "fold 0", host="other-host", clock=lambda: time.time() + off, heartbeat_s=0.05,
+                grace_s=1.0)
+lock.acquire()
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def race(path: Path) -> list[str]:
+    start = time.time() + 3.0  # both are past their imports by then, and spin on the same instant
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(path), str(start)], stdout=subprocess.PIPE, text=True, env=ENV
+        )
+        for _ in range(2)
+    ]
+    return sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+
+
+def dead_pid() -> int:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    return dead.pid
 
 
 def test_two_processes_racing_for_a_lock_one_wins(tmp_path):
     path = tmp_path / "fold0.lock"
-    start = time.time() + 3.0  # both are past their imports by then, and spin on the same instant
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", RACER, str(path), str(start)], stdout=subprocess.PIPE, text=True, env=env
-        )
-        for _ in range(2)
-    ]
-    outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
-    assert outs == ["lost", "won"]
+    assert race(path) == ["lost", "won"]
     assert not path.exists()  # released by the winner
 
 
-def foreign(path: Path, age_s: float, job_id: str | None = None, grace: float = 60.0) -> None:
-    beat = time.time() - age_s
-    rec = {"pid": 1, "host": "other-host", "job_id": job_id, "time": beat, "heartbeat": beat, "grace": grace}
-    path.write_text(json.dumps(rec))
+def test_two_processes_taking_over_one_stale_lock_at_once_one_wins(tmp_path):
+    path = tmp_path / "fold0.lock"
+    path.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "token": "old", "time": 0}))
+    assert race(path) == ["lost", "won"]
+    assert not path.exists() and not list(tmp_path.glob("*.stale-*"))  # nothing left behind
 
 
 def test_a_lock_of_a_dead_pid_on_this_host_is_taken_over(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait(timeout=60)
     path = tmp_path / "fold0.lock"
-    path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "time": time.time()}))
+    path.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "time": time.time()}))
     with FileLock(path, "fold 0"):
         assert read_owner(path)["pid"] == os.getpid()
     assert not path.exists()
 
 
-def test_a_foreign_lock_is_live_until_its_heartbeat_passes_the_grace_period(tmp_path):
+@pytest.mark.parametrize("offset_s", [600.0, -600.0])
+def test_a_holder_on_another_host_keeps_its_lock_while_its_heartbeat_advances(tmp_path, offset_s):
+    """Its clock runs 10 minutes ahead (or behind): only whether its heartbeat advances counts."""
     path = tmp_path / "fold0.lock"
-    foreign(path, age_s=5)
-    with pytest.raises(LockHeld, match="PID 1 on other-host") as e:
-        FileLock(path, "fold 0").acquire()
-    assert e.value.owner["host"] == "other-host"
-    foreign(path, age_s=120)  # grace 60 s: the other host died or lost the storage
-    assert "heartbeat is 120s old" in stale_reason(read_owner(path))
-    with FileLock(path, "fold 0"):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path), str(offset_s)], stdout=subprocess.PIPE, text=True, env=ENV
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        rec = read_owner(path)
+        assert rec["host"] == "other-host" and rec["time"] == pytest.approx(time.time() + offset_s, abs=60)
+        for _ in range(3):
+            with pytest.raises(LockHeld, match="locked by PID .* on other-host"):
+                FileLock(path, "fold 0").acquire()
+        assert read_owner(path)["token"] == rec["token"] and read_owner(path)["beat"] > rec["beat"]
+    finally:
+        holder.send_signal(signal.SIGKILL)  # the host dies: its heartbeat stops
+        holder.wait(timeout=60)
+    with FileLock(path, "fold 0"):  # watched for the lock's grace (1 s) without a beat: stale
         assert read_owner(path)["host"] == socket.gethostname()
+    assert not path.exists()
 
 
-def test_a_requeued_job_takes_over_the_lock_of_its_first_attempt(tmp_path):
+def foreign(path: Path, job_id: str | None = None, attempt: int | None = None) -> dict:
+    rec = {"pid": 1, "host": "other-host", "job_id": job_id, "attempt": attempt, "token": "t", "beat": 3}
+    path.write_text(json.dumps(rec | {"heartbeat": time.time(), "heartbeat_s": 30, "grace": 300}))
+    return read_owner(path)
+
+
+def test_only_a_later_attempt_of_the_same_job_takes_a_lock_over_by_its_id(tmp_path):
     path = tmp_path / "fold0.lock"
-    foreign(path, age_s=1, job_id="4242_3")  # fresh heartbeat, but it is this very job, requeued
-    with pytest.raises(LockHeld):
-        FileLock(path, "fold 0", job_id="4242_4").acquire()
-    with FileLock(path, "fold 0", job_id="4242_3"):
-        assert read_owner(path)["job_id"] == "4242_3" and read_owner(path)["pid"] == os.getpid()
+    owner = foreign(path, job_id="4242_3", attempt=0)  # fresh heartbeat, but its job was requeued
+    assert "attempt 0 of this job (4242_3)" in stale_reason(owner, "4242_3", 1)
+    assert stale_reason(owner, "4242_3", 0) is None  # another process of the same allocation: live
+    assert stale_reason(owner, "4242_3", None) is None and stale_reason(owner, "4242_4", 1) is None
+    assert stale_reason(foreign(path, job_id="4242_3"), "4242_3", 1) is None  # no attempt recorded
+    foreign(path, job_id="4242_3", attempt=0)
+    with FileLock(path, "fold 0", job_id="4242_3", attempt=1):
+        assert read_owner(path)["attempt"] == 1 and read_owner(path)["pid"] == os.getpid()
 
 
-def test_the_heartbeat_is_refreshed_while_the_lock_is_held(tmp_path):
+def test_a_holder_that_loses_its_lock_is_told_and_stops(tmp_path):
     path = tmp_path / "fold0.lock"
-    with FileLock(path, "fold 0", heartbeat_s=0.05, grace_s=1.0):
-        first = read_owner(path)["heartbeat"]
-        deadline = time.time() + 10
-        while read_owner(path)["heartbeat"] == first and time.time() < deadline:
+    lock = FileLock(path, "fold 0", heartbeat_s=0.05, on_lost=_thread.interrupt_main)
+    with pytest.raises(KeyboardInterrupt), lock:  # what a sweep job does: interrupt its training
+        foreign(path)  # taken over by another process after this one was presumed dead
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert lock.lost.is_set() and read_owner(path)["token"] == "t"  # the new holder's lock is left alone
+
+
+def test_a_holder_that_lost_its_lock_writes_no_further_checkpoint(tmp_path):
+    """However soon after the takeover (before any heartbeat), the next write under the fold is refused."""
+    path, fold = tmp_path / "fold0.lock", tmp_path / "fold0"
+    with FileLock(path, "fold 0 of run r") as lock, guarded(fold, lock.verify):
+        write_json(fold / "metrics.json", {"epoch": 1})  # still ours
+        foreign(path)
+        with pytest.raises(LockLost, match="fold 0 of run r: the lock .* is now held by PID 1 on other-host"):
+            write_json(fold / "state.json", {"epoch": 2})
+        write_json(tmp_path / "elsewhere.json", {})  # only the guarded folder is refused
+    assert lock.lost.is_set() and sorted(p.name for p in fold.iterdir()) == ["metrics.json"]
+
+
+def test_the_heartbeat_advances_while_the_lock_is_held(tmp_path):
+    path = tmp_path / "fold0.lock"
+    with FileLock(path, "fold 0", heartbeat_s=0.05, grace_s=1.0) as lock:
+        first = read_owner(path)
+        deadline = time.monotonic() + 10
+        while read_owner(path)["beat"] == first["beat"] and time.monotonic() < deadline:
             time.sleep(0.02)
         rec = read_owner(path)
-        assert rec["heartbeat"] > first and rec["grace"] == 1.0 and rec["time"] == pytest.approx(first)
+        assert rec["beat"] > first["beat"] and rec["token"] == lock.token and rec["grace"] == 1.0
+        assert not lock.lost.is_set()
     assert not path.exists()

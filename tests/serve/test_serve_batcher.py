@@ -9,7 +9,7 @@ import time
 import pytest
 
 from aivh_ens.serve import Batcher
-from aivh_ens.serve.batcher import BatcherClosed
+from aivh_ens.serve.batcher import BatcherClosed, QueueFull
 
 
 def _run(coro):
@@ -92,6 +92,51 @@ def test_a_failing_batch_fails_its_callers_and_the_next_batch_runs():
     assert _run(main()) == [7]
 
 
+def test_a_failing_batch_is_scored_item_by_item_so_only_the_bad_item_fails():
+    calls: list[list[int]] = []
+
+    def fn(xs: list[int]) -> list[int]:
+        calls.append(list(xs))
+        if 13 in xs:
+            raise ValueError("unlucky")
+        return [x * 2 for x in xs]
+
+    async def main():
+        b = Batcher(fn, max_batch=8, window_s=0.2)
+        await b.start()
+        out = await asyncio.gather(*(b.submit([x]) for x in (1, 13, 3, 4)), return_exceptions=True)
+        await b.stop()
+        return out, b.items
+
+    out, items = _run(main())
+    assert out[0] == [2] and out[2] == [6] and out[3] == [8]
+    assert isinstance(out[1], ValueError) and "unlucky" in str(out[1])
+    assert calls == [[1, 13, 3, 4], [1], [13], [3], [4]] and items == 3
+
+
+def test_past_max_queue_submit_is_refused_at_once():
+    release = threading.Event()
+
+    async def main():
+        b = Batcher(lambda xs: [release.wait(10) and x for x in xs], max_batch=1, window_s=0.0, max_queue=2)
+        await b.start()
+        running = asyncio.ensure_future(b.submit([0]))
+        while not b._current:  # the first item is being scored; the next two wait in the queue
+            await asyncio.sleep(0.01)
+        waiting = [asyncio.ensure_future(b.submit([i])) for i in (1, 2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="--max-queue 2"):
+            await b.submit([3])
+        with pytest.raises(QueueFull):
+            await b.submit([4, 5])
+        release.set()
+        out = await asyncio.gather(running, *waiting)
+        await b.stop()
+        return out
+
+    assert _run(main()) == [[0], [1], [2]]
+
+
 def test_stop_fails_what_is_still_queued():
     release = threading.Event()
 
@@ -110,7 +155,14 @@ def test_stop_fails_what_is_still_queued():
     assert all(isinstance(o, BatcherClosed) and "shutting down" in str(o) for o in out)  # the running one too
 
 
-@pytest.mark.parametrize("bad", [{"max_batch": 0, "window_s": 0.1}, {"max_batch": 4, "window_s": -1}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_batch": 0, "window_s": 0.1},
+        {"max_batch": 4, "window_s": -1},
+        {"max_batch": 4, "window_s": 0.1, "max_queue": 0},
+    ],
+)
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError, match="max_batch"):
         Batcher(lambda xs: xs, **bad)
