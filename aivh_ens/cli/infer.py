@@ -41,9 +41,11 @@ from aivh_ens.cli.options import BLEND, TTA, WORKDIR, cpu_threads, user_errors
 )
 @click.option(
     "--adapt-bn",
-    is_flag=True,
-    help="Re-estimate every fold model's BatchNorm statistics on the test images before scoring (AdaBN); the "
-    "saved weights do not change.",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Re-estimate every fold model's BatchNorm statistics on the test images before scoring (AdaBN; the "
+    "saved weights do not change). auto: only when the shift diagnosis finds the scores moved.",
 )
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
 @click.option(
@@ -75,7 +77,7 @@ def submit_cmd(
     \b
     aivh-ens submit --data data/
     aivh-ens submit --data data/ --threshold share:0.5      # the test set is known to be balanced
-    aivh-ens submit --data data/ --tta hflip+crops:5 --out sub_tta.csv --proba --adapt-bn
+    aivh-ens submit --data data/ --tta hflip+crops:5 --out sub_tta.csv --proba --adapt-bn on
     aivh-ens submit --blend runs/blend/blend.json --device cuda:0 --batch-size 256 --threshold oof
     """
     from aivh_ens.blend.shift import parse_threshold
@@ -104,6 +106,8 @@ def submit_cmd(
     for line in r.diagnosis.lines():
         click.echo(f"  {line}")
     c = r.choice
+    if r.adapted_bn:
+        click.echo("scores from BatchNorm statistics re-estimated on the test images (AdaBN)")
     click.echo(f"threshold {c.threshold:.4f} by --threshold {c.mode}: {c.reason}")
     click.echo(f"predicted AI rate {r.ai_rate:.1%} (training rate {r.train_rate:.1%})")
     click.echo(

@@ -16,6 +16,7 @@ import torch
 from aivh_ens.blend.artifact import apply_blend, load_blend, rank_reference
 from aivh_ens.blend.shift import (
     AUTO_RULE,
+    KS_TOLERANCE,
     ShiftDiagnosis,
     ThresholdChoice,
     ThresholdMode,
@@ -96,6 +97,7 @@ class SubmitResult:
     diagnosis: ShiftDiagnosis | None = None  # how far the test scores are from the OOF scores
     record: Path | None = None  # <out>.json: how the labels were cut
     oof_threshold: float | None = None  # the blend's threshold (blend.json)
+    adapted_bn: bool = False  # whether the scores come from BatchNorm statistics re-estimated on the test set
 
 
 def default_blend_path(workdir: str | Path) -> Path:
@@ -320,7 +322,7 @@ def oof_blend(workdir: Path, doc: dict[str, Any]) -> tuple[np.ndarray, np.ndarra
 
 def _record(
     path: Path, doc: dict[str, Any], choice: ThresholdChoice, diag: ShiftDiagnosis, scores: list[RunScores],
-    adapt_bn: bool, ai_rate: float,
+    adapt_bn: str, ai_rate: float,
 ) -> Path:  # fmt: skip
     """``<out>.json``: how the labels were cut, so the submission can be reproduced."""
     return write_json(
@@ -342,6 +344,25 @@ def _record(
     )
 
 
+ADAPT_BN = ("auto", "on", "off")
+"""``submit --adapt-bn``: ``auto`` re-scores with AdaBN only when the diagnosis finds that the scores
+themselves moved (the KS after re-weighting exceeds :data:`aivh_ens.blend.shift.KS_TOLERANCE`): it recovered
+most of the ranking lost to upscaling and blur in ``bench/bench_shift.py``, while under a pure change of the
+AI share it hurt (the test batch statistics absorb the class balance)."""
+
+
+def check_adapt_bn(value: str | bool) -> str:
+    """``auto | on | off`` (True/False for on/off); UserError naming ``--adapt-bn`` otherwise."""
+    v = (
+        {True: "on", False: "off"}.get(value, value)
+        if isinstance(value, bool)
+        else str(value).strip().lower()
+    )
+    if v not in ADAPT_BN:
+        raise UserError(f"adapt_bn={value!r} (--adapt-bn) must be one of {', '.join(ADAPT_BN)}")
+    return v
+
+
 DEFAULT_THRESHOLD = "auto"
 """``submit --threshold`` default: the mode with the smallest mean gap to the best threshold across the
 shifted test sets of ``bench/bench_shift.py`` (README: "When the test set differs from train")."""
@@ -356,7 +377,7 @@ def submit(
     out: str | Path | None = None,
     proba: bool = False,
     threshold: str | ThresholdMode = DEFAULT_THRESHOLD,
-    adapt_bn: bool = False,
+    adapt_bn: str | bool = "auto",
     device: str | None = None,
     batch_size: int | None = None,
     workers: int | None = None,
@@ -373,7 +394,8 @@ def submit(
         out: submission path (default ``<workdir>/submission.csv``); ``<out stem>.json`` records the cut.
         proba: also write the blended scores, ``id,prob``, to ``<out stem>_proba.csv``.
         threshold: ``oof | share:P | prior:P | auto | <number>`` (:mod:`aivh_ens.blend.shift`).
-        adapt_bn: re-estimate BatchNorm statistics of every fold model on the test images (AdaBN).
+        adapt_bn: ``on``: re-estimate BatchNorm statistics of every fold model on the test images (AdaBN);
+            ``auto``: only when the shift diagnosis finds the scores moved (:data:`ADAPT_BN`); ``off``.
         device, batch_size, workers: inference settings (default auto, the run's eval batch, per device).
 
     Raises:
@@ -383,6 +405,7 @@ def submit(
     """
     workdir = Path(workdir)
     mode = parse_threshold(threshold)
+    bn = check_adapt_bn(adapt_bn)
     forced = parse_tta(tta) if tta is not None else None
     doc, infos = blended_runs(workdir, blend_path)
     specs = {i.name: run_spec(i, forced, log) for i in infos}
@@ -394,19 +417,31 @@ def submit(
     oof_scores, y, ref = oof_blend(workdir, doc)
 
     space = doc["space"]
-    scores = run_test_scores(
-        workdir, infos, specs, data_dir, cfg0.test_csv, ids, dev, batch_size=batch_size, workers=workers,
-        progress=progress, log=log, average=view_average(space), adapt_bn=adapt_bn,
-    )  # fmt: skip
-    probs = apply_blend(doc, {s.name: fold_average(s.P, space) for s in scores}, ref)[0]  # (N,)
-    diag = diagnose(oof_scores, y, probs, float(doc["threshold"]))
+
+    def scored(adapt: bool) -> tuple[list[RunScores], np.ndarray, ShiftDiagnosis]:
+        s = run_test_scores(
+            workdir, infos, specs, data_dir, cfg0.test_csv, ids, dev, batch_size=batch_size, workers=workers,
+            progress=progress, log=log, average=view_average(space), adapt_bn=adapt,
+        )  # fmt: skip
+        p = apply_blend(doc, {r.name: fold_average(r.P, space) for r in s}, ref)[0]  # (N,)
+        return s, p, diagnose(oof_scores, y, p, float(doc["threshold"]))
+
+    adapted = bn == "on"
+    scores, probs, diag = scored(adapted)
+    if bn == "auto" and diag.ks_label_shift > KS_TOLERANCE:
+        log(
+            f"the test scores moved (KS {diag.ks_label_shift:.3f} > {KS_TOLERANCE} after re-weighting): scoring "
+            "again with BatchNorm statistics re-estimated on the test images (--adapt-bn auto; off: --adapt-bn off)"
+        )
+        adapted = True
+        scores, probs, diag = scored(True)
     choice = choose_threshold(mode, oof_scores, y, probs, float(doc["threshold"]), doc["metric"], diag)
     labels = (probs >= choice.threshold).astype(np.int64)
 
     proba_path = _write_submission(out_path, ids, labels, probs if proba else None)
     train_rate, ai_rate = float(np.mean(y)), float(labels.mean())
-    record = _record(out_path.with_suffix(".json"), doc, choice, diag, scores, adapt_bn, ai_rate)
+    record = _record(out_path.with_suffix(".json"), doc, choice, diag, scores, f"{bn} -> {adapted}", ai_rate)
     return SubmitResult(
         out_path, proba_path, len(ids), ai_rate, train_rate, _rate_warning(train_rate, ai_rate, choice), space,
-        choice.threshold, scores, choice, diag, record, float(doc["threshold"]),
+        choice.threshold, scores, choice, diag, record, float(doc["threshold"]), adapted,
     )  # fmt: skip

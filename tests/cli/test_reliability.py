@@ -138,7 +138,7 @@ def test_killed_blend_keeps_its_trials_and_the_study_continues(tmp_path):
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 12  # every finished trial was kept
 
-    code, out = run(args)
+    code, out = run([*args, "--resume-study"])  # continue the killed study
     assert code == 0 and "32 trials in the study" in out, out
     doc = json.loads((root / "runs/blend/blend.json").read_text())
     assert doc["trials"] == 32

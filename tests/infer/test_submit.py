@@ -88,7 +88,19 @@ def test_submit_end_to_end_and_its_cache(copy, monkeypatch):
     two_run_blend(work)
     builds = _count_builds(monkeypatch)
     out = work / "sub.csv"
-    res = invoke("submit", "--workdir", work, "--out", out, "--proba", "--quiet", "--threshold", "oof")
+    res = invoke(
+        "submit",
+        "--workdir",
+        work,
+        "--out",
+        out,
+        "--proba",
+        "--quiet",
+        "--threshold",
+        "oof",
+        "--adapt-bn",
+        "off",
+    )
     assert res.exit_code == 0, res.output
     assert len(builds) == 6  # 2 runs x 3 folds, each fold model built once
     test_ids = pd.read_csv(data / "test.csv", dtype=str)["id"].tolist()
@@ -118,14 +130,27 @@ def test_submit_end_to_end_and_its_cache(copy, monkeypatch):
 
     monkeypatch.setattr(runs_mod, "build_model", no_build)
     first = out.read_bytes()
-    res = invoke("submit", "--workdir", work, "--out", out, "--quiet", "--threshold", "oof")
+    res = invoke(
+        "submit", "--workdir", work, "--out", out, "--quiet", "--threshold", "oof", "--adapt-bn", "off"
+    )
     assert res.exit_code == 0, res.output
     assert "cached" in res.output and out.read_bytes() == first
 
     # A new blend (another threshold) also costs no inference, and its threshold is applied as is.
     blend_doc["threshold"] = 1.0
     (work / "runs" / "blend" / "blend.json").write_text(json.dumps(blend_doc))
-    res = invoke("submit", "--workdir", work, "--out", work / "t1.csv", "--quiet", "--threshold", "oof")
+    res = invoke(
+        "submit",
+        "--workdir",
+        work,
+        "--out",
+        work / "t1.csv",
+        "--quiet",
+        "--threshold",
+        "oof",
+        "--adapt-bn",
+        "off",
+    )
     assert res.exit_code == 0, res.output
     expected = apply_blend(blend_doc, scores)[1]
     np.testing.assert_array_equal(pd.read_csv(work / "t1.csv")["label"], expected)
@@ -137,7 +162,7 @@ def test_submit_end_to_end_and_its_cache(copy, monkeypatch):
     builds = _count_builds(monkeypatch)
     key_before = json.loads((work / "runs" / "a" / "test" / "hflip.json").read_text())["key"]
     (data / test_ids[0]).write_bytes((data / test_ids[1]).read_bytes())
-    res = invoke("submit", "--workdir", work, "--out", out, "--quiet")
+    res = invoke("submit", "--workdir", work, "--out", out, "--quiet", "--adapt-bn", "off")
     assert res.exit_code == 0, res.output
     assert len(builds) == 6
     key_after = json.loads((work / "runs" / "a" / "test" / "hflip.json").read_text())["key"]
@@ -369,7 +394,8 @@ def test_submit_predict_and_serve_give_one_label_per_image(copy, space):
 
     data, work = copy
     doc = _stack_blend(work) if space == "stack" else two_run_blend(work, space)
-    res = invoke("submit", "--workdir", work, "--proba", "--quiet", "--threshold", "oof")
+    # AdaBN is a whole-test-set procedure: predict and serve score single images with the saved statistics
+    res = invoke("submit", "--workdir", work, "--proba", "--quiet", "--threshold", "oof", "--adapt-bn", "off")
     assert res.exit_code == 0, res.output
     proba = pd.read_csv(work / "submission_proba.csv", dtype={"id": str})
     sub = pd.read_csv(work / "submission.csv", dtype={"id": str})
@@ -429,13 +455,14 @@ def test_adapt_bn_rescores_without_touching_the_weights(copy):
     data, work = copy
     two_run_blend(work)
     weights = {p: p.read_bytes() for p in (work / "runs").glob("*/fold*/best.safetensors")}
-    res = invoke("submit", "--workdir", work, "--proba", "--quiet", "--threshold", "oof", "--adapt-bn")
+    res = invoke("submit", "--workdir", work, "--proba", "--quiet", "--threshold", "oof", "--adapt-bn", "on")
     assert res.exit_code == 0, res.output
     # test_efficientnet has BatchNorm (3 folds adapted); test_convnext has LayerNorm only
     assert "run a: BatchNorm statistics re-estimated on the 30 test images in 3 of 3" in res.output
     assert "run b: BatchNorm statistics re-estimated on the 30 test images in 0 of 3" in res.output
     adapted = pd.read_csv(work / "runs" / "a" / "test" / "hflip_adabn.csv")
-    res = invoke("submit", "--workdir", work, "--quiet", "--threshold", "oof", "--out", work / "plain.csv")
+    res = invoke("submit", "--workdir", work, "--quiet", "--threshold", "oof", "--out", work / "plain.csv",
+                 "--adapt-bn", "off")  # fmt: skip
     assert res.exit_code == 0, res.output
     plain = pd.read_csv(work / "runs" / "a" / "test" / "hflip.csv")
     assert not np.allclose(adapted["prob"], plain["prob"], atol=1e-4)  # the statistics did change
@@ -444,7 +471,7 @@ def test_adapt_bn_rescores_without_touching_the_weights(copy):
         b_ad, pd.read_csv(work / "runs" / "b" / "test" / "hflip.csv")["prob"], atol=1e-6
     )
     assert all(p.read_bytes() == b for p, b in weights.items())
-    assert json.loads((work / "submission.json").read_text())["adapt_bn"] is True
+    assert json.loads((work / "submission.json").read_text())["adapt_bn"] == "on -> True"
 
 
 def test_one_run_cv_blend_submit(tmp_path, demo_data):
@@ -459,3 +486,24 @@ def test_one_run_cv_blend_submit(tmp_path, demo_data):
     assert res.exit_code == 0, res.output
     ids = pd.read_csv(data / "test.csv", dtype=str)["id"].tolist()
     assert len(validate_submission(work / "submission.csv", ids)) == 30
+
+
+def test_adapt_bn_auto_rescores_only_when_the_scores_moved(copy, monkeypatch):
+    data, work = copy
+    two_run_blend(work)
+    builds = _count_builds(monkeypatch)
+    res = invoke("submit", "--workdir", work, "--quiet", "--threshold", "oof")  # --adapt-bn auto by default
+    assert res.exit_code == 0, res.output
+    rec = json.loads((work / "submission.json").read_text())
+    # the demo test set is built unlike train (sizes, cameras, a new generator): the scores moved, so a second
+    # pass with adapted statistics scores the submission, and both passes are cached
+    assert "the test scores moved" in res.output and rec["adapt_bn"] == "auto -> True"
+    assert (
+        len(builds) == 12 and "scores from BatchNorm statistics re-estimated on the test images" in res.output
+    )
+    for stem in ("hflip", "hflip_adabn"):
+        assert len(pd.read_csv(work / "runs" / "a" / "test" / f"{stem}.csv")) == 30
+    # off: one pass, never adapted
+    res = invoke("submit", "--workdir", work, "--quiet", "--threshold", "oof", "--adapt-bn", "off")
+    assert res.exit_code == 0 and "scoring again with BatchNorm" not in res.output
+    assert json.loads((work / "submission.json").read_text())["adapt_bn"] == "off -> False"
