@@ -14,8 +14,8 @@ Each variant is scored once by ``submit`` (its test scores are cached per run), 
 applied to the same scores. Per variant and mode it prints F1 at the mode's threshold, F1 at the best
 threshold in hindsight and the gap; then AUC and the auto mode's gap with ``--adapt-bn``; then the same on the
 demo data (``aivh-ens demo-data``), whose test set holds a generator the train set lacks. The last line reads
-``bench shift: <default mode mean gap> vs <oof mode mean gap> = <ratio>x`` (ratio = oof gap / default gap,
-over the CIFAKE variants).
+``bench shift: <mean gap of --threshold auto> vs <mean gap of --threshold oof> = <ratio>x`` (``--adapt-bn off``)
+(ratio = oof gap / default gap, over the CIFAKE variants; gap = best F1 in hindsight - F1).
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def main() -> None:
             print_table([evaluate(demo / "work", name, demo / "data", bn)], f"demo data, --adapt-bn {bn}")
     print()
     default = DEFAULT_THRESHOLD
-    print(f"mean gap to the best F1 over the CIFAKE variants (adapt-bn off): {default} mode vs oof mode")
+    print(f"mean gap to the best F1 over the CIFAKE variants, --adapt-bn off: {default} (the default) vs oof")
     print(
         f"bench shift: {means[default]:.4f} vs {means['oof']:.4f} = {means['oof'] / max(means[default], 1e-4):.2f}x"
     )

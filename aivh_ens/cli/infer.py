@@ -41,8 +41,8 @@ from aivh_ens.cli.options import BLEND, TTA, WORKDIR, cpu_threads, user_errors
 )
 @click.option(
     "--adapt-bn",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
+    type=click.Choice(["off", "auto", "on"]),
+    default="off",
     show_default=True,
     help="Re-estimate every fold model's BatchNorm statistics on the test images before scoring (AdaBN; the "
     "saved weights do not change). auto: only when the shift diagnosis finds the scores moved.",

@@ -344,11 +344,11 @@ def _record(
     )
 
 
-ADAPT_BN = ("auto", "on", "off")
-"""``submit --adapt-bn``: ``auto`` re-scores with AdaBN only when the diagnosis finds that the scores
-themselves moved (the KS after re-weighting exceeds :data:`aivh_ens.blend.shift.KS_TOLERANCE`): it recovered
-most of the ranking lost to upscaling and blur in ``bench/bench_shift.py``, while under a pure change of the
-AI share it hurt (the test batch statistics absorb the class balance)."""
+ADAPT_BN = ("off", "auto", "on")
+"""``submit --adapt-bn`` (default ``off``): ``auto`` re-scores with AdaBN only when the diagnosis finds that
+the scores themselves moved (the KS after re-weighting exceeds :data:`aivh_ens.blend.shift.KS_TOLERANCE`).
+In ``bench/bench_shift.py`` it recovered most of the ranking lost to upscaling and blur on CIFAKE, hurt under
+a pure change of the AI share when forced on, and lowered the demo data's F1 (README)."""
 
 
 def check_adapt_bn(value: str | bool) -> str:
@@ -377,7 +377,7 @@ def submit(
     out: str | Path | None = None,
     proba: bool = False,
     threshold: str | ThresholdMode = DEFAULT_THRESHOLD,
-    adapt_bn: str | bool = "auto",
+    adapt_bn: str | bool = "off",
     device: str | None = None,
     batch_size: int | None = None,
     workers: int | None = None,

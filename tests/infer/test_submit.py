@@ -492,7 +492,7 @@ def test_adapt_bn_auto_rescores_only_when_the_scores_moved(copy, monkeypatch):
     data, work = copy
     two_run_blend(work)
     builds = _count_builds(monkeypatch)
-    res = invoke("submit", "--workdir", work, "--quiet", "--threshold", "oof")  # --adapt-bn auto by default
+    res = invoke("submit", "--workdir", work, "--quiet", "--threshold", "oof", "--adapt-bn", "auto")
     assert res.exit_code == 0, res.output
     rec = json.loads((work / "submission.json").read_text())
     # the demo test set is built unlike train (sizes, cameras, a new generator): the scores moved, so a second
@@ -503,7 +503,7 @@ def test_adapt_bn_auto_rescores_only_when_the_scores_moved(copy, monkeypatch):
     )
     for stem in ("hflip", "hflip_adabn"):
         assert len(pd.read_csv(work / "runs" / "a" / "test" / f"{stem}.csv")) == 30
-    # off: one pass, never adapted
-    res = invoke("submit", "--workdir", work, "--quiet", "--threshold", "oof", "--adapt-bn", "off")
+    # off (the default): one pass, never adapted
+    res = invoke("submit", "--workdir", work, "--quiet", "--threshold", "oof")
     assert res.exit_code == 0 and "scoring again with BatchNorm" not in res.output
     assert json.loads((work / "submission.json").read_text())["adapt_bn"] == "off -> False"
