@@ -121,21 +121,14 @@ def _standardised(X: np.ndarray, head: ProbeHead) -> np.ndarray:
 
 
 def inner_splits(y: np.ndarray, groups: np.ndarray | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Inner folds over the training rows only: stratified, or whole groups to random folds when ``groups``
-    is given (AI/human pairs are balanced by themselves; scikit-learn's StratifiedGroupKFold takes minutes
-    for tens of thousands of groups)."""
-    from sklearn.model_selection import StratifiedKFold
+    """Inner folds over the training rows only (:func:`aivh_ens.data.folds.group_splits`): stratified, or
+    whole groups to random folds when ``groups`` is given."""
+    from aivh_ens.data.folds import group_splits
 
     k = int(min(INNER_FOLDS, np.bincount(y, minlength=2).min()))
     if k < 2:
         raise UserError("a probe head needs at least 2 training rows of each class in every fold")
-    if groups is None:
-        return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(y, y))
-    _, inv = np.unique(np.asarray(groups), return_inverse=True)
-    fold_of = np.empty(inv.max() + 1, dtype=np.int64)
-    fold_of[np.random.default_rng(seed).permutation(len(fold_of))] = np.arange(len(fold_of)) % k
-    f = fold_of[inv]  # (N,) inner fold of each row
-    return [(np.flatnonzero(f != j), np.flatnonzero(f == j)) for j in range(k)]
+    return group_splits(y, groups, k, seed)
 
 
 def fit_linear(
