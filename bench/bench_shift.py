@@ -211,6 +211,10 @@ def main() -> None:
     if args.threads:
         set_torch_threads(args.threads)
     out, log = args.out, []
+    if not args.tar.is_file() and not (out / "cifake-dev" / "solution.csv").is_file():
+        raise SystemExit(
+            f"bench shift needs CIFAKE's dev set: no {args.tar}; pass --tar PATH/cifake-dev.tar.gz"
+        )
     out.mkdir(parents=True, exist_ok=True)
     src = out / "cifake-dev"
     if not (src / "solution.csv").is_file():
