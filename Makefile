@@ -54,7 +54,7 @@ test-deps:
 	fi
 
 test: install test-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers: many tests wait on subprocesses, and a file stays on one worker (module fixtures)
 
 bench: install
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
