@@ -128,6 +128,18 @@ def test_only_a_later_attempt_of_the_same_job_takes_a_lock_over_by_its_id(tmp_pa
 
 
 def test_a_holder_that_loses_its_lock_is_told_and_stops(tmp_path):
+    import signal
+
+    # interrupt_main does nothing while SIGINT is ignored or default-handled (an earlier test in this process,
+    # a Ray or uvicorn start, may have left it so): Python's own handler, as in a job process
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _lose_a_held_lock(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _lose_a_held_lock(tmp_path):
     path = tmp_path / "fold0.lock"
     lock = FileLock(path, "fold 0", heartbeat_s=0.05, on_lost=_thread.interrupt_main)
     with pytest.raises(KeyboardInterrupt), lock:  # what a sweep job does: interrupt its training
