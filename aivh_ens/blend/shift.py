@@ -49,8 +49,6 @@ AUTO_RULE = (
 )
 """The rule ``--threshold auto`` follows, as ``submit`` prints it."""
 
-MODES = ("oof", "share:P", "prior:P", "auto", "<number>")
-
 
 @dataclass(frozen=True)
 class ThresholdMode:

@@ -368,6 +368,43 @@ DEFAULT_THRESHOLD = "auto"
 shifted test sets of ``bench/bench_shift.py`` (README: "When the test set differs from train")."""
 
 
+def _scored_test(
+    workdir: Path,
+    doc: dict[str, Any],
+    infos: Sequence[RunInfo],
+    specs: dict[str, TTASpec],
+    data_dir: Path,
+    test_csv: str,
+    ids: Sequence[str],
+    oof: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]],
+    bn: str,
+    o: _Predict,
+) -> tuple[list[RunScores], np.ndarray, ShiftDiagnosis, bool]:
+    """The runs' test scores, the blended test scores (N,), their shift diagnosis and whether AdaBN made them:
+    ``bn`` on always, auto when the first diagnosis finds the scores moved (a second pass), off never."""
+    oof_scores, y, ref = oof
+    space = doc["space"]
+
+    def scored(adapt: bool) -> tuple[list[RunScores], np.ndarray, ShiftDiagnosis]:
+        s = run_test_scores(
+            workdir, infos, specs, data_dir, test_csv, ids, o.device, batch_size=o.batch_size, workers=o.workers,
+            progress=o.progress, log=o.log, average=o.average, adapt_bn=adapt,
+        )  # fmt: skip
+        p = apply_blend(doc, {r.name: fold_average(r.P, space) for r in s}, ref)[0]  # (N,)
+        return s, p, diagnose(oof_scores, y, p, float(doc["threshold"]))
+
+    adapted = bn == "on"
+    scores, probs, diag = scored(adapted)
+    if bn == "auto" and diag.ks_label_shift > KS_TOLERANCE:
+        o.log(
+            f"the test scores moved (KS {diag.ks_label_shift:.3f} > {KS_TOLERANCE} after re-weighting): scoring "
+            "again with BatchNorm statistics re-estimated on the test images (--adapt-bn auto; off: --adapt-bn off)"
+        )
+        adapted = True
+        scores, probs, diag = scored(True)
+    return scores, probs, diag, adapted
+
+
 def submit(
     workdir: str | Path = ".",
     *,
@@ -416,25 +453,10 @@ def submit(
     out_path = Path(out) if out is not None else workdir / "submission.csv"
     oof_scores, y, ref = oof_blend(workdir, doc)
 
-    space = doc["space"]
-
-    def scored(adapt: bool) -> tuple[list[RunScores], np.ndarray, ShiftDiagnosis]:
-        s = run_test_scores(
-            workdir, infos, specs, data_dir, cfg0.test_csv, ids, dev, batch_size=batch_size, workers=workers,
-            progress=progress, log=log, average=view_average(space), adapt_bn=adapt,
-        )  # fmt: skip
-        p = apply_blend(doc, {r.name: fold_average(r.P, space) for r in s}, ref)[0]  # (N,)
-        return s, p, diagnose(oof_scores, y, p, float(doc["threshold"]))
-
-    adapted = bn == "on"
-    scores, probs, diag = scored(adapted)
-    if bn == "auto" and diag.ks_label_shift > KS_TOLERANCE:
-        log(
-            f"the test scores moved (KS {diag.ks_label_shift:.3f} > {KS_TOLERANCE} after re-weighting): scoring "
-            "again with BatchNorm statistics re-estimated on the test images (--adapt-bn auto; off: --adapt-bn off)"
-        )
-        adapted = True
-        scores, probs, diag = scored(True)
+    scores, probs, diag, adapted = _scored_test(
+        workdir, doc, infos, specs, data_dir, cfg0.test_csv, ids, (oof_scores, y, ref), bn,
+        _Predict(dev, batch_size, workers, progress, log, view_average(doc["space"]), False),
+    )  # fmt: skip
     choice = choose_threshold(mode, oof_scores, y, probs, float(doc["threshold"]), doc["metric"], diag)
     labels = (probs >= choice.threshold).astype(np.int64)
 
@@ -442,6 +464,6 @@ def submit(
     train_rate, ai_rate = float(np.mean(y)), float(labels.mean())
     record = _record(out_path.with_suffix(".json"), doc, choice, diag, scores, f"{bn} -> {adapted}", ai_rate)
     return SubmitResult(
-        out_path, proba_path, len(ids), ai_rate, train_rate, _rate_warning(train_rate, ai_rate, choice), space,
+        out_path, proba_path, len(ids), ai_rate, train_rate, _rate_warning(train_rate, ai_rate, choice), doc["space"],
         choice.threshold, scores, choice, diag, record, float(doc["threshold"]), adapted,
     )  # fmt: skip
