@@ -65,6 +65,15 @@ class RunConfig:
     head: str = "finetune"
     probe_views: str = "none"  # probe runs: none | hflip (features of the image and its mirror, averaged)
 
+    # -- pseudo-labels (cv --pseudo): confident test rows join every fold's training rows, never its validation
+    pseudo: str | None = (
+        None  # an id,prob file (`submit --proba` writes one), or "blend": the blend's test scores
+    )
+    pseudo_min_conf: float = 0.95  # prob >= c becomes AI (1), prob <= 1 - c human (0); the rest is left out
+    pseudo_max_share: float = 1.0  # at most this many pseudo rows per labelled row (the most confident first)
+    pseudo_weight: float = 1.0  # a pseudo row's loss weight (a labelled row's is 1)
+    pseudo_sha256: str | None = None  # set by cv: sha256 of the frozen copy runs/<run>/pseudo.csv
+
     # -- preprocessing and augmentation
     mode: str = "resize"  # resize: whole image to img_size; crop: native-resolution crops of img_size
     img_size: int | None = None  # None = the model's default input size
@@ -182,6 +191,16 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise _bad("device", cfg.device, "must be auto, cpu, cuda or cuda:N")
     if cfg.head != "finetune":
         _check_probe(cfg)
+    _check_pseudo(cfg)
+
+
+def _check_pseudo(cfg: RunConfig) -> None:
+    if not 0.5 < cfg.pseudo_min_conf <= 1:
+        raise _bad("pseudo_min_conf", cfg.pseudo_min_conf, "must be in (0.5, 1], e.g. 0.95")
+    if not cfg.pseudo_max_share > 0:
+        raise _bad("pseudo_max_share", cfg.pseudo_max_share, "must be > 0 (pseudo rows per labelled row)")
+    if not cfg.pseudo_weight > 0:
+        raise _bad("pseudo_weight", cfg.pseudo_weight, "must be > 0 (a labelled row's weight is 1)")
 
 
 def _check_probe(cfg: RunConfig) -> None:
@@ -216,6 +235,7 @@ RUNTIME_FIELDS = (
     "on_bad_image",
     "cache",
     "cache_dir",
+    "pseudo",  # where the pseudo-labels were read from; what they are is pseudo_sha256
 )
 
 
@@ -243,6 +263,22 @@ def training_identity(cfg: RunConfig) -> dict[str, Any]:
     for k in RUNTIME_FIELDS:
         d.pop(k, None)
     return d
+
+
+def config_change(old: RunConfig, new: RunConfig) -> str | None:
+    """None when two configs of a run train the same thing; else what differs, for an error that then says
+    how to proceed: "run NAME already exists with a different config (field, ...)"."""
+    a, b = training_identity(old), training_identity(new)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if not diff:
+        return None
+    why = f"run {new.name} already exists with a different config ({', '.join(diff)})"
+    if "pseudo_sha256" in diff:
+        why += (
+            f" (its pseudo-labels are the frozen copy runs/{new.name}/pseudo.csv, sha256 "
+            f"{str(old.pseudo_sha256)[:12]}; this call's --pseudo has sha256 {str(new.pseudo_sha256)[:12]})"
+        )
+    return why
 
 
 def resolve_config(recipe: str = "none", **overrides: Any) -> RunConfig:

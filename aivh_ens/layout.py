@@ -7,6 +7,7 @@ where they live, so a stage asks ``layout.oof_path(workdir, run)`` instead of jo
     runs/<run>/config.json               the resolved run config (read by :func:`read_run_config`)
     runs/<run>/fold<k>/                  one (run, fold) job's files
     runs/<run>/test/                     cached test scores
+    runs/<run>/pseudo.csv                a pseudo-labelled run's frozen id,prob source
     oof/<run>.csv                        the run's out-of-fold probabilities
     runs/blend/                          blend.json, study.db, plots
     runs/cache/                          the decode-once image cache
@@ -56,6 +57,10 @@ def config_path(workdir: str | Path, name: str) -> Path:
 
 def test_scores_dir(workdir: str | Path, name: str) -> Path:
     return run_dir(workdir, name) / "test"
+
+
+def pseudo_path(workdir: str | Path, name: str) -> Path:
+    return run_dir(workdir, name) / "pseudo.csv"
 
 
 def oof_dir(workdir: str | Path) -> Path:

@@ -184,6 +184,32 @@ training_options = options(
         default=None,
         help="Probe runs: features of each image (none) or averaged with its mirror (hflip).",
     ),
+    click.option(
+        "--pseudo",
+        default=None,
+        metavar="FILE|blend",
+        help="Pseudo-labels: an id,prob file of test scores (`submit --proba` writes one) or 'blend' (the "
+        "current blend's test scores). Confident rows join every fold's training rows, never its validation "
+        "rows; the file is frozen as runs/<run>/pseudo.csv.",
+    ),
+    click.option(
+        "--pseudo-min-conf",
+        type=float,
+        default=None,
+        help="prob >= C becomes AI, prob <= 1 - C human; the rest is left out.  [default: 0.95]",
+    ),
+    click.option(
+        "--pseudo-max-share",
+        type=float,
+        default=None,
+        help="At most this many pseudo rows per labelled row, the most confident first.  [default: 1.0]",
+    ),
+    click.option(
+        "--pseudo-weight",
+        type=float,
+        default=None,
+        help="A pseudo row's loss weight (labelled: 1).  [default: 1.0]",
+    ),
     click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]"),
     click.option(
         "--amp",

@@ -14,6 +14,7 @@ __getattr__, __dir__, __all__ = attach(
         "DEFAULT_TEST_CSV": ".tables",
         "read_train_table": ".tables",
         "read_test_table": ".tables",
+        "read_score_table": ".tables",
         "resolve_image_path": ".tables",
         "MIN_SIDE": ".images",
         "MAX_PIXELS": ".images",

@@ -117,6 +117,51 @@ def read_test_table(
     return pd.DataFrame({"id": ids})
 
 
+def read_score_table(path: str | Path, fix: str) -> pd.DataFrame:
+    """Read an ``id,prob`` file (what ``submit --proba`` writes): one score in [0, 1] per image id.
+
+    Args:
+        path: the CSV (UTF-8 with or without a BOM, CRLF or LF line ends).
+        fix: how the caller's user supplies another file (e.g. ``"pass --pseudo FILE"``), for the errors.
+
+    Returns:
+        Columns ``id`` (str, as written) and ``prob`` (float64); file row order, RangeIndex.
+
+    Raises:
+        UserError: the file is missing or malformed, lacks ``id`` or ``prob``, repeats an id, or holds a
+            score that is not a number in [0, 1] (NaN included); names the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found; {fix} (an id,prob file such as `aivh-ens submit --proba` writes)")
+    header, rows, lines = _read_csv(path, "id,prob")
+    idx = _column_index(path, header, "id,prob")
+    for col in ("id", "prob"):
+        if col not in idx:
+            found = ", ".join(c for c in header if c) or "none"
+            raise UserError(
+                f"{path} has no column {col!r} (columns found: {found}); it needs the columns id,prob, as "
+                f"`aivh-ens submit --proba` writes them; {fix}"
+            )
+    ids = [r[idx["id"]] for r in rows]
+    _check_present(path, ids, lines, "id", fix)
+    raw = [r[idx["prob"]] for r in rows]
+    probs = pd.to_numeric(pd.Series(raw, dtype=object).str.strip(), errors="coerce").to_numpy(np.float64)
+    bad = np.flatnonzero(~((probs >= 0) & (probs <= 1)))  # NaN fails both comparisons
+    if len(bad):
+        i = int(bad[0])
+        raise UserError(
+            f"{path} line {lines[i]}: prob {raw[i]!r} is not a number in [0, 1] ({_count(len(bad), 'bad row')}); "
+            f"scores must be probabilities of label 1 (AI); {fix}"
+        )
+    seen: dict[str, int] = {}
+    for i, v in enumerate(ids):
+        if v in seen:
+            raise UserError(f"{path} line {lines[i]}: id {_show(v)} repeats line {lines[seen[v]]}; {fix}")
+        seen[v] = i
+    return pd.DataFrame({"id": ids, "prob": probs})
+
+
 def resolve_image_path(data_dir: str | Path, rel: str) -> Path:
     """Absolute path of ``rel`` inside ``data_dir``.
 

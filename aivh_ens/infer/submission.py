@@ -368,6 +368,54 @@ DEFAULT_THRESHOLD = "auto"
 shifted test sets of ``bench/bench_shift.py`` (README: "When the test set differs from train")."""
 
 
+def _blended_test(
+    workdir: Path,
+    doc: dict[str, Any],
+    infos: Sequence[RunInfo],
+    specs: dict[str, TTASpec],
+    test: tuple[Path, str, Sequence[str]],
+    ref: dict[str, np.ndarray],
+    o: _Predict,
+    adapt: bool,
+) -> tuple[list[RunScores], np.ndarray]:
+    """Every run's test scores (cached, or predicted) and the blend of them (N,); ``test``: the data folder,
+    its test CSV and the ids; ``ref``: the runs' OOF scores that rank blends place test scores among."""
+    data_dir, test_csv, ids = test
+    s = run_test_scores(
+        workdir, infos, specs, data_dir, test_csv, ids, o.device, batch_size=o.batch_size, workers=o.workers,
+        progress=o.progress, log=o.log, average=o.average, adapt_bn=adapt,
+    )  # fmt: skip
+    return s, apply_blend(doc, {r.name: fold_average(r.P, doc["space"]) for r in s}, ref)[0]
+
+
+def blend_test_scores(
+    workdir: str | Path,
+    *,
+    data: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = False,
+    log: Log = print,
+) -> pd.DataFrame:
+    """The current blend's scores of the test images, ``id,prob`` in test.csv order: what ``submit --proba``
+    writes with its defaults (each run's TTA, no AdaBN), from the runs' cached test scores where they exist.
+
+    Raises:
+        UserError: as :func:`submit`, when the blend, its runs or the test table are missing or changed.
+    """
+    workdir = Path(workdir)
+    doc, infos = blended_runs(workdir, None)
+    specs = {i.name: run_spec(i, None, log) for i in infos}
+    data_dir = _resolve_data(infos, data)
+    cfg0 = infos[0].cfg
+    ids = read_test_table(data_dir, cfg0.test_csv, id_col=cfg0.id_col)["id"].tolist()
+    o = _Predict(
+        resolve_device(device or "auto"), None, None, progress, log, view_average(doc["space"]), False
+    )
+    _, probs = _blended_test(workdir, doc, infos, specs, (data_dir, cfg0.test_csv, ids), oof_blend(workdir, doc)[2],
+                             o, False)  # fmt: skip
+    return pd.DataFrame({"id": ids, "prob": probs})
+
+
 def _scored_test(
     workdir: Path,
     doc: dict[str, Any],
@@ -383,14 +431,9 @@ def _scored_test(
     """The runs' test scores, the blended test scores (N,), their shift diagnosis and whether AdaBN made them:
     ``bn`` on always, auto when the first diagnosis finds the scores moved (a second pass), off never."""
     oof_scores, y, ref = oof
-    space = doc["space"]
 
     def scored(adapt: bool) -> tuple[list[RunScores], np.ndarray, ShiftDiagnosis]:
-        s = run_test_scores(
-            workdir, infos, specs, data_dir, test_csv, ids, o.device, batch_size=o.batch_size, workers=o.workers,
-            progress=o.progress, log=o.log, average=o.average, adapt_bn=adapt,
-        )  # fmt: skip
-        p = apply_blend(doc, {r.name: fold_average(r.P, space) for r in s}, ref)[0]  # (N,)
+        s, p = _blended_test(workdir, doc, infos, specs, (data_dir, test_csv, ids), ref, o, adapt)
         return s, p, diagnose(oof_scores, y, p, float(doc["threshold"]))
 
     adapted = bn == "on"

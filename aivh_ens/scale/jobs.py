@@ -228,13 +228,15 @@ def _train(spec: JobSpec, device: str, started: dict[str, Any]) -> dict[str, Any
     """Train (or resume) the fold, then assemble the run's OOF if this was its last fold."""
     from aivh_ens.data.cache import open_source
     from aivh_ens.data.folds import read_fold_file
-    from aivh_ens.train.cv import assemble_oof
+    from aivh_ens.train.cv import assemble_oof, job_table
     from aivh_ens.train.fold import FoldJob, fit_fold
+    from aivh_ens.train.pseudo import training_table
 
     cfg = dataclasses.replace(from_dict(spec.config), device=device)
     workdir = Path(spec.workdir)
     table = read_fold_file(workdir / spec.fold_file)
-    names = table["file_name"].tolist()
+    rows = training_table(cfg, workdir, table)  # + the run's frozen pseudo rows (fold -1)
+    names = rows["file_name"].tolist()
     meta = {
         "job_hash": spec.config_hash,
         "host": started["host"],
@@ -245,18 +247,12 @@ def _train(spec: JobSpec, device: str, started: dict[str, Any]) -> dict[str, Any
         "attempt": started["attempt"],
     }
     job = FoldJob(
-        cfg,
-        spec.fold,
-        spec.fold_dir,
-        Path(cfg.data),
-        table[["file_name", "label", "fold"]],
-        frozenset(spec.exclude),
-        meta,
+        cfg, spec.fold, spec.fold_dir, Path(cfg.data), job_table(rows), frozenset(spec.exclude), meta
     )
     if cfg.head != "finetune":  # a probe fold: the run's feature store, then the fold's head
         from aivh_ens.train.probe import fit_probe_job
 
-        groups = table["group"].to_numpy() if "group" in table.columns else None
+        groups = rows["group"].to_numpy() if "group" in rows.columns else None
         summary = fit_probe_job(job, workdir, groups, log=_log(spec))
     else:
         source = open_source(cfg, cfg.data, names, workdir, progress=False, log=_log(spec))

@@ -36,7 +36,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
-PATH_FIELDS = ("data", "weights", "cache_dir")
+PATH_FIELDS = ("data", "weights", "cache_dir", "pseudo")
+KEYWORDS = {"pseudo": "blend"}  # a path field's value that names no file (``pseudo = "blend"``)
 TOP_KEYS = ("shared", "runs")
 
 
@@ -81,7 +82,7 @@ def _clean(table: Any, where: str, base: Path) -> dict[str, Any]:
             )
         if not _type_ok(value, _HINTS[key]):
             raise UserError(f"{where}: key {raw!r}: expected {_HINTS[key]}, got {value!r}")
-        if key in PATH_FIELDS and isinstance(value, str):
+        if key in PATH_FIELDS and isinstance(value, str) and value != KEYWORDS.get(key):
             value = ",".join(str(base / p) if not Path(p).is_absolute() else p for p in value.split(","))
         out[key] = tuple(value) if isinstance(value, list) else value
     return out

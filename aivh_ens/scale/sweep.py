@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from aivh_ens.config import RunConfig, training_identity
+from aivh_ens.config import RunConfig, config_change
 from aivh_ens.errors import UserError
 from aivh_ens.layout import config_path, fold_dir, read_run_config
 from aivh_ens.scale.jobs import JobSpec, done_matches, make_spec, result_row, write_spec
@@ -86,18 +86,21 @@ class _Checked:
     cfg: RunConfig
     table: pd.DataFrame
     bad: dict[int, str]
+    pseudo: Any = None  # the run's checked pseudo-label source (train.pseudo.PseudoSource), if any
 
 
 def check_plan(plan: Plan, workdir: Path, force: bool, check_device: str) -> list[_Checked]:
     """Every input of every run, before anything is written: models, weights, shared memory, tables, a full
     decode of every image (once per dataset), and no existing run whose config the plan changes."""
     from aivh_ens.train.cv import check_run_inputs, load_checked_table
+    from aivh_ens.train.pseudo import resolve_pseudo
 
     tables: dict[tuple, tuple[pd.DataFrame, dict[int, str]]] = {}
     out = []
     for cfg in plan.runs:
         where = f"{plan.source}: run {cfg.name}"
         try:
+            cfg, pseudo = resolve_pseudo(cfg, workdir)  # its sha256 joins the run's identity and job hashes
             check_run_inputs(dataclasses.replace(cfg, device=check_device))
             key = (cfg.data, cfg.train_csv, cfg.file_col, cfg.label_col, cfg.group, cfg.on_bad_image)
             if key not in tables:
@@ -106,7 +109,7 @@ def check_plan(plan: Plan, workdir: Path, force: bool, check_device: str) -> lis
             raise UserError(f"{where}: {e}") from None
         if not force:
             _check_unchanged(cfg, workdir, where)
-        out.append(_Checked(cfg, *tables[key]))
+        out.append(_Checked(cfg, *tables[key], pseudo))
     return out
 
 
@@ -114,13 +117,9 @@ def _check_unchanged(cfg: RunConfig, workdir: Path, where: str) -> None:
     if not config_path(workdir, cfg.name).exists():
         return
     old, _ = read_run_config(workdir, cfg.name)
-    a, b = training_identity(old), training_identity(cfg)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if diff:
-        raise UserError(
-            f"{where}: run {cfg.name} already exists with a different config ({', '.join(diff)}); give the run "
-            "a new name, or pass --force to retrain it"
-        )
+    change = config_change(old, cfg)
+    if change:
+        raise UserError(f"{where}: {change}; give the run a new name, or pass --force to retrain it")
 
 
 def expand(checked: list[_Checked], workdir: Path) -> list[tuple[JobSpec, str]]:
@@ -143,15 +142,18 @@ def prepare(
     """Write fold files, config.json, skipped.csv and every pending job.json; build the image caches."""
     from aivh_ens.data.cache import open_source
     from aivh_ens.train.cv import prepare_run
+    from aivh_ens.train.pseudo import training_table
 
     tables = []
     with contextlib.ExitStack() as held:  # --force: every fold of every run locked before any is deleted
         for c in checked:
             held.enter_context(fold_locks(c.cfg, workdir, force))
         for c in checked:
-            tables.append(prepare_run(c.cfg, workdir, c.table, c.bad, list(range(c.cfg.folds)), force, log))
+            folds = list(range(c.cfg.folds))
+            tables.append(prepare_run(c.cfg, workdir, c.table, c.bad, folds, force, log, c.pseudo))
     for c, table in zip(checked, tables, strict=True):
-        open_source(c.cfg, c.cfg.data, table["file_name"].tolist(), workdir, progress=False, log=log)
+        names = training_table(c.cfg, workdir, table)["file_name"].tolist()  # the images the jobs read
+        open_source(c.cfg, c.cfg.data, names, workdir, progress=False, log=log)
     for spec, state in jobs:
         if state == "pending":
             write_spec(spec)

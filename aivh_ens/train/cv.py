@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from aivh_ens import faults, metrics
-from aivh_ens.config import CONFIG_VERSION, RunConfig, to_dict, training_identity
+from aivh_ens.config import CONFIG_VERSION, RunConfig, config_change, to_dict
 from aivh_ens.data.folds import ensure_fold_file
 from aivh_ens.data.images import BadImageError, image_size, load_image
 from aivh_ens.data.tables import read_train_table
@@ -30,6 +30,16 @@ from aivh_ens.train.fold import DONE, FOLD_OOF, FoldJob, fit_fold
 from aivh_ens.train.loop import resolve_device
 from aivh_ens.train.models import random_init_note
 from aivh_ens.train.precision import resolve_precision
+from aivh_ens.train.pseudo import (
+    PSEUDO_FOLD,
+    PSEUDO_WARNING,
+    PseudoSource,
+    describe_pseudo,
+    freeze_pseudo,
+    pseudo_record,
+    resolve_pseudo,
+    training_table,
+)
 
 Log = Callable[[str], None]
 
@@ -59,8 +69,16 @@ def scan_images(root: Path, files: Iterable[str], decode: bool, workers: int = 8
     return {i: msg for i, msg in results if msg is not None}
 
 
-def write_run_config(cfg: RunConfig, workdir: Path, fold_path: Path, fold_sha: str, force: bool) -> Path:
-    """Write runs/<run>/config.json, or check that an existing one describes the same training."""
+def write_run_config(
+    cfg: RunConfig,
+    workdir: Path,
+    fold_path: Path,
+    fold_sha: str,
+    force: bool,
+    pseudo: dict[str, Any] | None = None,
+) -> Path:
+    """Write runs/<run>/config.json, or check that an existing one describes the same training. ``pseudo``:
+    the pseudo-label record (:func:`aivh_ens.train.pseudo.pseudo_record`)."""
     path = config_path(workdir, cfg.name)
     doc = {
         "version": CONFIG_VERSION,
@@ -73,6 +91,16 @@ def write_run_config(cfg: RunConfig, workdir: Path, fold_path: Path, fold_sha: s
         "config": to_dict(cfg),
         "versions": library_versions(),
     }
+    if pseudo is not None:
+        doc["pseudo"] = pseudo
+    check_same_run(cfg, workdir, fold_sha, force)
+    write_json(path, doc)
+    return path
+
+
+def check_same_run(cfg: RunConfig, workdir: Path, fold_sha: str, force: bool) -> None:
+    """Unless ``force``: an existing config.json of the run must describe the same training on the same folds."""
+    path = config_path(workdir, cfg.name)
     if path.exists() and not force:
         old_cfg, old = read_run_config(workdir, cfg.name)
         if old.get("fold_sha256") != fold_sha:
@@ -81,15 +109,9 @@ def write_run_config(cfg: RunConfig, workdir: Path, fold_path: Path, fold_sha: s
                 f"{str(old.get('fold_sha256'))[:12]}..., which has changed since; its OOF would not line up. "
                 "Use --force to retrain the run, or --name for a new one"
             )
-        a, b = training_identity(old_cfg), training_identity(cfg)
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        if diff:
-            raise UserError(
-                f"run {cfg.name} already exists with a different config ({', '.join(diff)}); use --name NEW "
-                "for a new run, or --force to retrain this one"
-            )
-    write_json(path, doc)
-    return path
+        change = config_change(old_cfg, cfg)
+        if change:
+            raise UserError(f"{change}; use --name NEW for a new run, or --force to retrain this one")
 
 
 def parse_fold_list(spec: str | None, k: int) -> list[int]:
@@ -218,23 +240,34 @@ def run_cv(
     Raises:
         UserError: any bad input, before the first file is written.
     """
+    workdir = Path(workdir)
+    cfg, pseudo = resolve_pseudo(
+        cfg, workdir, log
+    )  # checked (and its hash in cfg) before anything is written
     if cfg.head != "finetune":  # a frozen-feature probe: features once, then a head per fold
         from aivh_ens.train.probe import run_probe_cv
 
         return run_probe_cv(
-            cfg, workdir, fold_spec=fold_spec, resume=resume, force=force, progress=progress, log=log
+            cfg,
+            workdir,
+            fold_spec=fold_spec,
+            resume=resume,
+            force=force,
+            progress=progress,
+            log=log,
+            pseudo=pseudo,
         )
-    workdir = Path(workdir)
     folds_to_run, table, bad = check_inputs(cfg, fold_spec, workdir)  # every check before the first write
-    fold_table = prepare_run(cfg, workdir, table, bad, folds_to_run, force, log)
+    fold_table = prepare_run(cfg, workdir, table, bad, folds_to_run, force, log, pseudo)
+    train_table = training_table(cfg, workdir, fold_table)  # + pseudo rows, fold -1
     from aivh_ens.data.cache import open_source
 
     source = open_source(
-        cfg, Path(cfg.data), fold_table["file_name"].tolist(), workdir, progress=progress, log=log
+        cfg, Path(cfg.data), train_table["file_name"].tolist(), workdir, progress=progress, log=log
     )
     summaries = [
         run_fold(
-            cfg, k, workdir, fold_table, frozenset(bad), source, resume=resume, progress=progress, log=log
+            cfg, k, workdir, train_table, frozenset(bad), source, resume=resume, progress=progress, log=log
         )
         for k in folds_to_run
     ]
@@ -329,8 +362,10 @@ def prepare_run(
     folds_to_run: list[int],
     force: bool,
     log: Log,
+    pseudo: PseudoSource | None = None,
 ) -> pd.DataFrame:
-    """Make or reuse the fold file, clear forced folds, write config.json and skipped.csv; the fold table."""
+    """Make or reuse the fold file, clear forced folds, freeze the pseudo-labels, write config.json and
+    skipped.csv; the fold table."""
     hint = pair_layout_hint(cfg, table, workdir)
     if hint:
         log(hint)
@@ -356,7 +391,14 @@ def prepare_run(
         for k in folds_to_run:
             shutil.rmtree(fold_dir(workdir, cfg.name, k), ignore_errors=True)
         oof_path(workdir, cfg.name).unlink(missing_ok=True)
-    write_run_config(cfg, workdir, fold_path, fold_sha, force)
+    record = None
+    if pseudo is not None:
+        check_same_run(cfg, workdir, fold_sha, force)  # a changed source must not replace the frozen copy
+        freeze_pseudo(cfg, workdir, pseudo)  # before config.json, which names it
+        record = pseudo_record(cfg, pseudo, len(fold_table))
+        log(describe_pseudo(record))
+        log(PSEUDO_WARNING)
+    write_run_config(cfg, workdir, fold_path, fold_sha, force, record)
     if bad:
         rows = sorted(bad)
         write_csv(
@@ -396,14 +438,21 @@ def run_fold(
         for tmp in fdir.glob(".*.tmp"):  # left by a process killed mid-write; never read, safe to drop
             tmp.unlink(missing_ok=True)
         what = cfg.model if cfg.head == "finetune" else f"a {cfg.head} head on {cfg.model} features"
+        n_pseudo = int((fold_table["fold"] == PSEUDO_FOLD).sum())
         log(
-            f"fold {k}/{cfg.folds - 1}: training {what} on {int((fold_table['fold'] != k).sum())} rows, "
-            f"validating on {int((fold_table['fold'] == k).sum())}"
+            f"fold {k}/{cfg.folds - 1}: training {what} on {int((fold_table['fold'] != k).sum())} rows"
+            f"{f' ({n_pseudo} pseudo-labelled)' if n_pseudo else ''}, validating on "
+            f"{int((fold_table['fold'] == k).sum())}"
         )
-        job = FoldJob(cfg, k, fdir, Path(cfg.data), fold_table[["file_name", "label", "fold"]], exclude)
+        job = FoldJob(cfg, k, fdir, Path(cfg.data), job_table(fold_table), exclude)
         summary = fit(job, source, resume=resume, progress=progress, log=log)
     faults.point("fold-done")
     return summary
+
+
+def job_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The columns a fold job reads from a training table: ``file_name,label,fold`` and ``weight`` if any."""
+    return table[[c for c in ("file_name", "label", "fold", "weight") if c in table.columns]]
 
 
 def finish_run(

@@ -78,7 +78,7 @@ class FoldJob:
     fold: int
     fold_dir: Path
     data_root: Path
-    fold_table: pd.DataFrame  # file_name,label,fold
+    fold_table: pd.DataFrame  # file_name,label,fold[,weight]; pseudo rows (fold -1) train in every fold
     exclude: frozenset[int] = frozenset()  # rows known to be bad (skipped)
     meta: dict[str, Any] = field(default_factory=dict)  # extra done.json fields (a sweep's job hash, host)
 
@@ -182,8 +182,9 @@ def _set_up(job: FoldJob, source: ImageSource) -> _Setup:
     val_ds = ImageDataset(source, val_rows, labels[val_rows], eval_transform(cfg, dc.img_size), dc.img_size)
     val_loader = make_loader(val_ds, eval_batch_size(cfg), train=False, device=device, workers=workers)
     ctx = FoldContext(
-        cfg, device, Normalizer(dc.mean, dc.std, device, channels_last), source.describe, set(), precision.amp
-    )
+        cfg, device, Normalizer(dc.mean, dc.std, device, channels_last), source.describe, set(), precision.amp,
+        row_weights(job.fold_table),
+    )  # fmt: skip
     batches = len(train_rows) // cfg.batch_size if len(train_rows) > cfg.batch_size else 1
     total_steps = max(1, math.ceil(batches / cfg.accum_steps)) * cfg.epochs
     return _Setup(
@@ -199,6 +200,15 @@ def _set_up(job: FoldJob, source: ImageSource) -> _Setup:
         train_rows,
         total_steps,
     )
+
+
+def row_weights(table: pd.DataFrame) -> torch.Tensor | None:
+    """(N,) float32 loss weights of a training table's rows (its ``weight`` column: pseudo-labelled runs), or
+    None when every row weighs 1, so a plain run computes exactly the unweighted loss."""
+    if "weight" not in table.columns:
+        return None
+    w = table["weight"].to_numpy(np.float32)
+    return None if bool((w == 1).all()) else torch.from_numpy(w)
 
 
 def _use_device(cfg: RunConfig) -> torch.device:
@@ -363,6 +373,7 @@ def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, secon
         "val_auc": best["val_auc"],
         "minutes": sum(h["seconds"] for h in history) / 60,
         "n_train": int(len(s.train_rows)),
+        "n_pseudo": int((job.fold_table["fold"].to_numpy()[s.train_rows] < 0).sum()),
         "n_val": int(len(oof)),
         "skipped": sorted(names[sorted(s.ctx.skipped)].tolist()),
         "wall_minutes_this_process": seconds / 60,

@@ -103,6 +103,7 @@ class FoldContext:
     describe: Callable[[int], str]  # row -> file name, for error messages
     skipped: set[int]  # rows skipped as bad images (with --on-bad-image skip)
     amp: str = "none"  # the resolved autocast mode (bf16 | fp16 | none), see train.precision
+    row_weights: torch.Tensor | None = None  # (N_rows,) loss weight per source row (pseudo-labels), else None
 
 
 def _check_batch(ctx: FoldContext, rows: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -179,7 +180,8 @@ def train_one_epoch(
         if not bool(keep.any()):
             continue
         x, y = _good(x, y, keep)
-        loss = _forward_backward(model, x, y, ctx, scaler)
+        w = None if ctx.row_weights is None else ctx.row_weights[rows[keep]]  # (B,)
+        loss = _forward_backward(model, x, y, ctx, scaler, w)
         bad |= ~torch.isfinite(loss.detach())
         last = i + 1 == len(loader)
         if (i + 1) % cfg.accum_steps == 0 or last:
@@ -207,16 +209,26 @@ def train_one_epoch(
 
 
 def _forward_backward(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: FoldContext, scaler: torch.amp.GradScaler | None
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ctx: FoldContext,
+    scaler: torch.amp.GradScaler | None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Normalise on the device, forward under autocast, cross-entropy in fp32, backward (divided by the
-    accumulation steps, scaled for fp16); the batch's mean loss."""
+    accumulation steps, scaled for fp16); the batch's mean loss, weighted by ``weights`` (B,) when given."""
     cfg, device = ctx.cfg, ctx.device
     x = ctx.normalize(x)
     y = y.to(device, non_blocking=True)
     with autocast(device, ctx.amp):
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if weights is None:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        else:  # a weighted mean, as CrossEntropyLoss(weight=...) normalises class weights
+            w = weights.to(device, non_blocking=True)
+            per = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="none")
+            loss = (per * w).sum() / w.sum()
     scaled = loss / cfg.accum_steps
     (scaler.scale(scaled) if scaler else scaled).backward()
     return loss

@@ -132,9 +132,10 @@ def inner_splits(y: np.ndarray, groups: np.ndarray | None, seed: int) -> list[tu
 
 
 def fit_linear(
-    X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, seed: int
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray | None, seed: int, weights: np.ndarray | None = None
 ) -> tuple[ProbeHead, dict[str, float]]:
-    """Logistic regression on standardised ``X`` (N, D); C by inner CV (log loss), refitted on all N rows."""
+    """Logistic regression on standardised ``X`` (N, D); C by inner CV (log loss), refitted on all N rows;
+    ``weights`` (N,): per-row sample weights (pseudo-labelled rows)."""
     from sklearn.linear_model import LogisticRegressionCV
 
     head = ProbeHead(X.shape[1])
@@ -150,7 +151,7 @@ def fit_linear(
         random_state=seed,
         **extra,
     )
-    lr.fit(Z, y)
+    lr.fit(Z, y, sample_weight=weights)
     with torch.no_grad():
         head.net[-1].weight.copy_(torch.from_numpy(lr.coef_.astype(np.float32).reshape(1, -1)))  # (1, D)
         head.net[-1].bias.copy_(torch.from_numpy(np.ravel(lr.intercept_).astype(np.float32)))
@@ -158,13 +159,20 @@ def fit_linear(
 
 
 def fit_mlp(
-    X: np.ndarray, y: np.ndarray, cfg: RunConfig, seed: int, device: torch.device
+    X: np.ndarray,
+    y: np.ndarray,
+    cfg: RunConfig,
+    seed: int,
+    device: torch.device,
+    weights: np.ndarray | None = None,
 ) -> tuple[ProbeHead, dict[str, float]]:
-    """An MLP head on standardised ``X`` (N, D): MLP_EPOCHS of AdamW with BCE, seeded."""
+    """An MLP head on standardised ``X`` (N, D): MLP_EPOCHS of AdamW with BCE (a weighted mean with
+    ``weights`` (N,)), seeded."""
     torch.manual_seed(seed)
     head = ProbeHead(X.shape[1], head_hidden(cfg), cfg.head_dropout)
     Z = torch.from_numpy(_standardised(X, head).astype(np.float32)).to(device)
     t = torch.from_numpy(y.astype(np.float32)).to(device)
+    wt = torch.from_numpy((np.ones(len(y)) if weights is None else weights).astype(np.float32)).to(device)
     head.to(device).train()
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -173,7 +181,10 @@ def fit_mlp(
         for idx in torch.randperm(len(Z), generator=gen).split(MLP_BATCH):
             idx = idx.to(device)
             # Standardisation is already applied: bypass it by calling the layers directly.
-            loss = nn.functional.binary_cross_entropy_with_logits(head.net(Z[idx])[:, 0], t[idx])
+            per = nn.functional.binary_cross_entropy_with_logits(
+                head.net(Z[idx])[:, 0], t[idx], reduction="none"
+            )
+            loss = (per * wt[idx]).sum() / wt[idx].sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -189,12 +200,13 @@ def _fit_head(
     """The fold's head fitted on features ``X[rows]`` only, its fit details and the seconds it took."""
     cfg = job.cfg
     seed = derive_seed(cfg.seed, job.fold, "head")
+    w = job.fold_table["weight"].to_numpy(np.float64)[rows] if "weight" in job.fold_table.columns else None
     t0 = time.perf_counter()
     if cfg.head == "linear":
         g = None if groups is None else np.asarray(groups)[rows]
-        head, info = fit_linear(X[rows], labels[rows], g, seed)
+        head, info = fit_linear(X[rows], labels[rows], g, seed, w)
     else:
-        head, info = fit_mlp(X[rows], labels[rows], cfg, seed, resolve_device(cfg.device))
+        head, info = fit_mlp(X[rows], labels[rows], cfg, seed, resolve_device(cfg.device), w)
     return head, info, time.perf_counter() - t0
 
 
@@ -284,16 +296,21 @@ def run_probe_cv(
     force: bool = False,
     progress: bool = True,
     log: Log = print,
+    pseudo: Any = None,
 ) -> Any:
     """:func:`aivh_ens.train.cv.run_cv` for a probe run: check, prepare the run, extract (or reuse) the
-    train features, fit the requested folds' heads, assemble the OOF. Returns a ``CVResult``."""
+    train features (and the pseudo-labelled test images' with ``pseudo``, a checked
+    :class:`~aivh_ens.train.pseudo.PseudoSource`), fit the requested folds' heads, assemble the OOF.
+    Returns a ``CVResult``."""
     from aivh_ens.data.cache import open_source
     from aivh_ens.train.cv import check_inputs, finish_run, prepare_run, run_fold
+    from aivh_ens.train.pseudo import training_table
 
     workdir = Path(workdir)
     folds_to_run, table, bad = check_inputs(cfg, fold_spec, workdir)
-    fold_table = prepare_run(cfg, workdir, table, bad, folds_to_run, force, log)
-    names = fold_table["file_name"].tolist()
+    fold_table = prepare_run(cfg, workdir, table, bad, folds_to_run, force, log, pseudo)
+    train_table = training_table(cfg, workdir, fold_table)  # + pseudo rows (fold -1)
+    names = train_table["file_name"].tolist()
     root = Path(cfg.data)
 
     def images(size: int) -> Any:
@@ -304,11 +321,11 @@ def run_probe_cv(
         cfg, root, names, features_dir(workdir), images, device, progress=progress, log=log
     )
     exclude = _bad_rows(cfg, store, bad)
-    groups = fold_table["group"].to_numpy() if "group" in fold_table.columns else None
+    groups = train_table["group"].to_numpy() if "group" in train_table.columns else None
     fit = functools.partial(fit_probe_fold, groups=groups)
     summaries = [
         run_fold(
-            cfg, k, workdir, fold_table, exclude, store, resume=resume, progress=progress, log=log, fit=fit
+            cfg, k, workdir, train_table, exclude, store, resume=resume, progress=progress, log=log, fit=fit
         )
         for k in folds_to_run
     ]

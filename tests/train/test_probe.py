@@ -115,9 +115,9 @@ def test_oof_row_comes_from_a_head_that_never_saw_it(probe_run, monkeypatch):
     seen: list[tuple[np.ndarray, np.ndarray]] = []
     real_fit, real_probs = probe_mod.fit_linear, probe_mod.probe_probs
 
-    def spy_fit(X, y, groups, seed):
+    def spy_fit(X, y, groups, seed, weights=None):
         seen.append(("fit", np.asarray(X, dtype=np.float32).copy()))
-        return real_fit(X, y, groups, seed)
+        return real_fit(X, y, groups, seed, weights)
 
     def spy_probs(head, X, batch=8192):
         seen.append(("score", np.asarray(X, dtype=np.float32).copy()))

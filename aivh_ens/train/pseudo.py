@@ -1,0 +1,195 @@
+"""Pseudo-labels (``cv --pseudo``): confident test predictions as extra training rows, with the OOF kept honest.
+
+The source, an ``id,prob`` file (``submit --proba`` writes one) or ``blend`` (the current blend's test
+scores), is checked and frozen as ``runs/<run>/pseudo.csv``; its sha256 becomes the run's ``pseudo_sha256``,
+so it is part of what the run trains (``config.json``, every job's hash). Fold jobs read the frozen copy, never
+the source, so a later ``submit`` that overwrites the source changes nothing, and a sweep or ``--resume``
+given a changed source is refused, naming ``pseudo_sha256``.
+
+The chosen rows are appended to the fold table with fold :data:`PSEUDO_FOLD` (-1): every fold trains on them,
+none validates on them, and ``oof/<run>.csv`` is assembled from the fold table's own rows only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from aivh_ens.config import RunConfig
+from aivh_ens.data.tables import read_score_table, read_test_table, read_train_table
+from aivh_ens.errors import UserError
+from aivh_ens.io import atomic_path
+from aivh_ens.layout import pseudo_path
+
+PSEUDO_FOLD = -1
+"""The fold of a pseudo row: never equal to a fold index, so always a training row and never a validation row."""
+BLEND_SOURCE = "blend"
+"""``--pseudo blend``: the current blend's test scores (``runs/blend/blend.json``), as ``submit`` computes them."""
+FIX = "pass --pseudo FILE (id,prob) or --pseudo blend"
+PSEUDO_WARNING = (
+    "note: the OOF and nested scores of a pseudo-labelled run no longer measure test performance: its "
+    "pseudo-labels come from models that trained on every train row (each fold's validation rows included) and "
+    "it is scored on rows like those it learnt from. Judge it on a labelled hold-out that looks like the test "
+    "set (README: Pseudo-labels)"
+)
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PseudoSource:
+    """A checked pseudo-label source: where it came from, the bytes frozen as ``runs/<run>/pseudo.csv``,
+    their sha256 and the scores they hold (``id,prob``)."""
+
+    where: str
+    data: bytes
+    sha256: str
+    scores: pd.DataFrame
+
+
+def resolve_pseudo(
+    cfg: RunConfig, workdir: str | Path, log: Log | None = None
+) -> tuple[RunConfig, PseudoSource | None]:
+    """The config with ``pseudo_sha256`` set from its ``pseudo`` source, and the checked source (None without).
+
+    Raises:
+        UserError: the source is missing or malformed (no ``id,prob``, a score outside [0, 1] or NaN, a
+            repeated id), names an id that is not in test.csv or that is a train image; nothing is written.
+    """
+    if cfg.pseudo is None:
+        return dataclasses.replace(cfg, pseudo_sha256=None), None
+    if cfg.pseudo == BLEND_SOURCE:
+        source = _blend_source(cfg, workdir, log)
+    else:
+        path = Path(cfg.pseudo)
+        scores = read_score_table(path, FIX)
+        data = path.read_bytes()
+        source = PseudoSource(str(path), data, hashlib.sha256(data).hexdigest(), scores)
+    _check_ids(cfg, source)
+    return dataclasses.replace(cfg, pseudo_sha256=source.sha256), source
+
+
+def _blend_source(cfg: RunConfig, workdir: str | Path, log: Log | None) -> PseudoSource:
+    """The blend's test scores of ``cfg.data`` (cached test scores, predicted where missing), as CSV bytes."""
+    from aivh_ens.infer.submission import blend_test_scores
+
+    scores = blend_test_scores(workdir, data=cfg.data, progress=False, log=log or (lambda _m: None))
+    data = scores.to_csv(index=False, float_format="%.8g", lineterminator="\n").encode()
+    return PseudoSource(f"the blend's test scores ({Path(workdir) / 'runs/blend/blend.json'})", data,
+                        hashlib.sha256(data).hexdigest(), scores)  # fmt: skip
+
+
+def _check_ids(cfg: RunConfig, source: PseudoSource) -> None:
+    """Every id must be a test image of ``cfg.data`` and none a train image."""
+    ids = source.scores["id"]
+    test = set(read_test_table(cfg.data, cfg.test_csv, id_col=cfg.id_col, check_files=False)["id"])
+    missing = ids[~ids.isin(test)]
+    if len(missing):
+        raise UserError(
+            f"{source.where}: {len(missing)} id(s) are not in {Path(cfg.data) / cfg.test_csv} (first: "
+            f"{missing.iloc[0]}); pseudo-labels must score the test images of --data; {FIX}"
+        )
+    train = read_train_table(cfg.data, cfg.train_csv, file_col=cfg.file_col, label_col=cfg.label_col,
+                             check_files=False)["file_name"]  # fmt: skip
+    both = ids[ids.isin(set(train))]
+    if len(both):
+        raise UserError(
+            f"{source.where}: {len(both)} id(s) are also train images in {Path(cfg.data) / cfg.train_csv} "
+            f"(first: {both.iloc[0]}); a labelled image must not get a pseudo-label; {FIX}"
+        )
+
+
+def select_pseudo(scores: pd.DataFrame, cfg: RunConfig, n_labelled: int) -> pd.DataFrame:
+    """The confident rows of ``scores`` (``id,prob``) as ``id,label,prob``, in the source's order.
+
+    ``prob >= pseudo_min_conf`` -> 1, ``prob <= 1 - pseudo_min_conf`` -> 0; at most ``pseudo_max_share *
+    n_labelled`` rows, the most confident first.
+    """
+    p = scores["prob"].to_numpy(np.float64)  # (N,)
+    c = cfg.pseudo_min_conf
+    label = np.where(p >= c, 1, np.where(p <= 1 - c, 0, -1))
+    keep = np.flatnonzero(label >= 0)
+    cap = int(cfg.pseudo_max_share * n_labelled)
+    if len(keep) > cap:
+        conf = np.maximum(p, 1 - p)[keep]
+        keep = np.sort(keep[np.argsort(-conf, kind="stable")[:cap]])
+    return pd.DataFrame({"id": scores["id"].to_numpy()[keep], "label": label[keep], "prob": p[keep]})
+
+
+def freeze_pseudo(cfg: RunConfig, workdir: str | Path, source: PseudoSource) -> Path:
+    """Write the source's bytes to ``runs/<run>/pseudo.csv`` (atomically), the copy every fold job reads."""
+    path = pseudo_path(workdir, cfg.name)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(source.data)
+    return path
+
+
+def frozen_scores(cfg: RunConfig, workdir: str | Path) -> pd.DataFrame:
+    """The run's frozen ``id,prob`` scores, checked against ``cfg.pseudo_sha256``."""
+    path = pseudo_path(workdir, cfg.name)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(
+            f"run {cfg.name} trains on pseudo-labels but {path} is missing; re-run `aivh-ens cv` with the same "
+            "--pseudo (or --force)"
+        ) from None
+    if hashlib.sha256(data).hexdigest() != cfg.pseudo_sha256:
+        raise UserError(
+            f"{path} changed since run {cfg.name} was set up (sha256 {str(cfg.pseudo_sha256)[:12]} expected); "
+            "re-run `aivh-ens cv` with the same --pseudo, or --force to retrain the run"
+        )
+    return read_score_table(path, FIX)
+
+
+def training_table(cfg: RunConfig, workdir: str | Path, fold_table: pd.DataFrame) -> pd.DataFrame:
+    """The rows fold jobs draw from: the fold table, then (for a pseudo run) the chosen pseudo rows with fold
+    :data:`PSEUDO_FOLD` and a ``weight`` column (1 for labelled rows, ``pseudo_weight`` for pseudo rows).
+
+    Row ``i < len(fold_table)`` is the fold table's row ``i``, so skipped-row indices keep their meaning. In a
+    grouped fold table each pseudo row is a group of its own (groups become strings).
+    """
+    if cfg.pseudo_sha256 is None:
+        return fold_table
+    picked = select_pseudo(frozen_scores(cfg, workdir), cfg, len(fold_table))
+    extra = pd.DataFrame({"file_name": picked["id"], "label": picked["label"].astype(np.int64),
+                          "fold": PSEUDO_FOLD, "weight": cfg.pseudo_weight})  # fmt: skip
+    base = fold_table.assign(weight=1.0)
+    if "group" in fold_table.columns:
+        base["group"] = base["group"].astype(str)
+        extra["group"] = "pseudo:" + extra["file_name"]
+    return pd.concat([base, extra], ignore_index=True)
+
+
+def pseudo_record(cfg: RunConfig, source: PseudoSource, n_labelled: int) -> dict[str, Any]:
+    """``config.json``'s ``pseudo`` entry: the source, the frozen copy, its sha256, the rows used per class."""
+    picked = select_pseudo(source.scores, cfg, n_labelled)
+    return {
+        "source": source.where,
+        "file": str(Path("runs") / cfg.name / "pseudo.csv"),
+        "sha256": source.sha256,
+        "scored": len(source.scores),
+        "rows": {"ai": int((picked["label"] == 1).sum()), "human": int((picked["label"] == 0).sum())},
+        "min_conf": cfg.pseudo_min_conf,
+        "max_share": cfg.pseudo_max_share,
+        "weight": cfg.pseudo_weight,
+    }
+
+
+def describe_pseudo(record: dict[str, Any]) -> str:
+    """One line for ``cv``'s output."""
+    r = record["rows"]
+    return (
+        f"pseudo-labels: {r['ai'] + r['human']} of {record['scored']} test rows ({r['ai']} AI, {r['human']} "
+        f"human; prob >= {record['min_conf']} or <= {1 - record['min_conf']:.4g}, at most "
+        f"{record['max_share']:g} per labelled row) from {record['source']} join every fold's training rows "
+        f"with weight {record['weight']:g}, never its validation rows (frozen copy: {record['file']}, sha256 "
+        f"{record['sha256'][:12]})"
+    )
