@@ -72,6 +72,9 @@ class RunConfig:
     pseudo_min_conf: float = 0.95  # prob >= c becomes AI (1), prob <= 1 - c human (0); the rest is left out
     pseudo_max_share: float = 1.0  # at most this many pseudo rows per labelled row (the most confident first)
     pseudo_weight: float = 1.0  # a pseudo row's loss weight (a labelled row's is 1)
+    # keep the pseudo classes at the train set's AI share: the larger class is cut to its most confident rows
+    # (under shift the scores of one class drift across the cut, and its confident rows are the wrong ones)
+    pseudo_balance: bool = True
     pseudo_sha256: str | None = None  # set by cv: sha256 of the frozen copy runs/<run>/pseudo.csv
 
     # -- preprocessing and augmentation

@@ -42,6 +42,7 @@ from aivh_ens.metrics import best_threshold, f1, roc_auc  # noqa: E402
 from aivh_ens.synth import make_demo_dataset  # noqa: E402
 from aivh_ens.system import set_torch_threads  # noqa: E402
 from aivh_ens.train import run_cv  # noqa: E402
+from aivh_ens.train.pseudo import select_pseudo  # noqa: E402
 
 VARIANTS = ("AI 50% (as train)", "upscaled 2x + JPEG q92", "halved and back (blur)")
 HEADLINE = "upscaled 2x + JPEG q92"
@@ -93,7 +94,7 @@ def score(work: Path, data: Path, tag: str) -> dict[str, float]:
             "mode": r.choice.resolved}  # fmt: skip
 
 
-def pseudo_round(base: Path, test_data: Path, train_dir: Path, out: Path, kw: dict, min_conf: float) -> dict:
+def pseudo_round(base: Path, test_data: Path, train_dir: Path, out: Path, kw: dict) -> dict:
     """The blend's test scores -> a pseudo run of ``RUN`` -> scores with and without pseudo-labels."""
     proba = base / "subs" / f"proba_{out.name}.csv"
     proba.parent.mkdir(exist_ok=True)
@@ -102,14 +103,14 @@ def pseudo_round(base: Path, test_data: Path, train_dir: Path, out: Path, kw: di
     data = joined_data(train_dir, test_data, out / "data")
     work = out / "with"
     t0 = time.perf_counter()
-    cfg = resolve_config("tiny", name=RUN, data=str(data), pseudo=str(proba), pseudo_min_conf=min_conf, **kw)
+    cfg = resolve_config("tiny", name=RUN, data=str(data), pseudo=str(proba), **kw)
     run_cv(cfg, work, resume=True, **QUIET)
     minutes = (time.perf_counter() - t0) / 60
     rows = json.loads((work / "runs" / RUN / "config.json").read_text())["pseudo"]["rows"]
     sol = pd.read_csv(test_data / "solution.csv", dtype={"id": str}).set_index("id")
-    frozen = pd.read_csv(work / "runs" / RUN / "pseudo.csv", dtype={"id": str})
-    sure = frozen[(frozen.prob >= min_conf) | (frozen.prob <= 1 - min_conf)]
-    right = float(((sure.prob >= 0.5).astype(int).to_numpy() == sol.loc[sure.id, "label"].to_numpy()).mean())
+    train = pd.read_csv(data / "train.csv")["label"].to_numpy()
+    used = select_pseudo(pd.read_csv(work / "runs" / RUN / "pseudo.csv", dtype={"id": str}), cfg, train)
+    right = float((used["label"].to_numpy() == sol.loc[used["id"], "label"].to_numpy()).mean())
     without = score(one_run_project(base, out / "without"), test_data, "test")
     return {"without": without, "with": score(work, test_data, "test"), "rows": rows, "right": right,
             "n_test": len(sol), "minutes": minutes}  # fmt: skip
@@ -132,6 +133,7 @@ def main() -> None:
     ap.add_argument("--shift-out", type=Path, default=here / "out" / "shift", help="bench_shift's folder")
     ap.add_argument("--out", type=Path, default=here / "out" / "pseudo")
     ap.add_argument("--min-conf", type=float, default=0.95)
+    ap.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True, help="--pseudo-balance")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated CIFAKE variants")
     ap.add_argument("--demo-n", type=int, default=2000, help="demo train images (0: skip the demo data)")
     ap.add_argument("--threads", type=int, default=None)
@@ -152,7 +154,8 @@ def main() -> None:
     base = shift / "cifake-work"
     train(src, base, [(RUN, kw), ("tiny-convnext", dict(kw, model="test_convnext"))], log)
     variants = make_variants(src, shift / "variants")
-    tag = f"c{args.min_conf:g}"
+    tag = f"c{args.min_conf:g}" + ("" if args.balance else "-nobal")
+    pl = dict(pseudo_min_conf=args.min_conf, pseudo_balance=args.balance)
     results = {}
     if args.demo_n:
         demo = shift / "demo"
@@ -166,13 +169,15 @@ def main() -> None:
             log,
         )
         name = "demo (unseen generator)"
-        results[name] = pseudo_round(demo / "work", demo / "data", demo / "data", args.out / tag / "demo", dkw,
-                                     args.min_conf)  # fmt: skip
+        results[name] = pseudo_round(demo / "work", demo / "data", demo / "data", args.out / tag / "demo",
+                                     {**dkw, **pl})  # fmt: skip
     for name in filter(None, args.variants.split(",")):
         slug = variants[name].name
-        results[name] = pseudo_round(base, variants[name], src, args.out / tag / slug, kw, args.min_conf)
+        results[name] = pseudo_round(base, variants[name], src, args.out / tag / slug, {**kw, **pl})
         print(f"done: {name}", flush=True)
-    print(f"\n== one round of --pseudo (min conf {args.min_conf}) on {RUN}: without -> with")
+    print(
+        f"\n== one round of --pseudo (min conf {args.min_conf}, balance {args.balance}) on {RUN}: without -> with"
+    )
     print_rows(results)
     if HEADLINE in results:
         a, b = results[HEADLINE]["without"]["f1"], results[HEADLINE]["with"]["f1"]

@@ -210,6 +210,12 @@ training_options = options(
         default=None,
         help="A pseudo row's loss weight (labelled: 1).  [default: 1.0]",
     ),
+    click.option(
+        "--pseudo-balance/--no-pseudo-balance",
+        default=None,
+        help="Keep the pseudo classes in the train set's AI share, cutting the larger one to its most confident "
+        "rows (under shift one class's scores drift across the cut).  [default: on]",
+    ),
     click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]"),
     click.option(
         "--amp",

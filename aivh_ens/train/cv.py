@@ -395,7 +395,7 @@ def prepare_run(
     if pseudo is not None:
         check_same_run(cfg, workdir, fold_sha, force)  # a changed source must not replace the frozen copy
         freeze_pseudo(cfg, workdir, pseudo)  # before config.json, which names it
-        record = pseudo_record(cfg, pseudo, len(fold_table))
+        record = pseudo_record(cfg, pseudo, fold_table["label"].to_numpy())
         log(describe_pseudo(record))
         log(PSEUDO_WARNING)
     write_run_config(cfg, workdir, fold_path, fold_sha, force, record)

@@ -106,21 +106,32 @@ def _check_ids(cfg: RunConfig, source: PseudoSource) -> None:
         )
 
 
-def select_pseudo(scores: pd.DataFrame, cfg: RunConfig, n_labelled: int) -> pd.DataFrame:
+def select_pseudo(scores: pd.DataFrame, cfg: RunConfig, labels: np.ndarray) -> pd.DataFrame:
     """The confident rows of ``scores`` (``id,prob``) as ``id,label,prob``, in the source's order.
 
-    ``prob >= pseudo_min_conf`` -> 1, ``prob <= 1 - pseudo_min_conf`` -> 0; at most ``pseudo_max_share *
-    n_labelled`` rows, the most confident first.
+    ``prob >= pseudo_min_conf`` -> 1, ``prob <= 1 - pseudo_min_conf`` -> 0; at most ``pseudo_max_share`` rows
+    per labelled row (``labels`` (N,), the train labels), the most confident first; with ``pseudo_balance``
+    the larger class is then cut to its most confident rows until the two are in the train set's proportion.
     """
-    p = scores["prob"].to_numpy(np.float64)  # (N,)
+    p = scores["prob"].to_numpy(np.float64)  # (M,)
     c = cfg.pseudo_min_conf
     label = np.where(p >= c, 1, np.where(p <= 1 - c, 0, -1))
-    keep = np.flatnonzero(label >= 0)
-    cap = int(cfg.pseudo_max_share * n_labelled)
-    if len(keep) > cap:
-        conf = np.maximum(p, 1 - p)[keep]
-        keep = np.sort(keep[np.argsort(-conf, kind="stable")[:cap]])
+    conf = np.maximum(p, 1 - p)
+    keep = _most_confident(np.flatnonzero(label >= 0), conf, int(cfg.pseudo_max_share * len(labels)))
+    if cfg.pseudo_balance and len(labels):
+        share = float(np.mean(labels))  # the train AI share
+        ai, hu = keep[label[keep] == 1], keep[label[keep] == 0]
+        n_ai = min(len(ai), round(len(hu) * share / (1 - share))) if share < 1 else len(ai)
+        n_hu = min(len(hu), round(len(ai) * (1 - share) / share)) if share > 0 else len(hu)
+        keep = np.sort(np.r_[_most_confident(ai, conf, n_ai), _most_confident(hu, conf, n_hu)])
     return pd.DataFrame({"id": scores["id"].to_numpy()[keep], "label": label[keep], "prob": p[keep]})
+
+
+def _most_confident(rows: np.ndarray, conf: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` rows of ``rows`` with the highest ``conf`` (ties: the earlier row), in row order."""
+    if len(rows) <= n:
+        return rows
+    return np.sort(rows[np.argsort(-conf[rows], kind="stable")[:n]])
 
 
 def freeze_pseudo(cfg: RunConfig, workdir: str | Path, source: PseudoSource) -> Path:
@@ -158,7 +169,7 @@ def training_table(cfg: RunConfig, workdir: str | Path, fold_table: pd.DataFrame
     """
     if cfg.pseudo_sha256 is None:
         return fold_table
-    picked = select_pseudo(frozen_scores(cfg, workdir), cfg, len(fold_table))
+    picked = select_pseudo(frozen_scores(cfg, workdir), cfg, fold_table["label"].to_numpy())
     extra = pd.DataFrame({"file_name": picked["id"], "label": picked["label"].astype(np.int64),
                           "fold": PSEUDO_FOLD, "weight": cfg.pseudo_weight})  # fmt: skip
     base = fold_table.assign(weight=1.0)
@@ -168,9 +179,10 @@ def training_table(cfg: RunConfig, workdir: str | Path, fold_table: pd.DataFrame
     return pd.concat([base, extra], ignore_index=True)
 
 
-def pseudo_record(cfg: RunConfig, source: PseudoSource, n_labelled: int) -> dict[str, Any]:
-    """``config.json``'s ``pseudo`` entry: the source, the frozen copy, its sha256, the rows used per class."""
-    picked = select_pseudo(source.scores, cfg, n_labelled)
+def pseudo_record(cfg: RunConfig, source: PseudoSource, labels: np.ndarray) -> dict[str, Any]:
+    """``config.json``'s ``pseudo`` entry: the source, the frozen copy, its sha256, the rows used per class
+    (``labels`` (N,): the train labels)."""
+    picked = select_pseudo(source.scores, cfg, labels)
     return {
         "source": source.where,
         "file": str(Path("runs") / cfg.name / "pseudo.csv"),
@@ -180,6 +192,7 @@ def pseudo_record(cfg: RunConfig, source: PseudoSource, n_labelled: int) -> dict
         "min_conf": cfg.pseudo_min_conf,
         "max_share": cfg.pseudo_max_share,
         "weight": cfg.pseudo_weight,
+        "balance": cfg.pseudo_balance,
     }
 
 
@@ -189,7 +202,8 @@ def describe_pseudo(record: dict[str, Any]) -> str:
     return (
         f"pseudo-labels: {r['ai'] + r['human']} of {record['scored']} test rows ({r['ai']} AI, {r['human']} "
         f"human; prob >= {record['min_conf']} or <= {1 - record['min_conf']:.4g}, at most "
-        f"{record['max_share']:g} per labelled row) from {record['source']} join every fold's training rows "
+        f"{record['max_share']:g} per labelled row{', classes in the train share' if record['balance'] else ''}) "
+        f"from {record['source']} join every fold's training rows "
         f"with weight {record['weight']:g}, never its validation rows (frozen copy: {record['file']}, sha256 "
         f"{record['sha256'][:12]})"
     )

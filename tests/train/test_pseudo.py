@@ -31,13 +31,19 @@ def invoke(*args):
 
 
 def scores_file(data: Path, path: Path, n_confident: int = N_PICKED) -> Path:
-    """An ``id,prob`` file over every test image: the first ``n_confident`` confident (0.99 for AI, 0.01 for
-    human, from solution.csv), the rest 0.5."""
+    """An ``id,prob`` file over every test image: ``n_confident`` confident rows, half AI (0.99) and half
+    human (0.01) by solution.csv, the first of each class; the rest 0.5."""
     sol = pd.read_csv(data / "solution.csv", dtype={"id": str})
-    prob = np.where(sol["label"] == 1, 0.99, 0.01)
-    prob[n_confident:] = 0.5
+    prob = np.full(len(sol), 0.5)
+    for label, p in ((1, 0.99), (0, 0.01)):
+        prob[np.flatnonzero(sol["label"].to_numpy() == label)[: n_confident // 2]] = p
     pd.DataFrame({"id": sol["id"], "prob": prob}).to_csv(path, index=False)
     return path
+
+
+def confident_ids(src: Path) -> set[str]:
+    df = pd.read_csv(src, dtype={"id": str})
+    return set(df["id"][df["prob"] != 0.5])
 
 
 def record_splits(monkeypatch) -> list[tuple[int, set[str], set[str]]]:
@@ -61,7 +67,7 @@ def project(tmp_path_factory, demo_data):
     root = tmp_path_factory.mktemp("pseudo")
     data, work = demo_data(n=120, n_test=40, seed=5), root / "work"
     src = scores_file(data, root / "scores.csv")
-    picked = set(pd.read_csv(src, dtype={"id": str})["id"][:N_PICKED])
+    picked = confident_ids(src)
     mp = pytest.MonkeyPatch()
     seen = record_splits(mp)
     try:
@@ -97,9 +103,7 @@ def test_the_config_records_the_frozen_copy_and_its_hash(project):
     sha = hashlib.sha256(src.read_bytes()).hexdigest()
     assert doc["config"]["pseudo_sha256"] == sha == doc["pseudo"]["sha256"]
     assert (work / "runs" / "p" / "pseudo.csv").read_bytes() == src.read_bytes()
-    sol = pd.read_csv(data / "solution.csv", dtype={"id": str}).set_index("id")
-    n_ai = int(sol.loc[sorted(picked), "label"].sum())
-    assert doc["pseudo"]["rows"] == {"ai": n_ai, "human": N_PICKED - n_ai}
+    assert doc["pseudo"]["rows"] == {"ai": N_PICKED // 2, "human": N_PICKED // 2}
     assert doc["pseudo"]["min_conf"] == 0.95 and doc["pseudo"]["weight"] == 1.0
 
 
@@ -162,18 +166,31 @@ def test_bad_pseudo_options_are_one_line(tmp_path, demo_data, flag, value, needl
 
 
 @pytest.mark.parametrize(
-    "probs,conf,share,n_labelled,expect",
+    "probs,conf,share,balance,train_ai,expect",
     [
-        ([0.99, 0.01, 0.5, 0.96, 0.04, 0.951], 0.95, 1.0, 100, [(0, 1), (1, 0), (3, 1), (4, 0), (5, 1)]),
-        ([0.99, 0.01, 0.5, 0.96, 0.04], 0.98, 1.0, 100, [(0, 1), (1, 0)]),
-        ([0.97, 0.001, 0.5, 0.999, 0.03], 0.95, 0.02, 100, [(1, 0), (3, 1)]),  # cap 2: the two most confident
-        ([0.6, 0.4], 0.6, 1.0, 10, [(0, 1), (1, 0)]),
+        (
+            [0.99, 0.01, 0.5, 0.96, 0.04, 0.951],
+            0.95,
+            1.0,
+            False,
+            50,
+            [(0, 1), (1, 0), (3, 1), (4, 0), (5, 1)],
+        ),
+        ([0.99, 0.01, 0.5, 0.96, 0.04, 0.951], 0.95, 1.0, True, 50, [(0, 1), (1, 0), (3, 1), (4, 0)]),
+        ([0.99, 0.01, 0.5, 0.96, 0.04], 0.98, 1.0, False, 50, [(0, 1), (1, 0)]),
+        ([0.97, 0.001, 0.5, 0.999, 0.03], 0.95, 0.02, False, 50, [(1, 0), (3, 1)]),  # cap 2: most confident
+        ([0.6, 0.4], 0.6, 1.0, True, 50, [(0, 1), (1, 0)]),
+        # balance to the train share: 1 AI per 3 human rows; all 3 confident humans stay beside the 1 AI
+        ([0.99, 0.98, 0.01, 0.02, 0.03, 0.97], 0.95, 1.0, True, 25, [(0, 1), (2, 0), (3, 0), (4, 0)]),
+        ([0.01, 0.02, 0.03], 0.95, 1.0, True, 50, []),  # no confident AI row: nothing to balance against
     ],
 )
-def test_select_pseudo_table(probs, conf, share, n_labelled, expect):
-    cfg = resolve_config(model="test_efficientnet", pseudo_min_conf=conf, pseudo_max_share=share)
+def test_select_pseudo_table(probs, conf, share, balance, train_ai, expect):
+    cfg = resolve_config(
+        model="test_efficientnet", pseudo_min_conf=conf, pseudo_max_share=share, pseudo_balance=balance
+    )
     scores = pd.DataFrame({"id": [f"t{i}" for i in range(len(probs))], "prob": probs})
-    got = select_pseudo(scores, cfg, n_labelled)
+    got = select_pseudo(scores, cfg, np.r_[np.ones(train_ai), np.zeros(100 - train_ai)])
     assert list(zip(got["id"], got["label"], strict=True)) == [(f"t{i}", y) for i, y in expect]
 
 
@@ -198,8 +215,8 @@ def test_pseudo_blend_freezes_the_blend_test_scores_submit_writes(project, tmp_p
     out = tmp_path / "sub.csv"
     res = invoke("submit", "--workdir", work, "--out", out, "--proba", "--quiet")
     assert res.exit_code == 0, res.output
-    res = invoke("cv", *FAST, "--data", data, "--workdir", work, "--name", "pb", "--pseudo", "blend",
-                 "--pseudo-min-conf", "0.5001", "--pseudo-weight", "0.5", "--fold", "0")  # fmt: skip
+    res = invoke("cv", *FAST, "--data", data, "--workdir", work, "--name", "pb", "--pseudo", "blend", "--fold", "0",
+                 "--pseudo-min-conf", "0.5001", "--no-pseudo-balance", "--pseudo-weight", "0.5")  # fmt: skip
     assert res.exit_code == 0, res.output
     frozen = pd.read_csv(work / "runs" / "pb" / "pseudo.csv", dtype={"id": str})
     proba = pd.read_csv(tmp_path / "sub_proba.csv", dtype={"id": str})
@@ -252,7 +269,7 @@ def test_a_sweep_reads_the_frozen_copy_and_refuses_a_changed_source(tmp_path, de
         main, ["sweep", str(plan), "--workdir", str(work), "--devices", "cpu", "--threads", "1"]
     )
     assert res.exit_code == 0, res.output
-    picked = set(pd.read_csv(src, dtype={"id": str})["id"][:N_PICKED])
+    picked = confident_ids(src)
     for k in range(3):
         done = json.loads((work / "runs" / "s" / f"fold{k}" / "done.json").read_text())
         assert done["n_pseudo"] == N_PICKED
