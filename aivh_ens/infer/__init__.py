@@ -17,6 +17,7 @@ __getattr__, __dir__, __all__ = attach(
         "submit": ".submission",
         "SubmitResult": ".submission",
         "validate_submission": ".submission",
+        "blend_test_scores": ".submission",
         "predict_images": ".predict",
         "ImagePrediction": ".predict",
         "format_predictions": ".predict",
