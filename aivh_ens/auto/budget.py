@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from aivh_ens.errors import UserError
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-SWEEP_OVERHEAD_S = 20.0
+SWEEP_OVERHEAD_S = 18.0
 """One sweep call: the input checks, the fold files, a fresh process per device (torch's import)."""
+PREPARE_S_PER_IMAGE = 0.002
+"""A sweep's first look at each image: the full decode check and the image cache (cached for later calls)."""
 JOB_OVERHEAD_S = 3.0
 """One (run, fold) job beyond its epochs: the model, the loaders, the OOF pass's set-up, the files."""
-LOADER_FACTOR = 1.25
-"""Real epochs against the probe's synthetic batches: decoding from the cache, augmentation, validation."""
+LOADER_FACTOR = 1.6
+"""Real epochs against the probe's synthetic batches: reading the cache, augmentation, validation, and the
+device's jobs running side by side (measured on cifake-dev on 2 cores: 1.4-2x)."""
 FOLD_CHOICES = (5, 3, 2)
 """Folds tried, most first: 5 when two runs fit with their minimum epochs, else fewer."""
 
@@ -69,6 +72,11 @@ def job_s(speed: Speed, n_train: int, folds: int, epochs: int) -> float:
     n_val = n_train / folds
     epoch = (n_train - n_val) / speed.train_img_s + n_val / speed.eval_img_s
     return JOB_OVERHEAD_S + LOADER_FACTOR * (epochs * epoch + n_val / speed.eval_img_s)
+
+
+def prepare_s(n_images: int) -> float:
+    """Seconds a sweep spends on its images before the first job (an upper bound: later calls reuse them)."""
+    return PREPARE_S_PER_IMAGE * n_images
 
 
 def schedule_s(jobs: Sequence[float], devices: int) -> float:

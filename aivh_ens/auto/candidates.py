@@ -55,25 +55,25 @@ class DataFacts:
     used: tuple[str, ...] = ()  # one line per finding used
 
 
-def img_size_for(short_side: int, device: str, pretrained: bool) -> int:
-    """Native resolution for small images (rounded down to 8 px, at least 16), else what the device affords."""
+def img_size_for(short_side: int, device: str) -> int:
+    """A from-scratch model's input: native resolution for small images (rounded down to 8 px, at least 16),
+    else what the device affords (64 px on the CPU, 128 on a GPU)."""
     if short_side <= NATIVE_MAX:
         return max(16, short_side // 8 * 8)
-    if pretrained:
-        return 224
     return 128 if device.startswith("cuda") else NATIVE_MAX
 
 
-def _name(model: str, kind: str, size: int) -> str:
-    base = model.split(".")[0]
-    return f"auto-{base}-{size}px" + ("-probe" if kind == "probe" else "")
+def _name(model: str, kind: str, size: int | None) -> str:
+    base = f"auto-{model.split('.')[0]}" + (f"-{size}px" if size else "")
+    return base + {"probe": "-probe", "finetune": "-ft"}.get(kind, "")
 
 
-def scratch_candidates(facts: DataFacts, device: str) -> list[Candidate]:
+def scratch_candidates(facts: DataFacts, device: str, models: Sequence[str] | None = None) -> list[Candidate]:
     """From-scratch models for the device, at native resolution for small images (the ``tiny`` recipe's
     optimiser: AdamW 3e-3, cosine, half an epoch of warm-up, hflip, the epoch of best F1)."""
-    size = img_size_for(facts.short_side, device, pretrained=False)
-    models = SCRATCH_GPU if device.startswith("cuda") else SCRATCH_CPU
+    size = img_size_for(facts.short_side, device)
+    if models is None:
+        models = SCRATCH_GPU if device.startswith("cuda") else SCRATCH_CPU
     batch = 128 if device.startswith("cuda") else 64
     return [
         Candidate(
@@ -85,7 +85,7 @@ def scratch_candidates(facts: DataFacts, device: str) -> list[Candidate]:
     ]
 
 
-def weights_dir_candidates(weights_dir: Path, facts: DataFacts, device: str) -> list[Candidate]:
+def weights_dir_candidates(weights_dir: Path) -> list[Candidate]:
     """A linear probe and a fine-tuned run per weights file named after its timm model
     (``convnext_tiny.safetensors``, ``convnext_tiny.fb_in22k.safetensors``).
 
@@ -97,38 +97,36 @@ def weights_dir_candidates(weights_dir: Path, facts: DataFacts, device: str) -> 
     if not weights_dir.is_dir():
         raise UserError(f"weights_dir={str(weights_dir)!r} (--weights-dir) is not a folder")
     files = sorted(p for p in weights_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    named = [(p, p.name[: -len(p.suffix)]) for p in files]
-    found = [(p, m) for p, m in named if timm.is_model(m) or timm.is_model(m.split(".")[0])]
+    found = []
+    for p in files:
+        stem = p.name[: -len(p.suffix)]
+        model = stem if timm.is_model(stem) else stem.split(".")[0]
+        if timm.is_model(model):
+            found += pretrained_pair(model, weights=str(p.resolve()))
     if not found:
         raise UserError(
-            f"--weights-dir {weights_dir}: no weights file named after a timm model (found "
-            f"{len(files)} weight files); name each file after its model, e.g. convnext_tiny.safetensors"
+            f"--weights-dir {weights_dir}: no weights file named after a timm model (found {len(files)} weight "
+            "files); name each file after its model, e.g. convnext_tiny.safetensors"
         )
-    out = []
-    for path, model in found:
-        out += pretrained_pair(model.split(".")[0] if not timm.is_model(model) else model, facts, device,
-                               weights=str(path.resolve()))  # fmt: skip
-    return out
+    return found
 
 
-def pretrained_pair(
-    model: str, facts: DataFacts, device: str, weights: str | None = None, recipe: str | None = None
-) -> list[Candidate]:
-    """A frozen-feature linear probe of a pretrained backbone (cheap, generalises) and its fine-tuning."""
+def pretrained_pair(model: str, weights: str | None = None, recipe: str | None = None) -> list[Candidate]:
+    """A frozen-feature linear probe of a pretrained backbone (cheap, generalises) and its fine-tuning, both
+    at the backbone's own input size (what its weights were trained at)."""
     source = {"weights": weights} if weights else {"pretrained": True}
-    size = img_size_for(facts.short_side, device, pretrained=True)
-    probe = {"recipe": recipe} if recipe else {"img_size": size, "tta": "none", "head": "linear"}
-    tune = {"img_size": size, "lr": 2e-4, "weight_decay": 0.05, "warmup_epochs": 0.5, "batch_size": 32,
-            "tta": "hflip", "select": "f1"}  # fmt: skip
+    probe = {"recipe": recipe} if recipe else {"tta": "none", "head": "linear"}
+    tune = {"lr": 2e-4, "weight_decay": 0.05, "warmup_epochs": 0.5, "batch_size": 32, "tta": "hflip",
+            "select": "f1"}  # fmt: skip
     return [
-        Candidate(_name(model, "probe", size), "probe", {"model": model, **source, **probe}, PROBE_EPOCHS),
+        Candidate(_name(model, "probe", None), "probe", {"model": model, **source, **probe}, PROBE_EPOCHS),
         Candidate(
-            _name(model, "finetune", size), "finetune", {"model": model, **source, **tune}, FINETUNE_EPOCHS
+            _name(model, "finetune", None), "finetune", {"model": model, **source, **tune}, FINETUNE_EPOCHS
         ),
     ]
 
 
-def cached_candidates(facts: DataFacts, device: str) -> list[Candidate]:
+def cached_candidates() -> list[Candidate]:
     """Probes (and fine-tuning) of the backbones in :data:`CACHED_BACKBONES` whose weights this machine holds."""
     from aivh_ens.train.models import local_pretrained
 
@@ -139,20 +137,25 @@ def cached_candidates(facts: DataFacts, device: str) -> list[Candidate]:
         except Exception:  # an unknown tag in an older timm, an unreadable cache: not a candidate
             held = False
         if held:
-            out += pretrained_pair(model, facts, device, recipe=recipe)
+            out += pretrained_pair(model, recipe=recipe)
     return out
 
 
-def choose_candidates(facts: DataFacts, device: str, weights_dir: Path | None) -> list[Candidate]:
-    """Pretrained candidates first (``--weights-dir``, else the Hugging Face cache), then from-scratch ones."""
-    pretrained = (
-        weights_dir_candidates(weights_dir, facts, device)
-        if weights_dir
-        else cached_candidates(facts, device)
-    )
+def choose_candidates(
+    facts: DataFacts, device: str, weights_dir: Path | None, models: Sequence[str] = ()
+) -> list[Candidate]:
+    """Pretrained candidates first (``--weights-dir``, else the Hugging Face cache), then from-scratch ones;
+    with ``models`` (``--models``) only the candidates of those timm names, a from-scratch one for each name
+    no other candidate uses."""
+    pretrained = weights_dir_candidates(weights_dir) if weights_dir else cached_candidates()
     probes = [c for c in pretrained if c.kind == "probe"]
     tuned = [c for c in pretrained if c.kind == "finetune"]
-    return probes + tuned + scratch_candidates(facts, device)
+    out = probes + tuned + scratch_candidates(facts, device)
+    if not models:
+        return out
+    kept = [c for c in out if c.settings["model"] in models]
+    extra = [m for m in models if m not in {c.settings["model"] for c in kept}]
+    return kept + scratch_candidates(facts, device, tuple(extra))
 
 
 def findings_to_settings(findings: Sequence[Any], short_side: int) -> DataFacts:

@@ -9,16 +9,24 @@ changing (or retraining) the runs already there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aivh_ens.auto.budget import SWEEP_OVERHEAD_S, Speed, format_duration, minimum_s, parse_time_limit
+from aivh_ens.auto.budget import (
+    SWEEP_OVERHEAD_S,
+    Speed,
+    format_duration,
+    minimum_s,
+    parse_time_limit,
+    prepare_s,
+)
 from aivh_ens.auto.candidates import Candidate, choose_candidates, findings_to_settings
 from aivh_ens.auto.plan import AutoPlan, AutoRun, choose_runs, extension, read_plan, train_seconds, write_plan
 from aivh_ens.auto.table import final_table, run_rows
@@ -28,7 +36,9 @@ from aivh_ens.layout import auto_dir, blend_path, oof_path
 
 Log = Callable[[str], None]
 BLEND_TRIALS = 100
-REPORT_S = 4.0
+PROCESS_START_S = 8.0
+"""A sweep device's process start (spawned, torch and timm imported) before its first job."""
+REPORT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -65,10 +75,9 @@ def finish_seconds(
 ) -> float:
     """Estimated seconds of blend (Optuna, nested CV), submit (every fold model, two TTA views) and report."""
     blend = 3.0 + 3.0 * (len(runs) - 1) + 4e-4 * n_train * len(runs)
-    submit = 3.0 + sum(
-        folds * (1.0 + 2.0 * 1.5 * n_test / speeds[_timing_key(r.name, speeds)].eval_img_s) for r in runs
-    )
-    return blend + submit + REPORT_S + len(runs)
+    # every fold model scores the test set in two views (hflip), in batches larger than the probe's
+    submit = 3.0 + sum(folds * (0.3 + n_test / speeds[_timing_key(r.name, speeds)].eval_img_s) for r in runs)
+    return blend + submit + REPORT_S + 0.5 * len(runs)
 
 
 def _timing_key(name: str, speeds: dict[str, Any]) -> str:
@@ -134,13 +143,15 @@ def _first_plan(
     sp = [speeds[c.name] for c in candidates]
     devices = len(base.devices)
     finish = finish_seconds(base.n_train, base.n_test, [_as_run(candidates[0])], 2, speeds)
-    for _ in range(3):  # the reserve depends on the runs chosen, which depend on the reserve
-        chosen = choose_runs(candidates, sp, base.n_train, devices, clock.left() - finish)
+    images_s = prepare_s(base.n_train + base.n_test)
+    for _ in range(5):  # the reserve depends on the runs chosen, which depend on the reserve
+        chosen = choose_runs(candidates, sp, base.n_train, devices, clock.left() - finish - images_s)
         if chosen is None:
             least = (
                 clock.elapsed()
                 + minimum_s(sp, [c.epochs for c in candidates], base.n_train, devices)
                 + finish
+                + images_s
             )
             raise UserError(
                 f"time_limit={format_duration(clock.limit_s)} (--time-limit) is too small for even one run here: "
@@ -167,6 +178,7 @@ def _extended(
     devices = len(prev.devices)
     extra, sp = extension(candidates, [speeds[c.name] for c in candidates], prev.runs)
     spare = clock.left() - prev.finish_s - train_seconds(prev.runs, prev.folds, devices) + SWEEP_OVERHEAD_S
+    spare -= prepare_s(prev.n_train + prev.n_test)
     chosen = choose_runs(extra, sp, prev.n_train, devices, spare, prev.folds) if extra else None
     if chosen is None:
         log(
@@ -196,6 +208,10 @@ class Gate:
 
         spec = read_spec(job_file)
         need = self.plan.estimate(spec.run) * self.correction()
+        if (
+            len(self.started) < self.devices
+        ):  # the device's process starts with its first job (torch's import)
+            need += PROCESS_START_S
         if not any(s.run == spec.run for s in self.started):  # a run half done is worth nothing to the blend
             left = sum(
                 not (spec.fold_dir.parent / f"fold{k}" / "done.json").is_file()
@@ -281,14 +297,6 @@ def step_submit(workdir: Path, data: Path, out: Path | None, device: str, log: L
     return r
 
 
-def _table_sizes(data: Path) -> tuple[int, int]:
-    """Rows of train.csv and test.csv (0 without one)."""
-    import pandas as pd
-
-    n_test = len(pd.read_csv(data / "test.csv")) if (data / "test.csv").is_file() else 0
-    return len(pd.read_csv(data / "train.csv")), n_test
-
-
 def step_plan(
     clock: Clock,
     data: Path,
@@ -297,6 +305,7 @@ def step_plan(
     weights_dir: Path | None,
     threads: int | None,
     log: Log,
+    models: Sequence[str] = (),
 ) -> tuple[AutoPlan, dict[str, Any], Any]:
     """The plan of this call: an earlier call's (resumed as it is, or extended for a larger limit), else a new
     one from the audit and the timed candidates. Returns the plan, the timings and the audit (None if reused).
@@ -305,7 +314,6 @@ def step_plan(
         UserError: the budget is too small for one run (nothing is written).
     """
     from aivh_ens.auto.candidates import DataFacts
-    from aivh_ens.system import cores
 
     prev = read_plan(workdir, data)
     if prev is not None and prev.limit_s >= clock.limit_s:
@@ -319,9 +327,7 @@ def step_plan(
     else:
         facts = DataFacts(prev.short_side, prev.shared, prev.used)
         n_train, n_test = prev.n_train, prev.n_test
-    candidates = choose_candidates(facts, devices[0], weights_dir)
-    if threads is None and devices[0] == "cpu":
-        threads = max(1, cores() // len(devices))  # what each CPU job of the sweep gets
+    candidates = choose_candidates(facts, devices[0], weights_dir, models)
     timings = step_time(candidates, devices[0], threads, workdir, str(data.resolve()), log)
     speeds = _speeds(timings)
     if prev is not None:
@@ -329,6 +335,18 @@ def step_plan(
     base = AutoPlan(str(data.resolve()), clock.limit_s, tuple(devices), 2, dict(facts.shared),
                     short_side=facts.short_side, used=facts.used, n_train=n_train, n_test=n_test)  # fmt: skip
     return _first_plan(clock, base, candidates, speeds), timings, audit
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What every step of one ``auto`` call shares."""
+
+    clock: Clock
+    data: Path
+    workdir: Path
+    slots: tuple[str, ...]
+    threads: int | None
+    log: Log
 
 
 def run_auto(
@@ -339,6 +357,7 @@ def run_auto(
     devices: str | None = None,
     out: str | Path | None = None,
     weights_dir: str | Path | None = None,
+    models: Sequence[str] = (),
     threads: int | None = None,
     log: Log = print,
 ) -> AutoResult:
@@ -351,64 +370,96 @@ def run_auto(
         devices: ``cpu,cpu`` or ``cuda:0,cuda:1`` (``--devices``); default every GPU, else one CPU job per core.
         out: the submission (``--out``); default ``<workdir>/submission.csv``.
         weights_dir: timm weights named after their models (``--weights-dir``); default the HF cache.
+        models: only these timm models (``--models``): their pretrained candidates, else from scratch.
         threads: torch CPU threads per job (``--threads``); default the cores shared out among the jobs.
 
     Raises:
         UserError: a bad time limit or input, or a limit too small for one run; nothing is written then.
     """
     clock = Clock(time.monotonic(), parse_time_limit(time_limit))
-    workdir, data = Path(workdir), Path(data)
     slots = _devices(devices)
-    steps: dict[str, float] = {}
-    t = clock.elapsed()
+    call = _Call(clock, Path(data), Path(workdir), tuple(slots), _job_threads(slots, threads), log)
     wdir = Path(weights_dir) if weights_dir else None
-    plan, timings, audit = step_plan(clock, data, workdir, slots, wdir, threads, log)
-    steps["inspect + plan"] = clock.elapsed() - t
-    written = write_plan(workdir, plan, timings or _old_timings(workdir))
+    plan, timings, audit = step_plan(clock, call.data, call.workdir, slots, wdir, call.threads, log, models)
+    steps = {"inspect + plan": clock.elapsed()}
+    written = write_plan(call.workdir, plan, timings or _old_timings(call.workdir))
     if audit is not None:
         from aivh_ens.inspect.stage import write_audit
 
-        written += write_audit(audit, data, workdir).written
+        written += write_audit(audit, call.data, call.workdir).written
     log(
-        f"plan: {auto_dir(workdir) / 'plan.toml'}: {len(plan.runs)} runs x {plan.folds} folds, training about "
-        f"{format_duration(plan.train_s)}, then about {format_duration(plan.finish_s)} for blend, submit, report"
+        f"plan: {auto_dir(call.workdir) / 'plan.toml'}: {len(plan.runs)} runs x {plan.folds} folds, training "
+        f"about {format_duration(plan.train_s)}, then about {format_duration(plan.finish_s)} for blend, submit, "
+        "report"
     )
-    t = clock.elapsed()
-    sweep = step_sweep(plan, workdir, slots, threads, clock, log)
-    steps["training"] = clock.elapsed() - t
-    return _finish(clock, plan, sweep, workdir, data, out, slots, steps, written, log)
+    sweep = step_sweep(plan, call.workdir, slots, call.threads, clock, log)
+    steps["training"] = clock.elapsed() - sum(steps.values())
+    return _finish(call, plan, sweep, Path(out) if out else None, steps, written)
 
 
-def _finish(clock, plan, sweep, workdir, data, out, slots, steps, written, log) -> AutoResult:  # noqa: ANN001
+def _finish(
+    call: _Call,
+    plan: AutoPlan,
+    sweep: Any,
+    out: Path | None,
+    steps: dict[str, float],
+    written: tuple[Path, ...],
+) -> AutoResult:
     """Blend, submit and report what the sweep finished; the final table."""
     from aivh_ens.report.page import build_report
 
+    clock, workdir = call.clock, call.workdir
     complete = [r.name for r in plan.runs if sweep.oof.get(r.name)]
     if not complete:
         raise UserError(
             f"no run finished within --time-limit {format_duration(clock.limit_s)}; run the same command with a "
             "larger --time-limit to resume"
         )
-    t = clock.elapsed()
-    blend = step_blend(workdir, complete, log)
-    steps["blend"], t = clock.elapsed() - t, clock.elapsed()
-    sub = step_submit(workdir, data, Path(out) if out else None, slots[0], log)
-    steps["submit"], t = clock.elapsed() - t, clock.elapsed()
+    blend = step_blend(workdir, complete, call.log)
+    steps["blend"] = clock.elapsed() - sum(steps.values())
+    with _torch_threads(call.threads):
+        sub = step_submit(workdir, call.data, out, call.slots[0], call.log)
+    steps["submit"] = clock.elapsed() - sum(steps.values())
     build_report(workdir, runs=complete, submission=sub.record if sub else None)
-    steps["report"] = clock.elapsed() - t
+    steps["report"] = clock.elapsed() - sum(steps.values())
     rows = run_rows(workdir, plan, blend)
-    table = final_table(plan, rows, blend, sub, clock.elapsed(), clock.limit_s, steps)
-    out_dir = auto_dir(workdir)
-    written += (write_text(out_dir / "table.txt", table + "\n"),
-                write_json(out_dir / "table.json", {"rows": rows, "steps": steps, "used_s": clock.elapsed(),
-                                                    "limit_s": clock.limit_s}))  # fmt: skip
-    return AutoResult(plan, tuple(rows), blend, sub.out if sub else None, table, clock.elapsed(), steps,
-                      sweep.failed, written)  # fmt: skip
+    used = clock.elapsed()
+    table = final_table(plan, rows, blend, sub, used, clock.limit_s, steps)
+    doc = {"rows": rows, "steps": steps, "used_s": used, "limit_s": clock.limit_s}
+    written += (write_text(auto_dir(workdir) / "table.txt", table + "\n"),
+                write_json(auto_dir(workdir) / "table.json", doc))  # fmt: skip
+    return AutoResult(
+        plan, tuple(rows), blend, sub.out if sub else None, table, used, steps, sweep.failed, written
+    )
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """This process's torch threads set to ``n`` for a step, then restored (a notebook keeps its setting)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _old_timings(workdir: Path) -> dict[str, Any]:
     path = auto_dir(workdir) / "timings.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _job_threads(slots: Sequence[str], threads: int | None) -> int | None:
+    """Torch threads of each CPU job (``--threads``, else the cores shared out): the probe times the candidates
+    with them and submit scores with them (more threads than cores of one's own collapse on a busy CPU)."""
+    from aivh_ens.system import cores
+
+    if threads is None and slots[0] == "cpu":
+        return max(1, cores() // len(slots))
+    return threads
 
 
 def _devices(devices: str | None) -> list[str]:

@@ -44,11 +44,18 @@ from aivh_ens.cli.options import WORKDIR, cpu_threads, user_errors
     help="timm weights (.safetensors/.pth) named after their models, e.g. convnext_tiny.safetensors: probed and "
     "fine-tuned.  [default: backbones whose weights are in the Hugging Face cache, else from-scratch models]",
 )
+@click.option(
+    "--models",
+    default=None,
+    metavar="A,B,..",
+    help="Only these timm models: their pretrained candidates, else each trained from scratch.  [default: the "
+    "candidates auto chooses]",
+)
 @click.option("--quiet", is_flag=True, help="Only the final table.")
 @WORKDIR
 @cpu_threads
 @user_errors
-def auto_cmd(data, time_limit, devices, out, weights_dir, quiet, workdir) -> None:
+def auto_cmd(data, time_limit, devices, out, weights_dir, models, quiet, workdir) -> None:
     """Inspect, plan, train, blend, submit and report within --time-limit; print one final table.
 
     The plan (runs/auto/plan.toml, a sweep plan), the candidates' timings and the table are written under
@@ -58,6 +65,7 @@ def auto_cmd(data, time_limit, devices, out, weights_dir, quiet, workdir) -> Non
     aivh-ens auto --data data/ --time-limit 20m
     aivh-ens auto --data data/ --time-limit 8h --devices cuda:0,cuda:1 --workdir /kaggle/working
     aivh-ens auto --data data/ --time-limit 40m          # after a 20m call: adds runs, retrains nothing
+    aivh-ens auto --data data/ --time-limit 20m --models test_resnet --workdir single   # one model only
     """
     from aivh_ens.auto.budget import parse_time_limit
 
@@ -71,6 +79,7 @@ def auto_cmd(data, time_limit, devices, out, weights_dir, quiet, workdir) -> Non
         devices=devices,
         out=out,
         weights_dir=weights_dir,
+        models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else (),
         threads=click.get_current_context().meta.get("threads"),
         log=(lambda _m: None) if quiet else click.echo,
     )
