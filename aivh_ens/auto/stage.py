@@ -74,17 +74,19 @@ def finish_seconds(
     n_train: int, n_test: int, runs: Sequence[AutoRun], folds: int, speeds: dict[str, Speed]
 ) -> float:
     """Estimated seconds of blend (Optuna, nested CV), submit (every fold model, two TTA views) and report."""
-    blend = 3.0 + 3.0 * (len(runs) - 1) + 4e-4 * n_train * len(runs)
+    m = len(runs)  # one run blends as itself; two or more: the Optuna search and nested CV (measured here)
+    blend = 1.0 + (10.0 + 2.0 * (m - 2) if m > 1 else 0.0) + 2e-4 * n_train * m
     # every fold model scores the test set in two views (hflip), in batches larger than the probe's
-    submit = 3.0 + sum(folds * (0.3 + n_test / speeds[_timing_key(r.name, speeds)].eval_img_s) for r in runs)
+    submit = 3.0 + sum(folds * (0.3 + n_test / _speed_of(r.name, speeds).eval_img_s) for r in runs)
     return blend + submit + REPORT_S + 0.5 * len(runs)
 
 
-def _timing_key(name: str, speeds: dict[str, Any]) -> str:
-    """The candidate whose probe applies to a run (a longer run ``<candidate>-e<N>`` is timed as its candidate)."""
+def _speed_of(name: str, speeds: dict[str, Speed]) -> Speed:
+    """The probe that applies to a run: its candidate's (a longer run ``<candidate>-e<N>`` is timed as its
+    candidate), else the slowest one measured."""
     while name not in speeds and "-e" in name:
         name = name.rsplit("-e", 1)[0]
-    return name
+    return speeds.get(name) or min(speeds.values(), key=lambda s: s.eval_img_s)
 
 
 def step_inspect(data: Path, log: Log) -> tuple[Any, Any]:
@@ -108,11 +110,9 @@ def step_time(
 
     path = auto_dir(workdir) / "timings.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
-    out = {}
+    out = {k: v for k, v in cached.items() if v.get("device") == device and v.get("threads") == threads}
     for c in candidates:
-        old = cached.get(c.name)
-        if old and old.get("device") == device and old.get("threads") == threads:
-            out[c.name] = old
+        if c.name in out:
             continue
         values = {k: v for k, v in c.settings.items() if k != "recipe"}
         cfg = resolve_config(c.settings.get("recipe", "none"), name=c.name, data=data, **values)
@@ -196,7 +196,9 @@ def _extended(
 class Gate:
     """The sweep's ``admit``: start a job only when its estimate (corrected by how long this call's finished
     jobs took against theirs) fits the time left before blend, submit and report; the first job of a run only
-    when the run's unfinished folds fit (on ``devices`` at once)."""
+    when the run's unfinished folds fit (on ``devices`` at once). Until one run of the plan is complete, the
+    jobs of the first run started are always admitted: the plan was made to fit, and a call that trains
+    nothing has nothing to submit."""
 
     plan: AutoPlan
     clock: Clock
@@ -207,21 +209,29 @@ class Gate:
         from aivh_ens.scale.jobs import read_spec
 
         spec = read_spec(job_file)
+        if self._needed_first(spec) or self.clock.left() - self.plan.finish_s >= self.need(spec):
+            self.started.append(spec)
+            return True
+        return False
+
+    def need(self, spec: Any) -> float:
+        """Seconds the job needs (its whole run's unfinished folds when the run has not started yet)."""
         need = self.plan.estimate(spec.run) * self.correction()
+        if not any(s.run == spec.run for s in self.started):  # a run half done is worth nothing to the blend
+            folds = [spec.fold_dir.parent / f"fold{k}" / "done.json" for k in range(self.plan.folds)]
+            need *= math.ceil(sum(not f.is_file() for f in folds) / self.devices)
         if (
             len(self.started) < self.devices
         ):  # the device's process starts with its first job (torch's import)
             need += PROCESS_START_S
-        if not any(s.run == spec.run for s in self.started):  # a run half done is worth nothing to the blend
-            left = sum(
-                not (spec.fold_dir.parent / f"fold{k}" / "done.json").is_file()
-                for k in range(self.plan.folds)
-            )
-            need *= math.ceil(left / self.devices)
-        if self.clock.left() - self.plan.finish_s < need:
+        return need
+
+    def _needed_first(self, spec: Any) -> bool:
+        from aivh_ens.layout import oof_path
+
+        if any(oof_path(spec.workdir, r.name).is_file() for r in self.plan.runs):
             return False
-        self.started.append(spec)
-        return True
+        return not self.started or spec.run == self.started[0].run
 
     def correction(self) -> float:
         """Actual over estimated seconds of this call's finished jobs, within [0.5, 3]; 1 before any."""

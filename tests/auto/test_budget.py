@@ -80,3 +80,35 @@ def test_a_larger_limit_adds_runs_and_keeps_the_planned_ones():
         cands, SPEEDS, [*runs, AutoRun(f"{runs[0].name}-e{2 * runs[0].epochs}", "scratch", {}, 1)]
     )
     assert f"{runs[0].name}-e{4 * runs[0].epochs}" in [c.name for c in again]
+
+
+def _job(work, run: str, fold: int):
+    from aivh_ens.scale.jobs import JobSpec, write_spec
+
+    return write_spec(JobSpec(run, fold, str(work), {}, f"{run}{fold}", "folds/f.csv"))
+
+
+def test_the_clock_starts_a_job_only_when_it_fits(tmp_path):
+    import time
+
+    from aivh_ens.auto.plan import AutoPlan
+    from aivh_ens.auto.stage import PROCESS_START_S, Clock, Gate
+
+    runs = (AutoRun("a", "scratch", {}, 4, 10.0), AutoRun("b", "scratch", {}, 4, 10.0))
+    plan = AutoPlan("d", 100.0, ("cpu",), 2, {}, runs, finish_s=10.0)
+
+    def gate(left: float) -> Gate:
+        return Gate(plan, Clock(time.monotonic() - (100 - left), 100.0), devices=1)
+
+    g = gate(left=5)
+    assert g(_job(tmp_path, "a", 0)) and g(
+        _job(tmp_path, "a", 1)
+    )  # nothing done yet: the first run always starts
+    assert not g(_job(tmp_path, "b", 0))
+    (tmp_path / "oof").mkdir()
+    (tmp_path / "oof/a.csv").write_text("file_name,label,fold,prob\n")  # run a is complete
+    both = 2 * 10.0 + PROCESS_START_S  # run b's two folds, one device, its process to start
+    assert gate(left=10 + both + 1)(_job(tmp_path, "b", 0))
+    assert not gate(left=10 + both - 1)(_job(tmp_path, "b", 0))
+    g = gate(left=10 + both + 1)
+    assert g(_job(tmp_path, "b", 0)) and g(_job(tmp_path, "b", 1))  # a started run needs one fold more
