@@ -28,7 +28,7 @@ CACHED_BACKBONES = (
 )
 """Pretrained backbones used when their weights are in the Hugging Face cache: (timm name, probe recipe)."""
 
-SCRATCH_EPOCHS = (4, 16)
+SCRATCH_EPOCHS = (6, 16)
 FINETUNE_EPOCHS = (2, 6)
 PROBE_EPOCHS = (1, 1)
 NATIVE_MAX = 64

@@ -39,6 +39,8 @@ BLEND_TRIALS = 100
 PROCESS_START_S = 8.0
 """A sweep device's process start (spawned, torch and timm imported) before its first job."""
 REPORT_S = 2.0
+TOP_UPS = 2
+"""Rounds of runs a call may add when its plan ends early (each costs a sweep's start-up)."""
 
 
 @dataclass(frozen=True)
@@ -172,24 +174,75 @@ def _as_run(c: Candidate) -> AutoRun:
 
 
 def _extended(
-    clock: Clock, prev: AutoPlan, candidates: Sequence[Candidate], speeds: dict[str, Speed], log: Log
+    clock: Clock,
+    prev: AutoPlan,
+    candidates: Sequence[Candidate],
+    speeds: dict[str, Speed],
+    log: Log,
+    owed_s: float | None = None,
 ) -> AutoPlan:
-    """``prev`` with the runs a larger limit buys, its own runs unchanged (nothing of them is retrained)."""
+    """``prev`` with the runs the time left buys, its own runs unchanged (nothing of them is retrained).
+
+    ``owed_s``: seconds the plan's own unfinished runs still need (default: all of them, as in a new call).
+    """
     devices = len(prev.devices)
+    if owed_s is None:
+        owed_s = train_seconds(prev.runs, prev.folds, devices) - SWEEP_OVERHEAD_S
+        owed_s += prepare_s(prev.n_train + prev.n_test)
     extra, sp = extension(candidates, [speeds[c.name] for c in candidates], prev.runs)
-    spare = clock.left() - prev.finish_s - train_seconds(prev.runs, prev.folds, devices) + SWEEP_OVERHEAD_S
-    spare -= prepare_s(prev.n_train + prev.n_test)
+    everything = [*prev.runs, *(_as_run(c) for c in extra)]  # the reserve as if every extra run were added
+    finish = finish_seconds(prev.n_train, prev.n_test, everything, prev.folds, speeds)
+    spare = clock.left() - finish - owed_s
     chosen = choose_runs(extra, sp, prev.n_train, devices, spare, prev.folds) if extra else None
     if chosen is None:
-        log(
-            f"plan: the larger limit ({format_duration(clock.limit_s)}) buys no further run; resuming the plan"
-        )
+        log(f"plan: the limit ({format_duration(clock.limit_s)}) buys no further run; resuming the plan")
         return dataclasses.replace(prev, limit_s=clock.limit_s)
     runs = (*prev.runs, *chosen[1])
     finish = finish_seconds(prev.n_train, prev.n_test, runs, prev.folds, speeds)
     log(f"plan: extended for {format_duration(clock.limit_s)} with " + ", ".join(r.name for r in chosen[1]))
     return dataclasses.replace(prev, limit_s=clock.limit_s, runs=runs, finish_s=finish,
                                train_s=train_seconds(runs, prev.folds, devices))  # fmt: skip
+
+
+def measured_ratio(workdir: Path, plan: AutoPlan) -> float:
+    """Actual over estimated seconds of the plan's finished fold jobs, within [0.3, 3]; 1 before any."""
+    from aivh_ens.auto.budget import JOB_OVERHEAD_S
+    from aivh_ens.layout import fold_dir
+    from aivh_ens.scale.jobs import read_json
+
+    actual = estimated = 0.0
+    for r in plan.runs:
+        for k in range(plan.folds):
+            done = read_json(fold_dir(workdir, r.name, k) / "done.json")
+            if done and "wall_minutes_this_process" in done:
+                actual += 60 * done["wall_minutes_this_process"] + JOB_OVERHEAD_S
+                estimated += r.job_s
+    return min(3.0, max(0.3, actual / estimated)) if estimated else 1.0
+
+
+def top_up(
+    call: Any, plan: AutoPlan, sweep: Any, weights_dir: Path | None, models: Sequence[str]
+) -> AutoPlan | None:
+    """When the plan is done with time to spare (its estimates were cautious), the plan extended with the runs
+    the time left buys, timed by the speeds this call measured; None when nothing more fits."""
+    from aivh_ens.auto.candidates import DataFacts
+
+    timings = _old_timings(call.workdir)
+    if sweep.unfinished or not timings:
+        return None  # the clock stopped jobs already, or nothing was timed (a resumed plan)
+    ratio = measured_ratio(call.workdir, plan)
+    speeds = {k: Speed(v.train_img_s / ratio, v.eval_img_s / ratio) for k, v in _speeds(timings).items()}
+    facts = DataFacts(plan.short_side, plan.shared, plan.used)
+    candidates = [c for c in choose_candidates(facts, call.slots[0], weights_dir, models) if c.name in speeds]
+    if not candidates:
+        return None
+    more = _extended(call.clock, plan, candidates, speeds, lambda _m: None, owed_s=0.0)
+    if len(more.runs) == len(plan.runs):
+        return None
+    added = ", ".join(r.name for r in more.runs[len(plan.runs) :])
+    call.log(f"plan: done with {format_duration(call.clock.left())} left (the runs took {ratio:.2f}x their "
+             f"estimate); adding {added}")  # fmt: skip
+    return more
 
 
 @dataclass
@@ -403,6 +456,13 @@ def run_auto(
         "report"
     )
     sweep = step_sweep(plan, call.workdir, slots, call.threads, clock, log)
+    for _ in range(TOP_UPS):
+        more = top_up(call, plan, sweep, wdir, models)
+        if more is None:
+            break
+        plan = more
+        written += write_plan(call.workdir, plan, _old_timings(call.workdir))
+        sweep = step_sweep(plan, call.workdir, slots, call.threads, clock, log)
     steps["training"] = clock.elapsed() - sum(steps.values())
     return _finish(call, plan, sweep, Path(out) if out else None, steps, written)
 

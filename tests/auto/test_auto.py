@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from aivh_ens.auto.plan import read_plan
 from aivh_ens.cli import main
 
-LIMIT_S = 75
+LIMIT_S = 60
 
 
 def _auto(data: Path, work: Path, limit: str, *extra: str):
@@ -62,7 +62,7 @@ def test_plan_fits_the_budget(first):
     assert set(json.loads((work / "runs/auto/timings.json").read_text())) >= {r.name for r in plan.runs}
     assert (work / "submission.csv").is_file() and (work / "runs/report.html").is_file()
     table = res.output[res.output.index("run ") :]
-    assert "shipped blend:" in table and re.search(r"budget: used \d+s of 75s", table)
+    assert "shipped blend:" in table and re.search(r"budget: used \d+s of 60s", table)
     for r in plan.runs:
         assert r.name in table
 
