@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 DEMO ?= demo
 DEMO_N ?= 2000
 
-.PHONY: install demo serve test test-deps bench bench-gpu lint clean-demo
+.PHONY: install demo serve test test-deps bench bench-auto bench-gpu lint clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,8 +56,15 @@ test-deps:
 test: install test-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers: many tests wait on subprocesses, and a file stays on one worker (module fixtures)
 
+# Every bench but bench_auto.py, which takes three 20-minute budgets (`make bench-auto`).
 bench: install
-	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in bench/bench_*.py; do [ "$$b" = bench/bench_auto.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done
+
+# auto vs the best single run vs a plain torch script, 20 minutes each on cifake-dev (about an hour on 2 cores);
+# e.g. BENCH_AUTO_ARGS="--budget 2m --n-train 2000 --n-test 1000" for a smoke check of a few minutes.
+BENCH_AUTO_ARGS ?=
+bench-auto: install
+	$(PY) bench/bench_auto.py $(BENCH_AUTO_ARGS)
 
 # On a CUDA machine: training img/s of efficientnet_b4 at 224 (bf16, channels_last, eager and compiled) fed
 # by synthetic batches, by aivh-ens's pipeline and by the seed-000 pipeline (bench/gpu_train.py).

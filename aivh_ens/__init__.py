@@ -14,7 +14,7 @@ loads no torch, optuna or matplotlib)::
     print(ae.submit("demo", data="demo/data", out="demo/submission.csv").ai_rate)
     print(ae.build_report("demo").path)
 
-Stages: :mod:`aivh_ens.inspect`, :mod:`aivh_ens.data`, :mod:`aivh_ens.train`, :mod:`aivh_ens.scale` (sweeps),
+Stages: :mod:`aivh_ens.auto` (all of them within a time limit), :mod:`aivh_ens.inspect`, :mod:`aivh_ens.data`, :mod:`aivh_ens.train`, :mod:`aivh_ens.scale` (sweeps),
 :mod:`aivh_ens.blend`, :mod:`aivh_ens.infer`, :mod:`aivh_ens.report`;
 every path under the work dir: :mod:`aivh_ens.layout`.
 """
@@ -57,6 +57,8 @@ __getattr__, __dir__, __all__ = attach(
         "audit_dataset": ".inspect.stage",
         "InspectResult": ".inspect.stage",
         "build_report": ".report.page",
+        "run_auto": ".auto.stage",
+        "AutoResult": ".auto.stage",
         "ReportResult": ".report.page",
     },
 )

@@ -13,6 +13,7 @@ where they live, so a stage asks ``layout.oof_path(workdir, run)`` instead of jo
     runs/cache/                          the decode-once image cache
     runs/features/                       frozen-backbone feature stores
     runs/inspect/                        the dataset audit
+    runs/auto/                           auto's plan, candidate timings and final table
     runs/report.html                     the report page
 
 No heavy imports: the config module is imported only when a run config is parsed.
@@ -35,7 +36,7 @@ FOLDS = "folds"
 CONFIG = "config.json"
 BLEND_DIR = Path(RUNS) / "blend"
 """Relative to the work dir: the blend stage's folder."""
-RESERVED_RUN_NAMES = ("blend", "cache", "features", "inspect")
+RESERVED_RUN_NAMES = ("auto", "blend", "cache", "features", "inspect")
 """Folders under runs/ that are not runs."""
 
 
@@ -97,6 +98,10 @@ def features_dir(workdir: str | Path) -> Path:
 
 def inspect_dir(workdir: str | Path) -> Path:
     return Path(workdir) / RUNS / "inspect"
+
+
+def auto_dir(workdir: str | Path) -> Path:
+    return Path(workdir) / RUNS / "auto"
 
 
 def report_path(workdir: str | Path) -> Path:

@@ -29,6 +29,7 @@ HEAVY = ("torch", "optuna", "matplotlib", "timm", "sklearn")
         "aivh_ens.cli",
         "aivh_ens.data",
         "aivh_ens.serve",
+        "aivh_ens.auto.budget",
     ],
 )
 def test_light_imports_load_no_heavy_library(modules):
@@ -39,7 +40,15 @@ def test_light_imports_load_no_heavy_library(modules):
 
 @pytest.mark.parametrize(
     "package",
-    ["aivh_ens", "aivh_ens.data", "aivh_ens.train", "aivh_ens.blend", "aivh_ens.infer", "aivh_ens.serve"],
+    [
+        "aivh_ens",
+        "aivh_ens.data",
+        "aivh_ens.train",
+        "aivh_ens.blend",
+        "aivh_ens.infer",
+        "aivh_ens.serve",
+        "aivh_ens.auto",
+    ],
 )
 def test_every_public_name_resolves(package):
     mod = importlib.import_module(package)

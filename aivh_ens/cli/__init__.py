@@ -1,7 +1,7 @@
 """The ``aivh-ens`` command line: thin click commands, each parsing options and making one library call.
 
 Exit codes: 0 success, 2 bad input (a one-line ``error: ...`` on stderr, no traceback), 1 a bug or a failed
-job. One module per stage: :mod:`~aivh_ens.cli.train` (folds, cv, cache, demo-data),
+job. One module per stage: :mod:`~aivh_ens.cli.auto`, :mod:`~aivh_ens.cli.train` (folds, cv, cache, demo-data),
 :mod:`~aivh_ens.cli.sweep` (sweep, status), :mod:`~aivh_ens.cli.blend`, :mod:`~aivh_ens.cli.infer` (submit,
 predict), :mod:`~aivh_ens.cli.report` (inspect, report), :mod:`~aivh_ens.cli.serve`.
 """
@@ -16,7 +16,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import click  # noqa: E402
 
-from aivh_ens.cli import blend, infer, report, serve, sweep, train  # noqa: E402
+from aivh_ens.cli import auto, blend, infer, report, serve, sweep, train  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -25,6 +25,7 @@ def main() -> None:
     """aivh-ens: cross-validated timm ensembles for "AI-generated or human-made?" competitions.
 
     \b
+    aivh-ens auto --data data/ --time-limit 20m       # everything below, planned for the budget
     aivh-ens cv --model efficientnet_b4 --folds 5 --data data/
     aivh-ens cv --model convnext_tiny --folds 5 --data data/
     aivh-ens blend
@@ -33,6 +34,7 @@ def main() -> None:
 
 
 for _command in (
+    auto.auto_cmd,
     report.inspect_cmd,
     train.folds_cmd,
     train.cv_cmd,

@@ -16,6 +16,7 @@ __getattr__, __dir__, __all__ = attach(
         "audit_dataset": ".stage",
         "format_findings": ".stage",
         "run_inspect": ".stage",
+        "write_audit": ".stage",
         "scan_images": ".scan",
     },
 )

@@ -23,7 +23,15 @@ from aivh_ens.inspect.scan import FEATURES, scan_images
 from aivh_ens.io import write_json, write_text
 from aivh_ens.layout import inspect_dir
 
-__all__ = ["Audit", "Finding", "InspectResult", "audit_dataset", "format_findings", "run_inspect"]
+__all__ = [
+    "Audit",
+    "Finding",
+    "InspectResult",
+    "audit_dataset",
+    "format_findings",
+    "run_inspect",
+    "write_audit",
+]
 
 INSPECT_VERSION = 1
 Log = Callable[[str], None]
@@ -320,9 +328,13 @@ def run_inspect(data: str | Path, workdir: str | Path = ".", **options: Any) -> 
     Raises:
         UserError: a bad table or image (the same one-line messages as ``cv``); nothing is written.
     """
+    return write_audit(audit_dataset(data, **options), data, workdir)
+
+
+def write_audit(a: Audit, data: str | Path, workdir: str | Path = ".") -> InspectResult:
+    """Write an :func:`audit_dataset` result as ``runs/inspect/inspect.json`` and ``report.html``."""
     from aivh_ens.inspect.html import inspect_page
 
-    a = audit_dataset(data, **options)
     page = inspect_page(a.doc, Path(data), a.train_table, a.test_table, a.train, a.test)
     out = inspect_dir(workdir)
     written = (write_json(out / "inspect.json", a.doc), write_text(out / "report.html", page))

@@ -196,6 +196,7 @@ def _logit_correlation(runs: list[_Run]) -> pd.DataFrame | None:
 def _blend_section(workdir: Path, blend: dict[str, Any], runs: list[_Run]) -> str:
     """The blend's section: choice, warnings, every method's scores, weights, blended OOF."""
     from aivh_ens.blend import apply_blend
+    from aivh_ens.blend.artifact import ranks_among_oof
 
     metric = blend["metric"]
     rows = [
@@ -230,7 +231,9 @@ def _blend_section(workdir: Path, blend: dict[str, Any], runs: list[_Run]) -> st
             for n in names
         }
         if not any(np.isnan(s).any() for s in scores.values()):
-            probs, _ = apply_blend(blend, scores)
+            # a rank blend places scores among the OOF scores: here the OOF scores themselves
+            reference = scores if ranks_among_oof(blend) else None
+            probs, _ = apply_blend(blend, scores, reference)
             parts.append(
                 plots.confusion_and_threshold(
                     "blend", first["label"].to_numpy(), probs, blend["threshold"], blend["space"]

@@ -104,13 +104,19 @@ def make_slots(devices: Sequence[str], visible: str | None, cpus: Sequence[int])
 
 
 def run_local(
-    job_files: list[Path], devices: list[str], log: Log, threads: int | None = None
+    job_files: list[Path],
+    devices: list[str],
+    log: Log,
+    threads: int | None = None,
+    admit: Callable[[Path], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the jobs (in the given order), one at a time per device, each device's in its own process; rows.
 
     Each device's process gets that device's share of the cores (its torch threads and loader workers count
     those); ``threads`` overrides its torch threads. A job that raises is a failed row; a job whose process
     dies is a failed row naming the signal or exit code, and the device gets a fresh process for its next job.
+    ``admit`` (a job file -> start it now?) is asked when a device is free for the job; a job it refuses stays
+    ``pending`` (``auto`` uses it to start no job that would end past its time limit).
     """
     slots = make_slots(devices, os.environ.get("CUDA_VISIBLE_DEVICES"), sorted(_affinity()))
     free: queue.SimpleQueue[Worker] = queue.SimpleQueue()
@@ -120,7 +126,7 @@ def run_local(
     rows: list[dict[str, Any]] = []
     try:
         with ThreadPoolExecutor(len(workers)) as pool:
-            futures = [pool.submit(_run_on_free_worker, Path(f), free) for f in job_files]
+            futures = [pool.submit(_run_on_free_worker, Path(f), free, admit) for f in job_files]
             try:
                 for fut in as_completed(futures):
                     row = fut.result()
@@ -142,9 +148,17 @@ def _affinity() -> set[int]:
     return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
-def _run_on_free_worker(job_file: Path, free: queue.SimpleQueue) -> dict[str, Any]:
+def _run_on_free_worker(
+    job_file: Path, free: queue.SimpleQueue, admit: Callable[[Path], bool] | None = None
+) -> dict[str, Any]:
     worker = free.get()
     try:
+        if admit is not None and not admit(job_file):
+            from aivh_ens.scale.jobs import read_spec, result_row
+
+            return result_row(
+                read_spec(job_file), "pending", error="not started: it would not fit the time left"
+            )
         return worker.run(job_file)
     finally:
         free.put(worker)

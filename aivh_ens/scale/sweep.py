@@ -195,6 +195,7 @@ def run_sweep(
     ray_address: str | None = None,
     slurm: SlurmOptions | None = None,
     ray: RayOptions | None = None,
+    admit: Callable[[Path], bool] | None = None,
     log: Log = print,
 ) -> SweepResult:
     """Train every fold of every run in the plan on the chosen backend; skip jobs already done.
@@ -210,12 +211,16 @@ def run_sweep(
         ray_address: an existing Ray cluster (``--ray-address``); None starts a private local one.
         slurm: submitit settings for ``--backend slurm``.
         ray: GPUs and CPUs per task for ``--backend ray``.
+        admit: local backend: asked with a job's ``job.json`` when a device is free for it; a job it refuses
+            stays pending (``aivh-ens auto``'s clock). Other backends hand every job over at once.
 
     Raises:
         UserError: a bad plan or input, or a missing extra, before anything is written or decoded.
     """
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if admit is not None and backend != "local":
+        raise ValueError(f"admit= is for the local backend, not {backend}")
     check_extra(backend)
     workdir = Path(workdir)
     device_list = _local_devices(backend, devices, gpus)
@@ -229,7 +234,7 @@ def run_sweep(
     pending = [s.path for s, st in jobs if st == "pending"]
     log(f"sweep: {len(jobs)} jobs, {len(pending)} to run, backend {backend}")
     engine = (ray_address, ray or RayOptions()) if backend == "ray" else slurm
-    rows = _dispatch(backend, pending, workdir, device_list, threads, engine, log)
+    rows = _dispatch(backend, pending, workdir, device_list, threads, engine, log, admit)
     return finish(checked, jobs, rows, workdir, log)
 
 
@@ -251,13 +256,14 @@ def _dispatch(
     threads: int | None,
     engine: Any,
     log: Log,
+    admit: Callable[[Path], bool] | None = None,
 ) -> list[dict[str, Any]]:
     if not pending:
         return []
     if backend == "local":
         from aivh_ens.scale.local import run_local
 
-        return run_local(pending, devices, log, threads)
+        return run_local(pending, devices, log, threads, admit)
     if backend == "ray":
         from aivh_ens.scale.ray import run_ray
 

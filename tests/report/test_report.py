@@ -125,3 +125,25 @@ def test_report_bad_input_is_one_line(tmp_path: Path, args: list[str], needle: s
     res = CliRunner().invoke(main, [*args, "--workdir", str(tmp_path)])
     assert_user_error(res, needle)
     assert not (tmp_path / "runs" / "report.html").exists()
+
+
+def test_report_of_a_rank_blend_over_oof_ranks(tmp_path: Path) -> None:
+    """A rank-space blend places scores among the OOF scores; the report's blended OOF needs them too."""
+    from oof_project import write_run
+
+    from aivh_ens.blend.stage import run_blend
+    from aivh_ens.report.page import build_report
+
+    rng = np.random.default_rng(0)
+    y = (np.arange(200) % 2 == 0).astype(int)
+    for name in ("a", "b"):
+        write_run(tmp_path, name, np.clip(y * 0.3 + rng.uniform(0, 0.7, 200), 0, 1))
+    run_blend(tmp_path, trials=5)
+    path = layout.blend_path(tmp_path)
+    doc = json.loads(path.read_text())
+    doc.update(space="rank", method="mean_rank", rank_reference="oof")
+    doc.pop("stack", None)
+    write_json(path, doc)
+    result = build_report(tmp_path)
+    assert "blend mean_rank" in result.summary
+    assert "rank space" in result.path.read_text()

@@ -1,0 +1,90 @@
+"""The auto command: from a data folder to submission.csv within a time limit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from aivh_ens.cli.options import WORKDIR, cpu_threads, user_errors
+
+
+@click.command("auto")
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Dataset folder with train.csv, test.csv and the images (Kaggle layout).",
+)
+@click.option(
+    "--time-limit",
+    "time_limit",
+    required=True,
+    metavar="DURATION",
+    help="The budget of the whole plan: 20m, 8h, 1h30m or seconds. The same command again resumes; a larger "
+    "limit adds runs without retraining the ones done.",
+)
+@click.option(
+    "--devices",
+    default=None,
+    help="Devices, one job each at a time, e.g. cuda:0,cuda:1 or cpu,cpu.  [default: every GPU, else one CPU "
+    "job per core]",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Submission file (id,label).  [default: WORKDIR/submission.csv]",
+)
+@click.option(
+    "--weights-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="timm weights (.safetensors/.pth) named after their models, e.g. convnext_tiny.safetensors: probed and "
+    "fine-tuned.  [default: backbones whose weights are in the Hugging Face cache, else from-scratch models]",
+)
+@click.option(
+    "--models",
+    default=None,
+    metavar="A,B,..",
+    help="Only these timm models: their pretrained candidates, else each trained from scratch.  [default: the "
+    "candidates auto chooses]",
+)
+@click.option("--quiet", is_flag=True, help="Only the final table.")
+@WORKDIR
+@cpu_threads
+@user_errors
+def auto_cmd(data, time_limit, devices, out, weights_dir, models, quiet, workdir) -> None:
+    """Inspect, plan, train, blend, submit and report within --time-limit; print one final table.
+
+    The plan (runs/auto/plan.toml, a sweep plan), the candidates' timings and the table are written under
+    runs/auto/, so any step can be re-run or edited by hand.
+
+    \b
+    aivh-ens auto --data data/ --time-limit 20m
+    aivh-ens auto --data data/ --time-limit 8h --devices cuda:0,cuda:1 --workdir /kaggle/working
+    aivh-ens auto --data data/ --time-limit 40m          # after a 20m call: adds runs, retrains nothing
+    aivh-ens auto --data data/ --time-limit 20m --models test_resnet --workdir single   # one model only
+    """
+    from aivh_ens.auto.budget import parse_time_limit
+
+    parse_time_limit(time_limit)  # a bad limit fails here, before torch is imported
+    from aivh_ens.auto.stage import run_auto
+
+    result = run_auto(
+        data,
+        workdir,
+        time_limit=time_limit,
+        devices=devices,
+        out=out,
+        weights_dir=weights_dir,
+        models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else (),
+        threads=click.get_current_context().meta.get("threads"),
+        log=(lambda _m: None) if quiet else click.echo,
+    )
+    click.echo(result.table)
+    if result.failed:
+        click.echo(f"{result.failed} jobs failed (see `aivh-ens status --workdir {workdir}`); the blend and "
+                   "submission use the runs that finished", err=True)  # fmt: skip
+        sys.exit(1)

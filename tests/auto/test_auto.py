@@ -1,0 +1,97 @@
+"""``aivh-ens auto`` end to end on tiny demo data with budgets of seconds: the plan fits, a second call resumes
+without retraining, a budget too small for one run stops before training, a bad limit is one line."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from cli_checks import assert_user_error
+from click.testing import CliRunner
+
+from aivh_ens.auto.plan import read_plan
+from aivh_ens.cli import main
+
+LIMIT_S = 60
+
+
+def _auto(data: Path, work: Path, limit: str, *extra: str):
+    return CliRunner().invoke(
+        main,
+        [
+            "auto",
+            "--data",
+            str(data),
+            "--time-limit",
+            limit,
+            "--devices",
+            "cpu",
+            "--threads",
+            "1",
+            "--workdir",
+            str(work),
+            *extra,
+        ],
+    )
+
+
+def _done_files(work: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*/fold*/done.json")}
+
+
+@pytest.fixture(scope="module")
+def first(demo_data, tmp_path_factory):
+    data = demo_data(n=64, n_test=16, seed=5)
+    work = tmp_path_factory.mktemp("auto") / "work"
+    res = _auto(data, work, f"{LIMIT_S}s")
+    return data, work, res
+
+
+def test_plan_fits_the_budget(first):
+    data, work, res = first
+    assert res.exit_code == 0, res.output
+    plan = read_plan(work, data)
+    used = json.loads((work / "runs/auto/table.json").read_text())
+    assert plan.limit_s == LIMIT_S and plan.runs
+    assert plan.train_s + plan.finish_s <= LIMIT_S  # the plan was sized for what was left of the limit
+    assert used["limit_s"] == LIMIT_S and 0 < used["used_s"] < 2 * LIMIT_S
+    toml = (work / "runs/auto/plan.toml").read_text()
+    assert 'group = "pairs"' in toml  # inspect's pairs finding became the plan's grouping
+    assert set(json.loads((work / "runs/auto/timings.json").read_text())) >= {r.name for r in plan.runs}
+    assert (work / "submission.csv").is_file() and (work / "runs/report.html").is_file()
+    table = res.output[res.output.index("run ") :]
+    assert "shipped blend:" in table and re.search(r"budget: used \d+s of 60s", table)
+    for r in plan.runs:
+        assert r.name in table
+
+
+def test_second_call_resumes_without_retraining(first):
+    data, work, _ = first
+    before = _done_files(work)
+    assert before  # the first call trained something
+    res = _auto(data, work, f"{LIMIT_S}s")
+    assert res.exit_code == 0, res.output
+    assert "plan: resuming" in res.output
+    after = _done_files(work)
+    assert {p: after[p] for p in before} == before  # every finished fold kept, none retrained
+    plan = read_plan(work, data)
+    jobs = len(plan.runs) * plan.folds
+    assert f"sweep: {jobs} jobs, {jobs - len(before)} to run" in res.output
+
+
+def test_budget_too_small_for_one_run_stops_before_training(demo_data, tmp_path):
+    data = demo_data(n=64, n_test=16, seed=5)
+    res = _auto(data, tmp_path / "w", "5s")
+    assert_user_error(res, "--time-limit", "too small", "give --time-limit")
+    need = re.search(r"needs about (\d+)s", res.output)
+    assert need and int(need.group(1)) > 5
+    assert not (tmp_path / "w").exists()  # nothing written: no inspect files, no plan, no runs
+
+
+@pytest.mark.parametrize("limit", ["abc", "0", "-5m"])
+def test_bad_time_limit_is_one_line_exit_2(demo_data, tmp_path, limit):
+    res = _auto(demo_data(n=64, n_test=16, seed=5), tmp_path / "w", limit)
+    assert_user_error(res, "--time-limit")
+    assert not (tmp_path / "w").exists()

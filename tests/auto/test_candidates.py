@@ -1,0 +1,65 @@
+"""``auto``'s candidates: pretrained weights from --weights-dir, from-scratch models at native resolution for
+small images, and the plan settings inspect's findings turn into."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aivh_ens.auto.candidates import (
+    SCRATCH_CPU,
+    choose_candidates,
+    findings_to_settings,
+    img_size_for,
+    weights_dir_candidates,
+)
+from aivh_ens.errors import UserError
+from aivh_ens.inspect.stage import Finding
+
+
+@pytest.mark.parametrize(("side", "device", "size"), [(32, "cpu", 32), (50, "cpu", 48), (12, "cpu", 16),
+                                                      (90, "cpu", 64), (90, "cuda:0", 128), (500, "cpu", 64)])  # fmt: skip
+def test_small_images_train_at_native_size(side, device, size):
+    assert img_size_for(side, device) == size
+
+
+def test_without_weights_the_cpu_trains_test_models_from_scratch():
+    facts = findings_to_settings([], 32)
+    cands = choose_candidates(facts, "cpu", None)
+    assert [c.settings["model"] for c in cands] == list(SCRATCH_CPU)
+    assert all(c.kind == "scratch" and c.settings["img_size"] == 32 and c.settings["pretrained"] is False
+               for c in cands)  # fmt: skip
+
+
+def test_weights_dir_gives_a_probe_and_a_fine_tuned_run_per_model_file(tmp_path: Path):
+    import timm
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("test_efficientnet").state_dict(), tmp_path / "test_efficientnet.safetensors")
+    (tmp_path / "notes.safetensors").write_bytes(b"")  # not named after a model: ignored
+    cands = weights_dir_candidates(tmp_path)
+    assert [(c.kind, c.settings["model"]) for c in cands] == [("probe", "test_efficientnet"),
+                                                              ("finetune", "test_efficientnet")]  # fmt: skip
+    assert {c.settings["weights"] for c in cands} == {
+        str((tmp_path / "test_efficientnet.safetensors").resolve())
+    }
+    kinds = [c.kind for c in choose_candidates(findings_to_settings([], 32), "cpu", tmp_path)]
+    assert kinds == ["probe", "finetune", *["scratch"] * len(SCRATCH_CPU)]
+    with pytest.raises(UserError, match="--weights-dir"):
+        weights_dir_candidates(tmp_path / "missing")
+    (tmp_path / "test_efficientnet.safetensors").unlink()
+    with pytest.raises(UserError, match="named after a timm model"):
+        weights_dir_candidates(tmp_path)
+
+
+def test_findings_become_plan_settings():
+    findings = [
+        Finding("pairs", "warn", 0.9, "pairs", "--group pairs"),
+        Finding("shift", "warn", 0.8, "sizes", "--mode crop"),
+        Finding("shortcut", "warn", 0.7, "compression", "--jpeg-p 0.5"),
+        Finding("train_duplicates", "ok", 0, "none"),
+    ]
+    facts = findings_to_settings(findings, 90)
+    assert facts.shared == {"group": "pairs", "mode": "crop", "jpeg_p": 0.5} and len(facts.used) == 3
+    assert "mode" not in findings_to_settings(findings, 32).shared  # native-size images: crop changes nothing
