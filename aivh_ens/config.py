@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from aivh_ens.errors import UserError
-from aivh_ens.layout import RESERVED_RUN_NAMES
+from aivh_ens.layout import RESERVED_RUN_NAMES, pseudo_path
 from aivh_ens.recipes import get_recipe
 
 CONFIG_VERSION = 1
@@ -278,7 +278,7 @@ def config_change(old: RunConfig, new: RunConfig) -> str | None:
     why = f"run {new.name} already exists with a different config ({', '.join(diff)})"
     if "pseudo_sha256" in diff:
         why += (
-            f" (its pseudo-labels are the frozen copy runs/{new.name}/pseudo.csv, sha256 "
+            f" (its pseudo-labels are the frozen copy {pseudo_path('.', new.name)}, sha256 "
             f"{str(old.pseudo_sha256)[:12]}; this call's --pseudo has sha256 {str(new.pseudo_sha256)[:12]})"
         )
     return why

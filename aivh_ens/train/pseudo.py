@@ -26,7 +26,7 @@ from aivh_ens.config import RunConfig
 from aivh_ens.data.tables import read_score_table, read_test_table, read_train_table
 from aivh_ens.errors import UserError
 from aivh_ens.io import atomic_path
-from aivh_ens.layout import pseudo_path
+from aivh_ens.layout import blend_path, pseudo_path
 
 PSEUDO_FOLD = -1
 """The fold of a pseudo row: never equal to a fold index, so always a training row and never a validation row."""
@@ -82,7 +82,7 @@ def _blend_source(cfg: RunConfig, workdir: str | Path, log: Log | None) -> Pseud
 
     scores = blend_test_scores(workdir, data=cfg.data, progress=False, log=log or (lambda _m: None))
     data = scores.to_csv(index=False, float_format="%.8g", lineterminator="\n").encode()
-    return PseudoSource(f"the blend's test scores ({Path(workdir) / 'runs/blend/blend.json'})", data,
+    return PseudoSource(f"the blend's test scores ({blend_path(workdir)})", data,
                         hashlib.sha256(data).hexdigest(), scores)  # fmt: skip
 
 
@@ -185,7 +185,7 @@ def pseudo_record(cfg: RunConfig, source: PseudoSource, labels: np.ndarray) -> d
     picked = select_pseudo(source.scores, cfg, labels)
     return {
         "source": source.where,
-        "file": str(Path("runs") / cfg.name / "pseudo.csv"),
+        "file": str(pseudo_path(".", cfg.name)),  # relative to the work dir
         "sha256": source.sha256,
         "scored": len(source.scores),
         "rows": {"ai": int((picked["label"] == 1).sum()), "human": int((picked["label"] == 0).sum())},
