@@ -101,9 +101,9 @@ def bench_auto(data: Path, work: Path, budget: str) -> Path:
 def bench_single(data: Path, work: Path, budget: str) -> Path:
     """The best single run the budget buys: ``auto --models M`` for auto's first from-scratch candidate M, so
     the same clock, planner and stages size one model's folds and epochs to the budget."""
-    from aivh_ens.auto.candidates import SCRATCH_CPU
+    from aivh_ens.auto.candidates import SCRATCH_CPU_NATIVE
 
-    run(aivh("auto", "--data", str(data), "--time-limit", budget, "--models", SCRATCH_CPU[0], "--workdir",
+    run(aivh("auto", "--data", str(data), "--time-limit", budget, "--models", SCRATCH_CPU_NATIVE[0], "--workdir",
              str(work), "--quiet"))  # fmt: skip
     return work / "submission.csv"
 

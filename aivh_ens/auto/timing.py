@@ -25,11 +25,11 @@ def _sync(device: torch.device) -> None:
 
 def time_candidate(cfg: RunConfig, device: str, threads: int | None = None) -> Speed:
     """Train and evaluation images per second of ``cfg``'s model on ``device`` (``threads``: torch threads,
-    as each sweep job gets them). A probe run (``head`` linear or mlp) trains only its head, so its training
+    as each sweep job gets them), in its precision and memory format (``amp``, ``channels_last``). A probe run (``head`` linear or mlp) trains only its head, so its training
     speed is its feature extraction's (forward passes)."""
     from aivh_ens.train.loop import create_optimizer, resolve_device
     from aivh_ens.train.models import build_model
-    from aivh_ens.train.precision import autocast, resolve_precision
+    from aivh_ens.train.precision import autocast, resolve_precision, use_channels_last
 
     before = torch.get_num_threads()
     if threads:
@@ -40,6 +40,9 @@ def time_candidate(cfg: RunConfig, device: str, threads: int | None = None) -> S
         model.to(dev)
         amp = resolve_precision(cfg.amp, dev).amp
         x = torch.randn(cfg.batch_size, 3, data_cfg.img_size, data_cfg.img_size, device=dev)
+        if use_channels_last(cfg.channels_last, dev):
+            model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 2, (cfg.batch_size,), device=dev)
         eval_s = _time(lambda: _forward(model, x, dev, amp, autocast), dev)
         if cfg.head != "finetune":

@@ -18,6 +18,7 @@ from torch import nn
 
 from aivh_ens.config import RunConfig
 from aivh_ens.errors import UserError
+from aivh_ens.train import smallnets  # noqa: F401 - registers the aivh_cnn_* models with timm
 
 NUM_CLASSES = 2
 

@@ -9,6 +9,7 @@ import pytest
 
 from aivh_ens.auto.candidates import (
     SCRATCH_CPU,
+    SCRATCH_CPU_NATIVE,
     choose_candidates,
     findings_to_settings,
     img_size_for,
@@ -24,12 +25,15 @@ def test_small_images_train_at_native_size(side, device, size):
     assert img_size_for(side, device) == size
 
 
-def test_without_weights_the_cpu_trains_test_models_from_scratch():
-    facts = findings_to_settings([], 32)
-    cands = choose_candidates(facts, "cpu", None)
-    assert [c.settings["model"] for c in cands] == list(SCRATCH_CPU)
+def test_without_weights_the_cpu_trains_small_models_from_scratch():
+    cands = choose_candidates(findings_to_settings([], 32), "cpu", None)
+    assert [c.settings["model"] for c in cands] == list(SCRATCH_CPU_NATIVE)  # full resolution first
+    assert cands[0].settings["model"].startswith("aivh_cnn")
     assert all(c.kind == "scratch" and c.settings["img_size"] == 32 and c.settings["pretrained"] is False
                for c in cands)  # fmt: skip
+    large = choose_candidates(findings_to_settings([], 300), "cpu", None)
+    assert [c.settings["model"] for c in large] == list(SCRATCH_CPU)
+    assert {c.settings["img_size"] for c in large} == {64}
 
 
 def test_weights_dir_gives_a_probe_and_a_fine_tuned_run_per_model_file(tmp_path: Path):
@@ -45,7 +49,7 @@ def test_weights_dir_gives_a_probe_and_a_fine_tuned_run_per_model_file(tmp_path:
         str((tmp_path / "test_efficientnet.safetensors").resolve())
     }
     kinds = [c.kind for c in choose_candidates(findings_to_settings([], 32), "cpu", tmp_path)]
-    assert kinds == ["probe", "finetune", *["scratch"] * len(SCRATCH_CPU)]
+    assert kinds == ["probe", "finetune", *["scratch"] * len(SCRATCH_CPU_NATIVE)]
     with pytest.raises(UserError, match="--weights-dir"):
         weights_dir_candidates(tmp_path / "missing")
     (tmp_path / "test_efficientnet.safetensors").unlink()
@@ -63,3 +67,35 @@ def test_findings_become_plan_settings():
     facts = findings_to_settings(findings, 90)
     assert facts.shared == {"group": "pairs", "mode": "crop", "jpeg_p": 0.5} and len(facts.used) == 3
     assert "mode" not in findings_to_settings(findings, 32).shared  # native-size images: crop changes nothing
+
+
+def test_timing_keeps_bf16_channels_last_on_the_cpu_only_when_it_pays(tmp_path: Path, monkeypatch):
+    import dataclasses
+
+    from aivh_ens.auto import stage, timing
+    from aivh_ens.auto.budget import Speed
+    from aivh_ens.auto.plan import AutoRun
+
+    real = timing.time_candidate(
+        dataclasses.replace(_cfg("aivh_cnn_s"), amp="bf16", channels_last=True, batch_size=8), "cpu", 1
+    )
+    assert real.train_img_s > 0 and real.eval_img_s > 0  # the fast settings run for real
+    gain = {"aivh_cnn_s": 2.4, "test_resnet": 1.1}  # what each model gains from bf16 + channels_last
+    monkeypatch.setattr(timing, "time_candidate", lambda cfg, device, threads: Speed(
+        100 * (gain[cfg.model] if cfg.amp == "bf16" and cfg.channels_last else 1), 300))  # fmt: skip
+    cands = [c for c in choose_candidates(findings_to_settings([], 32), "cpu", None)
+             if c.settings["model"] in gain]  # fmt: skip
+    timings = stage.step_time(cands, "cpu", 1, tmp_path, str(tmp_path), lambda _m: None)
+    fast, slow = (timings[c.name] for c in cands)
+    assert fast["settings"] == {"amp": "bf16", "channels_last": True} and fast["train_img_s"] == 240
+    assert slow["settings"] == {} and slow["train_img_s"] == 100  # 1.1x does not pay for bf16's rounding
+    chosen = stage.timed_settings(cands, timings)
+    assert chosen[0].settings["amp"] == "bf16" and "amp" not in chosen[1].settings
+    table = AutoRun(chosen[0].name, "scratch", chosen[0].settings, 8).table()
+    assert table["amp"] == "bf16" and table["channels_last"] is True  # what the plan's sweep will train with
+
+
+def _cfg(model: str):
+    from aivh_ens.config import resolve_config
+
+    return resolve_config("tiny", name="t", data=".", model=model, img_size=32, pretrained=False)
