@@ -22,9 +22,11 @@ PREPARE_S_PER_IMAGE = 0.002
 """A sweep's first look at each image: the full decode check and the image cache (cached for later calls)."""
 JOB_OVERHEAD_S = 3.0
 """One (run, fold) job beyond its epochs: the model, the loaders, the OOF pass's set-up, the files."""
-LOADER_FACTOR = 1.6
+LOADER_FACTOR = 1.1
 """Real epochs against the probe's synthetic batches: reading the cache, augmentation, validation, and the
-device's jobs running side by side (measured on cifake-dev on 2 cores: 1.4-2x)."""
+device's jobs running side by side. Measured on 20,000 cifake-dev images on 2 cores (two jobs at once, 5 folds
+each): 0.7x (``test_efficientnet``, fp32), 1.0x (``test_resnet``), 1.07-1.1x (``aivh_cnn_s``, bf16). The
+sweep's clock corrects a plan whose jobs run slower than this (:class:`aivh_ens.auto.stage.Gate`)."""
 FOLD_CHOICES = (5, 3, 2)
 """Folds tried, most first: 5 when the first candidate fits with its least epochs, else fewer."""
 

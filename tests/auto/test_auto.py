@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from aivh_ens.auto.plan import read_plan
 from aivh_ens.cli import main
+from aivh_ens.layout import oof_path
 
 LIMIT_S = 60
 
@@ -79,6 +80,26 @@ def test_second_call_resumes_without_retraining(first):
     plan = read_plan(work, data)
     jobs = len(plan.runs) * plan.folds
     assert f"sweep: {jobs} jobs, {jobs - len(before)} to run" in res.output
+
+
+def test_a_larger_limit_extends_the_plan_without_retraining(first):
+    data, work, _ = first
+    old = read_plan(work, data)
+    before = _done_files(work)
+    res = _auto(data, work, f"{3 * LIMIT_S}s")
+    assert res.exit_code == 0, res.output
+    assert "plan: extended for 3.0m with " in res.output
+    new = read_plan(work, data)
+    assert new.limit_s == 3 * LIMIT_S and new.folds == old.folds
+    assert new.runs[: len(old.runs)] == old.runs and len(new.runs) > len(
+        old.runs
+    )  # the old runs as they were
+    after = _done_files(work)
+    assert {p: after[p] for p in before} == before  # nothing of the first plan was retrained
+    added = {r.name for r in new.runs[len(old.runs) :]}
+    assert added and all(oof_path(work, name).is_file() for name in added)  # trained to the end
+    table = (work / "runs/auto/table.txt").read_text()
+    assert all(name in table for name in added)
 
 
 def test_budget_too_small_for_one_run_stops_before_training(demo_data, tmp_path):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from aivh_ens.auto.budget import Speed, fit_plan, minimum_s, parse_time_limit, plan_seconds, schedule_s
+from aivh_ens.auto.budget import (
+    PlannedRun,
+    Speed,
+    fit_plan,
+    job_s,
+    minimum_s,
+    parse_time_limit,
+    plan_seconds,
+    schedule_s,
+)
 from aivh_ens.auto.candidates import Candidate
 from aivh_ens.auto.plan import AutoRun, choose_runs, extension, train_seconds
 from aivh_ens.errors import UserError
@@ -56,7 +65,8 @@ def test_plan_fits_the_budget(budget, devices, n_train):
 def test_folds_for_the_best_candidate_come_before_more_candidates():
     fit = fit_plan(SPEEDS, RANGES, 20000, 2, 900)
     assert fit.folds == 5 and fit.runs[0].candidate == 0  # the first candidate on 5 folds, not more on fewer
-    small = fit_plan(SPEEDS, RANGES, 20000, 2, 420)
+    five = plan_seconds([PlannedRun(0, RANGES[0][0], job_s(SPEEDS[0], 20000, 5, RANGES[0][0]))], 5, 2)
+    small = fit_plan(SPEEDS, RANGES, 20000, 2, five - 1)  # the first candidate no longer fits on 5 folds
     assert small.folds == 3 and small.runs[0].candidate == 0
     assert fit_plan(SPEEDS, RANGES, 20000, 2, 10) is None
 
