@@ -33,8 +33,13 @@ class AutoRun:
     job_s: float = 0.0
 
     def table(self) -> dict[str, Any]:
-        """The run's ``[[runs]]`` table of the sweep plan."""
-        early = {"early_stop": max(3, self.epochs // 3)} if self.kind != "probe" and self.epochs >= 6 else {}
+        """The run's ``[[runs]]`` table of the sweep plan. Fine-tuning of six epochs or more stops early (patience
+        a third of the epochs); from-scratch runs train their epochs (on a cosine schedule their validation F1
+        rises to the end: with patience 3 one fold of ``aivh_cnn_s`` stopped at epoch 5 at 0.916 on cifake-dev
+        while its four siblings reached 0.942-0.951 after 11)."""
+        early = (
+            {"early_stop": max(3, self.epochs // 3)} if self.kind == "finetune" and self.epochs >= 6 else {}
+        )
         return {"name": self.name, **self.settings, "epochs": self.epochs, **early}
 
 

@@ -123,3 +123,11 @@ def test_the_clock_starts_a_job_only_when_it_fits(tmp_path):
     assert not gate(left=10 + both - 1)(_job(tmp_path, "b", 0))
     g = gate(left=10 + both + 1)
     assert g(_job(tmp_path, "b", 0)) and g(_job(tmp_path, "b", 1))  # a started run needs one fold more
+
+
+def test_only_fine_tuning_stops_early():
+    scratch = AutoRun("auto-aivh_cnn_s-32px", "scratch", {"model": "aivh_cnn_s"}, 11).table()
+    tune = AutoRun("auto-convnext_tiny-ft", "finetune", {"model": "convnext_tiny"}, 6).table()
+    short = AutoRun("auto-convnext_tiny-ft", "finetune", {"model": "convnext_tiny"}, 4).table()
+    assert "early_stop" not in scratch and scratch["epochs"] == 11  # the epochs are the budget
+    assert tune["early_stop"] == 3 and "early_stop" not in short

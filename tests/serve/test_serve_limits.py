@@ -31,7 +31,9 @@ class Flaky:
 
     def __init__(self, ensemble: Ensemble):
         self._ensemble = ensemble
-        self.poisoned: set[int] = set()
+        self.poisoned: list[
+            Any
+        ] = []  # the images themselves: an id() alone is reused once its image is freed
         self.gate = threading.Event()
         self.gate.set()
 
@@ -41,12 +43,12 @@ class Flaky:
     def decode(self, data: bytes, name: str) -> Any:
         decoded = self._ensemble.decode(data, name)
         if "poison" in name:
-            self.poisoned.add(id(decoded))
+            self.poisoned.append(decoded)
         return decoded
 
     def score(self, images: list) -> list:
         self.gate.wait(60)
-        if any(id(i) in self.poisoned for i in images):
+        if any(i is p for i in images for p in self.poisoned):
             raise RuntimeError("this image breaks the model")
         return self._ensemble.score(images)
 
