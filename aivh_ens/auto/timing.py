@@ -25,8 +25,9 @@ def _sync(device: torch.device) -> None:
 
 def time_candidate(cfg: RunConfig, device: str, threads: int | None = None) -> Speed:
     """Train and evaluation images per second of ``cfg``'s model on ``device`` (``threads``: torch threads,
-    as each sweep job gets them), in its precision and memory format (``amp``, ``channels_last``). A probe run (``head`` linear or mlp) trains only its head, so its training
-    speed is its feature extraction's (forward passes)."""
+    as each sweep job gets them), in its precision and memory format (``amp``, ``channels_last``). A probe run
+    (``head`` linear or mlp) trains only its head, so its training speed is its feature extraction's (forward
+    passes)."""
     from aivh_ens.train.loop import create_optimizer, resolve_device
     from aivh_ens.train.models import build_model
     from aivh_ens.train.precision import autocast, resolve_precision, use_channels_last

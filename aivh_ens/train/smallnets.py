@@ -57,8 +57,8 @@ class SmallCNN(nn.Module):
         super().__init__()
         if drop_path_rate:
             raise UserError(
-                f"drop_path_rate={drop_path_rate} (a recipe or sweep plan value): the aivh_cnn_* models have no residual "
-                "paths to drop; use 0"
+                f"drop_path_rate={drop_path_rate} (a recipe or sweep plan value): the aivh_cnn_* models have no "
+                "residual paths to drop; use 0"
             )
         stages: list[nn.Module] = []
         cin = in_chans
