@@ -22,13 +22,14 @@ PREPARE_S_PER_IMAGE = 0.002
 """A sweep's first look at each image: the full decode check and the image cache (cached for later calls)."""
 JOB_OVERHEAD_S = 3.0
 """One (run, fold) job beyond its epochs: the model, the loaders, the OOF pass's set-up, the files."""
-LOADER_FACTOR = 1.1
+LOADER_FACTOR = 0.95
 """Real epochs against the probe's synthetic batches: reading the cache, augmentation, validation, and the
 device's jobs running side by side. Measured on 20,000 cifake-dev images on 2 cores (two jobs at once, 5 folds
-each): 0.7x (``test_efficientnet``, fp32), 1.0x (``test_resnet``), 1.07-1.1x (``aivh_cnn_s``, bf16). The
-sweep's clock corrects a plan whose jobs run slower than this (:class:`aivh_ens.auto.stage.Gate`)."""
-FOLD_CHOICES = (5, 3, 2)
-"""Folds tried, most first: 5 when the first candidate fits with its least epochs, else fewer."""
+each): at 1.1 the ``aivh_cnn_s`` jobs (bf16, batch 64) took 0.66-0.83 of their estimates (the probe's batches
+of 32 train 1.4x slower than the jobs' 64), so 0.95 puts them at 0.76-0.96. The sweep's clock corrects a plan
+whose jobs run slower than this (:class:`aivh_ens.auto.stage.Gate`)."""
+FOLD_CHOICES = (5, 4, 3, 2)
+"""The folds :func:`choose_folds` picks from."""
 
 
 def parse_time_limit(value: str | float | int) -> float:
@@ -128,10 +129,14 @@ def fit_plan(
     budget_s: float,
     folds: int | None = None,
 ) -> Fit | None:
-    """The plan that fits ``budget_s``: most folds for the first candidate, then every further candidate that
-    still fits (in order), then most epochs. On cifake-dev one run of 5 folds beat three runs of 2 folds
-    (F1 0.914 against 0.872, 4,000 images, 4 minutes): each fold model sees more rows, and the test prediction
-    averages more of them.
+    """The plan that fits ``budget_s``: the first candidate on the folds :func:`choose_folds` picks, with the
+    most epochs that fit (up to the most of its range); then every further candidate that still fits (in
+    order), with the most epochs the time left gives them.
+
+    The first candidate's epochs come before further candidates: on 16,000 cifake-dev rows ``aivh_cnn_s``
+    scored F1 0.950-0.954 after 10 epochs and 0.957 after 16, while five 10-epoch models averaged scored
+    0.953; and in 20-minute plans a single candidate on 5 folds (test F1 0.958) beat the same candidate with
+    two weaker ones filling the idle core (0.953-0.955).
 
     Args:
         speeds: each candidate's measured speed, in priority order.
@@ -139,26 +144,52 @@ def fit_plan(
         n_train: training rows.
         devices: jobs that run at once.
         budget_s: wall seconds the training may take.
-        folds: a fixed number of folds (a plan being extended keeps its fold file); None tries 5, 3, 2.
+        folds: a fixed number of folds (a plan being extended keeps its fold file); None: :func:`choose_folds`.
 
     Returns:
-        None when not even the cheapest candidate fits with 2 folds and its least epochs.
+        None when no candidate fits with 2 folds and its least epochs.
     """
-    for k in (folds,) if folds else FOLD_CHOICES:
-        chosen: list[int] = []
-        for c in range(len(speeds)):
-            trial = [*chosen, c]
-            least = [epoch_range[i][0] for i in trial]
-            if plan_seconds(_runs(speeds, trial, least, n_train, k), k, devices) <= budget_s:
-                chosen = trial
-        if (not chosen or chosen[0] != 0) and k != (folds or FOLD_CHOICES[-1]):
-            continue  # the first (best) candidate must fit: fewer folds before a lesser model
-        if not chosen:
-            return None
-        epochs = _most_epochs(speeds, epoch_range, chosen, n_train, k, devices, budget_s)
-        runs = _runs(speeds, chosen, epochs, n_train, k)
+    for lead in range(len(speeds)):  # a candidate that does not fit at all gives way to the next one
+        k = folds or choose_folds(speeds[lead], epoch_range[lead], n_train, devices, budget_s)
+        first = _most_epochs(speeds, epoch_range, [lead], n_train, k, devices, budget_s) if k else None
+        if first is None:
+            continue
+        chosen, least = [lead], [first[0]]
+        for c in range(lead + 1, len(speeds)):
+            trial = [*least, epoch_range[c][0]]
+            if plan_seconds(_runs(speeds, [*chosen, c], trial, n_train, k), k, devices) <= budget_s:
+                chosen, least = [*chosen, c], trial
+        ranges = [(first[0], first[0]), *(epoch_range[c] for c in chosen[1:])]
+        epochs = _most_epochs(speeds, ranges, range(len(chosen)), n_train, k, devices, budget_s, chosen)
+        runs = _runs(speeds, chosen, epochs or least, n_train, k)
         return Fit(k, tuple(runs), plan_seconds(runs, k, devices))
     return None
+
+
+def round_fill(folds: int, devices: int) -> float:
+    """The share of the device slots a run's fold jobs fill: 5 folds on 2 devices run in 3 rounds of 2 slots,
+    the last one half idle (5/6); 4 folds fill 2 rounds (1.0)."""
+    return folds / (math.ceil(folds / devices) * devices)
+
+
+def choose_folds(
+    speed: Speed, epochs: tuple[int, int], n_train: int, devices: int, budget_s: float
+) -> int | None:
+    """Folds for the first candidate: the most of :data:`FOLD_CHOICES` when it trains the most of its epochs
+    there; else the choice that trains its models on the most rows for the longest, the share of rows a fold
+    model trains on ((k - 1) / k) times the share of the device slots its jobs fill (:func:`round_fill`), more
+    folds on a tie. On 2 devices that is 4 folds (2 full rounds; 5 folds leave one device idle for a third of
+    the time), on 1 device 5, on 4 devices 4. None when it does not fit with its least epochs on 2 folds."""
+    fits = {}
+    for k in FOLD_CHOICES:
+        most = _most_epochs([speed], [epochs], [0], n_train, k, devices, budget_s)
+        if most is not None:
+            fits[k] = most[0]
+    if not fits:
+        return None
+    if fits.get(FOLD_CHOICES[0], 0) >= epochs[1]:
+        return FOLD_CHOICES[0]
+    return max(fits, key=lambda k: (round((k - 1) / k * round_fill(k, devices), 9), k))
 
 
 def _most_epochs(
@@ -169,15 +200,20 @@ def _most_epochs(
     k: int,
     devices: int,
     budget_s: float,
-) -> list[int]:
-    """Raise every chosen run's epochs by the same share of its range while the plan still fits."""
+    models: Sequence[int] | None = None,
+) -> list[int] | None:
+    """The epochs of the ``chosen`` ranges raised by the same share of each range while the plan fits; None
+    when even the least epochs do not fit. ``models``: each run's candidate (default ``chosen``)."""
+    models = list(chosen if models is None else models)
     lo = [epoch_range[c][0] for c in chosen]
     hi = [epoch_range[c][1] for c in chosen]
+    if plan_seconds(_runs(speeds, models, lo, n, k), k, devices) > budget_s:
+        return None
     best = lo
     for step in range(1, 101):
         share = step / 100
         epochs = [max(a, round(a + share * (b - a))) for a, b in zip(lo, hi, strict=True)]
-        if plan_seconds(_runs(speeds, chosen, epochs, n, k), k, devices) > budget_s:
+        if plan_seconds(_runs(speeds, models, epochs, n, k), k, devices) > budget_s:
             break
         best = epochs
     return best

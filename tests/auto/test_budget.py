@@ -62,12 +62,34 @@ def test_plan_fits_the_budget(budget, devices, n_train):
     assert (more.folds, len(more.runs)) >= (fit.folds, len(fit.runs))  # more time never buys less
 
 
-def test_folds_for_the_best_candidate_come_before_more_candidates():
-    fit = fit_plan(SPEEDS, RANGES, 20000, 2, 900)
-    assert fit.folds == 5 and fit.runs[0].candidate == 0  # the first candidate on 5 folds, not more on fewer
-    five = plan_seconds([PlannedRun(0, RANGES[0][0], job_s(SPEEDS[0], 20000, 5, RANGES[0][0]))], 5, 2)
-    small = fit_plan(SPEEDS, RANGES, 20000, 2, five - 1)  # the first candidate no longer fits on 5 folds
-    assert small.folds == 3 and small.runs[0].candidate == 0
+def _first_alone(k: int, devices: int, epochs: int) -> float:
+    return plan_seconds([PlannedRun(0, epochs, job_s(SPEEDS[0], 20000, k, epochs))], k, devices)
+
+
+def test_the_first_candidate_trains_its_most_epochs_before_more_candidates():
+    budget = _first_alone(5, 2, 8)
+    fit = fit_plan(SPEEDS, RANGES, 20000, 2, budget)
+    assert [r.candidate for r in fit.runs] == [0]  # short of its 16 epochs: no further candidate
+    assert fit.runs[0].epochs < RANGES[0][1]
+    assert _first_alone(fit.folds, 2, fit.runs[0].epochs + 1) > budget  # and every epoch that fits
+    full = _first_alone(5, 2, RANGES[0][1])  # 16 epochs on 5 folds: the rest goes to more candidates
+    fit = fit_plan(SPEEDS, RANGES, 20000, 2, full + 400)
+    assert fit.folds == 5 and fit.runs[0].candidate == 0 and fit.runs[0].epochs == RANGES[0][1]
+    assert len(fit.runs) > 1 and all(r.epochs >= RANGES[r.candidate][0] for r in fit.runs)
+
+
+@pytest.mark.parametrize(("devices", "folds"), [(1, 5), (2, 4), (3, 5), (4, 4)])
+def test_folds_fill_the_devices_rounds_while_epochs_are_short(devices, folds):
+    budget = _first_alone(5, devices, 10)  # enough for 10 of the first candidate's 16 epochs on 5 folds
+    fit = fit_plan(SPEEDS, RANGES, 20000, devices, budget)
+    assert fit.folds == folds and fit.runs[0].candidate == 0
+    if folds == 4:  # 5 folds would leave a device idle in the last round: 4 folds train longer
+        assert fit.runs[0].epochs > 10
+
+
+def test_fewer_folds_when_the_first_candidate_does_not_fit_on_more():
+    small = fit_plan(SPEEDS, RANGES, 20000, 2, _first_alone(4, 2, RANGES[0][0]) - 1)
+    assert small.folds in (3, 2) and small.runs[0].candidate == 0
     assert fit_plan(SPEEDS, RANGES, 20000, 2, 10) is None
 
 
@@ -80,7 +102,8 @@ def test_a_larger_limit_adds_runs_and_keeps_the_planned_ones():
     folds, runs = choose_runs(cands[:2], SPEEDS[:2], 20000, 2, 900)
     extra, speeds = extension(cands, SPEEDS, runs)
     names = [c.name for c in extra]
-    assert names[0] == "auto-m2-32px"  # the candidate not yet planned comes first
+    planned = {r.name for r in runs}
+    assert names[: 3 - len(runs)] == [c.name for c in cands if c.name not in planned]  # the unplanned first
     for r in runs:  # each planned candidate comes back only as a new, longer run
         assert r.name not in names and f"{r.name}-e{2 * r.epochs}" in names
     added = choose_runs(extra, speeds, 20000, 2, 1800, folds=folds)
