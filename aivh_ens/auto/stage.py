@@ -82,8 +82,8 @@ def finish_seconds(
     """Estimated seconds of blend (Optuna, nested CV), submit (every fold model, two TTA views) and report."""
     m = len(runs)  # one run blends as itself; two or more: the Optuna search and nested CV (measured here)
     blend = 1.0 + (10.0 + 2.0 * (m - 2) if m > 1 else 0.0) + 2e-4 * n_train * m
-    # every fold model scores the test set in two views (hflip), in batches larger than the probe's
-    submit = 3.0 + sum(folds * (0.3 + n_test / _speed_of(r.name, speeds).eval_img_s) for r in runs)
+    # every fold model scores the test set in two views (the recipes' hflip TTA)
+    submit = 3.0 + sum(folds * (0.3 + 2 * n_test / _speed_of(r.name, speeds).eval_img_s) for r in runs)
     return blend + submit + REPORT_S + 0.5 * len(runs)
 
 

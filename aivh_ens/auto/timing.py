@@ -14,8 +14,13 @@ import torch
 from aivh_ens.auto.budget import Speed
 from aivh_ens.config import RunConfig
 
-WARMUP_BATCHES = 1
+WARMUP_BATCHES = 2
+"""Batches run before the clock starts (kernel selection, oneDNN's weight reorders, cuDNN benchmarking)."""
 TIMED_BATCHES = 3
+MIN_TIMED_S = 0.5
+"""The timed batches run for at least this long (a fast model's three batches are a few milliseconds, too few
+to average out a scheduler hiccup)."""
+MAX_TIMED_BATCHES = 50
 
 
 def _sync(device: torch.device) -> None:
@@ -56,15 +61,19 @@ def time_candidate(cfg: RunConfig, device: str, threads: int | None = None) -> S
 
 
 def _time(fn, device: torch.device) -> float:  # noqa: ANN001 - a closure
-    """Seconds per call of ``fn`` after the warm-up calls."""
+    """Seconds per call of ``fn`` after the warm-up calls: at least :data:`TIMED_BATCHES` calls, more while they
+    take less than :data:`MIN_TIMED_S` (up to :data:`MAX_TIMED_BATCHES`)."""
     for _ in range(WARMUP_BATCHES):
         fn()
     _sync(device)
     t0 = time.perf_counter()
-    for _ in range(TIMED_BATCHES):
+    n = 0
+    while n < TIMED_BATCHES or (n < MAX_TIMED_BATCHES and time.perf_counter() - t0 < MIN_TIMED_S):
         fn()
-    _sync(device)
-    return max((time.perf_counter() - t0) / TIMED_BATCHES, 1e-6)
+        n += 1
+        if n >= TIMED_BATCHES:
+            _sync(device)
+    return max((time.perf_counter() - t0) / n, 1e-6)
 
 
 def _forward(model, x, device, amp, autocast) -> None:  # noqa: ANN001
