@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 from aivh_ens.errors import UserError
 
@@ -150,47 +151,55 @@ def fit_plan(
     Returns:
         None when no candidate fits with 2 folds and its least epochs.
     """
+    choices = (folds,) if folds else FOLD_CHOICES
     for lead in range(len(speeds)):  # a candidate that does not fit at all gives way to the next one
-        k = folds or choose_folds(speeds[lead], epoch_range[lead], n_train, devices, budget_s)
-        first = _most_epochs(speeds, epoch_range, [lead], n_train, k, devices, budget_s) if k else None
-        if first is None:
+        pick = choose_folds(speeds[lead], epoch_range[lead], n_train, devices, budget_s, choices)
+        if pick is None:
             continue
-        chosen, least = [lead], [first[0]]
+        k, first = pick
+        chosen, least = [lead], [first]
         for c in range(lead + 1, len(speeds)):
             trial = [*least, epoch_range[c][0]]
             if plan_seconds(_runs(speeds, [*chosen, c], trial, n_train, k), k, devices) <= budget_s:
                 chosen, least = [*chosen, c], trial
-        ranges = [(first[0], first[0]), *(epoch_range[c] for c in chosen[1:])]
-        epochs = _most_epochs(speeds, ranges, range(len(chosen)), n_train, k, devices, budget_s, chosen)
+        ranges = [(first, first), *(epoch_range[c] for c in chosen[1:])]
+        picked = [speeds[c] for c in chosen]
+        epochs = _most_epochs(picked, ranges, range(len(chosen)), n_train, k, devices, budget_s)
         runs = _runs(speeds, chosen, epochs or least, n_train, k)
         return Fit(k, tuple(runs), plan_seconds(runs, k, devices))
     return None
 
 
-def round_fill(folds: int, devices: int) -> float:
-    """The share of the device slots a run's fold jobs fill: 5 folds on 2 devices run in 3 rounds of 2 slots,
-    the last one half idle (5/6); 4 folds fill 2 rounds (1.0)."""
-    return folds / (math.ceil(folds / devices) * devices)
+def slot_share(folds: int, devices: int) -> Fraction:
+    """What a fold choice gives each fold model: the share of rows it trains on ((k - 1) / k) times the share
+    of the device slots the run's jobs fill (k / (rounds * devices)). 5 folds on 2 devices run in 3 rounds
+    of 2 slots, the last one half idle: 4/6; 4 folds fill 2 rounds: 3/4."""
+    return Fraction(folds - 1, math.ceil(folds / devices) * devices)
 
 
 def choose_folds(
-    speed: Speed, epochs: tuple[int, int], n_train: int, devices: int, budget_s: float
-) -> int | None:
-    """Folds for the first candidate: the most of :data:`FOLD_CHOICES` when it trains the most of its epochs
-    there; else the choice that trains its models on the most rows for the longest, the share of rows a fold
-    model trains on ((k - 1) / k) times the share of the device slots its jobs fill (:func:`round_fill`), more
-    folds on a tie. On 2 devices that is 4 folds (2 full rounds; 5 folds leave one device idle for a third of
-    the time), on 1 device 5, on 4 devices 4. None when it does not fit with its least epochs on 2 folds."""
+    speed: Speed,
+    epochs: tuple[int, int],
+    n_train: int,
+    devices: int,
+    budget_s: float,
+    choices: Sequence[int] = FOLD_CHOICES,
+) -> tuple[int, int] | None:
+    """Folds for the first candidate, and its most epochs there: the first of ``choices`` when it trains the
+    most of its epochs there; else the choice of the largest :func:`slot_share` (more folds on a tie). On 2
+    devices that is 4 folds (2 full rounds; 5 folds leave one device idle for a third of the time), on 1
+    device 5, on 4 devices 4. None when it does not fit with its least epochs on any of ``choices``."""
     fits = {}
-    for k in FOLD_CHOICES:
+    for k in choices:
         most = _most_epochs([speed], [epochs], [0], n_train, k, devices, budget_s)
         if most is not None:
             fits[k] = most[0]
     if not fits:
         return None
-    if fits.get(FOLD_CHOICES[0], 0) >= epochs[1]:
-        return FOLD_CHOICES[0]
-    return max(fits, key=lambda k: (round((k - 1) / k * round_fill(k, devices), 9), k))
+    if fits.get(choices[0], 0) >= epochs[1]:
+        return choices[0], fits[choices[0]]
+    k = max(fits, key=lambda k: (slot_share(k, devices), k))
+    return k, fits[k]
 
 
 def _most_epochs(
@@ -201,20 +210,18 @@ def _most_epochs(
     k: int,
     devices: int,
     budget_s: float,
-    models: Sequence[int] | None = None,
 ) -> list[int] | None:
-    """The epochs of the ``chosen`` ranges raised by the same share of each range while the plan fits; None
-    when even the least epochs do not fit. ``models``: each run's candidate (default ``chosen``)."""
-    models = list(chosen if models is None else models)
+    """The epochs of the ``chosen`` runs raised by the same share of each range while the plan fits; None
+    when even the least epochs do not fit."""
     lo = [epoch_range[c][0] for c in chosen]
     hi = [epoch_range[c][1] for c in chosen]
-    if plan_seconds(_runs(speeds, models, lo, n, k), k, devices) > budget_s:
+    if plan_seconds(_runs(speeds, chosen, lo, n, k), k, devices) > budget_s:
         return None
     best = lo
     for step in range(1, 101):
         share = step / 100
         epochs = [max(a, round(a + share * (b - a))) for a, b in zip(lo, hi, strict=True)]
-        if plan_seconds(_runs(speeds, models, epochs, n, k), k, devices) > budget_s:
+        if plan_seconds(_runs(speeds, chosen, epochs, n, k), k, devices) > budget_s:
             break
         best = epochs
     return best

@@ -31,9 +31,8 @@ class Flaky:
 
     def __init__(self, ensemble: Ensemble):
         self._ensemble = ensemble
-        self.poisoned: list[
-            Any
-        ] = []  # the images themselves: an id() alone is reused once its image is freed
+        # the images themselves: an id() alone is reused once its image is freed
+        self.poisoned: list[Any] = []
         self.gate = threading.Event()
         self.gate.set()
 
