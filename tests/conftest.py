@@ -15,6 +15,19 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that runs a command in-process with ``--threads N`` leaves torch's thread count where it was,
+    so a later test in the same worker does not train with another count (and other float sums) than its
+    subprocesses."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``make(n=120, n_test=20, seed=3) -> data folder``: a demo data set in the Kaggle layout, generated

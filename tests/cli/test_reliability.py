@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from aivh_ens.cli import main
 
-ARGS = ["cv", *tiny_cv(folds=2, epochs=2), "--name", "k"]
+# One torch thread everywhere: the in-process reference and the killed subprocesses sum in the same order.
+ARGS = ["cv", *tiny_cv(folds=2, epochs=2), "--name", "k", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
