@@ -3,7 +3,9 @@
 timm's ``test_*`` models downsample 4x in their stem, so a 32 px image becomes an 8x8 grid before the first
 stage; the traces that tell a generated image from a photo live at the pixel scale. ``aivh_cnn_s`` and
 ``aivh_cnn_m`` start at full resolution: stages of (3x3 conv, BatchNorm, ReLU) x ``depth`` with a 2x2 max-pool
-between stages, then timm's classifier head. They have no pretrained weights.
+between stages, then timm's classifier head. ``aivh_res_s`` has the same widths as ``aivh_cnn_s`` with a
+full-resolution stem convolution and one residual block (two 3x3 convolutions and a shortcut) per stage. They
+have no pretrained weights.
 
 Importing this module registers them (``aivh_ens.train.models`` does), so every stage that names a model
 (``--model aivh_cnn_s``, a sweep plan, ``auto``) reaches them through ``timm.create_model``.
@@ -22,14 +24,34 @@ from torch import nn
 
 from aivh_ens.errors import UserError
 
-VARIANTS = {"aivh_cnn_s": (32, 64, 128), "aivh_cnn_m": (48, 96, 192)}
-"""Stage widths per variant: 0.29M and 0.65M parameters with two convolutions per stage."""
+VARIANTS: dict[str, dict[str, Any]] = {
+    "aivh_cnn_s": {"widths": (32, 64, 128)},
+    "aivh_cnn_m": {"widths": (48, 96, 192)},
+    "aivh_res_s": {"widths": (32, 64, 128), "depth": 1, "residual": True},
+}
+"""Each variant's :class:`SmallCNN` arguments: 0.29M, 0.65M and 0.31M parameters."""
 
 
-def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-    )
+def _conv_bn(cin: int, cout: int, relu: bool = True) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, *([nn.ReLU(inplace=True)] if relu else []))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions added to the input (through a 1x1 convolution where the width changes), then ReLU."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(_conv_bn(cin, cout), _conv_bn(cout, cout, relu=False))
+        self.shortcut = (
+            nn.Identity()
+            if cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return self.act(self.convs(x) + self.shortcut(x))
 
 
 class SmallCNN(nn.Module):
@@ -38,7 +60,8 @@ class SmallCNN(nn.Module):
 
     Args:
         widths: channels per stage; every stage after the first starts with a 2x2 max-pool.
-        depth: convolutions per stage.
+        depth: convolutions per stage, or residual blocks per stage with ``residual``.
+        residual: a full-resolution stem convolution (``widths[0]`` channels), then residual blocks.
         num_classes: classifier outputs; 0 leaves the pooled features (``num_features`` of them).
         drop_rate: dropout before the classifier.
         drop_path_rate: must be 0 (the network has no residual paths to drop); else a UserError.
@@ -46,8 +69,9 @@ class SmallCNN(nn.Module):
 
     def __init__(
         self,
-        widths: Sequence[int] = VARIANTS["aivh_cnn_s"],
+        widths: Sequence[int] = (32, 64, 128),
         depth: int = 2,
+        residual: bool = False,
         num_classes: int = 1000,
         in_chans: int = 3,
         global_pool: str = "avg",
@@ -57,15 +81,18 @@ class SmallCNN(nn.Module):
         super().__init__()
         if drop_path_rate:
             raise UserError(
-                f"drop_path_rate={drop_path_rate} (a recipe or sweep plan value): the aivh_cnn_* models have no "
-                "residual paths to drop; use 0"
+                f"drop_path_rate={drop_path_rate} (a recipe or sweep plan value): the aivh_cnn_* and aivh_res_* "
+                "models have no stochastic depth; use 0"
             )
         stages: list[nn.Module] = []
         cin = in_chans
         for i, width in enumerate(widths):
             layers: list[nn.Module] = [nn.MaxPool2d(2)] if i else []
+            if residual and not i:
+                layers.append(_conv_bn(cin, width))
+                cin = width
             for _ in range(depth):
-                layers.append(_conv_bn_relu(cin, width))
+                layers.append(ResidualBlock(cin, width) if residual else _conv_bn(cin, width))
                 cin = width
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
@@ -109,10 +136,10 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in VARIANTS})
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SmallCNN:
-    return build_model_with_cfg(SmallCNN, variant, pretrained, widths=VARIANTS[variant], **kwargs)
+    return build_model_with_cfg(SmallCNN, variant, pretrained, **{**VARIANTS[variant], **kwargs})
 
 
-if not timm.is_model("aivh_cnn_s"):  # a reload must not register twice (timm warns and overwrites)
+if not timm.is_model("aivh_res_s"):  # a reload must not register twice (timm warns and overwrites)
 
     @register_model
     def aivh_cnn_s(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
@@ -123,3 +150,9 @@ if not timm.is_model("aivh_cnn_s"):  # a reload must not register twice (timm wa
     def aivh_cnn_m(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
         """Full-resolution CNN, widths 48-96-192, 0.65M parameters."""
         return _create("aivh_cnn_m", pretrained, **kwargs)
+
+    @register_model
+    def aivh_res_s(pretrained: bool = False, **kwargs: Any) -> SmallCNN:
+        """Full-resolution residual CNN, widths 32-64-128, a stem convolution and one block per stage, 0.31M
+        parameters."""
+        return _create("aivh_res_s", pretrained, **kwargs)

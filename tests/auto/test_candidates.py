@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from aivh_ens.auto.candidates import (
+    FULL_RES_EPOCHS,
     SCRATCH_CPU,
     SCRATCH_CPU_NATIVE,
     choose_candidates,
@@ -28,7 +29,8 @@ def test_small_images_train_at_native_size(side, device, size):
 def test_without_weights_the_cpu_trains_small_models_from_scratch():
     cands = choose_candidates(findings_to_settings([], 32), "cpu", None)
     assert [c.settings["model"] for c in cands] == list(SCRATCH_CPU_NATIVE)  # full resolution first
-    assert cands[0].settings["model"].startswith("aivh_cnn")
+    assert cands[0].settings["model"] == "aivh_res_s"
+    assert [c.epochs for c in cands[:2]] == [FULL_RES_EPOCHS] * 2  # the full-resolution CNNs train longer
     assert all(c.kind == "scratch" and c.settings["img_size"] == 32 and c.settings["pretrained"] is False
                for c in cands)  # fmt: skip
     large = choose_candidates(findings_to_settings([], 300), "cpu", None)

@@ -1,4 +1,4 @@
-"""The full-resolution CNNs registered with timm (``aivh_cnn_s``, ``aivh_cnn_m``): reachable by name like any
+"""The full-resolution CNNs registered with timm (``aivh_cnn_s``, ``aivh_cnn_m``, ``aivh_res_s``): reachable by name like any
 timm model, timm's model interface, and they learn what only full resolution shows."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from aivh_ens.errors import UserError
 from aivh_ens.train.models import check_model_name, create_backbone, local_pretrained
 
 
-@pytest.mark.parametrize(("name", "width"), [("aivh_cnn_s", 128), ("aivh_cnn_m", 192)])
+@pytest.mark.parametrize(("name", "width"), [("aivh_cnn_s", 128), ("aivh_cnn_m", 192), ("aivh_res_s", 128)])
 def test_registered_and_built_through_timm(name, width):
     import timm
 
@@ -26,11 +26,27 @@ def test_registered_and_built_through_timm(name, width):
 
 
 def test_drop_path_is_refused_in_one_line():
-    with pytest.raises(UserError, match="drop_path_rate=0.1.*no residual paths"):
+    with pytest.raises(UserError, match="drop_path_rate=0.1.*no stochastic depth"):
         create_backbone("aivh_cnn_s", pretrained=False, weights=None, num_classes=2, drop_path_rate=0.1)
 
 
-def test_it_learns_a_one_pixel_checkerboard_that_a_4x_stem_averages_away():
+def test_residual_variant_adds_its_input_back():
+    """With every convolution's output zeroed (the BatchNorm scales at 0) a residual block passes its input on
+    (through ReLU): the stem's output reaches the head unchanged in stage 1."""
+    model = create_backbone("aivh_res_s", pretrained=False, weights=None, num_classes=0).eval()
+    stem, block = model.stages[0][0], model.stages[0][1]
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.zeros_(m.weight)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        h = stem(x)
+        assert torch.allclose(block(h), h)  # h >= 0 after the stem's ReLU
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 9  # stem, 3 x 2, 2 shortcuts
+
+
+@pytest.mark.parametrize("name", ["aivh_cnn_s", "aivh_res_s"])
+def test_it_learns_a_one_pixel_checkerboard_that_a_4x_stem_averages_away(name):
     """Label 1: a +-0.5 checkerboard of period 2 px added to noise; the mean colour is the same for both."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, 16, 16, generator=g) * 0.3
@@ -38,7 +54,7 @@ def test_it_learns_a_one_pixel_checkerboard_that_a_4x_stem_averages_away():
     board = ((torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2).float() - 0.5
     x[y == 1] += board
     torch.manual_seed(0)
-    model = create_backbone("aivh_cnn_s", pretrained=False, weights=None, num_classes=2)
+    model = create_backbone(name, pretrained=False, weights=None, num_classes=2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(30):
         loss = torch.nn.functional.cross_entropy(model(x), y)
