@@ -39,6 +39,14 @@ BLEND_TRIALS = 100
 PROCESS_START_S = 8.0
 """A sweep device's process start (spawned, torch and timm imported) before its first job."""
 REPORT_S = 2.0
+SUBMIT_PASSES = 6
+"""Test-set passes per fold model that submit's estimate counts, at the probe's evaluation speed: two TTA views,
+and the time beyond them (reading the test images, the shift diagnosis and its re-scoring, fp32 scoring).
+Measured on 4,000 cifake-dev test images: one run of 4 folds took 48-54 s, two runs of 2 folds 72 s (a count
+of 2 had estimated 23 and 25 s)."""
+TOP_UP_SHARE = 0.85
+"""The share of the time left that a top-up plans for: its runs are timed by the speeds other runs measured
+(a top-up of ``aivh_cnn_s`` after ``aivh_res_s`` ran at 0.69x its estimate took 1.2x its own)."""
 TOP_UPS = 2
 """Rounds of runs a call may add when its plan ends early (each costs a sweep's start-up)."""
 CPU_FAST = {"amp": "bf16", "channels_last": True}
@@ -82,8 +90,10 @@ def finish_seconds(
     """Estimated seconds of blend (Optuna, nested CV), submit (every fold model, two TTA views) and report."""
     m = len(runs)  # one run blends as itself; two or more: the Optuna search and nested CV (measured here)
     blend = 1.0 + (10.0 + 2.0 * (m - 2) if m > 1 else 0.0) + 2e-4 * n_train * m
-    # every fold model scores the test set in two views (the recipes' hflip TTA)
-    submit = 3.0 + sum(folds * (0.3 + 2 * n_test / _speed_of(r.name, speeds).eval_img_s) for r in runs)
+    # every fold model scores the test set in two views (the recipes' hflip TTA), and more (SUBMIT_PASSES)
+    submit = 3.0 + sum(
+        folds * (0.3 + SUBMIT_PASSES * n_test / _speed_of(r.name, speeds).eval_img_s) for r in runs
+    )
     return blend + submit + REPORT_S + 0.5 * len(runs)
 
 
@@ -205,10 +215,12 @@ def _extended(
     speeds: dict[str, Speed],
     log: Log,
     owed_s: float | None = None,
+    share: float = 1.0,
 ) -> AutoPlan:
     """``prev`` with the runs the time left buys, its own runs unchanged (nothing of them is retrained).
 
     ``owed_s``: seconds the plan's own unfinished runs still need (default: all of them, as in a new call).
+    ``share``: of the time left (after those and blend, submit and report), the share the new runs may take.
     """
     devices = len(prev.devices)
     if owed_s is None:
@@ -217,7 +229,7 @@ def _extended(
     extra, sp = extension(candidates, [speeds[c.name] for c in candidates], prev.runs)
     everything = [*prev.runs, *(_as_run(c) for c in extra)]  # the reserve as if every extra run were added
     finish = finish_seconds(prev.n_train, prev.n_test, everything, prev.folds, speeds)
-    spare = clock.left() - finish - owed_s
+    spare = share * (clock.left() - finish - owed_s)
     chosen = choose_runs(extra, sp, prev.n_train, devices, spare, prev.folds) if extra else None
     if chosen is None:
         log(f"plan: the limit ({format_duration(clock.limit_s)}) buys no further run; resuming the plan")
@@ -262,7 +274,7 @@ def top_up(
     candidates = [c for c in timed_settings(candidates, timings) if c.name in speeds]
     if not candidates:
         return None
-    more = _extended(call.clock, plan, candidates, speeds, lambda _m: None, owed_s=0.0)
+    more = _extended(call.clock, plan, candidates, speeds, lambda _m: None, owed_s=0.0, share=TOP_UP_SHARE)
     if len(more.runs) == len(plan.runs):
         return None
     added = ", ".join(r.name for r in more.runs[len(plan.runs) :])
