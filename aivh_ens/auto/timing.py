@@ -18,7 +18,7 @@ from aivh_ens.config import RunConfig
 WARMUP_BATCHES = 2
 """Batches run before the clock starts (kernel selection, oneDNN's weight reorders, cuDNN benchmarking)."""
 TIMED_BATCHES = 3
-MIN_TIMED_S = 0.2
+MIN_TIMED_S = 0.1
 """Each chunk of timed batches runs for at least this long (a fast model's three batches are a few
 milliseconds, too few to average out a scheduler hiccup)."""
 MAX_TIMED_BATCHES = 50
