@@ -29,7 +29,8 @@ device's jobs running side by side. Measured on 20,000 cifake-dev images on 2 co
 at once, bf16, batch 64): at 1.1 the 5-fold jobs took 0.66-0.83 of their estimates; at 0.95 two 4-fold plans
 took 1.03x and 1.12x theirs (the second call ran to 110% of its limit), the probe having read 468 and 506 img/s
 where an earlier one read twice that. Two ``aivh_res_s`` jobs side by side trained at 370-490 img/s where the
-probe (the median of its chunks) reads 490-590 alone: their epochs take about 1.25x the estimate at 1.0. The sweep's clock
+probe (the median of its chunks) reads 490-590 alone: their epochs take about 1.25x the estimate at 1.0, so 1.3
+is a little cautious. The sweep's clock
 corrects a plan whose later jobs run slower than this (:class:`aivh_ens.auto.stage.Gate`)."""
 FOLD_CHOICES = (5, 4, 3, 2)
 """The folds :func:`choose_folds` picks from."""

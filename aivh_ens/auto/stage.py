@@ -87,7 +87,8 @@ class AutoResult:
 def finish_seconds(
     n_train: int, n_test: int, runs: Sequence[AutoRun], folds: int, speeds: dict[str, Speed]
 ) -> float:
-    """Estimated seconds of blend (Optuna, nested CV), submit (every fold model, two TTA views) and report."""
+    """Estimated seconds of blend (Optuna, nested CV), submit (every fold model, :data:`SUBMIT_PASSES` passes over
+    the test set) and report."""
     m = len(runs)  # one run blends as itself; two or more: the Optuna search and nested CV (measured here)
     blend = 1.0 + (10.0 + 2.0 * (m - 2) if m > 1 else 0.0) + 2e-4 * n_train * m
     # every fold model scores the test set in two views (the recipes' hflip TTA), and more (SUBMIT_PASSES)

@@ -64,7 +64,7 @@ class SmallCNN(nn.Module):
         residual: a full-resolution stem convolution (``widths[0]`` channels), then residual blocks.
         num_classes: classifier outputs; 0 leaves the pooled features (``num_features`` of them).
         drop_rate: dropout before the classifier.
-        drop_path_rate: must be 0 (the network has no residual paths to drop); else a UserError.
+        drop_path_rate: must be 0 (no stochastic depth, the residual variant included); else a UserError.
     """
 
     def __init__(
