@@ -115,6 +115,7 @@ class RunConfig:
     clip_grad: float | None = None
     ema_decay: float | None = None  # e.g. 0.999; evaluation and best weights then use the EMA model
     early_stop: int | None = None  # patience in epochs on the selection metric
+    validate_last: int | None = None  # validate only the last N epochs (None = every epoch)
     select: str = "f1"  # metric picking the best epoch: f1 | auc | loss | last
 
     # -- hardware
@@ -171,8 +172,8 @@ def validate(cfg: RunConfig) -> None:
         raise _bad("pretrained", cfg.pretrained, "must be true, false or 'auto'")
     if cfg.folds < 2:
         raise _bad("folds", cfg.folds, "must be at least 2: one fold leaves nothing to train on")
-    for name in ("epochs", "batch_size", "accum_steps"):
-        if getattr(cfg, name) < 1:
+    for name in ("epochs", "batch_size", "accum_steps", "validate_last"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise _bad(name, getattr(cfg, name), "must be at least 1")
     _check_ranges(cfg)
 

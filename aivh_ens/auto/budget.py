@@ -74,11 +74,19 @@ class Speed:
     eval_img_s: float
 
 
-def job_s(speed: Speed, n_train: int, folds: int, epochs: int) -> float:
-    """Seconds of one fold job: ``epochs`` over the other folds' rows (plus validating its own), the OOF pass."""
+def validated_epochs(epochs: int) -> int:
+    """The epochs a run that validates only at its end (``validate_last``) validates: the last quarter, at
+    least 2 (all of them in a shorter run)."""
+    return min(epochs, max(2, math.ceil(epochs / 4)))
+
+
+def job_s(speed: Speed, n_train: int, folds: int, epochs: int, last_only: bool = False) -> float:
+    """Seconds of one fold job: ``epochs`` over the other folds' rows, validating its own rows after each
+    (after the last :func:`validated_epochs` with ``last_only``), the OOF pass."""
     n_val = n_train / folds
-    epoch = (n_train - n_val) / speed.train_img_s + n_val / speed.eval_img_s
-    return JOB_OVERHEAD_S + LOADER_FACTOR * (epochs * epoch + n_val / speed.eval_img_s)
+    checks = validated_epochs(epochs) if last_only else epochs
+    train = epochs * (n_train - n_val) / speed.train_img_s
+    return JOB_OVERHEAD_S + LOADER_FACTOR * (train + (checks + 1) * n_val / speed.eval_img_s)
 
 
 def prepare_s(n_images: int) -> float:
@@ -115,9 +123,17 @@ class Fit:
 
 
 def _runs(
-    speeds: Sequence[Speed], chosen: Sequence[int], epochs: Sequence[int], n: int, k: int
+    speeds: Sequence[Speed],
+    chosen: Sequence[int],
+    epochs: Sequence[int],
+    n: int,
+    k: int,
+    last_only: Sequence[bool] = (),
 ) -> list[PlannedRun]:
-    return [PlannedRun(c, e, job_s(speeds[c], n, k, e)) for c, e in zip(chosen, epochs, strict=True)]
+    return [
+        PlannedRun(c, e, job_s(speeds[c], n, k, e, c < len(last_only) and last_only[c]))
+        for c, e in zip(chosen, epochs, strict=True)
+    ]
 
 
 def plan_seconds(runs: Sequence[PlannedRun], folds: int, devices: int) -> float:
@@ -132,6 +148,7 @@ def fit_plan(
     devices: int,
     budget_s: float,
     folds: int | None = None,
+    last_only: Sequence[bool] = (),
 ) -> Fit | None:
     """The plan that fits ``budget_s``: the first candidate on the folds :func:`choose_folds` picks, with the
     most epochs that fit (up to the most of its range); then every further candidate that still fits (in
@@ -149,25 +166,29 @@ def fit_plan(
         devices: jobs that run at once.
         budget_s: wall seconds the training may take.
         folds: a fixed number of folds (a plan being extended keeps its fold file); None: :func:`choose_folds`.
+        last_only: per candidate, whether its runs validate only their last epochs (:func:`validated_epochs`);
+            missing ones validate every epoch.
 
     Returns:
         None when no candidate fits with 2 folds and its least epochs.
     """
     choices = (folds,) if folds else FOLD_CHOICES
     for lead in range(len(speeds)):  # a candidate that does not fit at all gives way to the next one
-        pick = choose_folds(speeds[lead], epoch_range[lead], n_train, devices, budget_s, choices)
+        lead_last = lead < len(last_only) and last_only[lead]
+        pick = choose_folds(speeds[lead], epoch_range[lead], n_train, devices, budget_s, choices, lead_last)
         if pick is None:
             continue
         k, first = pick
         chosen, least = [lead], [first]
         for c in range(lead + 1, len(speeds)):
             trial = [*least, epoch_range[c][0]]
-            if plan_seconds(_runs(speeds, [*chosen, c], trial, n_train, k), k, devices) <= budget_s:
+            if plan_seconds(_runs(speeds, [*chosen, c], trial, n_train, k, last_only), k, devices) <= budget_s:
                 chosen, least = [*chosen, c], trial
         ranges = [(first, first), *(epoch_range[c] for c in chosen[1:])]
         picked = [speeds[c] for c in chosen]
-        epochs = _most_epochs(picked, ranges, range(len(chosen)), n_train, k, devices, budget_s)
-        runs = _runs(speeds, chosen, epochs or least, n_train, k)
+        checks = [c < len(last_only) and last_only[c] for c in chosen]
+        epochs = _most_epochs(picked, ranges, range(len(chosen)), n_train, k, devices, budget_s, checks)
+        runs = _runs(speeds, chosen, epochs or least, n_train, k, last_only)
         return Fit(k, tuple(runs), plan_seconds(runs, k, devices))
     return None
 
@@ -186,6 +207,7 @@ def choose_folds(
     devices: int,
     budget_s: float,
     choices: Sequence[int] = FOLD_CHOICES,
+    last_only: bool = False,
 ) -> tuple[int, int] | None:
     """Folds for the first candidate, and its most epochs there: the first of ``choices`` when it trains the
     most of its epochs there; else the choice of the largest :func:`slot_share` (more folds on a tie). On 2
@@ -193,7 +215,7 @@ def choose_folds(
     device 5, on 4 devices 4. None when it does not fit with its least epochs on any of ``choices``."""
     fits = {}
     for k in choices:
-        most = _most_epochs([speed], [epochs], [0], n_train, k, devices, budget_s)
+        most = _most_epochs([speed], [epochs], [0], n_train, k, devices, budget_s, [last_only])
         if most is not None:
             fits[k] = most[0]
     if not fits:
@@ -212,28 +234,33 @@ def _most_epochs(
     k: int,
     devices: int,
     budget_s: float,
+    last_only: Sequence[bool] = (),
 ) -> list[int] | None:
     """The epochs of the ``chosen`` runs raised by the same share of each range while the plan fits; None
     when even the least epochs do not fit."""
     lo = [epoch_range[c][0] for c in chosen]
     hi = [epoch_range[c][1] for c in chosen]
-    if plan_seconds(_runs(speeds, chosen, lo, n, k), k, devices) > budget_s:
+    if plan_seconds(_runs(speeds, chosen, lo, n, k, last_only), k, devices) > budget_s:
         return None
     best = lo
     for step in range(1, 101):
         share = step / 100
         epochs = [max(a, round(a + share * (b - a))) for a, b in zip(lo, hi, strict=True)]
-        if plan_seconds(_runs(speeds, chosen, epochs, n, k), k, devices) > budget_s:
+        if plan_seconds(_runs(speeds, chosen, epochs, n, k, last_only), k, devices) > budget_s:
             break
         best = epochs
     return best
 
 
 def minimum_s(
-    speeds: Sequence[Speed], epoch_range: Sequence[tuple[int, int]], n_train: int, devices: int
+    speeds: Sequence[Speed],
+    epoch_range: Sequence[tuple[int, int]],
+    n_train: int,
+    devices: int,
+    last_only: Sequence[bool] = (),
 ) -> float:
     """Wall seconds of the smallest plan: the cheapest candidate, 2 folds, its least epochs."""
     return min(
-        plan_seconds([PlannedRun(c, epoch_range[c][0], job_s(s, n_train, 2, epoch_range[c][0]))], 2, devices)
-        for c, s in enumerate(speeds)
+        plan_seconds(_runs(speeds, [c], [epoch_range[c][0]], n_train, 2, last_only), 2, devices)
+        for c in range(len(speeds))
     )

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aivh_ens.auto.budget import PlannedRun, Speed, fit_plan, format_duration, plan_seconds
+from aivh_ens.auto.budget import PlannedRun, Speed, fit_plan, format_duration, plan_seconds, validated_epochs
 from aivh_ens.auto.candidates import Candidate
 from aivh_ens.errors import UserError
 from aivh_ens.io import write_json, write_text
@@ -36,11 +36,19 @@ class AutoRun:
         """The run's ``[[runs]]`` table of the sweep plan. Fine-tuning of six epochs or more stops early (patience
         a third of the epochs); from-scratch runs train their epochs (on a cosine schedule their validation F1
         rises to the end: with patience 3 one fold of ``aivh_cnn_s`` stopped at epoch 5 at 0.916 on cifake-dev
-        while its four siblings reached 0.942-0.951 after 11)."""
+        while its four siblings reached 0.942-0.951 after 11), and validate only their last quarter
+        (``validate_last``, :func:`aivh_ens.auto.budget.validated_epochs`)."""
         early = (
             {"early_stop": max(3, self.epochs // 3)} if self.kind == "finetune" and self.epochs >= 6 else {}
         )
-        return {"name": self.name, **self.settings, "epochs": self.epochs, **early}
+        last = {"validate_last": validated_epochs(self.epochs)} if validates_last(self.kind) else {}
+        return {"name": self.name, **self.settings, "epochs": self.epochs, **early, **last}
+
+
+def validates_last(kind: str) -> bool:
+    """Whether runs of this kind validate only their last epochs: from-scratch ones (their cosine schedule
+    ends at their best epoch); fine-tuning stops early, so it validates every epoch."""
+    return kind == "scratch"
 
 
 @dataclass(frozen=True)
@@ -150,7 +158,8 @@ def choose_runs(
 ) -> tuple[int, list[AutoRun]] | None:
     """Folds and the runs that fit ``budget_s`` of training (:func:`aivh_ens.auto.budget.fit_plan`); None when
     not even the cheapest candidate fits."""
-    fit = fit_plan(speeds, [c.epochs for c in candidates], n_train, devices, budget_s, folds)
+    last_only = [validates_last(c.kind) for c in candidates]
+    fit = fit_plan(speeds, [c.epochs for c in candidates], n_train, devices, budget_s, folds, last_only)
     if fit is None:
         return None
     runs = [

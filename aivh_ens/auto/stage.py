@@ -28,7 +28,16 @@ from aivh_ens.auto.budget import (
     prepare_s,
 )
 from aivh_ens.auto.candidates import Candidate, choose_candidates, findings_to_settings
-from aivh_ens.auto.plan import AutoPlan, AutoRun, choose_runs, extension, read_plan, train_seconds, write_plan
+from aivh_ens.auto.plan import (
+    AutoPlan,
+    AutoRun,
+    choose_runs,
+    extension,
+    read_plan,
+    train_seconds,
+    validates_last,
+    write_plan,
+)
 from aivh_ens.auto.table import final_table, run_rows
 from aivh_ens.errors import UserError
 from aivh_ens.io import sha256_file, write_json, write_text
@@ -187,7 +196,8 @@ def _first_plan(
         if chosen is None:
             least = (
                 clock.elapsed()
-                + minimum_s(sp, [c.epochs for c in candidates], base.n_train, devices)
+                + minimum_s(sp, [c.epochs for c in candidates], base.n_train, devices,
+                            [validates_last(c.kind) for c in candidates])  # fmt: skip
                 + finish
                 + images_s
             )

@@ -139,6 +139,12 @@ training_options = options(
     ),
     click.option("--early-stop", type=int, default=None, help="Patience in epochs."),
     click.option(
+        "--validate-last",
+        type=int,
+        default=None,
+        help="Validate only the last N epochs (default: every epoch); earlier ones cannot be selected.",
+    ),
+    click.option(
         "--select",
         type=click.Choice(SELECT),
         default=None,

@@ -13,9 +13,10 @@ from aivh_ens.auto.budget import (
     parse_time_limit,
     plan_seconds,
     schedule_s,
+    validated_epochs,
 )
 from aivh_ens.auto.candidates import Candidate
-from aivh_ens.auto.plan import AutoRun, choose_runs, extension, train_seconds
+from aivh_ens.auto.plan import AutoRun, choose_runs, extension, train_seconds, validates_last
 from aivh_ens.errors import UserError
 
 
@@ -60,6 +61,27 @@ def test_plan_fits_the_budget(budget, devices, n_train):
     assert all(RANGES[r.candidate][0] <= r.epochs <= RANGES[r.candidate][1] for r in fit.runs)
     more = fit_plan(SPEEDS, RANGES, n_train, devices, budget * 2)
     assert (more.folds, len(more.runs)) >= (fit.folds, len(fit.runs))  # more time never buys less
+
+
+@pytest.mark.parametrize(("epochs", "checked"), [(1, 1), (2, 2), (3, 2), (8, 2), (9, 3), (14, 4), (24, 6)])
+def test_runs_that_validate_last_validate_their_last_quarter(epochs, checked):
+    assert validated_epochs(epochs) == checked
+    speed, n, k = SPEEDS[0], 20000, 4
+    val_pass = 1.3 * (n / k) / speed.eval_img_s  # one validation pass, at the loader factor
+    saved = job_s(speed, n, k, epochs) - job_s(speed, n, k, epochs, last_only=True)
+    assert saved == pytest.approx((epochs - checked) * val_pass)
+
+
+def test_skipped_validation_buys_epochs_and_the_plan_table_says_so():
+    budget = _first_alone(4, 2, 14) - 1  # one second short of 14 epochs validated every epoch
+    every = fit_plan(SPEEDS[:1], RANGES[:1], 20000, 2, budget)
+    last = fit_plan(SPEEDS[:1], RANGES[:1], 20000, 2, budget, last_only=[True])
+    assert last.folds == every.folds and last.runs[0].epochs > every.runs[0].epochs
+    assert last.seconds <= budget
+    assert validates_last("scratch") and not validates_last("finetune") and not validates_last("probe")
+    run = AutoRun("auto-m-32px", "scratch", {"model": "m"}, 14, 60.0)
+    assert run.table()["validate_last"] == 4
+    assert "validate_last" not in AutoRun("auto-m-ft", "finetune", {"model": "m"}, 6, 60.0).table()
 
 
 def _first_alone(k: int, devices: int, epochs: int) -> float:

@@ -121,6 +121,24 @@ def test_resume_equals_uninterrupted(tmp_path, data, monkeypatch):
     np.testing.assert_allclose(ma["train_loss"], mb["train_loss"], rtol=0, atol=0)
 
 
+def test_validate_last_skips_the_early_passes_and_ships_what_select_last_ships(tmp_path, data):
+    """Validation changes nothing in training: validating only the last epoch selects it, so the fold ships
+    the weights ``--select last`` ships; the earlier epochs have no validation scores and cannot be picked."""
+    args = ("--epochs", "3", "--fold", "0", "--name", "r")
+    assert cv(tmp_path / "last", data, *args, "--select", "last").exit_code == 0
+    res = cv(tmp_path / "skip", data, *args, "--validate-last", "1", "--select", "loss")
+    assert res.exit_code == 0, res.output
+    fold = tmp_path / "skip/runs/r/fold0"
+    m = pd.read_csv(fold / "metrics.csv")
+    assert m["val_f1"].isna().tolist() == [True, True, False] and m["train_loss"].notna().all()
+    assert json.loads((fold / "done.json").read_text())["best_epoch"] == 3
+    a, b = (pd.read_csv(w / "runs/r/fold0/oof.csv") for w in (tmp_path / "last", tmp_path / "skip"))
+    np.testing.assert_array_equal(a["prob"].to_numpy(), b["prob"].to_numpy())
+    ma = pd.read_csv(tmp_path / "last/runs/r/fold0/metrics.csv")
+    np.testing.assert_array_equal(ma["train_loss"].to_numpy(), m["train_loss"].to_numpy())
+    assert ma["val_loss"].iloc[-1] == pytest.approx(m["val_loss"].iloc[-1], abs=1e-9)
+
+
 def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path, data):
     runs = {w: tmp_path / w for w in ("a", "b", "c")}
     for w, seed in (("a", "7"), ("b", "7"), ("c", "8")):
@@ -248,6 +266,7 @@ def test_live_lock_refused_and_stale_lock_taken_over(tmp_path, data):
         (["--model", "efficientnet_b44"], ["unknown timm model", "efficientnet_b4"]),
         (["--recipe", "tinyy"], ["unknown recipe", "tiny"]),
         (["--folds", "1"], ["--folds", "at least 2"]),
+        (["--validate-last", "0"], ["--validate-last", "at least 1"]),
         (["--folds", "70"], ["smallest class"]),
         (["--fold", "7"], ["--fold 7", "0..2"]),
         (["--group", "site"], ["site"]),
