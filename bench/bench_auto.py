@@ -8,7 +8,7 @@ On CIFAKE (Krizhevsky & Hinton 2009; Bird & Lotfi 2024; ``../shared/data/cifake-
 label 1 = Stable Diffusion, 0 = CIFAR-10), with ``--n-train`` train rows (balanced) and ``--n-test`` test rows:
 
 1. ``aivh-ens auto --time-limit BUDGET`` (every decision its own);
-2. the best single run the same budget buys: ``aivh-ens auto --models aivh_cnn_s`` (auto's first from-scratch
+2. the best single run the same budget buys: ``aivh-ens auto --models aivh_res_s`` (auto's first from-scratch
    candidate alone: the same clock and planner give one model all the folds and epochs the budget buys);
 3. ``bench/plain_torch.py --seconds BUDGET``: one small CNN on all the train rows, no folds, threshold 0.5.
 

@@ -182,7 +182,8 @@ def fit_plan(
         chosen, least = [lead], [first]
         for c in range(lead + 1, len(speeds)):
             trial = [*least, epoch_range[c][0]]
-            if plan_seconds(_runs(speeds, [*chosen, c], trial, n_train, k, last_only), k, devices) <= budget_s:
+            runs = _runs(speeds, [*chosen, c], trial, n_train, k, last_only)
+            if plan_seconds(runs, k, devices) <= budget_s:
                 chosen, least = [*chosen, c], trial
         ranges = [(first, first), *(epoch_range[c] for c in chosen[1:])]
         picked = [speeds[c] for c in chosen]

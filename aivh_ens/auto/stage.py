@@ -194,13 +194,9 @@ def _first_plan(
     for _ in range(5):  # the reserve depends on the runs chosen, which depend on the reserve
         chosen = choose_runs(candidates, sp, base.n_train, devices, clock.left() - finish - images_s)
         if chosen is None:
-            least = (
-                clock.elapsed()
-                + minimum_s(sp, [c.epochs for c in candidates], base.n_train, devices,
-                            [validates_last(c.kind) for c in candidates])  # fmt: skip
-                + finish
-                + images_s
-            )
+            last_only = [validates_last(c.kind) for c in candidates]
+            smallest = minimum_s(sp, [c.epochs for c in candidates], base.n_train, devices, last_only)
+            least = clock.elapsed() + smallest + finish + images_s
             raise UserError(
                 f"time_limit={format_duration(clock.limit_s)} (--time-limit) is too small for even one run here: "
                 f"the smallest plan (2 folds, the fastest candidate, blend, submit and report) needs about "
