@@ -533,7 +533,7 @@ def _finish(
         )
     blend = step_blend(workdir, complete, call.log)
     steps["blend"] = clock.elapsed() - sum(steps.values())
-    with _torch_threads(call.threads):
+    with _torch_threads(submit_threads(call.slots, call.threads)):
         sub = step_submit(workdir, call.data, out, call.slots[0], call.log)
     steps["submit"] = clock.elapsed() - sum(steps.values())
     build_report(workdir, runs=complete, submission=sub.record if sub else None)
@@ -570,12 +570,18 @@ def _old_timings(workdir: Path) -> dict[str, Any]:
 
 def _job_threads(slots: Sequence[str], threads: int | None) -> int | None:
     """Torch threads of each CPU job (``--threads``, else the cores shared out): the probe times the candidates
-    with them and submit scores with them (more threads than cores of one's own collapse on a busy CPU)."""
+    with them (more threads than cores of one's own collapse on a busy CPU)."""
     from aivh_ens.system import cores
 
     if threads is None and slots[0] == "cpu":
         return max(1, cores() // len(slots))
     return threads
+
+
+def submit_threads(slots: Sequence[str], threads: int | None) -> int | None:
+    """Torch threads of submit, which scores the test set after the sweep, alone: on the CPU the threads of all
+    the jobs together (the cores they shared); on GPUs the jobs' own setting."""
+    return threads * len(slots) if threads and slots[0] == "cpu" else threads
 
 
 def _devices(devices: str | None) -> list[str]:

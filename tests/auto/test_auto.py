@@ -12,6 +12,7 @@ from cli_checks import assert_user_error
 from click.testing import CliRunner
 
 from aivh_ens.auto.plan import read_plan
+from aivh_ens.auto.stage import submit_threads
 from aivh_ens.cli import main
 from aivh_ens.layout import oof_path
 
@@ -116,3 +117,13 @@ def test_bad_time_limit_is_one_line_exit_2(demo_data, tmp_path, limit):
     res = _auto(demo_data(n=64, n_test=16, seed=5), tmp_path / "w", limit)
     assert_user_error(res, "--time-limit")
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    ("slots", "threads", "want"),
+    [(("cpu", "cpu"), 1, 2), (("cpu",), 2, 2), (("cpu",) * 4, 2, 8), (("cuda:0", "cuda:1"), None, None),
+     (("cuda:0",), 4, 4)],
+)  # fmt: skip
+def test_submit_scores_on_the_threads_all_the_cpu_jobs_had(slots, threads, want):
+    """Submit runs after the sweep, alone: on the CPU it takes the cores every job had."""
+    assert submit_threads(slots, threads) == want
