@@ -131,9 +131,14 @@ def _runs(
     last_only: Sequence[bool] = (),
 ) -> list[PlannedRun]:
     return [
-        PlannedRun(c, e, job_s(speeds[c], n, k, e, c < len(last_only) and last_only[c]))
+        PlannedRun(c, e, job_s(speeds[c], n, k, e, _checks_last(last_only, c)))
         for c, e in zip(chosen, epochs, strict=True)
     ]
+
+
+def _checks_last(last_only: Sequence[bool], c: int) -> bool:
+    """Whether candidate ``c`` validates only its last epochs (candidates ``last_only`` does not reach do not)."""
+    return c < len(last_only) and last_only[c]
 
 
 def plan_seconds(runs: Sequence[PlannedRun], folds: int, devices: int) -> float:
@@ -174,7 +179,7 @@ def fit_plan(
     """
     choices = (folds,) if folds else FOLD_CHOICES
     for lead in range(len(speeds)):  # a candidate that does not fit at all gives way to the next one
-        lead_last = lead < len(last_only) and last_only[lead]
+        lead_last = _checks_last(last_only, lead)
         pick = choose_folds(speeds[lead], epoch_range[lead], n_train, devices, budget_s, choices, lead_last)
         if pick is None:
             continue
@@ -187,7 +192,7 @@ def fit_plan(
                 chosen, least = [*chosen, c], trial
         ranges = [(first, first), *(epoch_range[c] for c in chosen[1:])]
         picked = [speeds[c] for c in chosen]
-        checks = [c < len(last_only) and last_only[c] for c in chosen]
+        checks = [_checks_last(last_only, c) for c in chosen]
         epochs = _most_epochs(picked, ranges, range(len(chosen)), n_train, k, devices, budget_s, checks)
         runs = _runs(speeds, chosen, epochs or least, n_train, k, last_only)
         return Fit(k, tuple(runs), plan_seconds(runs, k, devices))

@@ -51,6 +51,11 @@ def validates_last(kind: str) -> bool:
     return kind == "scratch"
 
 
+def last_only(candidates: Sequence[Candidate]) -> list[bool]:
+    """Per candidate, whether its runs validate only their last epochs (:func:`validates_last`)."""
+    return [validates_last(c.kind) for c in candidates]
+
+
 @dataclass(frozen=True)
 class AutoPlan:
     """The plan of one work dir: folds, the shared settings from the findings, the runs and estimates.
@@ -158,8 +163,9 @@ def choose_runs(
 ) -> tuple[int, list[AutoRun]] | None:
     """Folds and the runs that fit ``budget_s`` of training (:func:`aivh_ens.auto.budget.fit_plan`); None when
     not even the cheapest candidate fits."""
-    last_only = [validates_last(c.kind) for c in candidates]
-    fit = fit_plan(speeds, [c.epochs for c in candidates], n_train, devices, budget_s, folds, last_only)
+    fit = fit_plan(
+        speeds, [c.epochs for c in candidates], n_train, devices, budget_s, folds, last_only(candidates)
+    )
     if fit is None:
         return None
     runs = [

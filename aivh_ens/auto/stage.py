@@ -33,9 +33,9 @@ from aivh_ens.auto.plan import (
     AutoRun,
     choose_runs,
     extension,
+    last_only,
     read_plan,
     train_seconds,
-    validates_last,
     write_plan,
 )
 from aivh_ens.auto.table import final_table, run_rows
@@ -194,8 +194,8 @@ def _first_plan(
     for _ in range(5):  # the reserve depends on the runs chosen, which depend on the reserve
         chosen = choose_runs(candidates, sp, base.n_train, devices, clock.left() - finish - images_s)
         if chosen is None:
-            last_only = [validates_last(c.kind) for c in candidates]
-            smallest = minimum_s(sp, [c.epochs for c in candidates], base.n_train, devices, last_only)
+            checks = last_only(candidates)
+            smallest = minimum_s(sp, [c.epochs for c in candidates], base.n_train, devices, checks)
             least = clock.elapsed() + smallest + finish + images_s
             raise UserError(
                 f"time_limit={format_duration(clock.limit_s)} (--time-limit) is too small for even one run here: "
