@@ -116,6 +116,9 @@ class RunConfig:
     ema_decay: float | None = None  # e.g. 0.999; evaluation and best weights then use the EMA model
     early_stop: int | None = None  # patience in epochs on the selection metric
     validate_last: int | None = None  # validate only the last N epochs (None = every epoch)
+    # seconds of training and validation passes per fold: the epochs (up to `epochs`) and the schedule follow the
+    # measured epoch times (train.fold.planned_epochs); None = train `epochs`
+    fold_time: float | None = None
     select: str = "f1"  # metric picking the best epoch: f1 | auc | loss | last
 
     # -- hardware
@@ -175,6 +178,8 @@ def validate(cfg: RunConfig) -> None:
     for name in ("epochs", "batch_size", "accum_steps", "validate_last"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise _bad(name, getattr(cfg, name), "must be at least 1")
+    if cfg.fold_time is not None and not cfg.fold_time > 0:
+        raise _bad("fold_time", cfg.fold_time, "must be more than 0 seconds")
     _check_ranges(cfg)
 
 

@@ -81,12 +81,21 @@ def validated_epochs(epochs: int) -> int:
 
 
 def job_s(speed: Speed, n_train: int, folds: int, epochs: int, last_only: bool = False) -> float:
-    """Seconds of one fold job: ``epochs`` over the other folds' rows, validating its own rows after each
-    (after the last :func:`validated_epochs` with ``last_only``), the OOF pass."""
+    """Seconds of one fold job: its :func:`epochs_s`, the OOF pass over its own rows and the set-up."""
+    return (
+        JOB_OVERHEAD_S
+        + epochs_s(speed, n_train, folds, epochs, last_only)
+        + LOADER_FACTOR * (n_train / folds / speed.eval_img_s)
+    )
+
+
+def epochs_s(speed: Speed, n_train: int, folds: int, epochs: int, last_only: bool = False) -> float:
+    """Seconds of a fold job's epochs (a run's ``fold_time``): ``epochs`` over the other folds' rows, validating
+    its own rows after each (after the last :func:`validated_epochs` with ``last_only``)."""
     n_val = n_train / folds
     checks = validated_epochs(epochs) if last_only else epochs
     train = epochs * (n_train - n_val) / speed.train_img_s
-    return JOB_OVERHEAD_S + LOADER_FACTOR * (train + (checks + 1) * n_val / speed.eval_img_s)
+    return LOADER_FACTOR * (train + checks * n_val / speed.eval_img_s)
 
 
 def prepare_s(n_images: int) -> float:

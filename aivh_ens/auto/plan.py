@@ -12,7 +12,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aivh_ens.auto.budget import PlannedRun, Speed, fit_plan, format_duration, plan_seconds, validated_epochs
+from aivh_ens.auto.budget import (
+    PlannedRun,
+    Speed,
+    epochs_s,
+    fit_plan,
+    format_duration,
+    plan_seconds,
+    validated_epochs,
+)
 from aivh_ens.auto.candidates import Candidate
 from aivh_ens.errors import UserError
 from aivh_ens.io import write_json, write_text
@@ -24,25 +32,41 @@ SEED = 42
 
 @dataclass(frozen=True)
 class AutoRun:
-    """One run of the plan: its candidate, epochs and the estimate of one fold job."""
+    """One run of the plan: its candidate, epochs and the estimate of one fold job.
+
+    Attributes:
+        epochs: the epochs planned at the probe's speed.
+        job_s: the estimated seconds of one fold job.
+        fold_s: the seconds of a job's epochs (its ``fold_time``; 0: none, as in plans written before it).
+        most: the most epochs a fold may train when its epochs run faster than planned (0: ``epochs``).
+    """
 
     name: str
     kind: str
     settings: dict[str, Any] = field(hash=False)
     epochs: int = 1
     job_s: float = 0.0
+    fold_s: float = 0.0
+    most: int = 0
 
     def table(self) -> dict[str, Any]:
         """The run's ``[[runs]]`` table of the sweep plan. Fine-tuning of six epochs or more stops early (patience
         a third of the epochs); from-scratch runs train their epochs (on a cosine schedule their validation F1
         rises to the end: with patience 3 one fold of ``aivh_cnn_s`` stopped at epoch 5 at 0.916 on cifake-dev
         while its four siblings reached 0.942-0.951 after 11), and validate only their last quarter
-        (``validate_last``, :func:`aivh_ens.auto.budget.validated_epochs`)."""
+        (``validate_last``, :func:`aivh_ens.auto.budget.validated_epochs`).
+
+        Each fold trains for the seconds its epochs were planned to take (``fold_time``), up to ``most`` epochs:
+        its epochs and schedule follow the speed its epochs measure (:func:`aivh_ens.train.fold.planned_epochs`),
+        as this machine's speed swings (the same loop read 664 and 314 img/s half an hour apart), so a plan
+        made in a fast or slow minute still ends on time and uses its time."""
         early = (
             {"early_stop": max(3, self.epochs // 3)} if self.kind == "finetune" and self.epochs >= 6 else {}
         )
         last = {"validate_last": validated_epochs(self.epochs)} if validates_last(self.kind) else {}
-        return {"name": self.name, **self.settings, "epochs": self.epochs, **early, **last}
+        timed = {"fold_time": round(self.fold_s, 1)} if self.fold_s > 0 else {}
+        epochs = max(self.epochs, self.most) if timed else self.epochs
+        return {"name": self.name, **self.settings, "epochs": epochs, **early, **last, **timed}
 
 
 def validates_last(kind: str) -> bool:
@@ -163,16 +187,15 @@ def choose_runs(
 ) -> tuple[int, list[AutoRun]] | None:
     """Folds and the runs that fit ``budget_s`` of training (:func:`aivh_ens.auto.budget.fit_plan`); None when
     not even the cheapest candidate fits."""
-    fit = fit_plan(
-        speeds, [c.epochs for c in candidates], n_train, devices, budget_s, folds, last_only(candidates)
-    )
+    checks = last_only(candidates)
+    fit = fit_plan(speeds, [c.epochs for c in candidates], n_train, devices, budget_s, folds, checks)
     if fit is None:
         return None
-    runs = [
-        AutoRun(candidates[p.candidate].name, candidates[p.candidate].kind,
-                dict(candidates[p.candidate].settings), p.epochs, p.job_s)
-        for p in fit.runs
-    ]  # fmt: skip
+    runs = []
+    for p in fit.runs:
+        c = candidates[p.candidate]
+        fold_s = epochs_s(speeds[p.candidate], n_train, fit.folds, p.epochs, checks[p.candidate])
+        runs.append(AutoRun(c.name, c.kind, dict(c.settings), p.epochs, p.job_s, fold_s, c.epochs[1]))
     return fit.folds, runs
 
 

@@ -145,6 +145,13 @@ training_options = options(
         help="Validate only the last N epochs (default: every epoch); earlier ones cannot be selected.",
     ),
     click.option(
+        "--fold-time",
+        type=float,
+        default=None,
+        help="Seconds each fold trains (training and validation passes): --epochs becomes the most, and the "
+        "epochs and learning-rate schedule follow the measured epoch times, so the fold ends on time.",
+    ),
+    click.option(
         "--select",
         type=click.Choice(SELECT),
         default=None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +118,7 @@ class _Setup:
     ctx: FoldContext
     workers: int
     train_rows: np.ndarray  # (N_train,) row indices into the fold table
-    total_steps: int
+    epoch_steps: int  # optimizer steps per epoch
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -141,12 +141,46 @@ UNCHECKED = {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan, "val
 """The validation columns of an epoch that was not validated (``validate_last``)."""
 
 
-def validates(cfg: RunConfig, epoch: int) -> bool:
-    """Whether epoch ``epoch`` (0-based) has a validation pass: every epoch, or with ``validate_last`` N only the
-    last N. On a cosine schedule from scratch the validation F1 rises to the end, so the early passes only
-    cost time (a tenth of an epoch's on 20,000 cifake-dev rows, 4 folds); an unvalidated epoch cannot be the
-    selected one and does not count towards ``early_stop``."""
-    return cfg.validate_last is None or epoch >= cfg.epochs - cfg.validate_last
+def validates(cfg: RunConfig, epoch: int, epochs: int | None = None) -> bool:
+    """Whether epoch ``epoch`` (0-based) of a fold that trains ``epochs`` (default ``cfg.epochs``;
+    :func:`planned_epochs`) has a validation pass: every epoch, or with ``validate_last`` N only the last N. On a
+    cosine schedule from scratch the validation F1 rises to the end, so the early passes only cost time (a
+    tenth of an epoch's on 20,000 cifake-dev rows, 4 folds); an unvalidated epoch cannot be the selected one
+    and does not count towards ``early_stop``."""
+    return cfg.validate_last is None or epoch >= (epochs or cfg.epochs) - cfg.validate_last
+
+
+RECENT_EPOCHS = 3
+"""Epochs whose seconds time the next ones under ``fold_time`` (recent ones: the machine's speed drifts)."""
+
+
+def planned_epochs(cfg: RunConfig, history: Sequence[dict[str, Any]], val_share: float) -> int:
+    """The epochs the fold trains, as known before its next epoch. ``cfg.epochs``; with ``fold_time`` (seconds
+    of training and validation passes), the most epochs up to ``cfg.epochs`` and at least one more whose passes
+    fit the time left at the seconds the last :data:`RECENT_EPOCHS` epochs took (before the first epoch:
+    ``cfg.epochs``). The learning-rate schedule and ``validate_last`` follow the plan as it changes, so a fold
+    ends on time, with its schedule run out, on a machine slower or faster than the one it was planned on.
+
+    ``val_share``: a validation pass's seconds per training pass's, used until one was measured (the rows'
+    ratio over 3: a forward pass costs about a third of a training step).
+    """
+    done = len(history)
+    if cfg.fold_time is None or not done:
+        return cfg.epochs
+    recent = history[-RECENT_EPOCHS:]
+    train_s = sum(h["train_seconds"] for h in recent) / len(recent)
+    checks = [h["seconds"] - h["train_seconds"] for h in history if not math.isnan(h["val_f1"])][
+        -RECENT_EPOCHS:
+    ]
+    val_s = sum(checks) / len(checks) if checks else train_s * val_share
+    left = cfg.fold_time - sum(h["seconds"] for h in history)
+    epochs = done + 1
+    for total in range(done + 2, cfg.epochs + 1):
+        more = total - done
+        if more * train_s + min(more, cfg.validate_last or more) * val_s > left:
+            break
+        epochs = total
+    return epochs
 
 
 def _split_rows(job: FoldJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -198,7 +232,7 @@ def _set_up(job: FoldJob, source: ImageSource) -> _Setup:
         row_weights(job.fold_table),
     )  # fmt: skip
     batches = len(train_rows) // cfg.batch_size if len(train_rows) > cfg.batch_size else 1
-    total_steps = max(1, math.ceil(batches / cfg.accum_steps)) * cfg.epochs
+    epoch_steps = max(1, math.ceil(batches / cfg.accum_steps))
     return _Setup(
         device,
         model,
@@ -210,7 +244,7 @@ def _set_up(job: FoldJob, source: ImageSource) -> _Setup:
         ctx,
         workers,
         train_rows,
-        total_steps,
+        epoch_steps,
     )
 
 
@@ -282,7 +316,9 @@ def _train_epochs(job: FoldJob, s: _Setup, state: _State, progress: bool, log: C
     cfg, fold = job.cfg, job.fold
     train_model = CompileFallback(s.model, log) if cfg.compile else s.model
     eval_model = s.eval_model  # uncompiled: no recompile for eval mode or the last partial batch
+    val_share = len(s.val_loader.dataset) / max(1, len(s.train_rows)) / 3
     for epoch in range(state.start_epoch, cfg.epochs):
+        epochs = planned_epochs(cfg, state.history, val_share)
         torch.manual_seed(derive_seed(cfg.seed, fold, epoch))  # dropout, drop-path: replayable on resume
         s.train_ds.set_epoch(epoch)
         train_loader = make_loader(
@@ -302,22 +338,23 @@ def _train_epochs(job: FoldJob, s: _Setup, state: _State, progress: bool, log: C
                 s.ctx,
                 epoch=epoch,
                 step=state.step,
-                total_steps=s.total_steps,
+                total_steps=s.epoch_steps * epochs,
                 scaler=s.scaler,
                 ema=s.ema,
                 progress=progress,
             )
         except TrainingDiverged as e:
             raise TrainingDiverged(f"fold {fold}: {e}") from None
-        checked = validates(cfg, epoch)
+        checked = validates(cfg, epoch, epochs)
         vm = _val_metrics(*evaluate(eval_model, s.val_loader, s.ctx)[1:]) if checked else dict(UNCHECKED)
         row = {
             "epoch": epoch + 1,
             **{k: tr[k] for k in ("train_loss", "lr", "img_s")},
             **vm,
+            "train_seconds": tr["train_seconds"],
             "seconds": time.perf_counter() - t0,
         }
-        improved = _record_epoch(job, s, state, epoch, row, eval_model)
+        improved = _record_epoch(job, s, state, epoch, row, eval_model, checked)
         faults.point("epoch-done")
         val = (
             f"val_loss {vm['val_loss']:.4f}  acc {vm['val_acc']:.4f}  f1 {vm['val_f1']:.4f}  auc {vm['val_auc']:.4f}"
@@ -325,7 +362,7 @@ def _train_epochs(job: FoldJob, s: _Setup, state: _State, progress: bool, log: C
             else f"(validated in the last {cfg.validate_last} epochs)"
         )
         log(
-            f"  fold {fold} epoch {epoch + 1}/{cfg.epochs}: train_loss {tr['train_loss']:.4f}  {val}  "
+            f"  fold {fold} epoch {epoch + 1}/{epochs}: train_loss {tr['train_loss']:.4f}  {val}  "
             f"{tr['img_s']:.0f} img/s  {row['seconds']:.1f}s{' *' if improved else ''}"
         )
         if cfg.early_stop and state.bad_epochs >= cfg.early_stop:
@@ -333,15 +370,26 @@ def _train_epochs(job: FoldJob, s: _Setup, state: _State, progress: bool, log: C
                 f"  fold {fold}: early stop after epoch {epoch + 1} ({cfg.early_stop} epochs without improvement)"
             )
             break
+        if epoch + 1 >= epochs:
+            if epochs < cfg.epochs:
+                log(
+                    f"  fold {fold}: {epochs} epochs fit --fold-time {cfg.fold_time:g}s (of at most {cfg.epochs})"
+                )
+            break
 
 
 def _record_epoch(
-    job: FoldJob, s: _Setup, state: _State, epoch: int, row: dict[str, Any], eval_model: torch.nn.Module
+    job: FoldJob,
+    s: _Setup,
+    state: _State,
+    epoch: int,
+    row: dict[str, Any],
+    eval_model: torch.nn.Module,
+    checked: bool,
 ) -> bool:
     """Book one finished epoch: best weights when it improved, metrics.csv, then state.pt; True if improved."""
     cfg, fdir = job.cfg, job.fold_dir
     state.history.append(row)
-    checked = validates(cfg, epoch)
     score = _score(row, cfg.select) if checked else -math.inf
     improved = cfg.select == "last" or (checked and score > state.best_score)
     if improved:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from aivh_ens.auto.budget import (
+    JOB_OVERHEAD_S,
     PlannedRun,
     Speed,
+    epochs_s,
     fit_plan,
     job_s,
     minimum_s,
@@ -82,6 +84,24 @@ def test_skipped_validation_buys_epochs_and_the_plan_table_says_so():
     run = AutoRun("auto-m-32px", "scratch", {"model": "m"}, 14, 60.0)
     assert run.table()["validate_last"] == 4
     assert "validate_last" not in AutoRun("auto-m-ft", "finetune", {"model": "m"}, 6, 60.0).table()
+
+
+def test_each_fold_trains_for_the_seconds_its_epochs_were_planned_to_take():
+    """The plan gives each run's folds the seconds of its planned epochs (``fold_time``) and the candidate's most
+    epochs, which a fold reaches only when its epochs run faster than the probe said."""
+    cands = _cands()
+    folds, runs = choose_runs(cands[:1], SPEEDS[:1], 20000, 2, _first_alone(4, 2, 12))
+    run = runs[0]
+    assert RANGES[0][0] <= run.epochs < RANGES[0][1] and run.most == RANGES[0][1]
+    assert run.fold_s == pytest.approx(epochs_s(SPEEDS[0], 20000, folds, run.epochs, last_only=True))
+    oof_pass = 1.3 * 20000 / folds / SPEEDS[0].eval_img_s
+    # the job is its epochs, its OOF pass and its set-up
+    assert run.job_s == pytest.approx(JOB_OVERHEAD_S + run.fold_s + oof_pass)
+    table = run.table()
+    assert table["fold_time"] == pytest.approx(run.fold_s, abs=0.051) and table["epochs"] == RANGES[0][1]
+    assert table["validate_last"] == validated_epochs(run.epochs)
+    old = AutoRun("auto-m-32px", "scratch", {"model": "m"}, 14, 60.0)  # a plan written before fold_time
+    assert "fold_time" not in old.table() and old.table()["epochs"] == 14
 
 
 def _first_alone(k: int, devices: int, epochs: int) -> float:

@@ -260,6 +260,28 @@ def test_live_lock_refused_and_stale_lock_taken_over(tmp_path, data):
     assert not lock.exists()
 
 
+def test_fold_time_ends_a_fold_on_time_with_its_schedule_run_out(tmp_path, data):
+    """A fold out of time trains one more epoch as its schedule's last (validated, the learning rate at the
+    end of its cosine, as a run planned for that many epochs ends); a fold with time to spare trains exactly
+    what it would without ``--fold-time``."""
+    args = ("--fold", "0", "--name", "r", "--validate-last", "1")
+    assert cv(tmp_path / "two", data, *args, "--epochs", "2").exit_code == 0
+    res = cv(tmp_path / "short", data, *args, "--epochs", "4", "--fold-time", "0.001")
+    assert res.exit_code == 0, res.output
+    assert "fold 0: 2 epochs fit --fold-time 0.001s (of at most 4)" in res.output
+    assert "fold 0 epoch 1/4:" in res.output and "fold 0 epoch 2/2:" in res.output
+    m = pd.read_csv(tmp_path / "short/runs/r/fold0/metrics.csv")
+    two = pd.read_csv(tmp_path / "two/runs/r/fold0/metrics.csv")
+    assert list(m["epoch"]) == [1, 2] and m["val_f1"].isna().tolist() == [True, False]
+    assert m["lr"].iloc[-1] == pytest.approx(two["lr"].iloc[-1], rel=1e-9)
+    assert m["lr"].iloc[0] > two["lr"].iloc[0]  # epoch 1 ran on the 4-epoch schedule it started under
+    assert (m["train_seconds"] > 0).all() and (m["seconds"] >= m["train_seconds"]).all()
+    res = cv(tmp_path / "long", data, *args, "--epochs", "2", "--fold-time", "1e6")
+    assert res.exit_code == 0, res.output
+    a, b = (pd.read_csv(w / "runs/r/fold0/oof.csv") for w in (tmp_path / "two", tmp_path / "long"))
+    np.testing.assert_array_equal(a["prob"].to_numpy(), b["prob"].to_numpy())
+
+
 @pytest.mark.parametrize(
     "args,needles",
     [
@@ -267,6 +289,7 @@ def test_live_lock_refused_and_stale_lock_taken_over(tmp_path, data):
         (["--recipe", "tinyy"], ["unknown recipe", "tiny"]),
         (["--folds", "1"], ["--folds", "at least 2"]),
         (["--validate-last", "0"], ["--validate-last", "at least 1"]),
+        (["--fold-time", "0"], ["--fold-time", "more than 0 seconds"]),
         (["--folds", "70"], ["smallest class"]),
         (["--fold", "7"], ["--fold 7", "0..2"]),
         (["--group", "site"], ["site"]),

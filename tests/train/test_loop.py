@@ -327,3 +327,34 @@ def test_non_finite_loss_stops_the_epoch_naming_the_batches(monkeypatch, every):
     where = {1: "batch 2;", 2: "batches 2-3;", 50: "batches 0-5;"}[every]
     assert where in str(e.value) and "--lr" in str(e.value) and "--force" in str(e.value)
     assert model.calls == {1: 3, 2: 4, 50: 6}[every]  # how far the epoch ran before the read
+
+
+def _epochs(n, train_s, val_s=None):
+    """``n`` epochs of history rows: ``train_s`` seconds of training each, validated (``val_s`` more) or not."""
+    return [
+        {
+            "train_seconds": train_s,
+            "seconds": train_s + (val_s or 0.0),
+            "val_f1": math.nan if val_s is None else 0.9,
+        }
+        for _ in range(n)
+    ]
+
+
+def test_fold_time_sets_the_epochs_from_the_measured_ones():
+    from aivh_ens.train.fold import planned_epochs
+
+    cfg = resolve_config("tiny", epochs=20, fold_time=60.0, validate_last=2)
+    assert planned_epochs(cfg, [], 0.1) == 20  # nothing measured yet: the most
+    # 2 epochs of 10 s spent 20 of 60 s; a validation pass is timed at 0.1 x 10 s until one is measured:
+    # 3 more epochs (30 s) with their last 2 validated (2 s) fit the 40 s left, 4 more (42 s) do not
+    assert planned_epochs(cfg, _epochs(2, 10.0), 0.1) == 5
+    # once measured, a validation pass costs what it took (5 s each): 2 more epochs (20 + 10 s) fit, 3 do not
+    assert planned_epochs(cfg, _epochs(2, 10.0) + _epochs(1, 5.0, 5.0), 0.1) == 5
+    # the last epochs time the next ones: a machine that sped up trains more, up to --epochs
+    # (33 s spent: 14 more 1-s epochs fit the 27 s left, capped at 20; 2 more 10-s epochs, and a slow spell)
+    assert planned_epochs(cfg, _epochs(3, 10.0) + _epochs(3, 1.0), 0.1) == 20
+    assert planned_epochs(cfg, _epochs(3, 1.0) + _epochs(3, 10.0), 0.1) == 8
+    # past its time a fold still trains one more epoch, its schedule's last (validated): it ends on time
+    assert planned_epochs(cfg, _epochs(8, 10.0), 0.1) == 9
+    assert planned_epochs(resolve_config("tiny", epochs=20), _epochs(8, 10.0), 0.1) == 20  # no fold_time
