@@ -38,9 +38,13 @@ CACHED_BACKBONES = (
 """Pretrained backbones used when their weights are in the Hugging Face cache: (timm name, probe recipe)."""
 
 SCRATCH_EPOCHS = (6, 16)
-FULL_RES_EPOCHS = (10, 24)
+FULL_RES_EPOCHS = (6, 24)
 """Epochs of the full-resolution CNNs: on 20,000 CIFAKE images ``aivh_cnn_s`` reached OOF F1 0.943 after 6
-epochs and 0.949 after 10 (5 folds each), so fewer than 10 leaves it short of what it can do."""
+epochs and 0.949 after 10 (5 folds each). The least is what the first candidate's folds are chosen by
+(:func:`aivh_ens.auto.budget.choose_folds`): at 10 a slow probe (285-350 img/s for ``aivh_res_s``) sent 20-minute
+plans to 2 folds, and every 2-fold plan scored 0.952-0.954 on the test images (21-24 epochs on 10,000 rows)
+against 0.958-0.963 for every 4-fold one; and each fold's ``fold_time`` then trains the epochs the real speed
+gives (the jobs of the last 2-fold plan ran 1.5x faster than its probe and its cost model said)."""
 FINETUNE_EPOCHS = (2, 6)
 PROBE_EPOCHS = (1, 1)
 NATIVE_MAX = 64
