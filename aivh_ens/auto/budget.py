@@ -155,6 +155,14 @@ def plan_seconds(runs: Sequence[PlannedRun], folds: int, devices: int) -> float:
     return schedule_s([r.job_s for r in runs for _ in range(folds)], devices)
 
 
+def stretch(runs: Sequence[PlannedRun], folds: int, devices: int, budget_s: float) -> float:
+    """The factor (at least 1) by which every job of a plan may take longer and the plan still fit
+    ``budget_s``: the time its whole epochs leave over (the sweep's wall time is its jobs' seconds on the
+    busiest device, so it scales with them)."""
+    fixed = SWEEP_OVERHEAD_S
+    return max(1.0, (budget_s - fixed) / max(1e-9, plan_seconds(runs, folds, devices) - fixed))
+
+
 def fit_plan(
     speeds: Sequence[Speed],
     epoch_range: Sequence[tuple[int, int]],

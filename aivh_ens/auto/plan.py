@@ -19,6 +19,7 @@ from aivh_ens.auto.budget import (
     fit_plan,
     format_duration,
     plan_seconds,
+    stretch,
     validated_epochs,
 )
 from aivh_ens.auto.candidates import Candidate
@@ -186,16 +187,22 @@ def choose_runs(
     folds: int | None = None,
 ) -> tuple[int, list[AutoRun]] | None:
     """Folds and the runs that fit ``budget_s`` of training (:func:`aivh_ens.auto.budget.fit_plan`); None when
-    not even the cheapest candidate fits."""
+    not even the cheapest candidate fits. The seconds the whole epochs leave over stretch every fold's
+    ``fold_time`` (a 20-minute plan of 4 folds x 7 epochs left 3 minutes unused; one more epoch cost 2), unless
+    a run already trains its most epochs."""
     checks = last_only(candidates)
     fit = fit_plan(speeds, [c.epochs for c in candidates], n_train, devices, budget_s, folds, checks)
     if fit is None:
         return None
+    # the time whole epochs leave over goes to every fold's fold_time (not when a run trains its most epochs)
+    short = all(p.epochs < candidates[p.candidate].epochs[1] for p in fit.runs)
+    more = stretch(fit.runs, fit.folds, devices, budget_s) if short else 1.0
     runs = []
     for p in fit.runs:
         c = candidates[p.candidate]
         fold_s = epochs_s(speeds[p.candidate], n_train, fit.folds, p.epochs, checks[p.candidate])
-        runs.append(AutoRun(c.name, c.kind, dict(c.settings), p.epochs, p.job_s, fold_s, c.epochs[1]))
+        fold_s += (more - 1) * p.job_s
+        runs.append(AutoRun(c.name, c.kind, dict(c.settings), p.epochs, p.job_s * more, fold_s, c.epochs[1]))
     return fit.folds, runs
 
 

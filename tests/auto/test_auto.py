@@ -87,14 +87,13 @@ def test_a_larger_limit_extends_the_plan_without_retraining(first):
     data, work, _ = first
     old = read_plan(work, data)
     before = _done_files(work)
-    res = _auto(data, work, f"{3 * LIMIT_S}s")
+    res = _auto(data, work, f"{2 * LIMIT_S}s")
     assert res.exit_code == 0, res.output
-    assert "plan: extended for 3.0m with " in res.output
+    assert "plan: extended for 2.0m with " in res.output
     new = read_plan(work, data)
-    assert new.limit_s == 3 * LIMIT_S and new.folds == old.folds
-    assert new.runs[: len(old.runs)] == old.runs and len(new.runs) > len(
-        old.runs
-    )  # the old runs as they were
+    assert new.limit_s == 2 * LIMIT_S and new.folds == old.folds
+    assert new.runs[: len(old.runs)] == old.runs  # the old runs as they were
+    assert len(new.runs) > len(old.runs)
     after = _done_files(work)
     assert {p: after[p] for p in before} == before  # nothing of the first plan was retrained
     added = {r.name for r in new.runs[len(old.runs) :]}

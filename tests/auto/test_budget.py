@@ -93,13 +93,23 @@ def test_each_fold_trains_for_the_seconds_its_epochs_were_planned_to_take():
     folds, runs = choose_runs(cands[:1], SPEEDS[:1], 20000, 2, _first_alone(4, 2, 12))
     run = runs[0]
     assert RANGES[0][0] <= run.epochs < RANGES[0][1] and run.most == RANGES[0][1]
-    assert run.fold_s == pytest.approx(epochs_s(SPEEDS[0], 20000, folds, run.epochs, last_only=True))
+    assert run.fold_s >= epochs_s(SPEEDS[0], 20000, folds, run.epochs, last_only=True)
     oof_pass = 1.3 * 20000 / folds / SPEEDS[0].eval_img_s
     # the job is its epochs, its OOF pass and its set-up
     assert run.job_s == pytest.approx(JOB_OVERHEAD_S + run.fold_s + oof_pass)
     table = run.table()
     assert table["fold_time"] == pytest.approx(run.fold_s, abs=0.051) and table["epochs"] == RANGES[0][1]
     assert table["validate_last"] == validated_epochs(run.epochs)
+    # the seconds 12 whole epochs leave over go to the folds: the plan fills its budget
+    budget = plan_seconds([PlannedRun(0, 12, job_s(SPEEDS[0], 20000, 4, 12, last_only=True))], 4, 2) + 60
+    folds, (run,) = choose_runs(cands[:1], SPEEDS[:1], 20000, 2, budget)
+    assert train_seconds([run], folds, 2) == pytest.approx(budget) and run.epochs == 12
+    assert run.fold_s == pytest.approx(epochs_s(SPEEDS[0], 20000, folds, 12, last_only=True) + 30)
+    # not when a run trains its most epochs (its folds would end at --epochs anyway)
+    folds, (run,) = choose_runs(cands[:1], SPEEDS[:1], 20000, 2, _first_alone(5, 2, RANGES[0][1]) + 60)
+    assert run.epochs == RANGES[0][1] and run.fold_s == pytest.approx(
+        epochs_s(SPEEDS[0], 20000, folds, run.epochs, last_only=True)
+    )
     old = AutoRun("auto-m-32px", "scratch", {"model": "m"}, 14, 60.0)  # a plan written before fold_time
     assert "fold_time" not in old.table() and old.table()["epochs"] == 14
 
