@@ -159,8 +159,8 @@ def stretch(runs: Sequence[PlannedRun], folds: int, devices: int, budget_s: floa
     """The factor (at least 1) by which every job of a plan may take longer and the plan still fit
     ``budget_s``: the time its whole epochs leave over (the sweep's wall time is its jobs' seconds on the
     busiest device, so it scales with them)."""
-    fixed = SWEEP_OVERHEAD_S
-    return max(1.0, (budget_s - fixed) / max(1e-9, plan_seconds(runs, folds, devices) - fixed))
+    planned = plan_seconds(runs, folds, devices)
+    return max(1.0, (budget_s - SWEEP_OVERHEAD_S) / max(1e-9, planned - SWEEP_OVERHEAD_S))
 
 
 def fit_plan(

@@ -141,13 +141,13 @@ UNCHECKED = {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan, "val
 """The validation columns of an epoch that was not validated (``validate_last``)."""
 
 
-def validates(cfg: RunConfig, epoch: int, epochs: int | None = None) -> bool:
-    """Whether epoch ``epoch`` (0-based) of a fold that trains ``epochs`` (default ``cfg.epochs``;
-    :func:`planned_epochs`) has a validation pass: every epoch, or with ``validate_last`` N only the last N. On a
+def validates(cfg: RunConfig, epoch: int, epochs: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) of a fold that trains ``epochs`` (:func:`planned_epochs`) has a
+    validation pass: every epoch, or with ``validate_last`` N only the last N. On a
     cosine schedule from scratch the validation F1 rises to the end, so the early passes only cost time (a
     tenth of an epoch's on 20,000 cifake-dev rows, 4 folds); an unvalidated epoch cannot be the selected one
     and does not count towards ``early_stop``."""
-    return cfg.validate_last is None or epoch >= (epochs or cfg.epochs) - cfg.validate_last
+    return cfg.validate_last is None or epoch >= epochs - cfg.validate_last
 
 
 RECENT_EPOCHS = 3
@@ -356,26 +356,39 @@ def _train_epochs(job: FoldJob, s: _Setup, state: _State, progress: bool, log: C
         }
         improved = _record_epoch(job, s, state, epoch, row, eval_model, checked)
         faults.point("epoch-done")
-        val = (
-            f"val_loss {vm['val_loss']:.4f}  acc {vm['val_acc']:.4f}  f1 {vm['val_f1']:.4f}  auc {vm['val_auc']:.4f}"
-            if checked
-            else f"(validated in the last {cfg.validate_last} epochs)"
-        )
-        log(
-            f"  fold {fold} epoch {epoch + 1}/{epochs}: train_loss {tr['train_loss']:.4f}  {val}  "
-            f"{tr['img_s']:.0f} img/s  {row['seconds']:.1f}s{' *' if improved else ''}"
-        )
-        if cfg.early_stop and state.bad_epochs >= cfg.early_stop:
-            log(
-                f"  fold {fold}: early stop after epoch {epoch + 1} ({cfg.early_stop} epochs without improvement)"
-            )
+        if _epoch_done(job, state, row, epochs, checked, improved, log):
             break
-        if epoch + 1 >= epochs:
-            if epochs < cfg.epochs:
-                log(
-                    f"  fold {fold}: {epochs} epochs fit --fold-time {cfg.fold_time:g}s (of at most {cfg.epochs})"
-                )
-            break
+
+
+def _epoch_done(
+    job: FoldJob,
+    state: _State,
+    row: dict[str, Any],
+    epochs: int,
+    checked: bool,
+    improved: bool,
+    log: Callable[[str], None],
+) -> bool:
+    """Log the epoch ``row`` of a fold planned for ``epochs``; True (with the reason logged) when it is the last:
+    early stopping, or the end of a plan cut short by ``fold_time``."""
+    cfg, fold, epoch = job.cfg, job.fold, row["epoch"]
+    val = (
+        f"val_loss {row['val_loss']:.4f}  acc {row['val_acc']:.4f}  f1 {row['val_f1']:.4f}  auc {row['val_auc']:.4f}"
+        if checked
+        else f"(validated in the last {cfg.validate_last} epochs)"
+    )
+    log(
+        f"  fold {fold} epoch {epoch}/{epochs}: train_loss {row['train_loss']:.4f}  {val}  "
+        f"{row['img_s']:.0f} img/s  {row['seconds']:.1f}s{' *' if improved else ''}"
+    )
+    if cfg.early_stop and state.bad_epochs >= cfg.early_stop:
+        log(f"  fold {fold}: early stop after epoch {epoch} ({cfg.early_stop} epochs without improvement)")
+        return True
+    if epoch < epochs:
+        return False
+    if epochs < cfg.epochs:
+        log(f"  fold {fold}: {epochs} epochs fit --fold-time {cfg.fold_time:g}s (of at most {cfg.epochs})")
+    return True
 
 
 def _record_epoch(
