@@ -23,7 +23,7 @@ from aivh_ens.layout import run_dir
 from aivh_ens.train.fold import DONE
 from aivh_ens.train.loop import BEST, eval_batch_size, load_weights, progress_bar
 from aivh_ens.train.models import DataConfig, build_model
-from aivh_ens.train.precision import choose_amp, cuda_capability, inference_channels_last
+from aivh_ens.train.precision import inference_amp, inference_channels_last
 
 Log = Callable[[str], None]
 
@@ -122,7 +122,7 @@ def predict_folds(
         workers=default_workers(device, workers if workers is not None else cfg.workers),
     )
     channels_last = inference_channels_last(cfg, device)
-    amp = choose_amp("auto", device.type, cuda_capability(device))  # by this device, not the training one
+    amp = inference_amp(cfg, device)  # by this device, not the training one
     normalize = Normalizer(dc.mean, dc.std, device, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     P = np.full((len(models), len(ds)), np.nan, dtype=np.float32)  # (K, N)

@@ -45,7 +45,7 @@ from aivh_ens.infer.tta import TTASpec, parse_tta
 from aivh_ens.io import write_csv, write_json
 from aivh_ens.layout import BLEND_DIR
 from aivh_ens.train.loop import resolve_device
-from aivh_ens.train.precision import choose_amp, cuda_capability
+from aivh_ens.train.precision import inference_amp
 
 RATE_WARN = 0.15  # warn when the predicted AI rate differs from the training rate by more than this
 
@@ -241,7 +241,7 @@ def _predict_run(
         )
     meta = {
         "device": str(device),
-        "amp": choose_amp("auto", device.type, cuda_capability(device)),
+        "amp": inference_amp(info.cfg, device),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_cache(*paths, key, ids, P, meta)

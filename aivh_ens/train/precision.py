@@ -87,9 +87,26 @@ def use_channels_last(requested: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if requested is None else requested
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (oneDNN on AVX512-BF16/AMX); elsewhere bf16 is emulated, slower than
+    fp32."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def inference_amp(cfg: RunConfig, device: torch.device) -> str:
+    """The autocast mode a run scores in on ``device``: on CUDA chosen by the device, as ``--amp auto`` trains
+    (a T4 scores in fp16 what an A100 trained in bf16); on the CPU, bf16 when the run trained there in a forced
+    ``--amp bf16`` (its OOF scores were computed so: ``auto`` forces it where it trains faster) and the CPU
+    has native bf16, else fp32."""
+    if device.type == "cpu":
+        return "bf16" if cfg.amp == "bf16" and cpu_has_bf16() else "none"
+    return choose_amp("auto", device.type, cuda_capability(device))
+
+
 def inference_channels_last(cfg: RunConfig, device: torch.device) -> bool:
-    """channels_last for scoring on ``device``: on CUDA unless the run turned it off (``--no-channels-last``)."""
-    return device.type == "cuda" and cfg.channels_last is not False
+    """channels_last for scoring on ``device``: on CUDA unless the run turned it off (``--no-channels-last``); on
+    the CPU when the run forced it on (``--channels-last``: oneDNN's bf16 convolutions are fastest in it)."""
+    return cfg.channels_last is not False if device.type == "cuda" else cfg.channels_last is True
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cli_checks import assert_user_error, tiny_cv
@@ -187,28 +188,64 @@ def test_compiled_fold_keeps_frozen_norms_in_eval(tmp_path, data, monkeypatch):
     assert float(sd["fc.weight"].abs().sum()) > 0  # the head (the last 2 tensors) trained
 
 
-def test_inference_chooses_by_its_own_device_not_the_training_one(data, monkeypatch):
-    """A run trained with --amp bf16 (or fp16) scores on the CPU in fp32: submit, predict and serve pick the
-    precision of the device they run on."""
+# (the run's --amp, --channels-last, whether the CPU has native bf16) -> (CPU scoring mode, channels_last)
+CPU_INFERENCE = [
+    ("bf16", True, True, "bf16", True),  # what auto trains with on such a CPU: scored as its OOF was
+    ("bf16", None, True, "bf16", False),
+    ("bf16", True, False, "none", True),  # no native bf16 here (the run trained elsewhere): fp32
+    ("fp16", None, True, "none", False),  # fp16 autocast on the CPU is never faster: fp32
+    ("auto", None, True, "none", False),  # a CPU trains in fp32 by default, and scores so
+    ("none", False, True, "none", False),
+]
+
+
+@pytest.mark.parametrize("amp,channels_last,native,expected,nhwc", CPU_INFERENCE)
+def test_cpu_inference_scores_a_forced_bf16_run_as_it_was_validated(
+    amp, channels_last, native, expected, nhwc, monkeypatch
+):
+    from aivh_ens.train import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: native)
+    cfg = resolve_config("tiny", amp=amp, channels_last=channels_last)
+    assert precision.inference_amp(cfg, torch.device("cpu")) == expected
+    assert precision.inference_channels_last(cfg, torch.device("cpu")) is nhwc
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 5), "fp16"), ((9, 0), "bf16")])
+def test_cuda_inference_chooses_by_its_own_device_not_the_training_one(capability, expected, monkeypatch):
+    """A run trained on an A100 in bf16 scores on a T4 in fp16, and the other way round."""
+    from aivh_ens.train import precision
+
+    monkeypatch.setattr(precision, "cuda_capability", lambda _device: capability)
+    for trained in ("bf16", "fp16", "auto", "none"):
+        cfg = resolve_config("tiny", amp=trained)
+        assert precision.inference_amp(cfg, torch.device("cuda")) == expected
+        assert precision.inference_channels_last(cfg, torch.device("cuda"))
+    assert not precision.inference_channels_last(
+        resolve_config("tiny", channels_last=False), torch.device("cuda")
+    )
+
+
+def test_predict_folds_scores_in_the_runs_cpu_precision(data, monkeypatch):
+    """predict_folds (submit, predict and serve) enters bf16 autocast for a forced-bf16 run on a CPU with native
+    bf16, and none for an fp16 one; its scores are then those of a bf16 forward pass."""
     import pandas as pd
 
     from aivh_ens.data.loader import FileSource
     from aivh_ens.data.transforms import storage_step
     from aivh_ens.infer import tta
     from aivh_ens.infer.runs import predict_folds
+    from aivh_ens.train import precision
     from aivh_ens.train.models import build_model
 
-    seen: list[bool] = []
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    seen: list[str] = []
     real = tta.autocast
-
-    def spy(device, amp):
-        ctx = real(device, amp)
-        seen.append(isinstance(ctx, type(real(torch.device("cpu"), "none"))))  # a no-op context
-        return ctx
-
-    monkeypatch.setattr(tta, "autocast", spy)
+    monkeypatch.setattr(tta, "autocast", lambda device, amp: seen.append(amp) or real(device, amp))
     names = pd.read_csv(data / "train.csv")["file_name"].tolist()[:8]
-    for trained in ("bf16", "fp16"):
+    scores = {}
+    for trained in ("bf16", "fp16", "none"):
+        torch.manual_seed(0)
         cfg = resolve_config("tiny", img_size=32, amp=trained)
         model, dc = build_model(cfg)
         source = FileSource(data, names, storage_step(cfg, dc.img_size))
@@ -216,4 +253,8 @@ def test_inference_chooses_by_its_own_device_not_the_training_one(data, monkeypa
             [model.eval()], dc, cfg, source, range(len(names)), tta.parse_tta("hflip"), torch.device("cpu")
         )
         assert P.shape == (1, 8) and not bad and P.dtype == "float32"
-    assert seen and all(seen)
+        scores[trained] = P
+    assert set(seen[: len(seen) // 3]) == {"bf16"} and set(seen[len(seen) // 3 :]) == {"none"}
+    assert np.array_equal(scores["fp16"], scores["none"])  # the same weights in fp32 both times
+    assert not np.array_equal(scores["bf16"], scores["none"])  # bf16 rounds: not the fp32 pass
+    assert np.allclose(scores["bf16"], scores["none"], atol=0.05)
