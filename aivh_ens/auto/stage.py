@@ -48,11 +48,12 @@ BLEND_TRIALS = 100
 PROCESS_START_S = 8.0
 """A sweep device's process start (spawned, torch and timm imported) before its first job."""
 REPORT_S = 2.0
-SUBMIT_PASSES = 6
-"""Test-set passes per fold model that submit's estimate counts, at the probe's evaluation speed: two TTA views,
-and the time beyond them (reading the test images, the shift diagnosis and its re-scoring, fp32 scoring).
-Measured on 4,000 cifake-dev test images: one run of 4 folds took 48-54 s, two runs of 2 folds 72 s (a count
-of 2 had estimated 23 and 25 s)."""
+SUBMIT_PASSES = 3
+"""Test-set passes per fold model that submit's estimate counts, at the probe's evaluation speed (one thread, in
+the run's precision, which submit scores in too): two TTA views, and the time beyond them (reading the test
+images, the shift diagnosis and its re-scoring) less what submit's threads (all the jobs' cores) save. Measured
+on 4,000 cifake-dev test images, one run of 4 ``aivh_res_s`` folds in bf16 on 2 threads: 26 s (this estimate:
+42 s); in fp32 it had taken 48-61 s, when 6 passes were counted."""
 TOP_UP_SHARE = 0.85
 """The share of the time left that a top-up plans for: its runs are timed by the speeds other runs measured
 (a top-up of ``aivh_cnn_s`` after ``aivh_res_s`` ran at 0.69x its estimate took 1.2x its own)."""
