@@ -149,7 +149,8 @@ training_options = options(
         type=float,
         default=None,
         help="Seconds each fold trains (training and validation passes): --epochs becomes the most, and the "
-        "epochs and learning-rate schedule follow the measured epoch times, so the fold ends on time.",
+        "epochs and learning-rate schedule follow the measured epoch times, so the fold ends at the whole epoch "
+        "nearest that time.",
     ),
     click.option(
         "--select",

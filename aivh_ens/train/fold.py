@@ -156,10 +156,12 @@ RECENT_EPOCHS = 3
 
 def planned_epochs(cfg: RunConfig, history: Sequence[dict[str, Any]], val_share: float) -> int:
     """The epochs the fold trains, as known before its next epoch. ``cfg.epochs``; with ``fold_time`` (seconds
-    of training and validation passes), the most epochs up to ``cfg.epochs`` and at least one more whose passes
-    fit the time left at the seconds the last :data:`RECENT_EPOCHS` epochs took (before the first epoch:
-    ``cfg.epochs``). The learning-rate schedule and ``validate_last`` follow the plan as it changes, so a fold
-    ends on time, with its schedule run out, on a machine slower or faster than the one it was planned on.
+    of training and validation passes), the epochs up to ``cfg.epochs``, at least one more, whose passes end
+    nearest to it at the seconds the last :data:`RECENT_EPOCHS` epochs took (before the first epoch:
+    ``cfg.epochs``): one epoch more is taken when it would end less far past ``fold_time`` than one fewer ends
+    before it, so a fold ends within half an epoch of its time, on average on it (rounding down left half an
+    epoch per fold unused). The learning-rate schedule and ``validate_last`` follow the plan as it changes, so
+    a fold ends on time, with its schedule run out, on a machine slower or faster than the one it was planned on.
 
     ``val_share``: a validation pass's seconds per training pass's, used until one was measured (the rows'
     ratio over 3: a forward pass costs about a third of a training step).
@@ -174,10 +176,14 @@ def planned_epochs(cfg: RunConfig, history: Sequence[dict[str, Any]], val_share:
     ]
     val_s = sum(checks) / len(checks) if checks else train_s * val_share
     left = cfg.fold_time - sum(h["seconds"] for h in history)
+
+    def seconds(more: int) -> float:  # of ``more`` epochs, their last ``validate_last`` validated
+        return more * train_s + min(more, cfg.validate_last or more) * val_s
+
     epochs = done + 1
     for total in range(done + 2, cfg.epochs + 1):
         more = total - done
-        if more * train_s + min(more, cfg.validate_last or more) * val_s > left:
+        if seconds(more) - left >= left - seconds(more - 1):  # past the time by as much as one fewer is short
             break
         epochs = total
     return epochs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -347,14 +348,20 @@ def test_fold_time_sets_the_epochs_from_the_measured_ones():
     cfg = resolve_config("tiny", epochs=20, fold_time=60.0, validate_last=2)
     assert planned_epochs(cfg, [], 0.1) == 20  # nothing measured yet: the most
     # 2 epochs of 10 s spent 20 of 60 s; a validation pass is timed at 0.1 x 10 s until one is measured:
-    # 3 more epochs (30 s) with their last 2 validated (2 s) fit the 40 s left, 4 more (42 s) do not
-    assert planned_epochs(cfg, _epochs(2, 10.0), 0.1) == 5
-    # once measured, a validation pass costs what it took (5 s each): 2 more epochs (20 + 10 s) fit, 3 do not
+    # 3 more epochs (30 s) with their last 2 validated (2 s) end 8 s before the 40 s left are spent, 4 more
+    # (42 s) 2 s after: the nearest end; 5 more (52 s) would end 12 s after
+    assert planned_epochs(cfg, _epochs(2, 10.0), 0.1) == 6
+    assert (
+        planned_epochs(dataclasses.replace(cfg, fold_time=55.0), _epochs(2, 10.0), 0.1) == 5
+    )  # 3 s short, 7 past
+    # once measured, a validation pass costs what it took (5 s each): 2 more epochs (20 + 10 s) end on time
     assert planned_epochs(cfg, _epochs(2, 10.0) + _epochs(1, 5.0, 5.0), 0.1) == 5
     # the last epochs time the next ones: a machine that sped up trains more, up to --epochs
     # (33 s spent: 14 more 1-s epochs fit the 27 s left, capped at 20; 2 more 10-s epochs, and a slow spell)
     assert planned_epochs(cfg, _epochs(3, 10.0) + _epochs(3, 1.0), 0.1) == 20
-    assert planned_epochs(cfg, _epochs(3, 1.0) + _epochs(3, 10.0), 0.1) == 8
+    assert (
+        planned_epochs(cfg, _epochs(3, 1.0) + _epochs(3, 10.0), 0.1) == 8
+    )  # a tie (5 s short or past): fewer
     # past its time a fold still trains one more epoch, its schedule's last (validated): it ends on time
     assert planned_epochs(cfg, _epochs(8, 10.0), 0.1) == 9
     assert planned_epochs(resolve_config("tiny", epochs=20), _epochs(8, 10.0), 0.1) == 20  # no fold_time
