@@ -29,7 +29,7 @@ def test_small_images_train_at_native_size(side, device, size):
 def test_without_weights_the_cpu_trains_small_models_from_scratch():
     cands = choose_candidates(findings_to_settings([], 32), "cpu", None)
     assert [c.settings["model"] for c in cands] == list(SCRATCH_CPU_NATIVE)  # full resolution first
-    assert cands[0].settings["model"] == "aivh_res_s"
+    assert cands[0].settings["model"] == "aivh_res_t"
     assert [c.epochs for c in cands[:2]] == [FULL_RES_EPOCHS] * 2  # the full-resolution CNNs train longer
     assert all(c.kind == "scratch" and c.settings["img_size"] == 32 and c.settings["pretrained"] is False
                for c in cands)  # fmt: skip
@@ -82,7 +82,7 @@ def test_timing_keeps_bf16_channels_last_on_the_cpu_only_when_it_pays(tmp_path: 
         dataclasses.replace(_cfg("aivh_cnn_s"), amp="bf16", channels_last=True, batch_size=8), "cpu", 1
     )
     assert real.train_img_s > 0 and real.eval_img_s > 0  # the fast settings run for real
-    gain = {"aivh_cnn_s": 2.4, "test_resnet": 1.1}  # what each model gains from bf16 + channels_last
+    gain = {"aivh_res_t": 2.4, "test_resnet": 1.1}  # what each model gains from bf16 + channels_last
     monkeypatch.setattr(timing, "time_candidate", lambda cfg, device, threads: Speed(
         100 * (gain[cfg.model] if cfg.amp == "bf16" and cfg.channels_last else 1), 300))  # fmt: skip
     cands = [c for c in choose_candidates(findings_to_settings([], 32), "cpu", None)

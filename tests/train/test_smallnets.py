@@ -1,5 +1,5 @@
-"""The full-resolution CNNs registered with timm (``aivh_cnn_s``, ``aivh_cnn_m``, ``aivh_res_s``): reachable by name like any
-timm model, timm's model interface, and they learn what only full resolution shows."""
+"""The full-resolution CNNs registered with timm (``aivh_cnn_s``, ``aivh_cnn_m``, ``aivh_res_s``, ``aivh_res_t``):
+reachable by name like any timm model, timm's model interface, and they learn what only full resolution shows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from aivh_ens.errors import UserError
 from aivh_ens.train.models import check_model_name, create_backbone, local_pretrained
 
 
-@pytest.mark.parametrize(("name", "width"), [("aivh_cnn_s", 128), ("aivh_cnn_m", 192), ("aivh_res_s", 128)])
+@pytest.mark.parametrize(
+    ("name", "width"), [("aivh_cnn_s", 128), ("aivh_cnn_m", 192), ("aivh_res_s", 128), ("aivh_res_t", 64)]
+)
 def test_registered_and_built_through_timm(name, width):
     import timm
 
@@ -45,7 +47,7 @@ def test_residual_variant_adds_its_input_back():
     assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 9  # stem, 3 x 2, 2 shortcuts
 
 
-@pytest.mark.parametrize("name", ["aivh_cnn_s", "aivh_res_s"])
+@pytest.mark.parametrize("name", ["aivh_cnn_s", "aivh_res_s", "aivh_res_t"])
 def test_it_learns_a_one_pixel_checkerboard_that_a_4x_stem_averages_away(name):
     """Label 1: a +-0.5 checkerboard of period 2 px added to noise; the mean colour is the same for both."""
     g = torch.Generator().manual_seed(0)
