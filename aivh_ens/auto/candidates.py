@@ -46,8 +46,8 @@ SCRATCH_EPOCHS = (6, 16)
 FULL_RES_EPOCHS = (6, 40)
 """Epochs of the full-resolution CNNs: on 20,000 CIFAKE images ``aivh_cnn_s`` reached OOF F1 0.943 after 6
 epochs and 0.949 after 10 (5 folds each), and on 16,000 rows it scored 0.955-0.957 after 16-17 epochs and 0.958
-after 26 (the most was 24 until ``aivh_res_t``, which trains twice as fast, led: in a 20-minute plan on this
-machine's faster minutes it has the time for about 35). The least is what the first candidate's folds are
+after 26 (the most was 24 until ``aivh_res_t``, which trains twice as fast, led: in a 20-minute plan in a fast
+spell of this machine its 4 folds trained 24-28 epochs). The least is what the first candidate's folds are
 chosen by (:func:`aivh_ens.auto.budget.choose_folds`): at 10 a slow probe (285-350 img/s for ``aivh_res_s``)
 sent 20-minute plans to 2 folds, and every 2-fold plan scored 0.952-0.954 on the test images (21-24 epochs on
 10,000 rows) against 0.958-0.963 for every 4-fold one; and each fold's ``fold_time`` then trains the epochs the

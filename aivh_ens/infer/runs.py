@@ -122,7 +122,7 @@ def predict_folds(
         workers=default_workers(device, workers if workers is not None else cfg.workers),
     )
     channels_last = inference_channels_last(cfg, device)
-    amp = inference_amp(cfg, device)  # by this device, not the training one
+    amp = inference_amp(cfg, device)  # by this device (on the CPU, a forced bf16 run's own precision)
     normalize = Normalizer(dc.mean, dc.std, device, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     P = np.full((len(models), len(ds)), np.nan, dtype=np.float32)  # (K, N)

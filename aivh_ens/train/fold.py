@@ -161,7 +161,7 @@ def planned_epochs(cfg: RunConfig, history: Sequence[dict[str, Any]], val_share:
     ``cfg.epochs``): one epoch more is taken when it would end less far past ``fold_time`` than one fewer ends
     before it, so a fold ends within half an epoch of its time, on average on it (rounding down left half an
     epoch per fold unused). The learning-rate schedule and ``validate_last`` follow the plan as it changes, so
-    a fold ends on time, with its schedule run out, on a machine slower or faster than the one it was planned on.
+    the fold's schedule runs out then, on a machine slower or faster than the one it was planned on.
 
     ``val_share``: a validation pass's seconds per training pass's, used until one was measured (the rows'
     ratio over 3: a forward pass costs about a third of a training step).
