@@ -351,17 +351,15 @@ def test_fold_time_sets_the_epochs_from_the_measured_ones():
     # 3 more epochs (30 s) with their last 2 validated (2 s) end 8 s before the 40 s left are spent, 4 more
     # (42 s) 2 s after: the nearest end; 5 more (52 s) would end 12 s after
     assert planned_epochs(cfg, _epochs(2, 10.0), 0.1) == 6
-    assert (
-        planned_epochs(dataclasses.replace(cfg, fold_time=55.0), _epochs(2, 10.0), 0.1) == 5
-    )  # 3 s short, 7 past
+    shorter = dataclasses.replace(cfg, fold_time=55.0)  # 3 more epochs end 3 s short, 4 more 7 s past
+    assert planned_epochs(shorter, _epochs(2, 10.0), 0.1) == 5
     # once measured, a validation pass costs what it took (5 s each): 2 more epochs (20 + 10 s) end on time
     assert planned_epochs(cfg, _epochs(2, 10.0) + _epochs(1, 5.0, 5.0), 0.1) == 5
     # the last epochs time the next ones: a machine that sped up trains more, up to --epochs
     # (33 s spent: 14 more 1-s epochs fit the 27 s left, capped at 20; 2 more 10-s epochs, and a slow spell)
     assert planned_epochs(cfg, _epochs(3, 10.0) + _epochs(3, 1.0), 0.1) == 20
-    assert (
-        planned_epochs(cfg, _epochs(3, 1.0) + _epochs(3, 10.0), 0.1) == 8
-    )  # a tie (5 s short or past): fewer
+    # (and on a tie, 2 more ending 5 s short against 3 more ending 5 s past, the fewer)
+    assert planned_epochs(cfg, _epochs(3, 1.0) + _epochs(3, 10.0), 0.1) == 8
     # past its time a fold still trains one more epoch, its schedule's last (validated): it ends on time
     assert planned_epochs(cfg, _epochs(8, 10.0), 0.1) == 9
     assert planned_epochs(resolve_config("tiny", epochs=20), _epochs(8, 10.0), 0.1) == 20  # no fold_time
