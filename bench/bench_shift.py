@@ -33,7 +33,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from aivh_ens.blend.shift import diagnose
 from aivh_ens.blend.stage import run_blend
 from aivh_ens.config import resolve_config
 from aivh_ens.infer.submission import DEFAULT_THRESHOLD, oof_blend, submit
@@ -125,7 +124,8 @@ def evaluate(work: Path, name: str, data: Path, adapt_bn: str = "off") -> dict[s
 
     doc = json.loads((work / "runs" / "blend" / "blend.json").read_text())
     oof_s, oof_y, _ = oof_blend(work, doc)
-    d = diagnose(oof_s, oof_y, s, float(doc["threshold"]))
+    d = r.diagnosis  # submit's own: the test scores one fold model per run at a time against the OOF scores
+    assert d is not None
     em, mix = d.estimates[0].share, d.estimates[2].share
     from aivh_ens.blend.shift import choose_threshold
 

@@ -388,6 +388,14 @@ def _blended_test(
     return s, apply_blend(doc, {r.name: fold_average(r.P, doc["space"]) for r in s}, ref)[0]
 
 
+def fold_views(doc: dict[str, Any], runs: Sequence[RunScores], ref: dict[str, np.ndarray]) -> np.ndarray:
+    """(V, N): the test rows scored as the OOF rows were, by one fold model per run: view v blends fold
+    ``v % K`` of each run of K folds, V the most folds of any run. What the shift diagnosis compares with the
+    OOF scores (:func:`aivh_ens.blend.shift.diagnose`)."""
+    v = max(len(r.P) for r in runs)
+    return np.stack([apply_blend(doc, {r.name: r.P[k % len(r.P)] for r in runs}, ref)[0] for k in range(v)])
+
+
 def blend_test_scores(
     workdir: str | Path,
     *,
@@ -434,7 +442,7 @@ def _scored_test(
 
     def scored(adapt: bool) -> tuple[list[RunScores], np.ndarray, ShiftDiagnosis]:
         s, p = _blended_test(workdir, doc, infos, specs, (data_dir, test_csv, ids), ref, o, adapt)
-        return s, p, diagnose(oof_scores, y, p, float(doc["threshold"]))
+        return s, p, diagnose(oof_scores, y, p, float(doc["threshold"]), test_views=fold_views(doc, s, ref))
 
     adapted = bn == "on"
     scores, probs, diag = scored(adapted)

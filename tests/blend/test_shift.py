@@ -126,3 +126,55 @@ def test_each_mode_names_its_threshold():
     assert np.mean(t >= table["share:0.3"].threshold) == pytest.approx(0.3, abs=0.001)
     assert table["prior:0.3"].threshold == shift.prior_threshold(s, y, 0.3)
     assert all(c.reason for c in table.values())
+
+
+def fold_models(
+    n: int, share: float, seed: int, k: int = 4, move: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, (k, n) scores): each row's logit N(+-2, 1) (+ ``move``), seen by k fold models that each add
+    their own noise N(0, 1.5), as models trained on different folds disagree."""
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < share
+    z = np.where(y, 2.0, -2.0) + rng.normal(0, 1, n) + move
+    return y.astype(np.int8), 1 / (1 + np.exp(-(z[None] + rng.normal(0, 1.5, (k, n)))))
+
+
+def fold_oof() -> tuple[np.ndarray, np.ndarray]:
+    """OOF scores as cv makes them: each row scored by the one fold model that did not train on it."""
+    y, P = fold_models(6000, 0.5, 0)
+    return y, P[np.arange(6000) % 4, np.arange(6000)]
+
+
+@pytest.mark.parametrize(
+    ("share", "move", "resolved"), [(0.5, 0.0, "oof"), (0.2, 0.0, "prior:"), (0.5, -1.5, "share:")]
+)
+def test_fold_averaged_test_scores_are_compared_one_fold_model_at_a_time(share, move, resolved):
+    y, s = fold_oof()
+    yt, views = fold_models(4000, share, 1, move=move)
+    t = views.mean(axis=0)  # what submit cuts: the fold models' average
+    thr = best_threshold(y, s)[0]
+    averaged = shift.diagnose(s, y, t, thr)
+    d = shift.diagnose(s, y, t, thr, test_views=views)
+    assert d.n_views == 4 and "each of 4 fold models' own, pooled" in " ".join(d.lines())
+    assert d.ks == pytest.approx(shift.ks_distance(views.ravel(), s))
+    # the average separates the classes further than any one model: against single-model OOF scores it
+    # looks moved even where nothing changed, and auto would throw away the OOF threshold
+    assert averaged.ks_label_shift > shift.KS_TOLERANCE
+    c = shift.choose_threshold("auto", s, y, t, thr, "f1", d)
+    assert c.resolved.startswith(resolved), c.reason
+    if move == 0.0:  # one model at a time, the test scores fit the OOF classes (at the EM share)
+        assert d.ks_label_shift < shift.KS_TOLERANCE
+        assert d.estimate("EM on calibrated scores (Saerens 2002)") == pytest.approx(yt.mean(), abs=0.02)
+    else:  # and a real move is still one
+        assert d.ks_label_shift > shift.KS_TOLERANCE
+    # the predicted share and the mixture are of the scores the threshold cuts
+    assert d.predicted_share == np.mean(t >= thr)
+    assert d.estimate("two-component mixture on test logits") == averaged.estimate(
+        "two-component mixture on test logits"
+    )
+
+
+def test_test_views_must_cover_the_test_rows():
+    y, s = fold_oof()
+    with pytest.raises(ValueError, match=r"expected \(V, 10\)"):
+        shift.diagnose(s, y, s[:10], 0.5, test_views=s[:9][None])

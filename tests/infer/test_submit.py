@@ -15,12 +15,13 @@ from click.testing import CliRunner
 
 from aivh_ens.blend.artifact import apply_blend
 from aivh_ens.blend.core import rank01, rank_against
+from aivh_ens.blend.shift import ks_distance
 from aivh_ens.cli import main
 from aivh_ens.errors import UserError
 from aivh_ens.infer import predict as predict_mod
 from aivh_ens.infer import runs as runs_mod
 from aivh_ens.infer.runs import fold_average
-from aivh_ens.infer.submission import validate_submission
+from aivh_ens.infer.submission import oof_blend, validate_submission
 from aivh_ens.train.models import build_model
 
 FAST = tiny_cv()
@@ -424,6 +425,14 @@ def test_submit_writes_how_it_cut_and_every_mode_reuses_the_scores(copy, monkeyp
     rec = json.loads((work / "submission.json").read_text())
     assert rec["threshold_mode"] == "auto" and rec["resolved_mode"] in res.output
     assert rec["diagnosis"]["n_test"] == 30 and len(rec["diagnosis"]["estimates"]) == 3
+    # its KS compares like with like: each OOF row is one fold model's score, so the test side is each fold
+    # model's own test scores (fold k of run a blended with fold k of run b), pooled; not their average
+    doc = json.loads((work / "runs" / "blend" / "blend.json").read_text())
+    folds = {r: pd.read_csv(work / "runs" / r / "test" / "hflip.csv") for r in ("a", "b")}
+    views = [0.6 * folds["a"][f"fold{k}"] + 0.4 * folds["b"][f"fold{k}"] for k in range(3)]
+    oof_scores = oof_blend(work, doc)[0]
+    assert rec["diagnosis"]["n_views"] == 3 and "each of 3 fold models' own, pooled" in res.output
+    assert rec["diagnosis"]["ks"] == pytest.approx(ks_distance(np.concatenate(views), oof_scores), abs=1e-6)
     probs = pd.read_csv(work / "submission_proba.csv")["prob"].to_numpy()
     labels = pd.read_csv(work / "submission.csv")["label"].to_numpy()
     np.testing.assert_array_equal(labels, probs >= rec["threshold"])
