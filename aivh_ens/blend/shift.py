@@ -38,9 +38,12 @@ from aivh_ens.metrics import check_metric, weighted_threshold_sweep
 LOGIT_CLIP = 1e-6
 """Scores are clipped to [c, 1 - c] before taking logits (mixture and calibration)."""
 
-KS_TOLERANCE = 0.06
+KS_TOLERANCE = 0.04
 """KS distance between test scores and the OOF scores re-weighted to the estimated test AI share below which
-``auto`` treats the shift as label shift only (see :data:`AUTO_RULE`); set by ``bench/bench_shift.py``."""
+``auto`` treats the shift as label shift only (see :data:`AUTO_RULE`); set by ``bench/bench_shift.py``, one
+fold model at a time: its unshifted and AI-share-shifted CIFAKE sets read 0.013-0.019 (two 20-minute ``auto``
+runs' unshifted sets 0.020-0.022), its upscaled, blurred and unseen-generator sets 0.048-0.174. (It was 0.06
+while the averaged test scores were compared, which read 0.067-0.076 on unshifted sets.)"""
 
 PRIOR_SNAP = 0.02
 """``auto`` keeps the OOF threshold when the label-shift estimate is within this of the training AI share."""
