@@ -21,7 +21,7 @@ from aivh_ens.errors import UserError
 from aivh_ens.infer import predict as predict_mod
 from aivh_ens.infer import runs as runs_mod
 from aivh_ens.infer.runs import fold_average
-from aivh_ens.infer.submission import oof_blend, validate_submission
+from aivh_ens.infer.submission import RunScores, fold_views, oof_blend, validate_submission
 from aivh_ens.train.models import build_model
 
 FAST = tiny_cv()
@@ -516,3 +516,13 @@ def test_adapt_bn_auto_rescores_only_when_the_scores_moved(copy, monkeypatch):
     res = invoke("submit", "--workdir", work, "--quiet", "--threshold", "oof")
     assert res.exit_code == 0 and "scoring again with BatchNorm" not in res.output
     assert json.loads((work / "submission.json").read_text())["adapt_bn"] == "off -> False"
+
+
+def test_fold_views_blend_one_fold_model_per_run_and_cycle_a_run_with_fewer_folds(copy):
+    doc = two_run_blend(copy[1])  # weights a 0.6, b 0.4, views and folds averaged as probabilities
+    a = RunScores("a", np.array([[0.1, 0.9], [0.3, 0.7], [0.5, 0.5]]), "none", True, 0.0)  # 3 folds
+    # 2 folds: view 2 takes b's fold 0
+    b = RunScores("b", np.array([[0.2, 0.8], [0.4, 0.6]]), "none", True, 0.0)
+    views = fold_views(doc, [a, b], {})
+    expected = [[0.14, 0.86], [0.34, 0.66], [0.38, 0.62]]
+    np.testing.assert_allclose(views, expected)
