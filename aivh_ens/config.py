@@ -92,7 +92,7 @@ class RunConfig:
     mean: tuple[float, float, float] | None = None  # None = the model's data config
     std: tuple[float, float, float] | None = None
     interpolation: str = "area"  # area | linear | cubic (cv2) for resizes
-    tta: str = "none"  # the run's default test-time augmentation
+    tta: str = "none"  # the run's test-time augmentation: its OOF rows are scored with it, submit's default
 
     # -- optimisation
     epochs: int = 10
@@ -180,7 +180,18 @@ def validate(cfg: RunConfig) -> None:
             raise _bad(name, getattr(cfg, name), "must be at least 1")
     if cfg.fold_time is not None and not cfg.fold_time > 0:
         raise _bad("fold_time", cfg.fold_time, "must be more than 0 seconds")
+    _check_tta(cfg)
     _check_ranges(cfg)
+
+
+def _check_tta(cfg: RunConfig) -> None:
+    """The run's TTA (its OOF rows are scored with it) must parse."""
+    from aivh_ens.infer.tta_spec import VALID_FORMS, parse_tta
+
+    try:
+        parse_tta(cfg.tta)
+    except UserError:
+        raise _bad("tta", cfg.tta, f"must be {VALID_FORMS}") from None
 
 
 def _check_ranges(cfg: RunConfig) -> None:

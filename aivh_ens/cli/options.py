@@ -170,6 +170,14 @@ training_options = options(
     ),
     click.option("--blur-p", type=float, default=None, help="Probability of Gaussian blur augmentation."),
     click.option(
+        "--tta",
+        default=None,
+        metavar="SPEC",
+        help="The run's test-time augmentation (none, hflip, d4, crops:N, shift:P, joined by '+'): each fold "
+        "scores its OOF rows with it, and submit and predict use it by default, so the blend and threshold are "
+        "fitted on the scores they cut.  [default: the recipe's]",
+    ),
+    click.option(
         "--pretrained/--no-pretrained",
         default=None,
         help="Start from timm's pretrained weights, which must be in the Hugging Face cache (--pretrained), "
@@ -279,7 +287,8 @@ def report_line(workdir: Path) -> str:
 
 TTA_HELP = (
     "Test-time augmentation: none, hflip, d4 (8 flips/rotations), crops:N (N native-resolution "
-    "crops), or combined, e.g. hflip+crops:5.  [default: each run's recipe default]"
+    "crops), shift:P (each view also moved P pixels four ways), or combined, e.g. hflip+crops:5, "
+    "hflip+shift:1.  [default: each run's own, the one its OOF rows were scored with]"
 )
 TTA = click.option("--tta", default=None, metavar="SPEC", help=TTA_HELP)
 BLEND = click.option(

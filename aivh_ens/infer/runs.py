@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ class RunInfo:
     cfg: RunConfig
     doc: dict[str, Any]
     weights: tuple[Path, ...]
+    oof_tta: str = "none"  # the TTA its OOF rows were scored with (fold 0's done.json; older runs: one view)
 
 
 def check_run(workdir: str | Path, name: str) -> RunInfo:
@@ -52,7 +54,8 @@ def check_run(workdir: str | Path, name: str) -> RunInfo:
                 "without it (`aivh-ens blend --runs ...`)"
             )
         weights.append(w)
-    return RunInfo(name, cfg, doc, tuple(weights))
+    oof_tta = json.loads((rdir / "fold0" / DONE).read_text()).get("oof_tta", "none")
+    return RunInfo(name, cfg, doc, tuple(weights), oof_tta)
 
 
 def load_models(info: RunInfo, device: torch.device) -> tuple[list[nn.Module], DataConfig]:
@@ -228,6 +231,12 @@ def run_spec(info: RunInfo, forced: TTASpec | None, log: Log | None = None) -> T
         log(
             f"run {info.name}: resizes the whole image to its input size, so crops:{forced.crops} does not "
             f"apply; using {spec.name}"
+        )
+    if info.cfg.head == "finetune" and spec.name != info.oof_tta and log is not None:
+        log(
+            f"note: run {info.name}'s OOF rows were scored with TTA {info.oof_tta}, the test images now with "
+            f"{spec.name}: the blend's weights and threshold were fitted on other scores than they cut; use "
+            f"--tta {info.oof_tta}, or re-run cv with --tta {spec.name}"
         )
     unseen = unseen_views(spec, info.cfg)
     if unseen and log is not None:

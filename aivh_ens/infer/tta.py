@@ -1,25 +1,17 @@
 """Test-time augmentation: parse a spec, make the views of each image, and score them in one batch.
 
-A spec joins at most one flip term and one crop term with ``+``:
+A spec (:mod:`aivh_ens.infer.tta_spec`) joins a flip term (none, hflip, d4), a crop term (crops:N) and a
+shift term (shift:P) with ``+``.
 
-- ``none``: the run's own evaluation preprocessing, one view.
-- ``hflip``: that view and its mirror image (2 views).
-- ``d4``: the 8 symmetries of the square: rotations by 0/90/180/270 degrees, each with and without a mirror.
-- ``crops:N``: N crops of the model's input size instead of the single centre crop, spread over the image
-  at native resolution (``crop`` mode) or over the resized image (``eval_resize``); see :func:`crop_offsets`.
-  A run that resizes the whole image to its input size has nothing to crop and keeps one view.
-
-Crops are cut per image in the dataset (image sizes differ); flips and rotations are tensor ops applied to
-the batch once it is on the device. Every view goes through the model in the same forward pass and the
+Crops are cut per image in the dataset (image sizes differ); flips, rotations and shifts are tensor ops
+applied to the batch once it is on the device. Every view goes through the model in the same forward pass and the
 view probabilities are averaged.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,71 +22,16 @@ from aivh_ens.config import RunConfig
 from aivh_ens.data.images import BadImageError
 from aivh_ens.data.loader import ImageSource
 from aivh_ens.data.transforms import eval_transform
-from aivh_ens.errors import UserError
+from aivh_ens.infer.tta_spec import FLIPS, MAX_CROPS, MAX_SHIFT, VALID_FORMS, TTASpec, parse_tta
 from aivh_ens.train.precision import autocast
 
-FLIPS: dict[str, tuple[str, ...]] = {
-    "none": ("id",),
-    "hflip": ("id", "hflip"),
-    "d4": ("id", "rot90", "rot180", "rot270", "hflip", "hflip_rot90", "hflip_rot180", "hflip_rot270"),
-}
-"""The views of each flip term, by name. ``hflip_rotK``: mirror left-right, then rotate K degrees."""
-MAX_CROPS = 64
-VALID_FORMS = (
-    "none, hflip, d4, crops:N (1 <= N <= 64), or a flip term and crops:N joined by '+' (e.g. hflip+crops:5)"
-)
-_CROPS = re.compile(r"crops:(\d+)")
-
-
-@dataclass(frozen=True)
-class TTASpec:
-    """A parsed TTA spec: the flip term and the crop count (0 = the run's own single evaluation crop)."""
-
-    flips: str = "none"
-    crops: int = 0
-
-    @property
-    def name(self) -> str:
-        """The canonical spec string, e.g. ``hflip+crops:5`` (``none`` for no augmentation)."""
-        parts = [self.flips] if self.flips != "none" else []
-        parts += [f"crops:{self.crops}"] if self.crops else []
-        return "+".join(parts) or "none"
-
-    @property
-    def file_stem(self) -> str:
-        """A file-name-safe form of :attr:`name` (``hflip+crops-5``)."""
-        return self.name.replace(":", "-")
-
-    @property
-    def flip_views(self) -> tuple[str, ...]:
-        return FLIPS[self.flips]
-
-    @property
-    def n_views(self) -> int:
-        return len(self.flip_views) * max(1, self.crops)
-
-
-def parse_tta(spec: str | TTASpec) -> TTASpec:
-    """Parse ``none`` / ``hflip`` / ``d4`` / ``crops:N`` / ``FLIP+crops:N``; UserError listing the forms."""
-    if isinstance(spec, TTASpec):
-        return spec
-    terms = [t.strip().lower() for t in str(spec).split("+")]
-    flips, crops = None, None
-    for t in terms:
-        m = _CROPS.fullmatch(t)
-        if t in FLIPS and flips is None and (t != "none" or len(terms) == 1):
-            flips = t
-        elif m and crops is None and 1 <= int(m.group(1)) <= MAX_CROPS:
-            crops = int(m.group(1))
-        else:
-            raise UserError(f"invalid --tta {spec!r}; valid forms: {VALID_FORMS}")
-    return TTASpec(flips or "none", crops or 0)
+__all__ = ["FLIPS", "MAX_CROPS", "MAX_SHIFT", "VALID_FORMS", "TTASpec", "parse_tta"]  # re-exported
 
 
 def effective_spec(spec: TTASpec, cfg: RunConfig) -> TTASpec:
     """The spec as it applies to one run: crops are dropped for runs that resize the whole image."""
     if spec.crops and crop_pretransform(cfg, 8) is None:
-        return TTASpec(spec.flips, 0)
+        return TTASpec(spec.flips, 0, spec.shift)
     return spec
 
 
@@ -102,16 +39,34 @@ def effective_spec(spec: TTASpec, cfg: RunConfig) -> TTASpec:
 
 
 def apply_view(x: torch.Tensor, view: str) -> torch.Tensor:
-    """One flip/rotation view of images ``x`` (..., H, W).
+    """One flip/rotation view of images ``x`` (B, C, H, W), optionally shifted (``<flip>@<dx>,<dy>``).
 
-    ``hflip`` mirrors W; ``rotK`` turns K degrees counter-clockwise (as ``np.rot90``), swapping H and W.
+    ``hflip`` mirrors W; ``rotK`` turns K degrees counter-clockwise (as ``np.rot90``), swapping H and W. A shift
+    moves the content dx pixels right and dy down (negative: left, up); the uncovered border is the mirror
+    image of the one beside it (reflect padding), so no blank edge appears that training never showed.
     """
-    if view not in FLIPS["d4"]:
-        raise ValueError(f"unknown view {view!r}; expected one of {', '.join(FLIPS['d4'])}")
-    if view.startswith("hflip"):
+    flip, _, move = view.partition("@")
+    if flip not in FLIPS["d4"]:
+        raise ValueError(
+            f"unknown view {view!r}; expected one of {', '.join(FLIPS['d4'])}, optionally @dx,dy"
+        )
+    if flip.startswith("hflip"):
         x = torch.flip(x, dims=(-1,))
-    k = int(view.rsplit("rot", 1)[1]) // 90 if "rot" in view else 0
-    return torch.rot90(x, k, dims=(-2, -1)) if k else x
+    k = int(flip.rsplit("rot", 1)[1]) // 90 if "rot" in flip else 0
+    x = torch.rot90(x, k, dims=(-2, -1)) if k else x
+    return shift_view(x, *map(int, move.split(","))) if move else x
+
+
+def shift_view(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Images ``x`` (B, C, H, W) moved dx pixels right and dy down, the uncovered border mirrored in."""
+    p = max(abs(dx), abs(dy))
+    if not p:
+        return x
+    h, w = x.shape[-2:]
+    if p >= min(h, w):
+        raise ValueError(f"a shift of {p} px needs images larger than {p} px; got {h}x{w}")
+    padded = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
+    return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
 
 
 def flip_views(x: torch.Tensor, views: Sequence[str]) -> torch.Tensor:
@@ -225,7 +180,7 @@ def score_views(
     Args:
         models: K models mapping (B, 3, S, S) to (B, 2) logits, in eval mode, on ``x``'s device.
         x: normalised crop views (B, Vc, 3, S, S) on the device.
-        views: flip/rotation views to apply to each crop (names of :data:`FLIPS`).
+        views: flip/rotation (and shift) views to apply to each crop (:attr:`TTASpec.flip_views`).
         amp: autocast mode (auto | bf16 | fp16 | none; auto chooses by the device of ``x``).
         memory_format: layout of the model input (channels_last on CUDA).
 

@@ -103,6 +103,7 @@ def test_submit_end_to_end_and_its_cache(copy, monkeypatch):
         "off",
     )
     assert res.exit_code == 0, res.output
+    assert "OOF rows were scored with TTA" not in res.output  # each run's own TTA: the OOF rows' too
     assert len(builds) == 6  # 2 runs x 3 folds, each fold model built once
     test_ids = pd.read_csv(data / "test.csv", dtype=str)["id"].tolist()
     sub = validate_submission(out, test_ids)
@@ -203,6 +204,7 @@ def test_submit_refusals(copy, monkeypatch, case, needles):
     if case == "missing_run":
         shutil.rmtree(work / "runs" / "b")
     elif case == "missing_fold":
+        two_run_blend(work)  # run a in the blend, whatever weight the fitted one gave it
         (work / "runs" / "a" / "fold1" / "best.safetensors").unlink()
     elif case == "oof_changed":
         with open(work / "oof" / "a.csv", "a") as f:
@@ -287,6 +289,12 @@ def test_submit_tta_option_and_predict_agree(copy):
     assert res.exit_code == 0, res.output
     # Both runs resize the whole image: the crops do not apply, and the log says so.
     assert "crops:3 does not apply; using d4" in res.output
+    # Their OOF rows were scored with hflip: the blend was fitted on other scores than d4 gives.
+    for run in ("a", "b"):
+        assert json.loads((work / "runs" / run / "fold2" / "done.json").read_text())["oof_tta"] == "hflip"
+        assert (f"note: run {run}'s OOF rows were scored with TTA hflip, the test images now with d4: the "
+                "blend's weights and threshold were fitted on other scores than they cut; use --tta hflip, or "
+                "re-run cv with --tta d4") in res.output  # fmt: skip
     # The runs trained with hflip and no rotation: d4's rotations are outside what they saw.
     assert res.output.count("never saw rotated (90/180/270 degrees) or upside-down images") == 2
     assert (work / "submission.csv").is_file() and not (work / "runs" / "a" / "test" / "hflip.csv").exists()

@@ -45,11 +45,15 @@ from aivh_ens.train.models import build_model
         ("crops:3+d4", "d4+crops:3", "d4", 3, 24),
         (" HFlip ", "hflip", "hflip", 0, 2),
         ("crops:64", "crops:64", "none", 64, 64),
+        ("shift:1", "shift:1", "none", 0, 5),
+        ("shift:2+hflip", "hflip+shift:2", "hflip", 0, 10),
+        ("crops:5+shift:8+d4", "d4+crops:5+shift:8", "d4", 5, 200),
     ],
 )
 def test_parse_tta_valid(spec, name, flips, crops, n_views):
     s = parse_tta(spec)
     assert (s.name, s.flips, s.crops, s.n_views) == (name, flips, crops, n_views)
+    assert len(s.flip_views) * max(1, s.crops) == s.n_views and len(set(s.flip_views)) == len(s.flip_views)
     assert parse_tta(s.name) == s  # the canonical name parses back to the same spec
     assert ":" not in s.file_stem
 
@@ -69,13 +73,18 @@ def test_parse_tta_valid(spec, name, flips, crops, n_views):
         "crops:2+crops:3",
         "hflip,crops:5",
         "d4+",
+        "shift",
+        "shift:0",
+        "shift:9",
+        "shift:1+shift:2",
+        "none+shift:1",
     ],
 )
 def test_parse_tta_invalid_lists_the_valid_forms(spec):
     with pytest.raises(UserError) as e:
         parse_tta(spec)
     msg = str(e.value)
-    assert repr(spec) in msg and "hflip" in msg and "d4" in msg and "crops:N" in msg
+    assert repr(spec) in msg and "hflip" in msg and "d4" in msg and "crops:N" in msg and "shift:P" in msg
     assert "\n" not in msg
 
 
@@ -132,6 +141,29 @@ def test_flip_views_give_exactly_the_expected_set(flips):
 def test_apply_view_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown view"):
         apply_view(torch.zeros(1, 1, 2, 2), "vflip")
+    with pytest.raises(ValueError, match="larger than 2 px"):
+        apply_view(torch.zeros(1, 1, 2, 2), "id@2,0")
+
+
+@pytest.mark.parametrize(("dx", "dy"), [(1, 0), (-1, 0), (0, 1), (0, -1), (2, -1), (0, 0)])
+def test_a_shift_moves_the_content_and_mirrors_the_border_in(dx, dy):
+    a = np.arange(30.0).reshape(5, 6)
+    p = max(abs(dx), abs(dy))
+    ref = np.pad(a, p, mode="reflect")[p - dy : p - dy + 5, p - dx : p - dx + 6]  # numpy's reflect padding
+    got = apply_view(torch.from_numpy(a)[None, None], f"id@{dx},{dy}")[0, 0].numpy()
+    np.testing.assert_array_equal(got, ref)
+    inner = got[max(dy, 0) : 5 + min(dy, 0), max(dx, 0) : 6 + min(dx, 0)]  # the part that moved, not mirrored
+    np.testing.assert_array_equal(inner, a[max(-dy, 0) : 5 - max(dy, 0), max(-dx, 0) : 6 - max(dx, 0)])
+
+
+def test_shifted_views_are_each_flip_moved_four_ways():
+    a = np.arange(16.0).reshape(4, 4)
+    spec = parse_tta("hflip+shift:1")
+    v = flip_views(torch.from_numpy(a)[None, None], spec.flip_views)[:, 0].numpy()  # (10, 4, 4)
+    for i, (flip, (dx, dy)) in enumerate((f, s) for f in ("id", "hflip") for s in spec.shifts):
+        base = a if flip == "id" else np.fliplr(a)
+        np.testing.assert_array_equal(v[i], np.pad(base, 1, mode="reflect")[1 - dy : 5 - dy, 1 - dx : 5 - dx])
+    assert spec.shifts == ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 
 
 # ---- crops -----------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def no_temp_files(root: Path) -> bool:
 
 
 def test_cv_writes_the_oof_contract(tmp_path, data):
-    res = cv(tmp_path, data, "--epochs", "2", "--name", "r1")
+    res = cv(tmp_path, data, "--epochs", "2", "--name", "r1", "--tta", "none")
     assert res.exit_code == 0, res.output
     assert "fold file: " in res.output and "k3_s42_gpairs.csv" in res.output
     assert "OOF at 0.5: f1" in res.output
@@ -66,12 +66,58 @@ def test_cv_writes_the_oof_contract(tmp_path, data):
         assert {"train_loss", "val_loss", "val_acc", "val_f1", "val_auc", "lr", "img_s", "seconds"} <= set(m)
         assert (fdir / "best.safetensors").stat().st_size > 0 and not (fdir / "state.pt").exists()
         done = json.loads((fdir / "done.json").read_text())
-        assert done["best_epoch"] in (1, 2)
-        # The OOF rows of this fold are the best epoch's validation predictions.
+        assert done["best_epoch"] in (1, 2) and done["oof_tta"] == "none"
+        # Without TTA, the OOF rows of this fold are the best epoch's validation predictions.
         rows = oof[oof["fold"] == k]
         assert abs(done["val_f1"] - f1(rows["label"], rows["prob"] >= 0.5)) < 1e-9
         assert abs(done["val_f1"] - m.loc[done["best_epoch"] - 1, "val_f1"]) < 1e-5
     assert no_temp_files(tmp_path)
+
+
+def test_oof_rows_are_scored_through_the_runs_tta_views(tmp_path, data):
+    """Each OOF probability is the mean, over the run's TTA views, of the fold's best weights' P(AI): here the
+    10 views of hflip+shift:1, recomputed by hand from the fold's validation images."""
+    import dataclasses
+
+    import torch
+
+    from aivh_ens.data.cache import open_source
+    from aivh_ens.infer.tta import TTADataset
+    from aivh_ens.layout import read_run_config
+    from aivh_ens.train.loop import load_weights
+    from aivh_ens.train.models import build_model
+
+    res = cv(tmp_path, data, "--epochs", "1", "--name", "t", "--fold", "0", "--tta", "hflip+shift:1")
+    assert res.exit_code == 0, res.output
+    fdir = tmp_path / "runs" / "t" / "fold0"
+    assert json.loads((fdir / "done.json").read_text())["oof_tta"] == "hflip+shift:1"
+    oof = pd.read_csv(fdir / "oof.csv")
+    run_cfg, _ = read_run_config(tmp_path, "t")
+    assert run_cfg.tta == "hflip+shift:1"
+    model, dc = build_model(dataclasses.replace(run_cfg, pretrained=False))
+    load_weights(model, fdir / "best.safetensors")
+    model.eval()
+    source = open_source(
+        run_cfg, data, oof["file_name"].tolist(), tmp_path, progress=False, log=lambda m: None
+    )
+    x = torch.stack([TTADataset(source, [i], run_cfg, dc.img_size)[0][0][0] for i in range(len(oof))]).float()
+    x = (x - torch.tensor(dc.mean).view(1, 3, 1, 1) * 255) / (torch.tensor(dc.std).view(1, 3, 1, 1) * 255)
+    views = []
+    for img in (x, x.flip(-1)):  # each flip, then moved one pixel right, left, down, up (the border mirrored)
+        pad = torch.nn.functional.pad(img, (1, 1, 1, 1), mode="reflect")
+        views += [img] + [
+            pad[..., 1 - dy : 33 - dy, 1 - dx : 33 - dx] for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))
+        ]
+    with torch.no_grad():
+        probs = torch.stack([torch.softmax(model(v), 1)[:, 1] for v in views])  # (10, N)
+    np.testing.assert_allclose(oof["prob"].to_numpy(), probs.mean(0).numpy(), atol=2e-5)
+    assert np.abs(oof["prob"].to_numpy() - probs[0].numpy()).max() > 1e-4  # the views changed the scores
+
+
+def test_a_bad_tta_spec_is_refused_before_training(tmp_path, data):
+    res = cv(tmp_path, data, "--epochs", "1", "--name", "b", "--tta", "hflip+shift:0")
+    assert res.exit_code == 2 and "tta='hflip+shift:0' (--tta) must be none, hflip" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "runs" / "b").exists()
 
 
 def test_finished_folds_are_not_retrained(tmp_path, data, monkeypatch):
