@@ -72,6 +72,9 @@ class Speed:
 
     train_img_s: float
     eval_img_s: float
+    views: int = 1
+    """The TTA views its run scores each OOF row and test image with: its OOF pass and submit's passes over the
+    test images cost that many forward passes per image."""
 
 
 def validated_epochs(epochs: int) -> int:
@@ -81,11 +84,12 @@ def validated_epochs(epochs: int) -> int:
 
 
 def job_s(speed: Speed, n_train: int, folds: int, epochs: int, last_only: bool = False) -> float:
-    """Seconds of one fold job: its :func:`epochs_s`, the OOF pass over its own rows and the set-up."""
+    """Seconds of one fold job: its :func:`epochs_s`, the OOF pass over its own rows (every TTA view) and the
+    set-up."""
     return (
         JOB_OVERHEAD_S
         + epochs_s(speed, n_train, folds, epochs, last_only)
-        + LOADER_FACTOR * (n_train / folds / speed.eval_img_s)
+        + LOADER_FACTOR * (speed.views * n_train / folds / speed.eval_img_s)
     )
 
 

@@ -48,12 +48,12 @@ BLEND_TRIALS = 100
 PROCESS_START_S = 8.0
 """A sweep device's process start (spawned, torch and timm imported) before its first job."""
 REPORT_S = 2.0
-SUBMIT_PASSES = 3
-"""Test-set passes per fold model that submit's estimate counts, at the probe's evaluation speed (one thread, in
-the run's precision, which submit scores in too): two TTA views, and the time beyond them (reading the test
-images, the shift diagnosis and its re-scoring) less what submit's threads (all the jobs' cores) save. Measured
-on 4,000 cifake-dev test images, one run of 4 ``aivh_res_s`` folds in bf16 on 2 threads: 26 s (this estimate:
-42 s); in fp32 it had taken 48-61 s, when 6 passes were counted."""
+SUBMIT_EXTRA_PASSES = 1
+"""Test-set passes per fold model that submit's estimate counts beyond one per TTA view, at the probe's
+evaluation speed (one thread, in the run's precision, which submit scores in too): the time beyond the views
+(reading the test images, the shift diagnosis and its re-scoring) less what submit's threads (all the jobs'
+cores) save. Measured on 4,000 cifake-dev test images, one run of 4 ``aivh_res_s`` folds in bf16 on 2 threads,
+hflip (2 views): 26 s (this estimate: 42 s); in fp32 it had taken 48-61 s, when 6 passes were counted."""
 TOP_UP_SHARE = 0.85
 """The share of the time left that a top-up plans for: its runs are timed by the speeds other runs measured
 (a top-up of ``aivh_cnn_s`` after ``aivh_res_s`` ran at 0.69x its estimate took 1.2x its own)."""
@@ -101,9 +101,10 @@ def finish_seconds(
     the test set) and report."""
     m = len(runs)  # one run blends as itself; two or more: the Optuna search and nested CV (measured here)
     blend = 1.0 + (10.0 + 2.0 * (m - 2) if m > 1 else 0.0) + 2e-4 * n_train * m
-    # every fold model scores the test set in two views (the recipes' hflip TTA), and more (SUBMIT_PASSES)
+    # every fold model scores the test set in each of its run's TTA views, and more (SUBMIT_EXTRA_PASSES)
     submit = 3.0 + sum(
-        folds * (0.3 + SUBMIT_PASSES * n_test / _speed_of(r.name, speeds).eval_img_s) for r in runs
+        folds * (0.3 + (sp.views + SUBMIT_EXTRA_PASSES) * n_test / sp.eval_img_s)
+        for sp in (_speed_of(r.name, speeds) for r in runs)
     )
     return blend + submit + REPORT_S + 0.5 * len(runs)
 
@@ -176,8 +177,21 @@ def timed_settings(candidates: Sequence[Candidate], timings: dict[str, Any]) -> 
     ]
 
 
-def _speeds(timings: dict[str, Any]) -> dict[str, Speed]:
-    return {k: Speed(v["train_img_s"], v["eval_img_s"]) for k, v in timings.items()}
+def _speeds(timings: dict[str, Any], candidates: Sequence[Candidate], data: str) -> dict[str, Speed]:
+    """Each timed candidate's speed, with the TTA views its run will score with."""
+    views = {c.name: tta_views(c, data) for c in candidates}
+    return {k: Speed(v["train_img_s"], v["eval_img_s"], views.get(k, 2)) for k, v in timings.items()}
+
+
+def tta_views(c: Candidate, data: str) -> int:
+    """The TTA views a candidate's run scores each OOF row and test image with (its ``tta``, else its
+    recipe's)."""
+    from aivh_ens.config import resolve_config
+    from aivh_ens.infer.tta import effective_spec, parse_tta
+
+    values = {k: v for k, v in c.settings.items() if k != "recipe"}
+    cfg = resolve_config(c.settings.get("recipe", "none"), name=c.name, data=data, **values)
+    return effective_spec(parse_tta(cfg.tta), cfg).n_views
 
 
 def _first_plan(
@@ -276,10 +290,13 @@ def top_up(
     if sweep.unfinished or not timings:
         return None  # the clock stopped jobs already, or nothing was timed (a resumed plan)
     ratio = measured_ratio(call.workdir, plan)
-    speeds = {k: Speed(v.train_img_s / ratio, v.eval_img_s / ratio) for k, v in _speeds(timings).items()}
     facts = DataFacts(plan.short_side, plan.shared, plan.used)
-    candidates = choose_candidates(facts, call.slots[0], weights_dir, models)
-    candidates = [c for c in timed_settings(candidates, timings) if c.name in speeds]
+    candidates = timed_settings(choose_candidates(facts, call.slots[0], weights_dir, models), timings)
+    speeds = {
+        k: dataclasses.replace(v, train_img_s=v.train_img_s / ratio, eval_img_s=v.eval_img_s / ratio)
+        for k, v in _speeds(timings, candidates, plan.data).items()
+    }
+    candidates = [c for c in candidates if c.name in speeds]
     if not candidates:
         return None
     more = _extended(call.clock, plan, candidates, speeds, lambda _m: None, owed_s=0.0, share=TOP_UP_SHARE)
@@ -439,7 +456,7 @@ def step_plan(
     candidates = choose_candidates(facts, devices[0], weights_dir, models)
     timings = step_time(candidates, devices[0], threads, workdir, str(data.resolve()), log)
     candidates = timed_settings(candidates, timings)
-    speeds = _speeds(timings)
+    speeds = _speeds(timings, candidates, str(data.resolve()))
     if prev is not None:
         return _extended(clock, prev, candidates, speeds, log), timings, None
     base = AutoPlan(str(data.resolve()), clock.limit_s, tuple(devices), 2, dict(facts.shared),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from aivh_ens.auto.budget import (
@@ -19,6 +21,7 @@ from aivh_ens.auto.budget import (
 )
 from aivh_ens.auto.candidates import Candidate
 from aivh_ens.auto.plan import AutoRun, choose_runs, extension, train_seconds, validates_last
+from aivh_ens.auto.stage import finish_seconds
 from aivh_ens.errors import UserError
 
 
@@ -72,6 +75,17 @@ def test_runs_that_validate_last_validate_their_last_quarter(epochs, checked):
     val_pass = 1.3 * (n / k) / speed.eval_img_s  # one validation pass, at the loader factor
     saved = job_s(speed, n, k, epochs) - job_s(speed, n, k, epochs, last_only=True)
     assert saved == pytest.approx((epochs - checked) * val_pass)
+
+
+def test_the_oof_pass_and_submit_cost_one_pass_per_tta_view():
+    one, ten = SPEEDS[0], dataclasses.replace(SPEEDS[0], views=10)
+    n, k = 20000, 4
+    assert job_s(ten, n, k, 12) - job_s(one, n, k, 12) == pytest.approx(9 * 1.3 * (n / k) / one.eval_img_s)
+    run = AutoRun("auto-m-32px", "scratch", {"model": "m"}, 12, 60.0)
+    submit = finish_seconds(n, 4000, [run], k, {"auto-m-32px": ten}) - finish_seconds(
+        n, 4000, [run], k, {"auto-m-32px": one}
+    )
+    assert submit == pytest.approx(k * 9 * 4000 / one.eval_img_s)  # each fold model, 9 more test passes
 
 
 def test_skipped_validation_buys_epochs_and_the_plan_table_says_so():

@@ -9,6 +9,7 @@ import pytest
 
 from aivh_ens.auto.candidates import (
     FULL_RES_EPOCHS,
+    FULL_RES_TTA,
     SCRATCH_CPU,
     SCRATCH_CPU_NATIVE,
     choose_candidates,
@@ -16,6 +17,7 @@ from aivh_ens.auto.candidates import (
     img_size_for,
     weights_dir_candidates,
 )
+from aivh_ens.auto.stage import tta_views
 from aivh_ens.errors import UserError
 from aivh_ens.inspect.stage import Finding
 
@@ -36,6 +38,11 @@ def test_without_weights_the_cpu_trains_small_models_from_scratch():
     large = choose_candidates(findings_to_settings([], 300), "cpu", None)
     assert [c.settings["model"] for c in large] == list(SCRATCH_CPU)
     assert {c.settings["img_size"] for c in large} == {64}
+    # the full-resolution CNNs score their OOF rows and the test images through 10 views, the others the
+    # tiny recipe's hflip; the cost model counts them
+    assert [c.settings.get("tta") for c in cands] == [FULL_RES_TTA] * 2 + [None] * 2
+    assert [tta_views(c, ".") for c in cands] == [10, 10, 2, 2]
+    assert all("tta" not in c.settings for c in large)
 
 
 def test_weights_dir_gives_a_probe_and_a_fine_tuned_run_per_model_file(tmp_path: Path):
