@@ -117,7 +117,7 @@ def scratch_candidates(facts: DataFacts, device: str, models: Sequence[str] | No
                 "batch_size": batch,
                 "pretrained": False,
                 **({"tta": FULL_RES_TTA} if m.startswith(FULL_RES) else {}),
-            },  # fmt: skip
+            },
             FULL_RES_EPOCHS if m.startswith(FULL_RES) else SCRATCH_EPOCHS,
         )
         for m in models

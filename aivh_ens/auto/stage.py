@@ -180,6 +180,7 @@ def timed_settings(candidates: Sequence[Candidate], timings: dict[str, Any]) -> 
 def _speeds(timings: dict[str, Any], candidates: Sequence[Candidate], data: str) -> dict[str, Speed]:
     """Each timed candidate's speed, with the TTA views its run will score with."""
     views = {c.name: tta_views(c, data) for c in candidates}
+    # a cached timing of a candidate not offered now plans nothing; its views count as the recipes' hflip
     return {k: Speed(v["train_img_s"], v["eval_img_s"], views.get(k, 2)) for k, v in timings.items()}
 
 
@@ -187,11 +188,12 @@ def tta_views(c: Candidate, data: str) -> int:
     """The TTA views a candidate's run scores each OOF row and test image with (its ``tta``, else its
     recipe's)."""
     from aivh_ens.config import resolve_config
-    from aivh_ens.infer.tta import effective_spec, parse_tta
+    from aivh_ens.infer.tta import own_spec
 
     values = {k: v for k, v in c.settings.items() if k != "recipe"}
-    cfg = resolve_config(c.settings.get("recipe", "none"), name=c.name, data=data, **values)
-    return effective_spec(parse_tta(cfg.tta), cfg).n_views
+    return own_spec(
+        resolve_config(c.settings.get("recipe", "none"), name=c.name, data=data, **values)
+    ).n_views
 
 
 def _first_plan(

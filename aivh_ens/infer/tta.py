@@ -35,6 +35,12 @@ def effective_spec(spec: TTASpec, cfg: RunConfig) -> TTASpec:
     return spec
 
 
+def own_spec(cfg: RunConfig) -> TTASpec:
+    """The run's own TTA (its ``tta``) as it applies to the run: the views its folds score their OOF rows with,
+    and submit's default for its test images."""
+    return effective_spec(parse_tta(cfg.tta), cfg)
+
+
 # ---- views -----------------------------------------------------------------------------------------------
 
 

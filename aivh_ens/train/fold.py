@@ -120,10 +120,7 @@ class _Setup:
     workers: int
     train_rows: np.ndarray  # (N_train,) row indices into the fold table
     epoch_steps: int  # optimizer steps per epoch
-    source: ImageSource
     dc: Any  # the model's DataConfig (input size, mean, std)
-    val_rows: np.ndarray  # (N_val,) row indices into the fold table
-    labels: np.ndarray  # (N,) every row's label
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -256,10 +253,7 @@ def _set_up(job: FoldJob, source: ImageSource) -> _Setup:
         workers,
         train_rows,
         epoch_steps,
-        source,
         dc,
-        val_rows,
-        labels,
     )
 
 
@@ -444,42 +438,38 @@ def _record_epoch(
     return improved
 
 
-def oof_spec(cfg: RunConfig) -> Any:
-    """The TTA spec a fold scores its OOF rows with: the run's own (``tta``), as submit scores the test images
-    by default, minus crops a run that resizes the whole image cannot take."""
-    from aivh_ens.infer.tta import effective_spec, parse_tta
-
-    return effective_spec(parse_tta(cfg.tta), cfg)
-
-
 def oof_scores(
-    job: FoldJob, s: _Setup, model: torch.nn.Module, progress: bool
+    job: FoldJob, s: _Setup, model: torch.nn.Module, spec: Any, progress: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(rows, labels, P(label 1))`` of the fold's validation rows, scored by ``model`` through the run's TTA
-    views (:func:`oof_spec`) with the code submit scores the test images with, so the blend and threshold
+    """``(rows, labels, P(label 1))`` of the fold's validation rows, scored by ``model`` through the TTA views
+    ``spec`` (the run's own, :func:`aivh_ens.infer.tta.own_spec`) with the code submit scores the test images
+    with, so the blend and threshold
     fitted on OOF rows are fitted on the kind of scores they cut (a threshold fitted on single-view scores sat
     0.07 above the best one for hflip-averaged scores on cifake-dev's OOF rows). Rows that cannot be decoded
     are skipped or stop the fold, as ``--on-bad-image`` says."""
     from aivh_ens.infer.runs import predict_folds
 
+    val = s.val_loader.dataset  # the validation rows, their labels and the image source
     model.eval()
     P, bad = predict_folds(
-        [model], s.dc, job.cfg, s.source, s.val_rows, oof_spec(job.cfg), s.device,
+        [model], s.dc, job.cfg, val.source, val.rows, spec, s.device,
         batch_size=eval_batch_size(job.cfg), workers=s.workers, progress=progress, desc="oof",
     )  # fmt: skip
-    if bad:
-        _check_batch(s.ctx, torch.from_numpy(s.val_rows), torch.from_numpy(~np.isnan(P[0])))
     keep = ~np.isnan(P[0])
-    rows = s.val_rows[keep]
-    return rows, s.labels[rows], P[0, keep].astype(np.float64)
+    if bad:
+        _check_batch(s.ctx, torch.from_numpy(val.rows), torch.from_numpy(keep))
+    return val.rows[keep], val.labels[keep], P[0, keep].astype(np.float64)
 
 
 def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, seconds: float) -> dict[str, Any]:
     """OOF rows from the best weights (re-scored: exact even after a resume), then done.json, last."""
+    from aivh_ens.infer.tta import own_spec
+
     fdir, history = job.fold_dir, state.history
     eval_model = s.eval_model
     load_weights(eval_model, fdir / BEST)
-    rows, vy, vp = oof_scores(job, s, eval_model, progress)
+    spec = own_spec(job.cfg)
+    rows, vy, vp = oof_scores(job, s, eval_model, spec, progress)
     names = job.fold_table["file_name"].to_numpy()
     oof = pd.DataFrame({"file_name": names[rows], "label": vy, "fold": job.fold, "prob": vp})
     write_csv(fdir / FOLD_OOF, oof, float_format="%.8g")
@@ -498,7 +488,7 @@ def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, secon
         "n_train": int(len(s.train_rows)),
         "n_pseudo": int((job.fold_table["fold"].to_numpy()[s.train_rows] < 0).sum()),
         "n_val": int(len(oof)),
-        "oof_tta": oof_spec(job.cfg).name,
+        "oof_tta": spec.name,
         "skipped": sorted(names[sorted(s.ctx.skipped)].tolist()),
         "wall_minutes_this_process": seconds / 60,
         **job.meta,
