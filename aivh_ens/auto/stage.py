@@ -59,12 +59,6 @@ TOP_UP_SHARE = 0.85
 (a top-up of ``aivh_cnn_s`` after ``aivh_res_s`` ran at 0.69x its estimate took 1.2x its own)."""
 TOP_UPS = 2
 """Rounds of runs a call may add when its plan ends early (each costs a sweep's start-up)."""
-CPU_FAST = {"amp": "bf16", "channels_last": True}
-"""The settings a CPU candidate is also timed with (:func:`step_time`)."""
-FAST_GAIN = 1.2
-"""How much faster :data:`CPU_FAST` must train to be chosen (bf16 rounds more; it must pay for that)."""
-
-
 @dataclass(frozen=True)
 class Clock:
     """The call's time limit: seconds since it started and seconds left."""
@@ -127,54 +121,6 @@ def step_inspect(data: Path, log: Log) -> tuple[Any, Any]:
     log(f"inspect: {len(audit.train_table)} train images, median shorter side {short} px; "
         + ("; ".join(facts.used) if facts.used else "no finding changes the plan"))  # fmt: skip
     return audit, facts
-
-
-def step_time(
-    candidates: Sequence[Candidate], device: str, threads: int | None, workdir: Path, data: str, log: Log
-) -> dict[str, Any]:
-    """Each candidate's timed probe (cached in ``runs/auto/timings.json`` for the same device and threads).
-
-    A from-scratch candidate on the CPU is timed twice, in fp32 and in bf16 autocast with channels_last; it
-    takes the second (recorded as the entry's ``settings``) when that trains :data:`FAST_GAIN` times faster,
-    as on CPUs with native bf16 (AMX/AVX512-BF16: 2.4x for ``aivh_cnn_s`` at 32 px, one thread).
-    """
-    from aivh_ens.auto.timing import time_candidate
-    from aivh_ens.config import resolve_config
-
-    path = auto_dir(workdir) / "timings.json"
-    cached = json.loads(path.read_text()) if path.is_file() else {}
-    out = {k: v for k, v in cached.items() if v.get("device") == device and v.get("threads") == threads}
-    for c in candidates:
-        if c.name in out:
-            continue
-        values = {k: v for k, v in c.settings.items() if k != "recipe"}
-        cfg = resolve_config(c.settings.get("recipe", "none"), name=c.name, data=data, **values)
-        cfg = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, 32))
-        t0 = time.perf_counter()
-        s = time_candidate(cfg, device, threads)
-        faster: dict[str, Any] = {}
-        if c.kind == "scratch" and device.startswith("cpu") and "amp" not in c.settings:
-            fast = time_candidate(dataclasses.replace(cfg, **CPU_FAST), device, threads)
-            if fast.train_img_s >= FAST_GAIN * s.train_img_s:
-                s, faster = fast, dict(CPU_FAST)
-        out[c.name] = {"model": cfg.model, "kind": c.kind, "img_size": cfg.img_size, "batch": cfg.batch_size,
-                       "device": device, "threads": threads, "train_img_s": s.train_img_s,
-                       "eval_img_s": s.eval_img_s, "probe_s": time.perf_counter() - t0,
-                       "settings": faster}  # fmt: skip
-        how = " (bf16 autocast, channels_last)" if faster else ""
-        log(
-            f"timing: {c.name}: {s.train_img_s:.0f} img/s training, {s.eval_img_s:.0f} img/s evaluation on "
-            f"{device}{how}"
-        )
-    return out
-
-
-def timed_settings(candidates: Sequence[Candidate], timings: dict[str, Any]) -> list[Candidate]:
-    """The candidates with the settings their timed probe chose (:func:`step_time`)."""
-    return [
-        dataclasses.replace(c, settings={**c.settings, **timings.get(c.name, {}).get("settings", {})})
-        for c in candidates
-    ]
 
 
 def _speeds(timings: dict[str, Any], candidates: Sequence[Candidate], data: str) -> dict[str, Speed]:
@@ -287,6 +233,8 @@ def top_up(
     """When the plan is done with time to spare (its estimates were cautious), the plan extended with the runs
     the time left buys, timed by the speeds this call measured; None when nothing more fits."""
     from aivh_ens.auto.candidates import DataFacts
+
+    from aivh_ens.auto.timing import timed_settings
 
     timings = _old_timings(call.workdir)
     if sweep.unfinished or not timings:
@@ -456,6 +404,8 @@ def step_plan(
         facts = DataFacts(prev.short_side, prev.shared, prev.used)
         n_train, n_test = prev.n_train, prev.n_test
     candidates = choose_candidates(facts, devices[0], weights_dir, models)
+    from aivh_ens.auto.timing import step_time, timed_settings
+
     timings = step_time(candidates, devices[0], threads, workdir, str(data.resolve()), log)
     candidates = timed_settings(candidates, timings)
     speeds = _speeds(timings, candidates, str(data.resolve()))

@@ -81,7 +81,7 @@ def test_findings_become_plan_settings():
 def test_timing_keeps_bf16_channels_last_on_the_cpu_only_when_it_pays(tmp_path: Path, monkeypatch):
     import dataclasses
 
-    from aivh_ens.auto import stage, timing
+    from aivh_ens.auto import timing
     from aivh_ens.auto.budget import Speed
     from aivh_ens.auto.plan import AutoRun
 
@@ -94,11 +94,11 @@ def test_timing_keeps_bf16_channels_last_on_the_cpu_only_when_it_pays(tmp_path: 
         100 * (gain[cfg.model] if cfg.amp == "bf16" and cfg.channels_last else 1), 300))  # fmt: skip
     cands = [c for c in choose_candidates(findings_to_settings([], 32), "cpu", None)
              if c.settings["model"] in gain]  # fmt: skip
-    timings = stage.step_time(cands, "cpu", 1, tmp_path, str(tmp_path), lambda _m: None)
+    timings = timing.step_time(cands, "cpu", 1, tmp_path, str(tmp_path), lambda _m: None)
     fast, slow = (timings[c.name] for c in cands)
     assert fast["settings"] == {"amp": "bf16", "channels_last": True} and fast["train_img_s"] == 240
     assert slow["settings"] == {} and slow["train_img_s"] == 100  # 1.1x does not pay for bf16's rounding
-    chosen = stage.timed_settings(cands, timings)
+    chosen = timing.timed_settings(cands, timings)
     assert chosen[0].settings["amp"] == "bf16" and "amp" not in chosen[1].settings
     table = AutoRun(chosen[0].name, "scratch", chosen[0].settings, 8).table()
     assert table["amp"] == "bf16" and table["channels_last"] is True  # what the plan's sweep will train with
