@@ -34,6 +34,7 @@ RUNS = "runs"
 OOF = "oof"
 FOLDS = "folds"
 CONFIG = "config.json"
+DONE = "done.json"  # a fold's record, written last: its presence means the fold is finished
 BLEND_DIR = Path(RUNS) / "blend"
 """Relative to the work dir: the blend stage's folder."""
 RESERVED_RUN_NAMES = ("auto", "blend", "cache", "features", "inspect")

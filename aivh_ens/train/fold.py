@@ -30,6 +30,7 @@ from aivh_ens.data.loader import (
 from aivh_ens.data.transforms import eval_transform, train_transform
 from aivh_ens.errors import TrainingDiverged, UserError
 from aivh_ens.io import atomic_path, write_csv, write_json
+from aivh_ens.layout import DONE
 from aivh_ens.train.loop import (
     BEST,
     METRICS,
@@ -52,7 +53,6 @@ from aivh_ens.train.precision import resolve_precision, use_channels_last
 
 STATE = "state.pt"  # resume state of an unfinished fold
 FOLD_OOF = "oof.csv"
-DONE = "done.json"  # written last: its presence means the fold is finished
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -442,12 +442,12 @@ def oof_scores(
     job: FoldJob, s: _Setup, model: torch.nn.Module, spec: Any, progress: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(rows, labels, P(label 1))`` of the fold's validation rows, scored by ``model`` through the TTA views
-    ``spec`` (the run's own, :func:`aivh_ens.infer.tta.own_spec`) with the code submit scores the test images
+    ``spec`` (the run's own, :func:`aivh_ens.score.tta.own_spec`) with the code submit scores the test images
     with, so the blend and threshold
     fitted on OOF rows are fitted on the kind of scores they cut (a threshold fitted on single-view scores sat
     0.07 above the best one for hflip-averaged scores on cifake-dev's OOF rows). Rows that cannot be decoded
     are skipped or stop the fold, as ``--on-bad-image`` says."""
-    from aivh_ens.infer.runs import predict_folds
+    from aivh_ens.score.runs import predict_folds
 
     val = s.val_loader.dataset  # the validation rows, their labels and the image source
     model.eval()
@@ -463,7 +463,7 @@ def oof_scores(
 
 def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, seconds: float) -> dict[str, Any]:
     """OOF rows from the best weights (re-scored: exact even after a resume), then done.json, last."""
-    from aivh_ens.infer.tta import own_spec
+    from aivh_ens.score.tta import own_spec
 
     fdir, history = job.fold_dir, state.history
     eval_model = s.eval_model

@@ -19,9 +19,9 @@ from aivh_ens.blend.shift import ks_distance
 from aivh_ens.cli import main
 from aivh_ens.errors import UserError
 from aivh_ens.infer import predict as predict_mod
-from aivh_ens.infer import runs as runs_mod
-from aivh_ens.infer.runs import fold_average
 from aivh_ens.infer.submission import RunScores, fold_views, oof_blend, validate_submission
+from aivh_ens.score import runs as runs_mod
+from aivh_ens.score.runs import fold_average
 from aivh_ens.train.models import build_model
 
 FAST = tiny_cv()
@@ -310,7 +310,7 @@ def test_submit_tta_option_and_predict_agree(copy):
 
 def test_unseen_views_names_what_training_never_produced():
     from aivh_ens.config import RunConfig
-    from aivh_ens.infer.tta import parse_tta
+    from aivh_ens.score.tta import parse_tta
 
     flip_only = RunConfig(hflip=0.5, rotate=0.0)
     assert runs_mod.unseen_views(parse_tta("hflip"), flip_only) is None

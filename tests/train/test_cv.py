@@ -82,8 +82,8 @@ def test_oof_rows_are_scored_through_the_runs_tta_views(tmp_path, data):
     import torch
 
     from aivh_ens.data.cache import open_source
-    from aivh_ens.infer.tta import TTADataset
     from aivh_ens.layout import read_run_config
+    from aivh_ens.score.tta import TTADataset
     from aivh_ens.train.loop import load_weights
     from aivh_ens.train.models import build_model
 

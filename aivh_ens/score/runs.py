@@ -1,4 +1,5 @@
-"""A trained run's fold models at inference: check the run, load its fold weights, predict with TTA."""
+"""A trained run's fold models scoring images: check the run, load its fold weights, predict with TTA, average
+views and folds in the blend's space. The OOF pass of a fold job and submit, predict and serve all score here."""
 
 from __future__ import annotations
 
@@ -18,10 +19,9 @@ from aivh_ens.blend.core import blend
 from aivh_ens.config import RunConfig
 from aivh_ens.data.loader import ImageSource, Normalizer, default_workers, make_loader
 from aivh_ens.errors import UserError
-from aivh_ens.infer.tta import TTADataset, TTASpec, effective_spec, parse_tta, score_views
+from aivh_ens.layout import DONE, run_dir
 from aivh_ens.layout import read_run_config as load_run
-from aivh_ens.layout import run_dir
-from aivh_ens.train.fold import DONE
+from aivh_ens.score.tta import TTADataset, TTASpec, effective_spec, parse_tta, score_views
 from aivh_ens.train.loop import BEST, eval_batch_size, load_weights, progress_bar
 from aivh_ens.train.models import DataConfig, build_model
 from aivh_ens.train.precision import inference_amp, inference_channels_last
@@ -61,7 +61,7 @@ def check_run(workdir: str | Path, name: str) -> RunInfo:
 def load_models(info: RunInfo, device: torch.device) -> tuple[list[nn.Module], DataConfig]:
     """Build the run's architecture once per fold and load that fold's weights (eval mode, on ``device``)."""
     if info.cfg.head != "finetune":  # a probe run: its frozen backbone, then one head per fold
-        from aivh_ens.train.probe import load_probe_models
+        from aivh_ens.score.probe import load_probe_models
 
         return load_probe_models(info.cfg, info.weights, device)
     # The fold weights replace everything: no pretrained download, no --weights file needed here.
@@ -106,7 +106,7 @@ def predict_folds(
         models: the K fold models of one run (:func:`load_models`).
         dc, cfg: the run's data config and run config (preprocessing, AMP, channels_last).
         source: the images; ``rows`` index into it.
-        spec: the TTA spec (:func:`aivh_ens.infer.tta.effective_spec` for this run).
+        spec: the TTA spec (:func:`aivh_ens.score.tta.effective_spec` for this run).
         batch_size: model inputs (images x views) per forward pass; default the run's evaluation batch.
         workers: DataLoader workers; default one per core (up to 8) on CUDA, none on CPU.
 
