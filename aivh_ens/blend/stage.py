@@ -233,7 +233,7 @@ def run_blend(
     if timeout is not None and timeout <= 0:
         raise UserError(f"timeout={timeout} (--timeout) must be a positive number of seconds")
     oof = load_oof(workdir, runs)  # every input check happens here, before anything is written
-    S = spaces(oof.P)
+    S = spaces(oof.P, oof.P_logit)  # each space from the OOF views averaged the way submit averages them
     optuna_fit, n_trials = (
         _search(oof, S, metric, trials, timeout, storage, seed, resume_study, progress)
         if len(oof.runs) > 1
@@ -292,8 +292,9 @@ def _score_methods(
         for m in candidates
     }
     nested = nested_cv(
-        oof.P, y, oof.folds, metric, candidates, seed=seed, progress=progress, groups=oof.groups
-    )
+        oof.P, y, oof.folds, metric, candidates, seed=seed, progress=progress, groups=oof.groups,
+        P_logit=oof.P_logit,
+    )  # fmt: skip
     return tuple(
         MethodResult(
             m.name, m.complexity, in_sample[m.name], tuple(nested.per_fold[m.name]), nested.pred[m.name]

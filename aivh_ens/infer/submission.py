@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from aivh_ens.blend.artifact import apply_blend, load_blend, rank_reference
+from aivh_ens.blend.artifact import apply_blend, load_blend, oof_probs, rank_reference
 from aivh_ens.blend.shift import (
     AUTO_RULE,
     KS_TOLERANCE,
@@ -312,11 +312,12 @@ def _rate_warning(train_rate: float, ai_rate: float, choice: ThresholdChoice) ->
 
 def oof_blend(workdir: Path, doc: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """``(blended OOF scores (N_oof,), OOF labels (N_oof,), {run: OOF probs}``): the blend applied to the rows
-    it was fitted on, exactly as it is applied to test rows."""
+    it was fitted on, exactly as it is applied to test rows, each run's views averaged in the blend's space
+    (:func:`aivh_ens.blend.artifact.oof_probs`); the third item is the rank-space reference."""
     ref = rank_reference(workdir, doc)
     first = workdir / doc["runs"][0]["oof"]
     y = pd.read_csv(first, usecols=["label"])["label"].to_numpy(dtype=np.int8)
-    return apply_blend(doc, ref, ref)[0], y, ref
+    return apply_blend(doc, oof_probs(workdir, doc), ref)[0], y, ref
 
 
 def _record(

@@ -164,6 +164,8 @@ def assemble_oof(
                 "re-run with --force"
             )
         cols = ["file_name", "label", "fold", "prob"]
+        if "prob_logit" in oof.columns and not oof["prob_logit"].isna().any():  # TTA views averaged as logits
+            cols.append("prob_logit")
         if "group" in fold_table.columns:  # grouped folds: blend's inner folds (the stack) keep groups whole
             oof["group"] = oof["_row"].map(fold_table["group"])
             cols.append("group")

@@ -440,25 +440,25 @@ def _record_epoch(
 
 def oof_scores(
     job: FoldJob, s: _Setup, model: torch.nn.Module, spec: Any, progress: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(rows, labels, P(label 1))`` of the fold's validation rows, scored by ``model`` through the TTA views
-    ``spec`` (the run's own, :func:`aivh_ens.score.tta.own_spec`) with the code submit scores the test images
-    with, so the blend and threshold
-    fitted on OOF rows are fitted on the kind of scores they cut (a threshold fitted on single-view scores sat
-    0.07 above the best one for hflip-averaged scores on cifake-dev's OOF rows). Rows that cannot be decoded
-    are skipped or stop the fold, as ``--on-bad-image`` says."""
-    from aivh_ens.score.runs import predict_folds
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, labels, P(label 1), P(label 1) with the views averaged as logits)`` of the fold's validation
+    rows, scored by ``model`` through the run's own TTA views ``spec`` with the code submit scores test images
+    with, averaged both ways submit may average them (:func:`aivh_ens.blend.core.view_average`): the blend and
+    threshold are fitted on the kind of scores they cut (a threshold fitted on single-view scores sat 0.07 above
+    the best one for hflip-averaged scores on cifake-dev). Undecodable rows are skipped or stop the fold."""
+    from aivh_ens.score.runs import predict_fold_averages
 
     val = s.val_loader.dataset  # the validation rows, their labels and the image source
     model.eval()
-    P, bad = predict_folds(
+    Ps, bad = predict_fold_averages(
         [model], s.dc, job.cfg, val.source, val.rows, spec, s.device,
         batch_size=eval_batch_size(job.cfg), workers=s.workers, progress=progress, desc="oof",
     )  # fmt: skip
-    keep = ~np.isnan(P[0])
+    keep = ~np.isnan(Ps["prob"][0])
     if bad:
         _check_batch(s.ctx, torch.from_numpy(val.rows), torch.from_numpy(keep))
-    return val.rows[keep], val.labels[keep], P[0, keep].astype(np.float64)
+    p, p_logit = (Ps[a][0, keep].astype(np.float64) for a in ("prob", "logit"))
+    return val.rows[keep], val.labels[keep], p, p_logit
 
 
 def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, seconds: float) -> dict[str, Any]:
@@ -469,9 +469,10 @@ def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, secon
     eval_model = s.eval_model
     load_weights(eval_model, fdir / BEST)
     spec = own_spec(job.cfg)
-    rows, vy, vp = oof_scores(job, s, eval_model, spec, progress)
+    rows, vy, vp, vp_logit = oof_scores(job, s, eval_model, spec, progress)
     names = job.fold_table["file_name"].to_numpy()
-    oof = pd.DataFrame({"file_name": names[rows], "label": vy, "fold": job.fold, "prob": vp})
+    oof = pd.DataFrame({"file_name": names[rows], "label": vy, "fold": job.fold, "prob": vp,
+                        **({"prob_logit": vp_logit} if spec.n_views > 1 else {})})  # fmt: skip
     write_csv(fdir / FOLD_OOF, oof, float_format="%.8g")
     if s.ctx.skipped:
         write_csv(fdir / "skipped.csv", pd.DataFrame({"file_name": names[sorted(s.ctx.skipped)]}))

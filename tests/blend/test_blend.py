@@ -144,6 +144,33 @@ def test_load_oof_stacks_runs_in_order(tmp_path):
     assert oof.fold_sha256 == FOLD_SHA and oof.y.sum() == 50
 
 
+def test_each_space_is_fitted_on_the_oof_views_averaged_as_submit_averages_them(tmp_path):
+    """A run's OOF file holds its TTA views averaged as probabilities (prob) and as logits (prob_logit): the
+    logit space (logit blends, the stack) comes from prob_logit, the prob and rank spaces from prob, in the
+    blend, in nested CV and when the shipped blend is re-applied to the OOF rows."""
+    rng = np.random.default_rng(3)
+    y = (np.arange(200) % 2 == 0).astype(int)
+    prob = np.round(np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.2, 200), 0.01, 0.99), 6)
+    prob_logit = np.round(np.clip(prob + rng.normal(0, 0.1, 200), 0.01, 0.99), 6)  # another average
+    write_run(tmp_path, "a", prob, y=y, prob_logit=prob_logit)
+    write_run(tmp_path, "b", prob[::-1].copy(), y=y)  # one view: prob serves both
+    oof = boof.load_oof(tmp_path)
+    assert np.array_equal(oof.P_logit, np.stack([prob_logit, prob[::-1]]))
+    S = bcore.spaces(oof.P, oof.P_logit)
+    assert np.array_equal(S["logit"], bcore.to_space(oof.P_logit, "logit"))
+    assert np.array_equal(S["prob"], oof.P) and np.array_equal(S["rank"], bcore.to_space(oof.P, "rank"))
+    mean_logit = [m for m in bmethods.methods(oof.runs, "f1", 1) if m.name == "mean_logit"]
+    with_views = bmethods.nested_cv(oof.P, oof.y, oof.folds, "f1", mean_logit, P_logit=oof.P_logit)
+    direct = bmethods.nested_cv(oof.P_logit, oof.y, oof.folds, "f1", mean_logit)
+    assert np.array_equal(with_views.pred["mean_logit"], direct.pred["mean_logit"])
+    doc = {"space": "logit", "runs": [{"name": r, "oof": f"oof/{r}.csv"} for r in "ab"],
+           "weights": {"a": 0.5, "b": 0.5}}  # fmt: skip
+    assert np.array_equal(bartifact.oof_probs(tmp_path, doc)["a"], prob_logit)
+    for space in ("prob", "rank"):
+        assert np.array_equal(bartifact.oof_probs(tmp_path, {**doc, "space": space})["a"], prob)
+    assert np.array_equal(bartifact.rank_reference(tmp_path, doc)["a"], prob)  # ranks: among prob
+
+
 # ---- point 2: the numpy core --------------------------------------------------------------------------
 
 probs_matrix = st.integers(1, 4).flatmap(
