@@ -69,15 +69,33 @@ class BlendResult:
     warnings: tuple[str, ...] = ()
 
 
-def paired_se(a: Sequence[float], b: Sequence[float]) -> float:
-    """Standard error of the mean per-fold difference ``a - b`` (the same folds): ``std(d, ddof=1) / sqrt(K)``."""
+def paired_se(a: Sequence[float], b: Sequence[float], holdout_ratio: float | None = None) -> float:
+    """Standard error of the mean per-fold difference ``a - b`` (the same K folds), with Nadeau and Bengio's
+    (2003) correction for folds whose training sets overlap: ``sqrt(var(d, ddof=1) * (1/K + n_test/n_train))``.
+
+    The naive ``std / sqrt(K)`` treats the K fold scores as independent; every pair of folds shares most of its
+    training rows, so it is about 1.5x too small at K = 5. ``holdout_ratio``: n_test / n_train of a fold
+    (:func:`holdout_ratio`); default ``1 / (K - 1)``, that of K equal folds.
+    """
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    return float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    if len(d) < 2:
+        return 0.0
+    ratio = 1.0 / (len(d) - 1) if holdout_ratio is None else holdout_ratio
+    return float(np.sqrt(np.var(d, ddof=1) * (1.0 / len(d) + ratio)))
 
 
-def pick_method(results: Sequence[MethodResult], metric: str) -> tuple[MethodResult, str]:
+def holdout_ratio(folds: np.ndarray) -> float:
+    """The mean n_test / n_train over the folds of ``folds`` (N,): the overlap term of :func:`paired_se`."""
+    _, n = np.unique(folds, return_counts=True)
+    return float(np.mean(n / (len(folds) - n)))
+
+
+def pick_method(
+    results: Sequence[MethodResult], metric: str, test_train: float | None = None
+) -> tuple[MethodResult, str]:
     """The method to ship by the one-standard-error rule: the simplest method whose nested-CV mean is within
-    one paired standard error (over the outer folds) of the best method's.
+    one paired standard error (over the outer folds, corrected for their overlap: :func:`paired_se` with
+    ``test_train`` as its ratio) of the best method's.
 
     A difference smaller than that is noise of the fold split, so a more complex method must earn its place.
 
@@ -85,7 +103,7 @@ def pick_method(results: Sequence[MethodResult], metric: str) -> tuple[MethodRes
         ``(result, reason)`` with a one-sentence reason.
     """
     top = max(results, key=lambda r: (r.nested_mean, -r.complexity))
-    se = {r.name: paired_se(top.per_fold, r.per_fold) for r in results}
+    se = {r.name: paired_se(top.per_fold, r.per_fold, test_train) for r in results}
     close = [r for r in results if top.nested_mean - r.nested_mean <= se[r.name]]
     picked = min(close, key=lambda r: (r.complexity, -r.nested_mean))
     reason = (
@@ -108,12 +126,37 @@ def pick_method(results: Sequence[MethodResult], metric: str) -> tuple[MethodRes
     return picked, reason
 
 
+def bootstrap_rows(
+    rng: np.random.Generator, n: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One bootstrap draw of ``n`` rows: ``(drawn row indices, with repeats; (n,) bool out-of-bag)``.
+
+    With ``groups`` (N,) whole groups are drawn with replacement (every row of a drawn group, as often as the
+    group is drawn): rows that folds keep together (AI/human pairs) are not independent, and drawing them one
+    by one would understate the spread and let a row's pair sit out of bag while it is drawn."""
+    if groups is None:
+        idx = rng.integers(0, n, n)
+        oob = np.ones(n, dtype=bool)
+        oob[idx] = False
+        return idx, oob
+    _, inv = np.unique(np.asarray(groups), return_inverse=True)  # (N,) group index of each row
+    g = int(inv.max()) + 1
+    times = np.bincount(rng.integers(0, g, g), minlength=g)[inv]  # (N,) how often each row's group is drawn
+    return np.repeat(np.arange(n), times), times == 0
+
+
 def bbc_score(
-    results: Sequence[MethodResult], y: np.ndarray, metric: str, n_boot: int = BOOTSTRAPS, seed: int = 0
+    results: Sequence[MethodResult],
+    y: np.ndarray,
+    metric: str,
+    n_boot: int = BOOTSTRAPS,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float] | None:
     """Bootstrap bias-corrected nested score (BBC-CV, Tsamardinos et al. 2018): ``(mean, std)`` over bootstraps.
 
-    Each bootstrap draws rows with replacement, picks the method that scores best on the drawn rows (from
+    Each bootstrap draws rows with replacement (whole groups with ``groups``, :func:`bootstrap_rows`), picks
+    the method that scores best on the drawn rows (from
     their nested-CV labels) and scores it on the rows not drawn. Choosing the best of several candidates on
     the same rows it is reported on is what makes the raw best nested mean optimistic; this removes that.
     None when no method kept its per-row labels.
@@ -128,9 +171,7 @@ def bbc_score(
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
-        oob = np.ones(len(y), dtype=bool)
-        oob[idx] = False
+        idx, oob = bootstrap_rows(rng, len(y), groups)
         if not oob.any() or y[oob].all() or not y[oob].any():
             continue
         best = max(cands, key=lambda r: score(y[idx], r.pred[idx]))  # type: ignore[index]
@@ -240,12 +281,12 @@ def run_blend(
         else (None, 0)  # one run blends as itself: nothing to search
     )
     results = _score_methods(oof, S, metric, optuna_fit, nested_trials, seed, progress)
-    picked, reason = pick_method(results, metric)
+    picked, reason = pick_method(results, metric, holdout_ratio(oof.folds))
     floor = all_ai_result(oof, metric)
     fit = picked.fit
     ai_share = float(np.mean(fit.scores(S) >= fit.threshold))  # OOF rows
     warnings = blend_warnings(picked, floor, ai_share, metric)
-    bbc = bbc_score(results, oof.y, metric, seed=seed)
+    bbc = bbc_score(results, oof.y, metric, seed=seed, groups=oof.groups)
     doc = blend_document(oof, picked, results, metric, n_trials, seed, floor, warnings, bbc)
     written = _write_outputs(oof, S, results, picked, doc)
     return BlendResult(doc, results, picked, reason, written, floor, warnings)
