@@ -150,7 +150,7 @@ def _check_runs(doc: dict[str, Any], where: str, need: Any) -> list[str]:
     """The ``runs`` list: one object per run (name, config and OOF paths, OOF sha256), no run twice."""
     need(isinstance(doc["runs"], list) and len(doc["runs"]) >= 1, "runs must be a non-empty list")
     for i, run in enumerate(doc["runs"]):
-        _keys(run, _RUN_KEYS, f"{where} runs[{i}]")
+        _keys(run, _RUN_KEYS, f"{where} runs[{i}]", frozenset({"pseudo"}))
         need(
             all(isinstance(run[k], str) and run[k] for k in ("name", "config", "oof")),
             f"runs[{i}] needs strings",

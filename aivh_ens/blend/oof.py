@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ class OOFSet:
     oof_sha256: tuple[str, ...]
     groups: np.ndarray | None = None  # (N,) group of each row (grouped folds), else None
     P_logit: np.ndarray | None = None  # (M, N) the same with the views averaged as logits (P where one view)
+    pseudo: dict[str, str] = field(default_factory=dict)  # {run: layout.pseudo_kind} of pseudo-labelled runs
 
 
 def _run_names(oof_dir: Path, runs: Sequence[str] | None) -> list[str]:
@@ -200,4 +201,5 @@ def load_oof(workdir: str | Path, runs: Sequence[str] | None = None) -> OOFSet:
         oof_sha256=tuple(sha256_file(layout.oof_path(workdir, r)) for r in names),
         groups=base["group"].to_numpy() if "group" in base.columns else None,
         P_logit=np.ascontiguousarray(np.stack([frames[r]["prob_logit"].to_numpy() for r in names])),
+        pseudo={r: k for r in names if (k := layout.pseudo_kind(configs[r])) is not None},
     )

@@ -184,21 +184,36 @@ def format_table(
     metric: str,
     picked: str | None = None,
     all_ai: MethodResult | None = None,
+    pseudo: Mapping[str, str] | None = None,
 ) -> str:
     """One row per method: in-sample OOF score, nested-CV mean ± std, space and threshold; then the all-AI
-    baseline (every row predicted AI) when given."""
+    baseline (every row predicted AI) when given; then a line per pseudo-labelled run (``pseudo``:
+    ``{run: kind}``, blend.json's ``runs[].pseudo``), whose single row is marked."""
     rows = [*results, *([all_ai] if all_ai else [])]
     width = max(len("method"), *(len(r.name) for r in rows)) + 2
     head = f"{'method':<{width}}{'space':<7}{'oof ' + metric:>14}{'nested ' + metric:>24}{'threshold':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
         mark = "  <- picked" if r.name == picked else "  (baseline: every row AI)" if r is all_ai else ""
+        if r.name.split(":", 1)[-1] in (pseudo or {}) and r.name.startswith("single:"):
+            mark += "  (pseudo-labelled)"
         space = "-" if r is all_ai else r.fit.space
         nested = f"{r.nested_mean:.4f} ± {r.nested_std:.4f}"
         lines.append(
             f"{r.name:<{width}}{space:<7}{r.fit.score:>14.4f}{nested:>24}{r.fit.threshold:>11.4f}{mark}"
         )
+    for run, kind in (pseudo or {}).items():
+        lines.append(f"{run}: {PSEUDO_NOTES[kind]}")
     return "\n".join(lines)
+
+
+PSEUDO_NOTES = {
+    "fold-consistent": "pseudo-labelled, fold-consistent (each fold's labels from models that never saw its "
+    "rows): its OOF rows are unseen, its test scores in-sample on its pseudo rows",
+    "every-fold": "pseudo-labelled from models that saw every fold's rows: its OOF and nested scores are "
+    "optimistic; judge it on a labelled hold-out",
+}
+"""What a pseudo-labelled run's scores mean, by :func:`aivh_ens.layout.pseudo_kind`."""
 
 
 def all_ai_result(oof: OOFSet, metric: str) -> MethodResult:
@@ -366,9 +381,15 @@ def blend_document(
     doc: dict[str, Any] = {
         "version": BLEND_VERSION,
         "runs": [
-            {"name": r, "config": f"runs/{r}/config.json", "oof": f"oof/{r}.csv", "oof_sha256": sha}
+            {
+                "name": r,
+                "config": f"runs/{r}/config.json",
+                "oof": f"oof/{r}.csv",
+                "oof_sha256": sha,
+                **({"pseudo": oof.pseudo[r]} if r in oof.pseudo else {}),
+            }  # trained on pseudo-labelled test rows
             for r, sha in zip(oof.runs, oof.oof_sha256, strict=True)
-        ],
+        ],  # fmt: skip
         "fold_sha256": oof.fold_sha256,
         "space": fit.space,
         "weights": {r: float(w) for r, w in zip(oof.runs, fit.weights, strict=True)},

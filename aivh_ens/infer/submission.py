@@ -405,7 +405,9 @@ def blend_test_scores(
     log: Log = print,
 ) -> pd.DataFrame:
     """The current blend's scores of the test images, ``id,prob`` in test.csv order: what ``submit --proba``
-    writes with its defaults (each run's TTA, no AdaBN), from the runs' cached test scores where they exist.
+    writes with its defaults (each run's TTA, no AdaBN), from the runs' cached test scores where they exist;
+    then ``fold<k>``: the blend of each run's fold k model alone (:func:`fold_views`), the scores of models
+    that never trained on fold k's rows (fold-consistent pseudo-labels, :mod:`aivh_ens.train.pseudo`).
 
     Raises:
         UserError: as :func:`submit`, when the blend, its runs or the test table are missing or changed.
@@ -419,9 +421,10 @@ def blend_test_scores(
     o = _Predict(
         resolve_device(device or "auto"), None, None, progress, log, view_average(doc["space"]), False
     )
-    _, probs = _blended_test(workdir, doc, infos, specs, (data_dir, cfg0.test_csv, ids), oof_blend(workdir, doc)[2],
-                             o, False)  # fmt: skip
-    return pd.DataFrame({"id": ids, "prob": probs})
+    ref = oof_blend(workdir, doc)[2]
+    s, probs = _blended_test(workdir, doc, infos, specs, (data_dir, cfg0.test_csv, ids), ref, o, False)
+    folds = {f"fold{k}": p for k, p in enumerate(fold_views(doc, s, ref))}  # (N,) each
+    return pd.DataFrame({"id": ids, "prob": probs, **folds})
 
 
 def _scored_test(

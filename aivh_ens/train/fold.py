@@ -192,10 +192,11 @@ def planned_epochs(cfg: RunConfig, history: Sequence[dict[str, Any]], val_share:
 
 
 def _split_rows(job: FoldJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(labels (N,), train rows, validation rows)``, leaving out the excluded (bad) rows."""
+    """``(labels (N,), train rows, validation rows)`` without the excluded (bad) rows and other folds' pseudo rows."""
     labels = job.fold_table["label"].to_numpy()
     fold_col = job.fold_table["fold"].to_numpy()
-    keep = np.ones(len(labels), dtype=bool)
+    only = job.fold_table.get("only_fold", pd.Series(-1, index=job.fold_table.index)).to_numpy()
+    keep = (only == -1) | (only == job.fold)  # fold-consistent pseudo rows train in their own fold only
     if job.exclude:
         keep[list(job.exclude)] = False
     train_rows = np.flatnonzero((fold_col != job.fold) & keep)
@@ -442,10 +443,9 @@ def oof_scores(
     job: FoldJob, s: _Setup, model: torch.nn.Module, spec: Any, progress: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(rows, labels, P(label 1), P(label 1) with the views averaged as logits)`` of the fold's validation
-    rows, scored by ``model`` through the run's own TTA views ``spec`` with the code submit scores test images
-    with, averaged both ways submit may average them (:func:`aivh_ens.blend.core.view_average`): the blend and
-    threshold are fitted on the kind of scores they cut (a threshold fitted on single-view scores sat 0.07 above
-    the best one for hflip-averaged scores on cifake-dev). Undecodable rows are skipped or stop the fold."""
+    rows through the run's own TTA views ``spec``, by submit's code, averaged both ways submit may average them
+    (:func:`aivh_ens.blend.core.view_average`): the blend and threshold are fitted on the scores they cut (a
+    threshold fitted on single-view scores sat 0.07 above the best one for hflip-averaged ones on cifake-dev)."""
     from aivh_ens.score.runs import predict_fold_averages
 
     val = s.val_loader.dataset  # the validation rows, their labels and the image source
