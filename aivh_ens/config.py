@@ -186,7 +186,7 @@ def validate(cfg: RunConfig) -> None:
 
 def _check_tta(cfg: RunConfig) -> None:
     """The run's TTA (its OOF rows are scored with it) must parse."""
-    from aivh_ens.infer.tta_spec import VALID_FORMS, parse_tta
+    from aivh_ens.score.tta_spec import VALID_FORMS, parse_tta
 
     try:
         parse_tta(cfg.tta)

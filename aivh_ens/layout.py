@@ -22,6 +22,7 @@ No heavy imports: the config module is imported only when a run config is parsed
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ RUNS = "runs"
 OOF = "oof"
 FOLDS = "folds"
 CONFIG = "config.json"
+DONE = "done.json"  # a fold's record, written last: its presence means the fold is finished
 BLEND_DIR = Path(RUNS) / "blend"
 """Relative to the work dir: the blend stage's folder."""
 RESERVED_RUN_NAMES = ("auto", "blend", "cache", "features", "inspect")
@@ -115,6 +117,24 @@ def workdir_of_blend(path: str | Path) -> Path:
     if parent.name == BLEND_DIR.name and parent.parent.name == RUNS:
         return parent.parent.parent
     return Path(".")
+
+
+def is_pseudo(doc: Mapping[str, Any]) -> bool:
+    """Whether a run trained on pseudo-labelled test rows: ``doc`` is its config.json document
+    (:func:`read_run_doc`, :attr:`aivh_ens.score.runs.RunInfo.doc`) or its entry in blend.json's ``runs``.
+
+    Such a run's test scores are in-sample on the test rows it trained on, unlike its OOF rows, so a comparison
+    of test with OOF scores (the shift diagnosis) should leave it out."""
+    return bool(doc.get("pseudo"))
+
+
+def pseudo_kind(doc: Mapping[str, Any]) -> str | None:
+    """``fold-consistent``, ``every-fold`` (its OOF scores are optimistic) or None for a run without pseudo-labels
+    (``doc``: its config.json document)."""
+    record = doc.get("pseudo")
+    if not record:
+        return None
+    return "fold-consistent" if isinstance(record, dict) and record.get("fold_consistent") else "every-fold"
 
 
 def read_run_doc(workdir: str | Path, name: str, missing_hint: str | None = None) -> dict[str, Any]:

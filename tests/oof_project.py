@@ -24,16 +24,22 @@ def write_run(
     files: list[str] | None = None,
     fold_sha: str = FOLD_SHA,
     config: bool = True,
+    prob_logit: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> None:
-    """oof/<name>.csv and runs/<name>/config.json as the cv stage writes them."""
+    """oof/<name>.csv and runs/<name>/config.json as the cv stage writes them (``prob_logit``: the TTA views
+    averaged as logits; ``groups``: grouped folds' ``group`` column)."""
     n = len(prob)
     y = (np.arange(n) % 2 == 0).astype(int) if y is None else y  # pairs: row 2k AI, 2k+1 human
     folds = (np.arange(n) // 2) % 5 if folds is None else folds
     files = [f"train/{i:05d}.jpg" for i in range(n)] if files is None else files
     (root / "oof").mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"file_name": files, "label": y, "fold": folds, "prob": prob}).to_csv(
-        root / "oof" / f"{name}.csv", index=False
-    )
+    df = pd.DataFrame({"file_name": files, "label": y, "fold": folds, "prob": prob})
+    if prob_logit is not None:
+        df["prob_logit"] = prob_logit
+    if groups is not None:
+        df["group"] = groups
+    df.to_csv(root / "oof" / f"{name}.csv", index=False)
     if config:
         cfg = {
             "name": name,

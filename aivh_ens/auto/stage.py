@@ -59,6 +59,8 @@ TOP_UP_SHARE = 0.85
 (a top-up of ``aivh_cnn_s`` after ``aivh_res_s`` ran at 0.69x its estimate took 1.2x its own)."""
 TOP_UPS = 2
 """Rounds of runs a call may add when its plan ends early (each costs a sweep's start-up)."""
+
+
 @dataclass(frozen=True)
 class Clock:
     """The call's time limit: seconds since it started and seconds left."""
@@ -134,7 +136,7 @@ def tta_views(c: Candidate, data: str) -> int:
     """The TTA views a candidate's run scores each OOF row and test image with (its ``tta``, else its
     recipe's)."""
     from aivh_ens.config import resolve_config
-    from aivh_ens.infer.tta import own_spec
+    from aivh_ens.score.tta import own_spec
 
     values = {k: v for k, v in c.settings.items() if k != "recipe"}
     return own_spec(
@@ -233,7 +235,6 @@ def top_up(
     """When the plan is done with time to spare (its estimates were cautious), the plan extended with the runs
     the time left buys, timed by the speeds this call measured; None when nothing more fits."""
     from aivh_ens.auto.candidates import DataFacts
-
     from aivh_ens.auto.timing import timed_settings
 
     timings = _old_timings(call.workdir)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aivh_ens.blend.core import SPACES, combine, stack_scores, to_space
+from aivh_ens.blend.core import SPACES, combine, stack_scores, to_space, view_average
 from aivh_ens.errors import UserError
 from aivh_ens.io import sha256_file
 from aivh_ens.layout import workdir_of_blend
@@ -150,7 +150,7 @@ def _check_runs(doc: dict[str, Any], where: str, need: Any) -> list[str]:
     """The ``runs`` list: one object per run (name, config and OOF paths, OOF sha256), no run twice."""
     need(isinstance(doc["runs"], list) and len(doc["runs"]) >= 1, "runs must be a non-empty list")
     for i, run in enumerate(doc["runs"]):
-        _keys(run, _RUN_KEYS, f"{where} runs[{i}]")
+        _keys(run, _RUN_KEYS, f"{where} runs[{i}]", frozenset({"pseudo"}))
         need(
             all(isinstance(run[k], str) and run[k] for k in ("name", "config", "oof")),
             f"runs[{i}] needs strings",
@@ -249,12 +249,24 @@ def load_blend(
 def rank_reference(workdir: str | Path, doc: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Each blended run's OOF probabilities (N_oof,), read from ``oof/<run>.csv``: what a rank-space blend
     places new scores among."""
+    return oof_probs(workdir, doc, "prob")
+
+
+def oof_probs(
+    workdir: str | Path, doc: Mapping[str, Any], average: str | None = None
+) -> dict[str, np.ndarray]:
+    """Each blended run's OOF probabilities (N_oof,) with its TTA views averaged as ``average`` (default: the
+    way the blend's space averages them, :func:`aivh_ens.blend.core.view_average`), like the test scores
+    submit cuts; a run without a ``prob_logit`` column scored one view, so its ``prob`` serves both."""
     import pandas as pd
 
-    runs = [r for r in doc["runs"] if doc["weights"][r["name"]] > 0]
-    return {
-        r["name"]: pd.read_csv(Path(workdir) / r["oof"], usecols=["prob"])["prob"].to_numpy() for r in runs
-    }
+    col = "prob_logit" if (average or view_average(doc["space"])) == "logit" else "prob"
+    out = {}
+    for r in doc["runs"]:
+        if doc["weights"][r["name"]] > 0:
+            df = pd.read_csv(Path(workdir) / r["oof"])
+            out[r["name"]] = df[col if col in df.columns else "prob"].to_numpy(dtype=np.float64)
+    return out
 
 
 def ranks_among_oof(blend_json: Mapping[str, Any]) -> bool:

@@ -88,9 +88,21 @@ def to_space(
     return np.ascontiguousarray(np.stack([rank01(row) for row in P]) if len(P) else P)
 
 
-def spaces(P: np.ndarray) -> dict[str, np.ndarray]:
-    """Every blend space of ``P`` (M, N), computed once: ``{space: (M, N) float64}``."""
-    return {space: to_space(P, space) for space in SPACES}
+def view_average(space: str) -> str:
+    """How a run's TTA views (and fold models) are averaged for a blend in ``space``, at submit as on OOF rows:
+    ``logit`` (sigmoid of the mean logit) for logit-space blends and stacks (fitted on logits), else ``prob``.
+    Averaging in the space the blend combines in keeps the OOF rows' scores like the test images'."""
+    return "logit" if space == "logit" else "prob"
+
+
+def spaces(P: np.ndarray, P_logit: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every blend space of ``P`` (M, N), computed once: ``{space: (M, N) float64}``.
+
+    ``P_logit`` (M, N): the same rows with each run's TTA views averaged as logits (:func:`view_average`);
+    the logit space is computed from it, the others from ``P`` (views averaged as probabilities)."""
+    return {
+        space: to_space(P_logit if space == "logit" and P_logit is not None else P, space) for space in SPACES
+    }
 
 
 def combine(S: np.ndarray, w: np.ndarray, space: str) -> np.ndarray:

@@ -222,6 +222,7 @@ def nested_cv(
     seed: int = 0,
     progress: bool = False,
     groups: np.ndarray | None = None,
+    P_logit: np.ndarray | None = None,
 ) -> NestedCV:
     """Per fold k: fit every method on the other folds, score fold k with the fitted weights AND threshold.
 
@@ -237,6 +238,8 @@ def nested_cv(
         seed: Optuna methods use ``seed + 1 + fold index``.
         progress: show a progress bar over folds.
         groups: (N,) the rows' groups, handed to methods with inner folds (the stack).
+        P_logit: (M, N) the OOF probabilities with TTA views averaged as logits (the logit space's source,
+            :func:`aivh_ens.blend.core.spaces`); default ``P``.
     """
     from aivh_ens.progress import Progress
 
@@ -246,8 +249,9 @@ def nested_cv(
     pred = {m.name: np.zeros(len(y), dtype=bool) for m in candidates}
     for k, fold in enumerate(Progress(np.unique(folds), "nested CV", unit="fold", enabled=progress)):
         test = folds == fold
-        S_train = spaces(P[:, ~test])
-        S_test = {**spaces(P[:, test]), "rank": to_space(P[:, test], "rank", P[:, ~test])}
+        L = P if P_logit is None else P_logit
+        S_train = spaces(P[:, ~test], L[:, ~test])
+        S_test = {**spaces(P[:, test], L[:, test]), "rank": to_space(P[:, test], "rank", P[:, ~test])}
         for m in candidates:
             fit = m.fit(S_train, y[~test], seed + 1 + k, None if groups is None else groups[~test])
             pred[m.name][test] = fit.scores(S_test) >= fit.threshold  # (N_k,)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 
 OOF_COLUMNS: tuple[str, ...] = ("file_name", "label", "fold", "prob")
-"""Every OOF file has these; runs trained on grouped folds (``--group``) add ``group``."""
+"""Every OOF file has these; runs trained on grouped folds (``--group``) add ``group``, fine-tuned runs scored through
+several TTA views add ``prob_logit`` (the views averaged as logits, as submit averages them for logit blends)."""
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,13 @@ class OOFSet:
     file_names: np.ndarray  # (N,) str
     y: np.ndarray  # (N,) int8 labels
     folds: np.ndarray  # (N,) int64
-    P: np.ndarray  # (M, N) float64 probs
+    P: np.ndarray  # (M, N) float64 probs, each row's TTA views averaged as probabilities
     fold_file: str
     fold_sha256: str
     oof_sha256: tuple[str, ...]
     groups: np.ndarray | None = None  # (N,) group of each row (grouped folds), else None
+    P_logit: np.ndarray | None = None  # (M, N) the same with the views averaged as logits (P where one view)
+    pseudo: dict[str, str] = field(default_factory=dict)  # {run: layout.pseudo_kind} of pseudo-labelled runs
 
 
 def _run_names(oof_dir: Path, runs: Sequence[str] | None) -> list[str]:
@@ -85,6 +88,10 @@ def _read_oof(run: str, path: Path) -> pd.DataFrame:
     prob = pd.to_numeric(df["prob"], errors="coerce").to_numpy(dtype=np.float64)
     first_bad(np.isnan(prob), "a missing or NaN prob")
     first_bad((prob < 0) | (prob > 1), "a prob outside [0, 1]")
+    prob_logit = prob  # one view, or a run written before views were averaged both ways
+    if "prob_logit" in df.columns:
+        prob_logit = pd.to_numeric(df["prob_logit"], errors="coerce").to_numpy(dtype=np.float64)
+        first_bad(np.isnan(prob_logit) | (prob_logit < 0) | (prob_logit > 1), "a prob_logit outside [0, 1]")
     for col in ("label", "fold"):
         v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
         first_bad(~np.isfinite(v) | (v != np.round(v)), f"a non-integer {col}")
@@ -96,6 +103,7 @@ def _read_oof(run: str, path: Path) -> pd.DataFrame:
             "label": df["label"].to_numpy(dtype=np.int8),
             "fold": df["fold"].to_numpy(dtype=np.int64),
             "prob": prob,
+            "prob_logit": prob_logit,
         }
     )
     if "group" in df.columns:
@@ -192,4 +200,6 @@ def load_oof(workdir: str | Path, runs: Sequence[str] | None = None) -> OOFSet:
         fold_sha256=ref_sha,
         oof_sha256=tuple(sha256_file(layout.oof_path(workdir, r)) for r in names),
         groups=base["group"].to_numpy() if "group" in base.columns else None,
+        P_logit=np.ascontiguousarray(np.stack([frames[r]["prob_logit"].to_numpy() for r in names])),
+        pseudo={r: k for r in names if (k := layout.pseudo_kind(configs[r])) is not None},
     )

@@ -69,15 +69,33 @@ class BlendResult:
     warnings: tuple[str, ...] = ()
 
 
-def paired_se(a: Sequence[float], b: Sequence[float]) -> float:
-    """Standard error of the mean per-fold difference ``a - b`` (the same folds): ``std(d, ddof=1) / sqrt(K)``."""
+def paired_se(a: Sequence[float], b: Sequence[float], holdout_ratio: float | None = None) -> float:
+    """Standard error of the mean per-fold difference ``a - b`` (the same K folds), with Nadeau and Bengio's
+    (2003) correction for folds whose training sets overlap: ``sqrt(var(d, ddof=1) * (1/K + n_test/n_train))``.
+
+    The naive ``std / sqrt(K)`` treats the K fold scores as independent; every pair of folds shares most of its
+    training rows, so it is about 1.5x too small at K = 5. ``holdout_ratio``: n_test / n_train of a fold
+    (:func:`holdout_ratio`); default ``1 / (K - 1)``, that of K equal folds.
+    """
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    return float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    if len(d) < 2:
+        return 0.0
+    ratio = 1.0 / (len(d) - 1) if holdout_ratio is None else holdout_ratio
+    return float(np.sqrt(np.var(d, ddof=1) * (1.0 / len(d) + ratio)))
 
 
-def pick_method(results: Sequence[MethodResult], metric: str) -> tuple[MethodResult, str]:
+def holdout_ratio(folds: np.ndarray) -> float:
+    """The mean n_test / n_train over the folds of ``folds`` (N,): the overlap term of :func:`paired_se`."""
+    _, n = np.unique(folds, return_counts=True)
+    return float(np.mean(n / (len(folds) - n)))
+
+
+def pick_method(
+    results: Sequence[MethodResult], metric: str, test_train: float | None = None
+) -> tuple[MethodResult, str]:
     """The method to ship by the one-standard-error rule: the simplest method whose nested-CV mean is within
-    one paired standard error (over the outer folds) of the best method's.
+    one paired standard error (over the outer folds, corrected for their overlap: :func:`paired_se` with
+    ``test_train`` as its ratio) of the best method's.
 
     A difference smaller than that is noise of the fold split, so a more complex method must earn its place.
 
@@ -85,7 +103,7 @@ def pick_method(results: Sequence[MethodResult], metric: str) -> tuple[MethodRes
         ``(result, reason)`` with a one-sentence reason.
     """
     top = max(results, key=lambda r: (r.nested_mean, -r.complexity))
-    se = {r.name: paired_se(top.per_fold, r.per_fold) for r in results}
+    se = {r.name: paired_se(top.per_fold, r.per_fold, test_train) for r in results}
     close = [r for r in results if top.nested_mean - r.nested_mean <= se[r.name]]
     picked = min(close, key=lambda r: (r.complexity, -r.nested_mean))
     reason = (
@@ -108,12 +126,37 @@ def pick_method(results: Sequence[MethodResult], metric: str) -> tuple[MethodRes
     return picked, reason
 
 
+def bootstrap_rows(
+    rng: np.random.Generator, n: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One bootstrap draw of ``n`` rows: ``(drawn row indices, with repeats; (n,) bool out-of-bag)``.
+
+    With ``groups`` (N,) whole groups are drawn with replacement (every row of a drawn group, as often as the
+    group is drawn): rows that folds keep together (AI/human pairs) are not independent, and drawing them one
+    by one would understate the spread and let a row's pair sit out of bag while it is drawn."""
+    if groups is None:
+        idx = rng.integers(0, n, n)
+        oob = np.ones(n, dtype=bool)
+        oob[idx] = False
+        return idx, oob
+    _, inv = np.unique(np.asarray(groups), return_inverse=True)  # (N,) group index of each row
+    g = int(inv.max()) + 1
+    times = np.bincount(rng.integers(0, g, g), minlength=g)[inv]  # (N,) how often each row's group is drawn
+    return np.repeat(np.arange(n), times), times == 0
+
+
 def bbc_score(
-    results: Sequence[MethodResult], y: np.ndarray, metric: str, n_boot: int = BOOTSTRAPS, seed: int = 0
+    results: Sequence[MethodResult],
+    y: np.ndarray,
+    metric: str,
+    n_boot: int = BOOTSTRAPS,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float] | None:
     """Bootstrap bias-corrected nested score (BBC-CV, Tsamardinos et al. 2018): ``(mean, std)`` over bootstraps.
 
-    Each bootstrap draws rows with replacement, picks the method that scores best on the drawn rows (from
+    Each bootstrap draws rows with replacement (whole groups with ``groups``, :func:`bootstrap_rows`), picks
+    the method that scores best on the drawn rows (from
     their nested-CV labels) and scores it on the rows not drawn. Choosing the best of several candidates on
     the same rows it is reported on is what makes the raw best nested mean optimistic; this removes that.
     None when no method kept its per-row labels.
@@ -128,9 +171,7 @@ def bbc_score(
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
-        oob = np.ones(len(y), dtype=bool)
-        oob[idx] = False
+        idx, oob = bootstrap_rows(rng, len(y), groups)
         if not oob.any() or y[oob].all() or not y[oob].any():
             continue
         best = max(cands, key=lambda r: score(y[idx], r.pred[idx]))  # type: ignore[index]
@@ -143,21 +184,36 @@ def format_table(
     metric: str,
     picked: str | None = None,
     all_ai: MethodResult | None = None,
+    pseudo: Mapping[str, str] | None = None,
 ) -> str:
     """One row per method: in-sample OOF score, nested-CV mean ± std, space and threshold; then the all-AI
-    baseline (every row predicted AI) when given."""
+    baseline (every row predicted AI) when given; then a line per pseudo-labelled run (``pseudo``:
+    ``{run: kind}``, blend.json's ``runs[].pseudo``), whose single row is marked."""
     rows = [*results, *([all_ai] if all_ai else [])]
     width = max(len("method"), *(len(r.name) for r in rows)) + 2
     head = f"{'method':<{width}}{'space':<7}{'oof ' + metric:>14}{'nested ' + metric:>24}{'threshold':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
         mark = "  <- picked" if r.name == picked else "  (baseline: every row AI)" if r is all_ai else ""
+        if r.name.split(":", 1)[-1] in (pseudo or {}) and r.name.startswith("single:"):
+            mark += "  (pseudo-labelled)"
         space = "-" if r is all_ai else r.fit.space
         nested = f"{r.nested_mean:.4f} ± {r.nested_std:.4f}"
         lines.append(
             f"{r.name:<{width}}{space:<7}{r.fit.score:>14.4f}{nested:>24}{r.fit.threshold:>11.4f}{mark}"
         )
+    for run, kind in (pseudo or {}).items():
+        lines.append(f"{run}: {PSEUDO_NOTES[kind]}")
     return "\n".join(lines)
+
+
+PSEUDO_NOTES = {
+    "fold-consistent": "pseudo-labelled, fold-consistent (each fold's labels from models that never saw its "
+    "rows): its OOF rows are unseen, its test scores in-sample on its pseudo rows",
+    "every-fold": "pseudo-labelled from models that saw every fold's rows: its OOF and nested scores are "
+    "optimistic; judge it on a labelled hold-out",
+}
+"""What a pseudo-labelled run's scores mean, by :func:`aivh_ens.layout.pseudo_kind`."""
 
 
 def all_ai_result(oof: OOFSet, metric: str) -> MethodResult:
@@ -233,19 +289,19 @@ def run_blend(
     if timeout is not None and timeout <= 0:
         raise UserError(f"timeout={timeout} (--timeout) must be a positive number of seconds")
     oof = load_oof(workdir, runs)  # every input check happens here, before anything is written
-    S = spaces(oof.P)
+    S = spaces(oof.P, oof.P_logit)  # each space from the OOF views averaged the way submit averages them
     optuna_fit, n_trials = (
         _search(oof, S, metric, trials, timeout, storage, seed, resume_study, progress)
         if len(oof.runs) > 1
         else (None, 0)  # one run blends as itself: nothing to search
     )
     results = _score_methods(oof, S, metric, optuna_fit, nested_trials, seed, progress)
-    picked, reason = pick_method(results, metric)
+    picked, reason = pick_method(results, metric, holdout_ratio(oof.folds))
     floor = all_ai_result(oof, metric)
     fit = picked.fit
     ai_share = float(np.mean(fit.scores(S) >= fit.threshold))  # OOF rows
     warnings = blend_warnings(picked, floor, ai_share, metric)
-    bbc = bbc_score(results, oof.y, metric, seed=seed)
+    bbc = bbc_score(results, oof.y, metric, seed=seed, groups=oof.groups)
     doc = blend_document(oof, picked, results, metric, n_trials, seed, floor, warnings, bbc)
     written = _write_outputs(oof, S, results, picked, doc)
     return BlendResult(doc, results, picked, reason, written, floor, warnings)
@@ -292,8 +348,9 @@ def _score_methods(
         for m in candidates
     }
     nested = nested_cv(
-        oof.P, y, oof.folds, metric, candidates, seed=seed, progress=progress, groups=oof.groups
-    )
+        oof.P, y, oof.folds, metric, candidates, seed=seed, progress=progress, groups=oof.groups,
+        P_logit=oof.P_logit,
+    )  # fmt: skip
     return tuple(
         MethodResult(
             m.name, m.complexity, in_sample[m.name], tuple(nested.per_fold[m.name]), nested.pred[m.name]
@@ -324,9 +381,15 @@ def blend_document(
     doc: dict[str, Any] = {
         "version": BLEND_VERSION,
         "runs": [
-            {"name": r, "config": f"runs/{r}/config.json", "oof": f"oof/{r}.csv", "oof_sha256": sha}
+            {
+                "name": r,
+                "config": f"runs/{r}/config.json",
+                "oof": f"oof/{r}.csv",
+                "oof_sha256": sha,
+                **({"pseudo": oof.pseudo[r]} if r in oof.pseudo else {}),
+            }  # trained on pseudo-labelled test rows
             for r, sha in zip(oof.runs, oof.oof_sha256, strict=True)
-        ],
+        ],  # fmt: skip
         "fold_sha256": oof.fold_sha256,
         "space": fit.space,
         "weights": {r: float(w) for r, w in zip(oof.runs, fit.weights, strict=True)},

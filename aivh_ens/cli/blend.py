@@ -94,7 +94,8 @@ def blend_cmd(
     )
     b = result.blend
     click.echo(f"{len(b['runs'])} runs, {b['trials']} trials in the study; in-sample and nested-CV {metric}:")
-    click.echo(format_table(result.methods, metric, result.picked.name, result.all_ai))
+    pseudo = {r["name"]: r["pseudo"] for r in b["runs"] if "pseudo" in r}
+    click.echo(format_table(result.methods, metric, result.picked.name, result.all_ai, pseudo))
     click.echo(result.reason)
     nested = b["nested_score"]
     if "bbc_mean" in nested:

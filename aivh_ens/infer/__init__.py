@@ -1,4 +1,4 @@
-"""Inference: TTA views, a run's fold models, the test-score cache, ``submit`` and ``predict``."""
+"""Inference: the test-score cache, ``submit`` and ``predict`` (fold models and TTA views: :mod:`aivh_ens.score`)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from aivh_ens._lazy import attach
 __getattr__, __dir__, __all__ = attach(
     __name__,
     {
-        "TTASpec": ".tta",
-        "parse_tta": ".tta",
-        "RunInfo": ".runs",
-        "check_run": ".runs",
-        "load_models": ".runs",
-        "predict_folds": ".runs",
-        "fold_average": ".runs",
+        "TTASpec": "aivh_ens.score.tta_spec",
+        "parse_tta": "aivh_ens.score.tta_spec",
+        "RunInfo": "aivh_ens.score.runs",
+        "check_run": "aivh_ens.score.runs",
+        "load_models": "aivh_ens.score.runs",
+        "predict_folds": "aivh_ens.score.runs",
+        "fold_average": "aivh_ens.score.runs",
         "submit": ".submission",
         "SubmitResult": ".submission",
         "validate_submission": ".submission",

@@ -13,7 +13,9 @@ from aivh_ens.blend.artifact import apply_blend, load_blend, rank_reference
 from aivh_ens.data.loader import FileSource
 from aivh_ens.data.transforms import storage_step
 from aivh_ens.errors import UserError
-from aivh_ens.infer.runs import (
+from aivh_ens.infer.submission import default_blend_path
+from aivh_ens.score import resolve_device
+from aivh_ens.score.runs import (
     RunInfo,
     check_run,
     fold_average,
@@ -22,9 +24,7 @@ from aivh_ens.infer.runs import (
     run_spec,
     view_average,
 )
-from aivh_ens.infer.submission import default_blend_path
-from aivh_ens.infer.tta import parse_tta
-from aivh_ens.train.loop import resolve_device
+from aivh_ens.score.tta import parse_tta
 
 
 @dataclass(frozen=True)

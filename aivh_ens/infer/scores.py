@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 
 from aivh_ens.config import training_identity
-from aivh_ens.infer.runs import RunInfo
-from aivh_ens.infer.tta import TTASpec
 from aivh_ens.io import sha256_file, sha256_text, write_csv, write_json
 from aivh_ens.layout import test_scores_dir
+from aivh_ens.score.runs import RunInfo
+from aivh_ens.score.tta import TTASpec
 
 CACHE_VERSION = 1
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from aivh_ens.blend.artifact import apply_blend, load_blend, rank_reference
+from aivh_ens.blend.artifact import apply_blend, load_blend, oof_probs, rank_reference
 from aivh_ens.blend.shift import (
     AUTO_RULE,
     KS_TOLERANCE,
@@ -29,7 +29,11 @@ from aivh_ens.data.loader import FileSource
 from aivh_ens.data.tables import read_test_table
 from aivh_ens.data.transforms import storage_step
 from aivh_ens.errors import UserError
-from aivh_ens.infer.runs import (
+from aivh_ens.infer.scores import cache_paths, read_cache, scores_key, write_cache
+from aivh_ens.io import write_csv, write_json
+from aivh_ens.layout import BLEND_DIR
+from aivh_ens.score import inference_amp, resolve_device
+from aivh_ens.score.runs import (
     Log,
     RunInfo,
     adapt_batchnorm,
@@ -40,12 +44,7 @@ from aivh_ens.infer.runs import (
     run_spec,
     view_average,
 )
-from aivh_ens.infer.scores import cache_paths, read_cache, scores_key, write_cache
-from aivh_ens.infer.tta import TTASpec, parse_tta
-from aivh_ens.io import write_csv, write_json
-from aivh_ens.layout import BLEND_DIR
-from aivh_ens.train.loop import resolve_device
-from aivh_ens.train.precision import inference_amp
+from aivh_ens.score.tta import TTASpec, parse_tta
 
 RATE_WARN = 0.15  # warn when the predicted AI rate differs from the training rate by more than this
 
@@ -154,8 +153,8 @@ def run_test_scores(
 ) -> list[RunScores]:
     """Each run's fold scores (K, N) on the test ids: from the cache when its key matches, else predicted.
 
-    ``average``: how TTA views are averaged (:func:`aivh_ens.infer.runs.view_average`); ``adapt_bn``:
-    re-estimate BatchNorm statistics on the test images first (:func:`aivh_ens.infer.runs.adapt_batchnorm`).
+    ``average``: how TTA views are averaged (:func:`aivh_ens.score.runs.view_average`); ``adapt_bn``:
+    re-estimate BatchNorm statistics on the test images first (:func:`aivh_ens.score.runs.adapt_batchnorm`).
     """
     keys = {i.name: scores_key(i, specs[i.name], data_dir, test_csv, ids, average, adapt_bn) for i in infos}
     paths = {i.name: cache_paths(workdir, i.name, specs[i.name], average, adapt_bn) for i in infos}
@@ -258,7 +257,7 @@ def _probe_scores(
     log: Log,
 ) -> RunScores:
     """A probe run's fold scores: its heads on the test feature store (extracted only when not cached)."""
-    from aivh_ens.train.probe import probe_test_scores
+    from aivh_ens.score.probe import probe_test_scores
 
     t0 = time.perf_counter()
     P = probe_test_scores(
@@ -313,11 +312,12 @@ def _rate_warning(train_rate: float, ai_rate: float, choice: ThresholdChoice) ->
 
 def oof_blend(workdir: Path, doc: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """``(blended OOF scores (N_oof,), OOF labels (N_oof,), {run: OOF probs}``): the blend applied to the rows
-    it was fitted on, exactly as it is applied to test rows."""
+    it was fitted on, exactly as it is applied to test rows, each run's views averaged in the blend's space
+    (:func:`aivh_ens.blend.artifact.oof_probs`); the third item is the rank-space reference."""
     ref = rank_reference(workdir, doc)
     first = workdir / doc["runs"][0]["oof"]
     y = pd.read_csv(first, usecols=["label"])["label"].to_numpy(dtype=np.int8)
-    return apply_blend(doc, ref, ref)[0], y, ref
+    return apply_blend(doc, oof_probs(workdir, doc), ref)[0], y, ref
 
 
 def _record(
@@ -405,7 +405,9 @@ def blend_test_scores(
     log: Log = print,
 ) -> pd.DataFrame:
     """The current blend's scores of the test images, ``id,prob`` in test.csv order: what ``submit --proba``
-    writes with its defaults (each run's TTA, no AdaBN), from the runs' cached test scores where they exist.
+    writes with its defaults (each run's TTA, no AdaBN), from the runs' cached test scores where they exist;
+    then ``fold<k>``: the blend of each run's fold k model alone (:func:`fold_views`), the scores of models
+    that never trained on fold k's rows (fold-consistent pseudo-labels, :mod:`aivh_ens.train.pseudo`).
 
     Raises:
         UserError: as :func:`submit`, when the blend, its runs or the test table are missing or changed.
@@ -419,9 +421,10 @@ def blend_test_scores(
     o = _Predict(
         resolve_device(device or "auto"), None, None, progress, log, view_average(doc["space"]), False
     )
-    _, probs = _blended_test(workdir, doc, infos, specs, (data_dir, cfg0.test_csv, ids), oof_blend(workdir, doc)[2],
-                             o, False)  # fmt: skip
-    return pd.DataFrame({"id": ids, "prob": probs})
+    ref = oof_blend(workdir, doc)[2]
+    s, probs = _blended_test(workdir, doc, infos, specs, (data_dir, cfg0.test_csv, ids), ref, o, False)
+    folds = {f"fold{k}": p for k, p in enumerate(fold_views(doc, s, ref))}  # (N,) each
+    return pd.DataFrame({"id": ids, "prob": probs, **folds})
 
 
 def _scored_test(
@@ -478,7 +481,7 @@ def submit(
         workdir: project folder holding runs/ and oof/.
         blend_path: the blend file (default ``runs/blend/blend.json``).
         data: dataset folder with test.csv and the images (default: the folder the runs were trained on).
-        tta: TTA spec for every run (see :mod:`aivh_ens.infer.tta`); default each run's recipe default.
+        tta: TTA spec for every run (see :mod:`aivh_ens.score.tta`); default each run's recipe default.
         out: submission path (default ``<workdir>/submission.csv``); ``<out stem>.json`` records the cut.
         proba: also write the blended scores, ``id,prob``, to ``<out stem>_proba.csv``.
         threshold: ``oof | share:P | prior:P | auto | <number>`` (:mod:`aivh_ens.blend.shift`).

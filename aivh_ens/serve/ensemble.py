@@ -20,10 +20,9 @@ from torch import nn
 from aivh_ens.data.images import decode_image
 from aivh_ens.data.transforms import StorageStep, storage_step
 from aivh_ens.infer.predict import blend_scores, rank_reference, scorer
-from aivh_ens.infer.runs import RunInfo, fold_average, load_models, predict_folds, run_spec, view_average
-from aivh_ens.infer.tta import TTASpec, parse_tta
-from aivh_ens.train.loop import resolve_device
-from aivh_ens.train.models import DataConfig
+from aivh_ens.score import DataConfig, resolve_device
+from aivh_ens.score.runs import RunInfo, fold_average, load_models, predict_folds, run_spec, view_average
+from aivh_ens.score.tta import TTASpec, parse_tta
 
 Decoded = dict[StorageStep, np.ndarray]
 """One image as each distinct storage step of the ensemble stores it: (h, w, 3) uint8 per step."""

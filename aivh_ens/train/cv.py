@@ -32,11 +32,11 @@ from aivh_ens.train.models import random_init_note
 from aivh_ens.train.precision import resolve_precision
 from aivh_ens.train.pseudo import (
     PSEUDO_FOLD,
-    PSEUDO_WARNING,
     PseudoSource,
     describe_pseudo,
     freeze_pseudo,
     pseudo_record,
+    pseudo_warning,
     resolve_pseudo,
     training_table,
 )
@@ -164,6 +164,8 @@ def assemble_oof(
                 "re-run with --force"
             )
         cols = ["file_name", "label", "fold", "prob"]
+        if "prob_logit" in oof.columns and not oof["prob_logit"].isna().any():  # TTA views averaged as logits
+            cols.append("prob_logit")
         if "group" in fold_table.columns:  # grouped folds: blend's inner folds (the stack) keep groups whole
             oof["group"] = oof["_row"].map(fold_table["group"])
             cols.append("group")
@@ -397,7 +399,7 @@ def prepare_run(
         freeze_pseudo(cfg, workdir, pseudo)  # before config.json, which names it
         record = pseudo_record(cfg, pseudo, fold_table["label"].to_numpy())
         log(describe_pseudo(record))
-        log(PSEUDO_WARNING)
+        log(pseudo_warning(record))
     write_run_config(cfg, workdir, fold_path, fold_sha, force, record)
     if bad:
         rows = sorted(bad)
@@ -451,8 +453,9 @@ def run_fold(
 
 
 def job_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns a fold job reads from a training table: ``file_name,label,fold`` and ``weight`` if any."""
-    return table[[c for c in ("file_name", "label", "fold", "weight") if c in table.columns]]
+    """The columns a fold job reads from a training table: ``file_name,label,fold``, ``weight`` and
+    ``only_fold`` (fold-consistent pseudo rows) if any."""
+    return table[[c for c in ("file_name", "label", "fold", "weight", "only_fold") if c in table.columns]]
 
 
 def finish_run(

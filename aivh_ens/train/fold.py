@@ -30,6 +30,7 @@ from aivh_ens.data.loader import (
 from aivh_ens.data.transforms import eval_transform, train_transform
 from aivh_ens.errors import TrainingDiverged, UserError
 from aivh_ens.io import atomic_path, write_csv, write_json
+from aivh_ens.layout import DONE
 from aivh_ens.train.loop import (
     BEST,
     METRICS,
@@ -52,7 +53,6 @@ from aivh_ens.train.precision import resolve_precision, use_channels_last
 
 STATE = "state.pt"  # resume state of an unfinished fold
 FOLD_OOF = "oof.csv"
-DONE = "done.json"  # written last: its presence means the fold is finished
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -192,10 +192,11 @@ def planned_epochs(cfg: RunConfig, history: Sequence[dict[str, Any]], val_share:
 
 
 def _split_rows(job: FoldJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(labels (N,), train rows, validation rows)``, leaving out the excluded (bad) rows."""
+    """``(labels (N,), train rows, validation rows)`` without the excluded (bad) rows and other folds' pseudo rows."""
     labels = job.fold_table["label"].to_numpy()
     fold_col = job.fold_table["fold"].to_numpy()
-    keep = np.ones(len(labels), dtype=bool)
+    only = job.fold_table.get("only_fold", pd.Series(-1, index=job.fold_table.index)).to_numpy()
+    keep = (only == -1) | (only == job.fold)  # fold-consistent pseudo rows train in their own fold only
     if job.exclude:
         keep[list(job.exclude)] = False
     train_rows = np.flatnonzero((fold_col != job.fold) & keep)
@@ -440,38 +441,38 @@ def _record_epoch(
 
 def oof_scores(
     job: FoldJob, s: _Setup, model: torch.nn.Module, spec: Any, progress: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(rows, labels, P(label 1))`` of the fold's validation rows, scored by ``model`` through the TTA views
-    ``spec`` (the run's own, :func:`aivh_ens.infer.tta.own_spec`) with the code submit scores the test images
-    with, so the blend and threshold
-    fitted on OOF rows are fitted on the kind of scores they cut (a threshold fitted on single-view scores sat
-    0.07 above the best one for hflip-averaged scores on cifake-dev's OOF rows). Rows that cannot be decoded
-    are skipped or stop the fold, as ``--on-bad-image`` says."""
-    from aivh_ens.infer.runs import predict_folds
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, labels, P(label 1), P(label 1) with the views averaged as logits)`` of the fold's validation
+    rows through the run's own TTA views ``spec``, by submit's code, averaged both ways submit may average them
+    (:func:`aivh_ens.blend.core.view_average`): the blend and threshold are fitted on the scores they cut (a
+    threshold fitted on single-view scores sat 0.07 above the best one for hflip-averaged ones on cifake-dev)."""
+    from aivh_ens.score.runs import predict_fold_averages
 
     val = s.val_loader.dataset  # the validation rows, their labels and the image source
     model.eval()
-    P, bad = predict_folds(
+    Ps, bad = predict_fold_averages(
         [model], s.dc, job.cfg, val.source, val.rows, spec, s.device,
         batch_size=eval_batch_size(job.cfg), workers=s.workers, progress=progress, desc="oof",
     )  # fmt: skip
-    keep = ~np.isnan(P[0])
+    keep = ~np.isnan(Ps["prob"][0])
     if bad:
         _check_batch(s.ctx, torch.from_numpy(val.rows), torch.from_numpy(keep))
-    return val.rows[keep], val.labels[keep], P[0, keep].astype(np.float64)
+    p, p_logit = (Ps[a][0, keep].astype(np.float64) for a in ("prob", "logit"))
+    return val.rows[keep], val.labels[keep], p, p_logit
 
 
 def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, seconds: float) -> dict[str, Any]:
     """OOF rows from the best weights (re-scored: exact even after a resume), then done.json, last."""
-    from aivh_ens.infer.tta import own_spec
+    from aivh_ens.score.tta import own_spec
 
     fdir, history = job.fold_dir, state.history
     eval_model = s.eval_model
     load_weights(eval_model, fdir / BEST)
     spec = own_spec(job.cfg)
-    rows, vy, vp = oof_scores(job, s, eval_model, spec, progress)
+    rows, vy, vp, vp_logit = oof_scores(job, s, eval_model, spec, progress)
     names = job.fold_table["file_name"].to_numpy()
-    oof = pd.DataFrame({"file_name": names[rows], "label": vy, "fold": job.fold, "prob": vp})
+    oof = pd.DataFrame({"file_name": names[rows], "label": vy, "fold": job.fold, "prob": vp,
+                        **({"prob_logit": vp_logit} if spec.n_views > 1 else {})})  # fmt: skip
     write_csv(fdir / FOLD_OOF, oof, float_format="%.8g")
     if s.ctx.skipped:
         write_csv(fdir / "skipped.csv", pd.DataFrame({"file_name": names[sorted(s.ctx.skipped)]}))

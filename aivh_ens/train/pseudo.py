@@ -1,4 +1,5 @@
-"""Pseudo-labels (``cv --pseudo``): confident test predictions as extra training rows, with the OOF kept honest.
+"""Pseudo-labels (``cv --pseudo``): confident test predictions as extra training rows; the OOF stays honest
+only when they are fold-consistent.
 
 The source, an ``id,prob`` file (``submit --proba`` writes one) or ``blend`` (the current blend's test
 scores), is checked and frozen as ``runs/<run>/pseudo.csv``; its sha256 becomes the run's ``pseudo_sha256``,
@@ -6,8 +7,19 @@ so it is part of what the run trains (``config.json``, every job's hash). Fold j
 the source, so a later ``submit`` that overwrites the source changes nothing, and a sweep or ``--resume``
 given a changed source is refused, naming ``pseudo_sha256``.
 
-The chosen rows are appended to the fold table with fold :data:`PSEUDO_FOLD` (-1): every fold trains on them,
-none validates on them, and ``oof/<run>.csv`` is assembled from the fold table's own rows only.
+The chosen rows are appended to the fold table with fold :data:`PSEUDO_FOLD` (-1): no fold validates on them,
+and ``oof/<run>.csv`` is assembled from the fold table's own rows only.
+
+- **Fold-consistent** (``--pseudo blend`` when the blend's runs were made from this run's fold file): the frozen
+  copy also holds ``fold<k>``, the blend of the teachers' fold k models alone, which never trained on fold k's
+  rows. Fold k trains on the rows chosen from ``fold<k>`` only (column ``only_fold``), so no label of a fold k
+  validation row reaches fold k's model through a pseudo-label, and the OOF rows still measure unseen rows.
+- **Every fold** (an ``id,prob`` file, or a blend made from other folds): one set of rows, chosen from the
+  fold-averaged scores, trains in every fold. Those scores came from models that trained on each fold's
+  validation rows, so the run's OOF and nested scores are optimistic (:data:`PSEUDO_WARNING`).
+
+Either way the run's test scores are in-sample on the rows it trained on; :func:`aivh_ens.layout.is_pseudo`
+names such runs (blend.json and the blend table flag them).
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from aivh_ens.config import RunConfig
 from aivh_ens.data.tables import read_score_table, read_test_table, read_train_table
 from aivh_ens.errors import UserError
 from aivh_ens.io import atomic_path
-from aivh_ens.layout import blend_path, pseudo_path
+from aivh_ens.layout import FOLDS, blend_path, pseudo_path, read_run_doc
 
 PSEUDO_FOLD = -1
 """The fold of a pseudo row: never equal to a fold index, so always a training row and never a validation row."""
@@ -38,6 +50,11 @@ PSEUDO_WARNING = (
     "pseudo-labels come from models that trained on every train row (each fold's validation rows included) and "
     "it is scored on rows like those it learnt from. Judge it on a labelled hold-out that looks like the test "
     "set (README: Pseudo-labels)"
+)
+FOLD_CONSISTENT_NOTE = (
+    "note: fold-consistent pseudo-labels: fold k trains on test rows labelled by the blend's fold k models, "
+    "which never saw fold k's rows, so the OOF rows stay unseen; the run's test scores are still in-sample on "
+    "the pseudo rows it trained on"
 )
 
 Log = Callable[[str], None]
@@ -51,7 +68,7 @@ class PseudoSource:
     where: str
     data: bytes
     sha256: str
-    scores: pd.DataFrame
+    scores: pd.DataFrame  # id,prob[,fold0..fold{K-1}] (fold columns: fold-consistent)
 
 
 def resolve_pseudo(
@@ -77,13 +94,37 @@ def resolve_pseudo(
 
 
 def _blend_source(cfg: RunConfig, workdir: str | Path, log: Log | None) -> PseudoSource:
-    """The blend's test scores of ``cfg.data`` (cached test scores, predicted where missing), as CSV bytes."""
+    """The blend's test scores of ``cfg.data`` (cached test scores, predicted where missing), as CSV bytes;
+    with each fold's own blend (``fold<k>``) when the blend's runs were made from this run's fold file."""
     from aivh_ens.infer.submission import blend_test_scores
 
     scores = blend_test_scores(workdir, data=cfg.data, progress=False, log=log or (lambda _m: None))
+    other = _other_folds(cfg, workdir)
+    if other is not None:
+        (log or print)(
+            f"note: {other}, so fold k's pseudo-labels cannot come from models that never saw fold k's rows; "
+            "pass the blend's --folds, --seed and --group for fold-consistent pseudo-labels"
+        )
+        scores = scores[["id", "prob"]]
     data = scores.to_csv(index=False, float_format="%.8g", lineterminator="\n").encode()
     return PseudoSource(f"the blend's test scores ({blend_path(workdir)})", data,
                         hashlib.sha256(data).hexdigest(), scores)  # fmt: skip
+
+
+def _other_folds(cfg: RunConfig, workdir: str | Path) -> str | None:
+    """Why the blend's runs' folds are not this run's (in words), or None when they share its fold file."""
+    import json
+
+    from aivh_ens.data.folds import fold_file_name
+    from aivh_ens.io import sha256_file
+
+    doc = json.loads(blend_path(workdir).read_text())
+    theirs = read_run_doc(workdir, doc["runs"][0]["name"]).get("fold_file")
+    mine = f"{FOLDS}/{fold_file_name(cfg.folds, cfg.seed, cfg.group)}"
+    path = Path(workdir) / mine
+    if theirs == mine and path.is_file() and sha256_file(path) == doc["fold_sha256"]:
+        return None
+    return f"the blend's runs were made from fold file {theirs}, this run from {mine}"
 
 
 def _check_ids(cfg: RunConfig, source: PseudoSource) -> None:
@@ -143,7 +184,8 @@ def freeze_pseudo(cfg: RunConfig, workdir: str | Path, source: PseudoSource) -> 
 
 
 def frozen_scores(cfg: RunConfig, workdir: str | Path) -> pd.DataFrame:
-    """The run's frozen ``id,prob`` scores, checked against ``cfg.pseudo_sha256``."""
+    """The run's frozen ``id,prob`` scores, checked against ``cfg.pseudo_sha256``, with their ``fold<k>``
+    columns when the copy is fold-consistent."""
     path = pseudo_path(workdir, cfg.name)
     try:
         data = path.read_bytes()
@@ -157,22 +199,38 @@ def frozen_scores(cfg: RunConfig, workdir: str | Path) -> pd.DataFrame:
             f"{path} changed since run {cfg.name} was set up (sha256 {str(cfg.pseudo_sha256)[:12]} expected); "
             "re-run `aivh-ens cv` with the same --pseudo, or --force to retrain the run"
         )
-    return read_score_table(path, FIX)
+    scores = read_score_table(path, FIX)
+    cols = [f"fold{k}" for k in range(cfg.folds)]
+    full = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
+    if set(cols) <= set(full.columns):  # written by this module from the blend: same rows, same order
+        scores[cols] = full[cols].to_numpy(np.float64)
+    return scores
+
+
+def fold_consistent(scores: pd.DataFrame, folds: int) -> bool:
+    """Whether pseudo-label scores hold each fold's own column (``fold0`` .. ``fold{folds-1}``)."""
+    return all(f"fold{k}" in scores.columns for k in range(folds))
 
 
 def training_table(cfg: RunConfig, workdir: str | Path, fold_table: pd.DataFrame) -> pd.DataFrame:
     """The rows fold jobs draw from: the fold table, then (for a pseudo run) the chosen pseudo rows with fold
     :data:`PSEUDO_FOLD` and a ``weight`` column (1 for labelled rows, ``pseudo_weight`` for pseudo rows).
 
+    Fold-consistent scores give each fold its own rows, chosen from its ``fold<k>`` column, with ``only_fold``
+    k (labelled rows: -1, every fold); otherwise one set, chosen from ``prob``, trains in every fold.
     Row ``i < len(fold_table)`` is the fold table's row ``i``, so skipped-row indices keep their meaning. In a
     grouped fold table each pseudo row is a group of its own (groups become strings).
     """
     if cfg.pseudo_sha256 is None:
         return fold_table
-    picked = select_pseudo(frozen_scores(cfg, workdir), cfg, fold_table["label"].to_numpy())
-    extra = pd.DataFrame({"file_name": picked["id"], "label": picked["label"].astype(np.int64),
-                          "fold": PSEUDO_FOLD, "weight": cfg.pseudo_weight})  # fmt: skip
-    base = fold_table.assign(weight=1.0)
+    scores, labels = frozen_scores(cfg, workdir), fold_table["label"].to_numpy()
+    per_fold = fold_consistent(scores, cfg.folds)
+    picks = [(k, select_pseudo(scores.assign(prob=scores[f"fold{k}"]) if per_fold else scores, cfg, labels))
+             for k in (range(cfg.folds) if per_fold else [-1])]  # fmt: skip
+    extra = pd.concat([pd.DataFrame({"file_name": p["id"], "label": p["label"].astype(np.int64),
+                                     "fold": PSEUDO_FOLD, "weight": cfg.pseudo_weight, "only_fold": k})
+                       for k, p in picks], ignore_index=True)  # fmt: skip
+    base = fold_table.assign(weight=1.0, only_fold=-1)
     if "group" in fold_table.columns:
         base["group"] = base["group"].astype(str)
         extra["group"] = "pseudo:" + extra["file_name"]
@@ -184,6 +242,17 @@ def pseudo_record(cfg: RunConfig, source: PseudoSource, labels: np.ndarray) -> d
     (``labels`` (N,): the train labels)."""
     picked = select_pseudo(source.scores, cfg, labels)
     return {
+        "fold_consistent": fold_consistent(source.scores, cfg.folds),
+        **(
+            {
+                "rows_per_fold": [
+                    len(select_pseudo(source.scores.assign(prob=source.scores[f"fold{k}"]), cfg, labels))
+                    for k in range(cfg.folds)
+                ]
+            }
+            if fold_consistent(source.scores, cfg.folds)
+            else {}
+        ),
         "source": source.where,
         "file": str(pseudo_path(".", cfg.name)),  # relative to the work dir
         "sha256": source.sha256,
@@ -203,7 +272,14 @@ def describe_pseudo(record: dict[str, Any]) -> str:
         f"pseudo-labels: {r['ai'] + r['human']} of {record['scored']} test rows ({r['ai']} AI, {r['human']} "
         f"human; prob >= {record['min_conf']} or <= {1 - record['min_conf']:.4g}, at most "
         f"{record['max_share']:g} per labelled row{', classes in the train share' if record['balance'] else ''}) "
-        f"from {record['source']} join every fold's training rows "
-        f"with weight {record['weight']:g}, never its validation rows (frozen copy: {record['file']}, sha256 "
+        f"from {record['source']} join "
+        + (f"each fold's training rows, chosen by that fold's own models ({', '.join(map(str, record['rows_per_fold']))} "
+           "rows)" if record.get("fold_consistent") else "every fold's training rows")
+        + f" with weight {record['weight']:g}, never its validation rows (frozen copy: {record['file']}, sha256 "
         f"{record['sha256'][:12]})"
-    )
+    )  # fmt: skip
+
+
+def pseudo_warning(record: dict[str, Any]) -> str:
+    """What a pseudo run's OOF scores still mean: :data:`FOLD_CONSISTENT_NOTE` or :data:`PSEUDO_WARNING`."""
+    return FOLD_CONSISTENT_NOTE if record.get("fold_consistent") else PSEUDO_WARNING

@@ -144,6 +144,33 @@ def test_load_oof_stacks_runs_in_order(tmp_path):
     assert oof.fold_sha256 == FOLD_SHA and oof.y.sum() == 50
 
 
+def test_each_space_is_fitted_on_the_oof_views_averaged_as_submit_averages_them(tmp_path):
+    """A run's OOF file holds its TTA views averaged as probabilities (prob) and as logits (prob_logit): the
+    logit space (logit blends, the stack) comes from prob_logit, the prob and rank spaces from prob, in the
+    blend, in nested CV and when the shipped blend is re-applied to the OOF rows."""
+    rng = np.random.default_rng(3)
+    y = (np.arange(200) % 2 == 0).astype(int)
+    prob = np.round(np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.2, 200), 0.01, 0.99), 6)
+    prob_logit = np.round(np.clip(prob + rng.normal(0, 0.1, 200), 0.01, 0.99), 6)  # another average
+    write_run(tmp_path, "a", prob, y=y, prob_logit=prob_logit)
+    write_run(tmp_path, "b", prob[::-1].copy(), y=y)  # one view: prob serves both
+    oof = boof.load_oof(tmp_path)
+    assert np.array_equal(oof.P_logit, np.stack([prob_logit, prob[::-1]]))
+    S = bcore.spaces(oof.P, oof.P_logit)
+    assert np.array_equal(S["logit"], bcore.to_space(oof.P_logit, "logit"))
+    assert np.array_equal(S["prob"], oof.P) and np.array_equal(S["rank"], bcore.to_space(oof.P, "rank"))
+    mean_logit = [m for m in bmethods.methods(oof.runs, "f1", 1) if m.name == "mean_logit"]
+    with_views = bmethods.nested_cv(oof.P, oof.y, oof.folds, "f1", mean_logit, P_logit=oof.P_logit)
+    direct = bmethods.nested_cv(oof.P_logit, oof.y, oof.folds, "f1", mean_logit)
+    assert np.array_equal(with_views.pred["mean_logit"], direct.pred["mean_logit"])
+    doc = {"space": "logit", "runs": [{"name": r, "oof": f"oof/{r}.csv"} for r in "ab"],
+           "weights": {"a": 0.5, "b": 0.5}}  # fmt: skip
+    assert np.array_equal(bartifact.oof_probs(tmp_path, doc)["a"], prob_logit)
+    for space in ("prob", "rank"):
+        assert np.array_equal(bartifact.oof_probs(tmp_path, {**doc, "space": space})["a"], prob)
+    assert np.array_equal(bartifact.rank_reference(tmp_path, doc)["a"], prob)  # ranks: among prob
+
+
 # ---- point 2: the numpy core --------------------------------------------------------------------------
 
 probs_matrix = st.integers(1, 4).flatmap(
@@ -285,9 +312,9 @@ _BASE = np.array([0.90, 0.92, 0.88, 0.91, 0.89])  # per-fold scores of the simpl
 @pytest.mark.parametrize(
     ("gain", "picked"),
     [
-        # the complex method wins on every fold by 0.010 +- 0.002: SE 0.0009, so it earns its place
+        # the complex method wins on every fold by 0.010 +- 0.002: SE 0.0011, so it earns its place
         (np.array([0.010, 0.012, 0.008, 0.011, 0.009]), "optuna"),
-        # it wins by 0.004 on average but by -0.02..+0.03 per fold: SE 0.0083 > 0.004, so the simple one ships
+        # it wins by 0.004 on average but by -0.02..+0.03 per fold: SE 0.0139 > 0.004, so the simple one ships
         (np.array([0.030, -0.020, 0.020, -0.010, 0.000]), "mean_prob"),
         # exactly equal on every fold: SE 0, a tie, the simple one ships
         (np.zeros(5), "mean_prob"),
@@ -299,10 +326,62 @@ def test_pick_method_one_standard_error_rule(gain, picked):
     assert chosen.name == picked
     assert reason.startswith(f"picked {picked}: nested f1")
     se = bstage.paired_se(_BASE + gain, _BASE)
-    assert se == pytest.approx(np.std(gain, ddof=1) / np.sqrt(5))
+    assert se == pytest.approx(np.std(gain, ddof=1) * np.sqrt(1 / 5 + 1 / 4))  # Nadeau-Bengio, 5 equal folds
     assert (picked == "optuna") == (gain.mean() > se)
     if picked == "mean_prob" and gain.mean() > 0:
         assert "within one paired standard error" in reason
+
+
+def test_paired_se_is_corrected_for_overlapping_training_folds():
+    """Nadeau and Bengio (2003): var(d) * (1/K + n_test/n_train), about 1.5x the naive SE at K = 5; the ratio
+    comes from the fold sizes, so unequal folds count too."""
+    a, b = np.array([0.90, 0.93, 0.88, 0.91, 0.86]), np.array([0.89, 0.90, 0.89, 0.88, 0.87])
+    d = a - b
+    naive = np.std(d, ddof=1) / np.sqrt(5)
+    assert bstage.paired_se(a, b) == pytest.approx(np.sqrt(np.var(d, ddof=1) * (0.2 + 0.25)))
+    assert bstage.paired_se(a, b) / naive == pytest.approx(1.5, abs=0.01)
+    assert bstage.holdout_ratio(np.repeat(np.arange(5), 20)) == pytest.approx(0.25)
+    folds = np.r_[np.zeros(10), np.ones(30)]  # 10 and 30 rows: 10/30 and 30/10
+    assert bstage.holdout_ratio(folds) == pytest.approx((1 / 3 + 3) / 2)
+    assert bstage.paired_se(a, b, 1.0) == pytest.approx(np.sqrt(np.var(d, ddof=1) * 1.2))
+    # a gain of 1.2 naive SEs no longer earns the complex method its place
+    gain = np.array([0.010, 0.030, -0.010, 0.020, -0.005])
+    assert naive_gap(gain) == pytest.approx(1.2, abs=0.01) and gain.mean() < bstage.paired_se(
+        _BASE + gain, _BASE
+    )
+    results = [_result("mean_prob", 1, _BASE), _result("optuna", 4, _BASE + gain)]
+    assert bstage.pick_method(results, "f1")[0].name == "mean_prob"
+
+
+def naive_gap(gain: np.ndarray) -> float:
+    return float(gain.mean() / (np.std(gain, ddof=1) / np.sqrt(len(gain))))
+
+
+def test_bootstrap_rows_draws_whole_groups():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(50), 2)  # AI/human pairs
+    for _ in range(20):
+        idx, oob = bstage.bootstrap_rows(rng, 100, groups)
+        times = np.bincount(idx, minlength=100)
+        assert len(idx) == 100 and np.array_equal(times[0::2], times[1::2])  # a pair is drawn whole
+        assert np.array_equal(oob, times == 0)
+    idx, oob = bstage.bootstrap_rows(rng, 100)
+    assert len(idx) == 100 and np.array_equal(oob, np.bincount(idx, minlength=100) == 0)
+
+
+def test_bbc_spread_counts_groups_not_rows():
+    """Rows of a group are right or wrong together: resampling rows one by one understates the spread; BBC-CV
+    over whole groups shows it (about sqrt(group size) wider)."""
+    rng = np.random.default_rng(1)
+    n, size = 2000, 10
+    groups = np.repeat(np.arange(n // size), size)
+    y = np.arange(n) % 2 == 0
+    right = np.repeat(rng.random(n // size) < 0.8, size)  # (N,) correct or not, per group
+    res = bstage.MethodResult("m", 0, bmethods.Fit("m", "prob", np.ones(1), 0.5, 0.8), (0.8, 0.8),
+                              pred=np.where(right, y, ~y))  # fmt: skip
+    _, by_row = bstage.bbc_score([res], y, "accuracy", n_boot=200)
+    _, by_group = bstage.bbc_score([res], y, "accuracy", n_boot=200, groups=groups)
+    assert by_group / by_row == pytest.approx(np.sqrt(size), rel=0.35)
 
 
 def test_pick_method_simplest_of_those_within_one_se():

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from cli_checks import assert_user_error, tiny_cv
 from cli_checks import run as run_cli
 from click.testing import CliRunner
@@ -19,9 +20,9 @@ from aivh_ens.blend.shift import ks_distance
 from aivh_ens.cli import main
 from aivh_ens.errors import UserError
 from aivh_ens.infer import predict as predict_mod
-from aivh_ens.infer import runs as runs_mod
-from aivh_ens.infer.runs import fold_average
 from aivh_ens.infer.submission import RunScores, fold_views, oof_blend, validate_submission
+from aivh_ens.score import runs as runs_mod
+from aivh_ens.score.runs import fold_average
 from aivh_ens.train.models import build_model
 
 FAST = tiny_cv()
@@ -310,7 +311,7 @@ def test_submit_tta_option_and_predict_agree(copy):
 
 def test_unseen_views_names_what_training_never_produced():
     from aivh_ens.config import RunConfig
-    from aivh_ens.infer.tta import parse_tta
+    from aivh_ens.score.tta import parse_tta
 
     flip_only = RunConfig(hflip=0.5, rotate=0.0)
     assert runs_mod.unseen_views(parse_tta("hflip"), flip_only) is None
@@ -534,3 +535,75 @@ def test_fold_views_blend_one_fold_model_per_run_and_cycle_a_run_with_fewer_fold
     views = fold_views(doc, [a, b], {})
     expected = [[0.14, 0.86], [0.34, 0.66], [0.38, 0.62]]
     np.testing.assert_allclose(views, expected)
+
+
+@pytest.mark.parametrize("space", ["prob", "logit", "rank", "stack"])
+def test_oof_and_test_views_are_averaged_in_the_blend_space(copy, space):
+    """The OOF scores a blend is fitted and diagnosed on are each fold model's TTA views averaged the way
+    submit averages a test image's views for that blend (as logits for logit blends and stacks): fold 1's
+    OOF rows, re-scored by fold 1's weights through submit's own scoring call, give exactly those scores."""
+    import torch
+
+    from aivh_ens.blend.artifact import oof_probs
+    from aivh_ens.blend.core import blend, view_average
+    from aivh_ens.data.loader import FileSource
+    from aivh_ens.data.transforms import storage_step
+
+    data, work = copy
+    doc = _stack_blend(work) if space == "stack" else two_run_blend(work, space)
+    average = view_average(doc["space"])
+    assert average == ("logit" if space in ("logit", "stack") else "prob")
+    info = runs_mod.check_run(work, "a")
+    models, dc = runs_mod.load_models(info, torch.device("cpu"))
+    oof = pd.read_csv(work / "oof" / "a.csv", dtype={"file_name": str})
+    mine = (oof["fold"] == 1).to_numpy()
+    names = oof["file_name"][mine].tolist()
+    source = FileSource(data, names, storage_step(info.cfg, dc.img_size))
+    spec = runs_mod.run_spec(info, None)
+    assert spec.name == "hflip" and spec.n_views == 2
+    P, bad = runs_mod.predict_folds(
+        [models[1]], dc, info.cfg, source, range(len(names)), spec, torch.device("cpu"), average=average
+    )
+    assert not bad
+    np.testing.assert_allclose(oof_probs(work, doc)["a"][mine], P[0], atol=2e-6)
+    # the blend's OOF scores (the shift diagnosis' and threshold modes' reference) come from the same columns
+    oof_b = pd.read_csv(work / "oof" / "b.csv")
+    col = "prob_logit" if average == "logit" else "prob"
+    if space in ("prob", "logit"):
+        expected = blend(np.stack([oof[col], oof_b[col]]), np.array([0.6, 0.4]), space)
+        np.testing.assert_allclose(oof_blend(work, doc)[0], expected, atol=1e-12)
+
+
+class _Oriented(torch.nn.Module):
+    """A fold model whose logit is ``2 + 4 * (left half - right half)`` of the image: a mirrored view moves
+    it far, so the mean probability of two views and the sigmoid of their mean logit differ."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1] // 2
+        z = 2.0 + 4.0 * (x[..., :w].mean(dim=(1, 2, 3)) - x[..., w:].mean(dim=(1, 2, 3)))
+        return torch.stack([torch.zeros_like(z), z], dim=1)
+
+
+def test_one_pass_gives_each_view_average_as_predict_folds_does(demo_data):
+    """A fold's OOF pass (predict_fold_averages) and submit's scoring call (predict_folds) average a row's views
+    the same way for each space: mean probability, or sigmoid of the mean logit."""
+    from aivh_ens.config import resolve_config
+    from aivh_ens.data.loader import FileSource
+    from aivh_ens.data.transforms import storage_step
+    from aivh_ens.score.tta import parse_tta
+
+    data = demo_data(n=20, n_test=4, seed=1)
+    names = pd.read_csv(data / "train.csv")["file_name"].tolist()[:6]
+    cfg = resolve_config("tiny", img_size=32)
+    _, dc = build_model(cfg)
+    source = FileSource(data, names, storage_step(cfg, dc.img_size))
+    args = ([_Oriented()], dc, cfg, source, range(len(names)), parse_tta("hflip"), torch.device("cpu"))
+    both, _ = runs_mod.predict_fold_averages(*args)
+    one = {a: runs_mod.predict_folds(*args, average=a)[0] for a in ("prob", "logit")}
+    plain, _ = runs_mod.predict_folds(*args[:5], parse_tta("none"), args[6])
+    for a in ("prob", "logit"):
+        np.testing.assert_array_equal(both[a], one[a])
+    z = np.log(plain) - np.log1p(-plain)  # the plain view's logit; the mirrored view's is 4 - z
+    np.testing.assert_allclose(both["prob"], (plain + 1 / (1 + np.exp(z - 4))) / 2, atol=1e-5)
+    np.testing.assert_allclose(both["logit"], np.full_like(plain, 1 / (1 + np.exp(-2.0))), atol=1e-5)
+    assert np.abs(both["prob"] - both["logit"]).max() > 0.01

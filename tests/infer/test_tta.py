@@ -15,7 +15,8 @@ from aivh_ens.config import resolve_config
 from aivh_ens.data.images import BadImageError
 from aivh_ens.data.transforms import eval_transform
 from aivh_ens.errors import UserError
-from aivh_ens.infer.tta import (
+from aivh_ens.recipes import RECIPES
+from aivh_ens.score.tta import (
     FLIPS,
     TTADataset,
     TTASpec,
@@ -28,7 +29,6 @@ from aivh_ens.infer.tta import (
     parse_tta,
     score_views,
 )
-from aivh_ens.recipes import RECIPES
 from aivh_ens.train.models import build_model
 
 # ---- specs -----------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def test_effective_spec_drops_crops_only_for_whole_image_resize():
 
 
 def _numpy_d4(a: np.ndarray) -> dict[str, np.ndarray]:
-    """The 8 D4 views of an (H, W) array by numpy, named like aivh_ens.infer.tta.FLIPS."""
+    """The 8 D4 views of an (H, W) array by numpy, named like aivh_ens.score.tta.FLIPS."""
     out = {}
     for k in range(4):
         out["id" if k == 0 else f"rot{90 * k}"] = np.rot90(a, k)

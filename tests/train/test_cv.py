@@ -82,8 +82,8 @@ def test_oof_rows_are_scored_through_the_runs_tta_views(tmp_path, data):
     import torch
 
     from aivh_ens.data.cache import open_source
-    from aivh_ens.infer.tta import TTADataset
     from aivh_ens.layout import read_run_config
+    from aivh_ens.score.tta import TTADataset
     from aivh_ens.train.loop import load_weights
     from aivh_ens.train.models import build_model
 
@@ -111,6 +111,10 @@ def test_oof_rows_are_scored_through_the_runs_tta_views(tmp_path, data):
     with torch.no_grad():
         probs = torch.stack([torch.softmax(model(v), 1)[:, 1] for v in views])  # (10, N)
     np.testing.assert_allclose(oof["prob"].to_numpy(), probs.mean(0).numpy(), atol=2e-5)
+    # views averaged as logits too: what logit-space blends and stacks average the test images' views as
+    np.testing.assert_allclose(
+        oof["prob_logit"].to_numpy(), torch.sigmoid(torch.logit(probs).mean(0)), atol=2e-5
+    )
     assert np.abs(oof["prob"].to_numpy() - probs[0].numpy()).max() > 1e-4  # the views changed the scores
 
 

@@ -233,8 +233,8 @@ def test_predict_folds_scores_in_the_runs_cpu_precision(data, monkeypatch):
 
     from aivh_ens.data.loader import FileSource
     from aivh_ens.data.transforms import storage_step
-    from aivh_ens.infer import tta
-    from aivh_ens.infer.runs import predict_folds
+    from aivh_ens.score import tta
+    from aivh_ens.score.runs import predict_folds
     from aivh_ens.train import precision
     from aivh_ens.train.models import build_model
 

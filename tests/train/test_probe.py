@@ -220,8 +220,8 @@ def test_fine_tuned_plus_probe_run_blend_and_submit_end_to_end(probe_run, tmp_pa
 
 def test_predict_scores_a_probe_run_like_its_stored_features(probe_run):
     from aivh_ens.infer.predict import predict_images
-    from aivh_ens.infer.runs import check_run
-    from aivh_ens.train.probe import probe_test_scores
+    from aivh_ens.score.probe import probe_test_scores
+    from aivh_ens.score.runs import check_run
 
     data, work, _ = probe_run
     ids = pd.read_csv(data / "test.csv", dtype=str)["id"].tolist()[:4]

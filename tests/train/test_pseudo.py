@@ -209,21 +209,92 @@ def test_weighted_loss_is_a_weighted_mean_and_unit_weights_change_nothing():
     assert fold_mod.row_weights(pd.DataFrame({"weight": [1.0, 0.5]})).tolist() == [1.0, 0.5]
 
 
-def test_pseudo_blend_freezes_the_blend_test_scores_submit_writes(project, tmp_path):
+def test_pseudo_blend_is_fold_consistent_student_fold_k_learns_from_teacher_fold_k(
+    project, tmp_path, monkeypatch
+):
+    """``--pseudo blend`` with the blend's fold file: the frozen copy holds the blend's test scores (what
+    ``submit --proba`` writes) and, per fold k, the blend of the teachers' fold k models alone (their cached
+    per-fold test scores); student fold k trains on the rows chosen from that column only, so no label of a
+    fold k validation row reaches it through a pseudo-label. blend.json and the table flag pseudo runs."""
+    from aivh_ens.data.folds import read_fold_file
+    from aivh_ens.layout import is_pseudo, read_run_config, read_run_doc
+    from aivh_ens.train.pseudo import training_table
+
     data, work, _, _, _, _ = project
-    assert invoke("blend", "--workdir", work, "--trials", "5", "--quiet").exit_code == 0
+    res = invoke("blend", "--workdir", work, "--trials", "5", "--quiet")
+    assert res.exit_code == 0, res.output
+    blend = json.loads((work / "runs" / "blend" / "blend.json").read_text())
+    assert [r.get("pseudo") for r in blend["runs"]] == ["every-fold"] and is_pseudo(blend["runs"][0])
+    assert "p: pseudo-labelled from models that saw every fold's rows" in res.output
     out = tmp_path / "sub.csv"
     res = invoke("submit", "--workdir", work, "--out", out, "--proba", "--quiet")
     assert res.exit_code == 0, res.output
-    res = invoke("cv", *FAST, "--data", data, "--workdir", work, "--name", "pb", "--pseudo", "blend", "--fold", "0",
+    seen: list[tuple[int, pd.DataFrame, np.ndarray]] = []  # (fold, its training table, its train rows)
+    split = fold_mod._split_rows
+
+    def recording(job):
+        labels, tr, va = split(job)
+        seen.append((job.fold, job.fold_table, tr))
+        return labels, tr, va
+
+    monkeypatch.setattr(fold_mod, "_split_rows", recording)
+    res = invoke("cv", *FAST, "--data", data, "--workdir", work, "--name", "pb", "--pseudo", "blend",
                  "--pseudo-min-conf", "0.5001", "--no-pseudo-balance", "--pseudo-weight", "0.5")  # fmt: skip
     assert res.exit_code == 0, res.output
+    assert "fold-consistent pseudo-labels" in res.output and "no longer measure" not in res.output
     frozen = pd.read_csv(work / "runs" / "pb" / "pseudo.csv", dtype={"id": str})
     proba = pd.read_csv(tmp_path / "sub_proba.csv", dtype={"id": str})
     assert frozen["id"].tolist() == proba["id"].tolist()
     np.testing.assert_allclose(frozen["prob"], proba["prob"], atol=1e-6)
-    done = json.loads((work / "runs" / "pb" / "fold0" / "done.json").read_text())
-    assert done["n_pseudo"] == int((np.abs(proba["prob"] - 0.5) >= 0.0001).sum()) > 0
+    (cache,) = (work / "runs" / "p" / "test").glob("*.csv")  # the teacher's cached per-fold test scores
+    teacher = pd.read_csv(cache, dtype={"id": str})
+    cfg, _ = read_run_config(work, "pb")
+    assert read_run_doc(work, "pb")["pseudo"]["fold_consistent"]
+    fold_table = read_fold_file(work / read_run_doc(work, "pb")["fold_file"])
+    table = training_table(cfg, work, fold_table)
+    for k in range(3):
+        np.testing.assert_allclose(frozen[f"fold{k}"], teacher[f"fold{k}"], atol=1e-6)  # teacher fold k alone
+        mine = table[table["only_fold"] == k]
+        conf = frozen.set_index("id")[f"fold{k}"]
+        chosen = conf[(conf - 0.5).abs() >= 0.0001]
+        assert sorted(mine["file_name"]) == sorted(chosen.index)
+        assert (mine["label"].to_numpy() == (chosen[mine["file_name"]] >= 0.5).to_numpy()).all()
+    assert not np.allclose(frozen["fold0"], frozen["fold1"])  # the folds' teachers differ
+    assert sorted(k for k, _, _ in seen) == [0, 1, 2]
+    for k, t, tr in seen:
+        only = t["only_fold"].to_numpy()
+        assert set(only[tr]) == {-1, k} and (t["fold"].to_numpy()[tr] != k).all()  # its own pseudo rows only
+        done = json.loads((work / "runs" / "pb" / f"fold{k}" / "done.json").read_text())
+        assert done["n_pseudo"] == int((only == k).sum()) > 0
+
+
+def test_pseudo_blend_from_other_folds_trains_every_fold_and_warns(project, tmp_path):
+    """A run made from another fold file than the blend's (here another seed) cannot take fold k's labels from
+    models that never saw fold k: the copy holds the averaged scores only, and the OOF warning stands."""
+    data, work, _, _, _, _ = project
+    if not (work / "runs" / "blend" / "blend.json").is_file():
+        assert invoke("blend", "--workdir", work, "--trials", "5", "--quiet").exit_code == 0
+    res = invoke("cv", *FAST, "--data", data, "--workdir", work, "--name", "po", "--pseudo", "blend", "--fold", "0",
+                 "--seed", "7", "--pseudo-min-conf", "0.5001", "--no-pseudo-balance")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (
+        "made from fold file folds/k3_s42" in res.output
+        and "no longer measure test performance" in res.output
+    )
+    frozen = pd.read_csv(work / "runs" / "po" / "pseudo.csv", dtype={"id": str})
+    assert list(frozen.columns) == ["id", "prob"]
+    assert (
+        json.loads((work / "runs" / "po" / "config.json").read_text())["pseudo"]["fold_consistent"] is False
+    )
+
+
+def test_is_pseudo_and_its_kind():
+    from aivh_ens.layout import is_pseudo, pseudo_kind
+
+    assert not is_pseudo({}) and pseudo_kind({"pseudo": None}) is None
+    assert is_pseudo({"pseudo": {"fold_consistent": False}}) and is_pseudo({"pseudo": "fold-consistent"})
+    assert pseudo_kind({"pseudo": {"fold_consistent": True}}) == "fold-consistent"
+    assert pseudo_kind({"pseudo": {"source": "x.csv"}}) == "every-fold"
 
 
 def test_a_probe_head_trains_on_the_pseudo_rows(tmp_path, demo_data, monkeypatch):

@@ -1,6 +1,6 @@
 """Test-time augmentation: parse a spec, make the views of each image, and score them in one batch.
 
-A spec (:mod:`aivh_ens.infer.tta_spec`) joins a flip term (none, hflip, d4), a crop term (crops:N) and a
+A spec (:mod:`aivh_ens.score.tta_spec`) joins a flip term (none, hflip, d4), a crop term (crops:N) and a
 shift term (shift:P) with ``+``.
 
 Crops are cut per image in the dataset (image sizes differ); flips, rotations and shifts are tensor ops
@@ -22,7 +22,7 @@ from aivh_ens.config import RunConfig
 from aivh_ens.data.images import BadImageError
 from aivh_ens.data.loader import ImageSource
 from aivh_ens.data.transforms import eval_transform
-from aivh_ens.infer.tta_spec import FLIPS, MAX_CROPS, MAX_SHIFT, VALID_FORMS, TTASpec, parse_tta
+from aivh_ens.score.tta_spec import FLIPS, MAX_CROPS, MAX_SHIFT, VALID_FORMS, TTASpec, parse_tta
 from aivh_ens.train.precision import autocast
 
 __all__ = ["FLIPS", "MAX_CROPS", "MAX_SHIFT", "VALID_FORMS", "TTASpec", "parse_tta"]  # re-exported

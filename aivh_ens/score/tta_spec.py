@@ -6,14 +6,14 @@ A spec joins at most one flip term, one crop term and one shift term with ``+``:
 - ``hflip``: that view and its mirror image (2 views).
 - ``d4``: the 8 symmetries of the square: rotations by 0/90/180/270 degrees, each with and without a mirror.
 - ``crops:N``: N crops of the model's input size instead of the single centre crop, spread over the image
-  at native resolution (``crop`` mode) or over the resized image (``eval_resize``); see :func:`aivh_ens.infer.tta.crop_offsets`.
+  at native resolution (``crop`` mode) or over the resized image (``eval_resize``); see :func:`aivh_ens.score.tta.crop_offsets`.
   A run that resizes the whole image to its input size has nothing to crop and keeps one view.
 - ``shift:P``: each view also moved by P pixels up, down, left and right (5 positions; the border the move
   uncovers is mirrored in). For CNNs that keep small images at full resolution this averages over the phase of
   their pooling grid: on 20,000 cifake-dev train rows (4 ``aivh_res_t`` fold models, OOF) ``hflip+shift:1``
   lifted the AUC from 0.9894 to 0.9901 and the best F1 from 0.9508 to 0.9528 over ``hflip`` (README, "auto").
 
-:mod:`aivh_ens.infer.tta` makes the views and scores them.
+:mod:`aivh_ens.score.tta` makes the views and scores them.
 """
 
 from __future__ import annotations

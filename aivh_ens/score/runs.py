@@ -1,4 +1,5 @@
-"""A trained run's fold models at inference: check the run, load its fold weights, predict with TTA."""
+"""A trained run's fold models scoring images: check the run, load its fold weights, predict with TTA, average
+views and folds in the blend's space. The OOF pass of a fold job and submit, predict and serve all score here."""
 
 from __future__ import annotations
 
@@ -15,18 +16,21 @@ from torch import nn
 
 from aivh_ens import faults
 from aivh_ens.blend.core import blend
+from aivh_ens.blend.core import view_average as core_view_average
 from aivh_ens.config import RunConfig
 from aivh_ens.data.loader import ImageSource, Normalizer, default_workers, make_loader
 from aivh_ens.errors import UserError
-from aivh_ens.infer.tta import TTADataset, TTASpec, effective_spec, parse_tta, score_views
+from aivh_ens.layout import DONE, run_dir
 from aivh_ens.layout import read_run_config as load_run
-from aivh_ens.layout import run_dir
-from aivh_ens.train.fold import DONE
+from aivh_ens.score.tta import TTADataset, TTASpec, effective_spec, parse_tta, score_views
 from aivh_ens.train.loop import BEST, eval_batch_size, load_weights, progress_bar
 from aivh_ens.train.models import DataConfig, build_model
 from aivh_ens.train.precision import inference_amp, inference_channels_last
 
 Log = Callable[[str], None]
+
+AVERAGES: tuple[str, ...] = ("prob", "logit")
+"""How TTA views (and fold models) can be averaged: mean probability, or sigmoid of the mean logit."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ def check_run(workdir: str | Path, name: str) -> RunInfo:
 def load_models(info: RunInfo, device: torch.device) -> tuple[list[nn.Module], DataConfig]:
     """Build the run's architecture once per fold and load that fold's weights (eval mode, on ``device``)."""
     if info.cfg.head != "finetune":  # a probe run: its frozen backbone, then one head per fold
-        from aivh_ens.train.probe import load_probe_models
+        from aivh_ens.score.probe import load_probe_models
 
         return load_probe_models(info.cfg, info.weights, device)
     # The fold weights replace everything: no pretrained download, no --weights file needed here.
@@ -102,11 +106,13 @@ def predict_folds(
     """P(label 1) of each row under each fold model, averaged over the TTA views (``average``: their mean
     probability, or the sigmoid of their mean logit for logit-space blends, :func:`view_average`).
 
+    :func:`predict_fold_averages` gives both averages of one pass (what a fold's OOF rows need).
+
     Args:
         models: the K fold models of one run (:func:`load_models`).
         dc, cfg: the run's data config and run config (preprocessing, AMP, channels_last).
         source: the images; ``rows`` index into it.
-        spec: the TTA spec (:func:`aivh_ens.infer.tta.effective_spec` for this run).
+        spec: the TTA spec (:func:`aivh_ens.score.tta.effective_spec` for this run).
         batch_size: model inputs (images x views) per forward pass; default the run's evaluation batch.
         workers: DataLoader workers; default one per core (up to 8) on CUDA, none on CPU.
 
@@ -114,6 +120,31 @@ def predict_folds(
         ``(P, bad)``: P (K, N) float32 probabilities (NaN for bad rows) and ``{position: reason}`` for the
         images that could not be decoded.
     """
+    Ps, bad = predict_fold_averages(
+        models, dc, cfg, source, rows, spec, device, batch_size=batch_size, workers=workers,
+        progress=progress, desc=desc, averages=(average,),
+    )  # fmt: skip
+    return Ps[average], bad
+
+
+def predict_fold_averages(
+    models: Sequence[nn.Module],
+    dc: DataConfig,
+    cfg: RunConfig,
+    source: ImageSource,
+    rows: Sequence[int],
+    spec: TTASpec,
+    device: torch.device,
+    *,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    desc: str = "test",
+    averages: Sequence[str] = AVERAGES,
+) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+    """:func:`predict_folds` with the TTA views averaged each way of ``averages`` from one pass:
+    ``({average: P (K, N)}, bad)``. A fold's OOF rows keep both, so a blend in either space is fitted on its
+    rows' views averaged the way submit averages the test images' views for it."""
     spec = effective_spec(spec, cfg)
     bs = batch_size or eval_batch_size(cfg)
     ds = TTADataset(source, rows, cfg, dc.img_size, spec.crops)
@@ -128,8 +159,8 @@ def predict_folds(
     amp = inference_amp(cfg, device)  # by this device (on the CPU, a forced bf16 run's own precision)
     normalize = Normalizer(dc.mean, dc.std, device, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    P = np.full((len(models), len(ds)), np.nan, dtype=np.float32)  # (K, N)
-    done: list[tuple[np.ndarray, torch.Tensor]] = []  # (positions, (K, B) probs on the device) per batch
+    P = np.full((len(averages), len(models), len(ds)), np.nan, dtype=np.float32)  # (A, K, N)
+    done: list[tuple[np.ndarray, torch.Tensor]] = []  # (positions, (A, K, B) probs on the device) per batch
     bad: dict[int, str] = {}
     for x, pos, ok, reasons in progress_bar(loader, desc, progress):
         faults.point("infer-batch")
@@ -142,18 +173,19 @@ def predict_folds(
         b, vc = x.shape[:2]
         xn = normalize(x.reshape(b * vc, *x.shape[2:])).reshape(b, vc, *x.shape[2:])
         p = score_views(models, xn, spec.flip_views, amp=amp, memory_format=fmt)  # (K, B, V)
-        done.append(
-            (pos, _mean_views(p, average))
-        )  # copied to the host once the pass ends: no wait per batch
+        means = torch.stack([_mean_views(p, a) for a in averages])  # (A, K, B)
+        done.append((pos, means))  # copied to the host once the pass ends: no wait per batch
     if done:
-        P[:, np.concatenate([pos for pos, _ in done])] = torch.cat([p for _, p in done], dim=1).cpu().numpy()
-    return P, bad
+        P[:, :, np.concatenate([pos for pos, _ in done])] = (
+            torch.cat([p for _, p in done], dim=2).cpu().numpy()
+        )
+    return dict(zip(averages, P, strict=True)), bad
 
 
 def view_average(space: str) -> str:
     """How TTA views and fold models are averaged for a blend in ``space``: ``logit`` for logit-space blends
-    (stacks included: they are fitted on logits), else ``prob``."""
-    return "logit" if space == "logit" else "prob"
+    (stacks included: they are fitted on logits), else ``prob`` (:func:`aivh_ens.blend.core.view_average`)."""
+    return core_view_average(space)
 
 
 def fold_average(P: np.ndarray, space: str) -> np.ndarray:
