@@ -12,6 +12,8 @@ import click
 from aivh_ens.cli.options import WORKDIR, options, user_errors
 from aivh_ens.errors import UserError
 
+INTERRUPTED = 130  # the exit code of a sweep stopped by SIGINT or SIGTERM (128 + SIGINT, as a shell reports)
+
 scale_options = options(
     click.option(
         "--backend",
@@ -147,8 +149,15 @@ def run_plan(
     if dry_run:
         return
     if result.unfinished:
-        echo(f"{unfinished_line(result)}; run the same command again to resume", err=True)
-        sys.exit(1)
+        echo(f"{unfinished_line(result)}; {resume_advice(force)}", err=True)
+        sys.exit(INTERRUPTED if getattr(result, "interrupted", False) else 1)
+
+
+def resume_advice(force: bool) -> str:
+    """How to resume: never by repeating ``--force``, which would retrain the folds this sweep finished."""
+    if force:
+        return "run the same command without --force to resume (--force again would retrain every fold)"
+    return "run the same command again to resume"
 
 
 def unfinished_line(result: Any) -> str:
