@@ -36,6 +36,13 @@ scale_options = options(
     click.option(
         "--ray-address", default=None, help="ray: an existing cluster.  [default: a private local Ray]"
     ),
+    click.option(
+        "--job-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="local: seconds a job may go without finishing a single batch before it is killed as hung and "
+        "marked failed (it resumes on the next run).  [default: 3600]",
+    ),
     click.option("--slurm-partition", default=None, help="slurm: the partition."),
     click.option(
         "--timeout-min",
@@ -73,6 +80,7 @@ scale_options = options(
 BACKEND_FLAGS = {
     "devices": ("local",),
     "gpus": ("local",),
+    "job_timeout": ("local",),
     "ray_address": ("ray",),
     "slurm_partition": ("slurm",),
     "timeout_min": ("slurm",),
@@ -141,6 +149,7 @@ def run_plan(
         ray_address=kw["ray_address"],
         slurm=slurm,
         ray=ray,
+        job_timeout=kw.get("job_timeout"),
         log=echo,
     )
     if dry_run:
