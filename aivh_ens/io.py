@@ -2,8 +2,13 @@
 
 Every file a stage produces is written to a temporary name in the same folder, flushed, fsynced and renamed
 over the target, so a reader (or a process killed mid-write) never sees a half-written file. The temporary
-name carries the writer's host and PID (``.<name>.<host>-<pid>.<random>.tmp``): a later successful write of
-the same file removes the ones left by dead processes of this host, never those of a live writer.
+name carries the writer's process space (a digest of host name, boot id and PID namespace) and PID
+(``.<name>.<space>-<pid>.<random>.tmp``): a later successful write of the same file removes the ones left by
+dead processes of this process space, never those of a live writer or of another container that shares the
+host name. After the rename the folder itself is fsynced, so the new name survives a power loss.
+
+JSON records are NaN-safe: a float that JSON cannot hold (NaN, an infinity: the AUC of a validation fold with
+one class) is written as ``null``, and the record's ``nulls`` field says which key held what and why.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -22,7 +28,7 @@ from typing import IO, Any
 import pandas as pd
 
 from aivh_ens import faults
-from aivh_ens.locks import pid_alive
+from aivh_ens.liveness import boot_id, pid_alive, pid_namespace
 
 
 def _read_umask() -> int:
@@ -32,7 +38,8 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # read once at import: os.umask is process-wide and not thread-safe to probe
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # folders may be shared between hosts
+_SPACE = f"{socket.gethostname()}/{boot_id()}/{pid_namespace()}"  # where a PID means one process
+_HOST = hashlib.sha256(_SPACE.encode()).hexdigest()[:8]  # folders may be shared between hosts and containers
 
 
 _guards: dict[Path, Callable[[], None]] = {}  # folder -> check run before any file under it is put in place
@@ -82,10 +89,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if _guards:
             _check_guards(path)
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
         _sweep_orphans(path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and all of Windows) refuse to fsync a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def _write_with(path: str | os.PathLike, mode: str, writer: Callable[[IO[Any]], None]) -> Path:
@@ -99,8 +121,29 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return _write_with(path, "w", lambda f: f.write(text))
 
 
+NAN_REASON = "not a finite number (a metric undefined on this data, e.g. the AUC of a fold with one class)"
+
+
+def finite(obj: Any, where: str = "", nulls: dict[str, str] | None = None) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None; ``nulls`` collects ``{key path: reason}``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if nulls is not None:
+            nulls[where or "."] = f"{obj!r}: {NAN_REASON}"
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v, f"{where}.{k}" if where else str(k), nulls) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v, f"{where}[{i}]", nulls) for i, v in enumerate(obj)]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented, key-sorted JSON."""
+    """Atomically write ``obj`` as indented, key-sorted JSON; NaN and infinities become null, and a dict
+    record's ``nulls`` field names each of them and why (a strict JSON write would fail at the very end)."""
+    nulls: dict[str, str] = {}
+    obj = finite(obj, nulls=nulls)
+    if nulls and isinstance(obj, dict):
+        obj = {**obj, "nulls": {**(obj.get("nulls") or {}), **nulls}}
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 

@@ -6,16 +6,20 @@ every filesystem offers, NFS included) and holds a JSON record with a unique tok
 thread advances its heartbeat counter every ``heartbeat_s`` seconds while the lock is held. A lock is stale,
 and taken over, when
 
-- its PID is dead on this host,
+- it names a process of this process space (same host, boot and PID namespace: see
+  :mod:`aivh_ens.liveness`) that no longer runs (its PID is gone, or now belongs to a later process),
 - it belongs to an earlier attempt of this very job (same backend job id, lower attempt number: a requeued
   Slurm task finding the lock of its first attempt),
-- it is another host's, and its heartbeat does not advance while this process watches it for the lock's
-  grace period of local monotonic time (no two hosts' clocks are ever compared).
+- it is another host's (or another container's), and its heartbeat does not advance while this process
+  watches it for the lock's grace period of local monotonic time (no two hosts' clocks are ever compared),
+- it is empty or torn (a kill or ENOSPC between the exclusive create and the write) and its bytes do not change
+  over this contender's grace period.
 
 Taking over is atomic: the stale file is renamed to a unique name, and only the contender whose rename
 succeeded and whose moved file is still the record it judged stale removes it and races (``O_EXCL``) for a
 new one. A holder whose heartbeat finds another token in its lock file has lost it: ``lost`` is set and
-``on_lost`` is called; :meth:`FileLock.verify` (which a job runs before each checkpoint write, through
+``on_lost`` is called (a heartbeat that cannot read or write the file, ESTALE, EIO or ENOSPC, retries
+with backoff and loses nothing); :meth:`FileLock.verify` (which a job runs before each checkpoint write, through
 :func:`aivh_ens.io.guarded`) raises :class:`LockLost`, so the job stops before its next checkpoint.
 """
 
@@ -32,23 +36,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aivh_ens import progress
 from aivh_ens.errors import UserError
+from aivh_ens.liveness import pid_alive, record_alive, same_space, this_process
+
+__all__ = ["FileLock", "LockHeld", "LockLost", "pid_alive", "read_owner", "stale_reason", "watch_heartbeat"]
 
 HEARTBEAT_S = 30.0
 """Seconds between two heartbeats of a held lock."""
 GRACE_S = 300.0
 """How long another host's lock is watched for a heartbeat before it counts as stale (recorded in the lock)."""
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def current_job_id() -> str | None:
@@ -93,10 +90,29 @@ def stale_reason(
         and theirs < attempt
     ):
         return f"it belongs to attempt {theirs} of this job ({job_id}), which is attempt {attempt}"
-    if owner.get("host") == (host or socket.gethostname()):
-        pid = int(owner.get("pid", -1))
-        return None if pid_alive(pid) else f"PID {pid} is gone"
+    if same_space(owner, host):
+        return None if record_alive(owner) else f"PID {owner.get('pid')} is gone"
     return None
+
+
+def read_raw(path: Path) -> bytes | None:
+    """The lock file's bytes, or None when it is gone."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def watch_bytes(path: Path, raw: bytes, grace: float, sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Whether a file's bytes stay ``raw`` for ``grace`` seconds of local monotonic time (an empty or torn lock
+    file that nobody is still writing)."""
+    step = min(1.0, max(0.01, grace / 20))
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < grace:
+        sleep(step)
+        if read_raw(path) != raw:
+            return False
+    return True
 
 
 def watch_heartbeat(
@@ -178,8 +194,7 @@ class FileLock:
         """The owner record this lock writes (its heartbeat advances ``beat``)."""
         now = self.clock()
         return {
-            "pid": os.getpid(),
-            "host": self.host,
+            **this_process(self.host),  # host, boot id, PID namespace, PID, start time
             "job_id": self.job_id,
             "attempt": self.attempt,
             "token": self.token,
@@ -196,10 +211,14 @@ class FileLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.record(), f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.record(), f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # ENOSPC, EIO, a signal: an empty or torn lock file must not stay behind
+            self.path.unlink(missing_ok=True)
+            raise
         return True
 
     def acquire(self) -> None:
@@ -213,12 +232,12 @@ class FileLock:
                 return
             owner = read_owner(self.path)
             if owner is None:
-                time.sleep(0.05)  # being written right now, or just moved aside: look again
+                self._judge_torn()
                 continue
-            if owner.get("pid") == os.getpid() and owner.get("host") == self.host:
+            if owner.get("pid") == os.getpid() and same_space(owner, self.host):
                 raise LockHeld(f"{self.what} is already locked by this process ({self.path})", owner)
             reason = stale_reason(owner, self.job_id, self.attempt, self.host)
-            if reason is None and owner.get("host") != self.host:
+            if reason is None and not same_space(owner, self.host):
                 reason = watch_heartbeat(self.path, owner)
                 if reason is None and read_owner(self.path) is None:
                     continue  # released while we watched: race for it
@@ -229,19 +248,30 @@ class FileLock:
                     "file if that process is gone",
                     owner,
                 )
-            self._take_over(owner)
+            self._take_over(lambda aside, owner=owner: read_owner(aside) == owner)
         raise UserError(f"could not take the lock {self.path}; delete it if no process is using {self.what}")
 
-    def _take_over(self, owner: dict[str, Any]) -> None:
-        """Remove the stale record ``owner`` atomically: only one contender's rename moves it away, and a
-        record that changed since it was judged (a heartbeat, a new holder) is put back."""
+    def _judge_torn(self) -> None:
+        """The lock file is gone, being written, or empty or torn for good: look again for a moment, then watch
+        its bytes for the grace period and take it over if they never change."""
+        for _ in range(5):
+            raw = read_raw(self.path)
+            if raw is None or read_owner(self.path) is not None:
+                return  # released, or now whole: judge it again
+            time.sleep(0.05)
+        if watch_bytes(self.path, raw, self.grace_s):
+            self._take_over(lambda aside: read_raw(aside) == raw)
+
+    def _take_over(self, judged: Callable[[Path], bool]) -> None:
+        """Remove the stale lock file atomically: only one contender's rename moves it away, and a file that
+        changed since it was judged (``judged(moved file)`` is False: a heartbeat, a new holder) is put back."""
         aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return  # another contender moved it first
         try:
-            if read_owner(aside) != owner:
+            if not judged(aside):
                 with contextlib.suppress(
                     FileExistsError
                 ):  # put the live record back, unless a new one is there
@@ -257,17 +287,25 @@ class FileLock:
     def _beat(self) -> None:
         from aivh_ens.io import write_json  # io imports this module
 
-        missing = 0
-        while not self._stop.wait(self.heartbeat_s):
-            owner = read_owner(self.path)
-            if owner is None and missing == 0:
-                missing = 1  # mid-write, or moved aside for a moment by a contender that will put it back
-                continue
-            if owner is None or owner.get("token") != self.token:
-                self._lose()
-                return
-            missing = 0
-            write_json(self.path, {**owner, "heartbeat": self.clock(), "beat": int(owner.get("beat", 0)) + 1})
+        missing = failures = 0
+        wait = self.heartbeat_s
+        while not self._stop.wait(wait):
+            wait = self.heartbeat_s
+            try:
+                owner = read_owner(self.path)
+                if owner is None and missing == 0:
+                    missing = 1  # mid-write, or moved aside for a moment by a contender that will put it back
+                    continue
+                if owner is None or owner.get("token") != self.token:
+                    self._lose()
+                    return
+                missing = 0
+                beat = {"heartbeat": self.clock(), "beat": int(owner.get("beat", 0)) + 1}
+                write_json(self.path, {**owner, **beat, "progress": progress.beats()})
+                failures = 0
+            except OSError:  # ESTALE, EIO, ENOSPC: transient on shared storage; retry soon, backing off
+                failures += 1
+                wait = min(self.heartbeat_s, self.heartbeat_s / 16 * 2**failures)
 
     def verify(self) -> None:
         """Raise :class:`LockLost` unless the lock file still holds this acquisition's token."""

@@ -4,6 +4,9 @@ A redrawn bar written to a file (Kaggle's notebook log, ``nohup``, CI) becomes o
 CIFAKE epoch wrote ~50 kB of them. Off a terminal, :class:`Progress` draws no bar and instead prints one
 line per ``every`` seconds of a long loop (and nothing for a short one); the caller prints its own line per
 epoch or per stage.
+
+Every item counted (a batch, an image, a trial) also advances this process's :func:`beats` counter, which a
+fold's lock publishes with its heartbeat and the local sweep watches: a job whose counter stops is hung.
 """
 
 from __future__ import annotations
@@ -13,9 +16,34 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
-__all__ = ["LINE_EVERY_S", "Progress", "on_terminal"]
+__all__ = ["LINE_EVERY_S", "Progress", "beat", "beats", "count_into", "on_terminal"]
 
 LINE_EVERY_S = 60.0  # seconds between plain progress lines off a terminal
+
+
+class _Count:
+    value = 0
+
+
+_counter: Any = _Count()  # anything with an integer ``value``: a shared-memory value in a sweep's worker
+
+
+def count_into(counter: Any) -> None:
+    """Count this process's progress into ``counter.value`` (e.g. a ``multiprocessing`` shared value that a
+    parent process watches)."""
+    global _counter
+    counter.value = _counter.value
+    _counter = counter
+
+
+def beat(n: int = 1) -> None:
+    """Record that this process made progress (``n`` more items done)."""
+    _counter.value += n
+
+
+def beats() -> int:
+    """How many items this process has done so far (it only grows while work progresses)."""
+    return int(_counter.value)
 
 
 def on_terminal(stream: TextIO | None = None) -> bool:
@@ -77,7 +105,9 @@ class Progress:
         )
         if self.bar:
             self._open(self.iterable)
-            yield from self._tqdm
+            for item in self._tqdm:
+                yield item
+                beat()
             return
         self._t0 = self._last = time.perf_counter()
         for item in self.iterable:
@@ -95,6 +125,7 @@ class Progress:
 
     def update(self, n: int = 1) -> None:
         """Count ``n`` more items done (the bar moves, or a plain line is due after ``every`` seconds)."""
+        beat(n)
         if self._tqdm is not None:
             self._tqdm.update(n)
             return

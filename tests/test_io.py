@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from aivh_ens import io
+from aivh_ens.io import NAN_REASON
 
 
 def test_writes_land_whole_with_the_usual_permissions(tmp_path):
@@ -33,9 +34,18 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("killed mid-write")
     assert target.read_text() == "old\n" and list(tmp_path.glob(".*.tmp")) == []
-    with pytest.raises(ValueError):  # NaN is not JSON: refused before anything is renamed
-        io.write_json(target, {"x": float("nan")})
-    assert target.read_text() == "old\n"
+
+
+def test_nan_and_infinities_are_written_as_null_with_the_reason(tmp_path):
+    record = {"val_auc": float("nan"), "val_f1": 0.5, "per": [1.0, float("inf")], "sub": {"x": -float("inf")}}
+    path = io.write_json(tmp_path / "done.json", record)
+    back = json.loads(path.read_text())  # strict JSON: no NaN token anywhere
+    assert back["val_auc"] is None and back["val_f1"] == 0.5 and back["per"] == [1.0, None]
+    assert back["sub"] == {"x": None}
+    assert set(back["nulls"]) == {"val_auc", "per[1]", "sub.x"}
+    assert back["nulls"]["val_auc"].startswith("nan: not a finite number") and "one class" in NAN_REASON
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+    assert "nulls" not in json.loads(io.write_json(tmp_path / "ok.json", {"a": 1.0}).read_text())
 
 
 def test_hashes_match_hashlib(tmp_path):

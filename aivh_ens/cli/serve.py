@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import click
 
 from aivh_ens.cli.options import BLEND, TTA, WORKDIR, cpu_threads, user_errors
 from aivh_ens.errors import UserError
+
+SERVE_MAX_PIXELS = 16_000_000  # aivh_ens.serve.ensemble.SERVE_MAX_PIXELS (not imported: it needs torch)
 
 
 @click.command("serve")
@@ -32,7 +35,34 @@ from aivh_ens.errors import UserError
     default=None,
     envvar="AIVH_ENS_API_KEY",
     show_envvar=True,
-    help="Require 'Authorization: Bearer KEY' on /predict and /health.",
+    help="Require 'Authorization: Bearer KEY' on /predict and /health (a flag is visible to other users in "
+    "`ps`: prefer the environment variable or --api-key-file).",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Read the API key from this file (its first line).",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=SERVE_MAX_PIXELS,
+    show_default=True,
+    help="Most pixels of one image, checked from its header before decoding; larger ones get a 422.",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds within which a request's whole body must arrive; past it, 408 and the connection closes.",
+)
+@click.option(
+    "--allowed-hosts",
+    default=None,
+    help="Comma-separated Host header values served, e.g. localhost,127.0.0.1 or *.example.org; others get a "
+    "400 (guards a loopback server against DNS rebinding).  [default: any]",
 )
 @click.option(
     "--max-mb",
@@ -87,6 +117,10 @@ def serve_cmd(
     host,
     port,
     api_key,
+    api_key_file,
+    max_pixels,
+    body_timeout,
+    allowed_hosts,
     max_mb,
     max_files,
     max_batch,
@@ -119,7 +153,12 @@ def serve_cmd(
         max_queue=max_queue,
         max_connections=max_connections,
         decode_threads=decode_threads or min(4, os.cpu_count() or 1),
-        api_key=api_key,
+        api_key=read_api_key(api_key, api_key_file),
+        max_pixels=max_pixels,
+        body_timeout_s=body_timeout,
+        allowed_hosts=tuple(h.strip() for h in allowed_hosts.split(",") if h.strip())
+        if allowed_hosts
+        else None,
     )
     serve(
         workdir,
@@ -133,6 +172,21 @@ def serve_cmd(
         settings=settings,
         log=click.echo,
     )
+
+
+def read_api_key(key: str | None, path: Path | None) -> str | None:
+    """The API key from --api-key (or AIVH_ENS_API_KEY), or the first line of --api-key-file."""
+    if path is None:
+        return key
+    if key is not None:
+        raise UserError("give the API key once: --api-key (or AIVH_ENS_API_KEY) or --api-key-file, not both")
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--api-key-file {path}: cannot read it ({e}); give a readable text file") from None
+    if not lines or not lines[0].strip():
+        raise UserError(f"--api-key-file {path}: its first line is empty; write the key there")
+    return lines[0].strip()
 
 
 def check_serve_extra() -> None:

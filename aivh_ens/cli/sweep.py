@@ -12,6 +12,8 @@ import click
 from aivh_ens.cli.options import WORKDIR, options, user_errors
 from aivh_ens.errors import UserError
 
+INTERRUPTED = 130  # the exit code of a sweep stopped by SIGINT or SIGTERM (128 + SIGINT, as a shell reports)
+
 scale_options = options(
     click.option(
         "--backend",
@@ -33,6 +35,13 @@ scale_options = options(
     ),
     click.option(
         "--ray-address", default=None, help="ray: an existing cluster.  [default: a private local Ray]"
+    ),
+    click.option(
+        "--job-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="local: seconds a job may go without finishing a single batch before it is killed as hung and "
+        "marked failed (it resumes on the next run).  [default: 3600]",
     ),
     click.option("--slurm-partition", default=None, help="slurm: the partition."),
     click.option(
@@ -71,6 +80,7 @@ scale_options = options(
 BACKEND_FLAGS = {
     "devices": ("local",),
     "gpus": ("local",),
+    "job_timeout": ("local",),
     "ray_address": ("ray",),
     "slurm_partition": ("slurm",),
     "timeout_min": ("slurm",),
@@ -139,6 +149,7 @@ def run_plan(
         ray_address=kw["ray_address"],
         slurm=slurm,
         ray=ray,
+        job_timeout=kw.get("job_timeout"),
         log=echo,
     )
     if dry_run:
@@ -147,8 +158,15 @@ def run_plan(
     if dry_run:
         return
     if result.unfinished:
-        echo(f"{unfinished_line(result)}; run the same command again to resume", err=True)
-        sys.exit(1)
+        echo(f"{unfinished_line(result)}; {resume_advice(force)}", err=True)
+        sys.exit(INTERRUPTED if getattr(result, "interrupted", False) else 1)
+
+
+def resume_advice(force: bool) -> str:
+    """How to resume: never by repeating ``--force``, which would retrain the folds this sweep finished."""
+    if force:
+        return "run the same command without --force to resume (--force again would retrain every fold)"
+    return "run the same command again to resume"
 
 
 def unfinished_line(result: Any) -> str:

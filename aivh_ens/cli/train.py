@@ -142,6 +142,7 @@ SCALE_KEYS = (
     "backend",
     "devices",
     "gpus",
+    "job_timeout",
     "ray_address",
     "slurm_partition",
     "timeout_min",

@@ -29,6 +29,7 @@ from aivh_ens.locks import FileLock, LockHeld, LockLost, describe_owner
 JOB = "job.json"
 STARTED = "started.json"
 FAILED = "failed.json"
+GPU_FALLBACK_ENV = "AIVH_ENS_GPU_FALLBACK"  # "cpu": a task given GPUs it cannot see trains on the CPU
 
 
 def config_hash(cfg: RunConfig, fold: int) -> str:
@@ -117,6 +118,28 @@ def result_row(spec: JobSpec, state: str, **extra: Any) -> dict[str, Any]:
 def _done_row(spec: JobSpec, done: dict[str, Any], state: str = "done") -> dict[str, Any]:
     host = done.get("host", "")
     return result_row(spec, state, host=host, minutes=done.get("minutes"), f1=done.get("val_f1"))
+
+
+def task_device(gpus: float) -> str:
+    """The device of a Ray or Slurm task that asked for ``gpus`` GPUs: ``cuda``, or ``cpu`` when it asked for
+    none. ``AIVH_ENS_GPU_FALLBACK=cpu`` lets a task train on the CPU all the same (a cluster's wiring tried
+    out with logical GPUs, without the hardware).
+
+    Raises:
+        RuntimeError: it asked for GPUs and sees none (a driver or container problem): training on the CPU
+            instead would take days and hold the GPU it was given.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if gpus > 0 and os.environ.get(GPU_FALLBACK_ENV) != "cpu":
+        raise RuntimeError(
+            f"this task was given {gpus:g} GPU(s) but sees none (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r} on {socket.gethostname()}); it refuses to train on the "
+            "CPU: check the node's driver, or pass --gpus-per-task 0 to train on CPUs"
+        )
+    return "cpu"
 
 
 def physical_device(device: str) -> str:

@@ -6,10 +6,18 @@ torch's start-up). A job that dies outright (OOM killer, SIGKILL, a segfault) ta
 down: it is reported ``failed`` with its signal or exit code, the slot starts a fresh process, and every other
 job runs on. ``cuda:N`` means the N-th of the caller's visible GPUs (its
 ``CUDA_VISIBLE_DEVICES``, indices, UUIDs or MIG entries alike); the child sees only that one, as ``cuda:0``.
+
+A job must show progress, not just presence: every batch it loads, trains or scores advances a counter in
+shared memory (:func:`aivh_ens.progress.beats`), and a job whose counter stands still for ``job_timeout``
+seconds (a stuck CUDA call, a wedged loader, a D-state read) is killed and reported ``failed`` with that
+reason. A process whose job failed is replaced by a fresh one before the next job (a sticky CUDA error
+would fail every later job on that device). SIGTERM, like Ctrl-C, stops every job (each releases its fold's
+lock), and the sweep still prints its table; a job process whose parent dies stops its job and exits.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
@@ -18,8 +26,9 @@ import queue
 import signal
 import socket
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +38,18 @@ from aivh_ens.errors import UserError
 
 Log = Callable[[str], None]
 INTERRUPTED = 130  # a job process's exit code after Ctrl-C (128 + SIGINT): its job is pending, not failed
+JOB_TIMEOUT_S = 3600.0
+"""Seconds without a single batch (loaded, trained or scored) before a local job counts as hung. Progress is
+counted per batch, so a slow epoch never trips it; only a phase without batches (a model's first download,
+``torch.compile``) must fit in it."""
+
+
+class SweepInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the local backend; ``rows`` are the jobs' rows so far (the rest: pending)."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        super().__init__("the sweep was interrupted")
+        self.rows = rows
 
 
 def physical_device(index: int, visible: str | None) -> str:
@@ -109,39 +130,74 @@ def run_local(
     log: Log,
     threads: int | None = None,
     admit: Callable[[Path], bool] | None = None,
+    job_timeout: float = JOB_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
     """Run the jobs (in the given order), one at a time per device, each device's in its own process; rows.
 
     Each device's process gets that device's share of the cores (its torch threads and loader workers count
     those); ``threads`` overrides its torch threads. A job that raises is a failed row; a job whose process
-    dies is a failed row naming the signal or exit code, and the device gets a fresh process for its next job.
+    dies, or whose progress stands still for ``job_timeout`` seconds, is a failed row naming the cause, and the
+    device gets a fresh process for its next job.
     ``admit`` (a job file -> start it now?) is asked when a device is free for the job; a job it refuses stays
     ``pending`` (``auto`` uses it to start no job that would end past its time limit).
+
+    Raises:
+        SweepInterrupted: SIGINT or SIGTERM; every job was stopped first (its lock released).
     """
     slots = make_slots(devices, os.environ.get("CUDA_VISIBLE_DEVICES"), sorted(_affinity()))
     free: queue.SimpleQueue[Worker] = queue.SimpleQueue()
-    workers = [Worker(s, threads) for s in slots]
+    workers = [Worker(s, threads, job_timeout) for s in slots]
     for w in workers:
         free.put(w)
     rows: list[dict[str, Any]] = []
+    terminated: list[int] = []
+    interrupted = False
     try:
-        with ThreadPoolExecutor(len(workers)) as pool:
+        with _sigterm_interrupts(terminated), ThreadPoolExecutor(len(workers)) as pool:
             futures = [pool.submit(_run_on_free_worker, Path(f), free, admit) for f in job_files]
             try:
                 for fut in as_completed(futures):
-                    row = fut.result()
-                    error = f" - {row['error']}" if row["error"] else ""
-                    log(f"{row['run']} fold {row['fold']}: {row['state']}{error}")
-                    rows.append(row)
-            except BaseException:
+                    rows.append(_logged(fut.result(), log))
+            except BaseException as e:
                 for fut in futures:
                     fut.cancel()
-                stop_workers(workers)  # a Ctrl-C or an error here: the jobs resume from their last epoch
-                raise
+                stop_workers(workers, signalled=bool(terminated))  # the jobs resume from their last epoch
+                if not isinstance(e, KeyboardInterrupt):
+                    raise
+                interrupted = True
+        if interrupted:  # the rows of the jobs that ended while they were being stopped
+            seen = {id(r) for r in rows}
+            done = [f.result() for f in futures if f.done() and not f.cancelled() and f.exception() is None]
+            rows += [_logged(r, log) for r in done if id(r) not in seen]
+            raise SweepInterrupted(rows)
     finally:
         for w in workers:
             w.close()
     return rows
+
+
+def _logged(row: dict[str, Any], log: Log) -> dict[str, Any]:
+    error = f" - {row['error']}" if row["error"] else ""
+    log(f"{row['run']} fold {row['fold']}: {row['state']}{error}")
+    return row
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts(seen: list[int]) -> Iterator[None]:
+    """While inside, SIGTERM (``docker stop``, a Kaggle or Slurm stop) stops the sweep as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _affinity() -> set[int]:
@@ -166,34 +222,46 @@ def _run_on_free_worker(
 
 class Worker:
     """The process of one slot: started on its first job, it runs jobs sent over a pipe, one at a time, and is
-    replaced by a fresh one when it dies."""
+    replaced by a fresh one when it dies, hangs or fails a job."""
 
-    def __init__(self, slot: Slot, threads: int | None):
-        self.slot, self.threads = slot, threads
+    def __init__(self, slot: Slot, threads: int | None, job_timeout: float = JOB_TIMEOUT_S):
+        self.slot, self.threads, self.job_timeout = slot, threads, job_timeout
         self.proc: Any = None
         self.conn: Any = None
+        self.beats: Any = None  # the process's progress counter, in shared memory
         self.stopped = False
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")  # no inherited CUDA or thread state
+        if self.conn is not None:
+            self.conn.close()  # the pipe of a process that died or hung
         self.conn, child = ctx.Pipe()
+        self.beats = ctx.RawValue("q", 0)
         self.proc = ctx.Process(
-            target=serve_jobs, args=(child, self.slot, self.threads), name=self.slot.device
+            target=serve_jobs,
+            args=(child, self.slot, self.threads, self.beats, os.getpid()),
+            name=self.slot.device,
         )
         self.proc.start()
         child.close()
 
     def run(self, job_file: Path) -> dict[str, Any]:
-        """The job's row; ``failed`` with the cause when the process died running it."""
+        """The job's row; ``failed`` with the cause when the process died or hung running it."""
         if self.proc is None or not self.proc.is_alive():
             self._start()
+        outcome = "died"
         try:
             self.conn.send((str(job_file), time.time()))
-            ready = mp_connection.wait([self.conn, self.proc.sentinel])
-            if self.conn in ready:
-                return self.conn.recv()
+            outcome = self._wait()
+            if outcome == "reply":
+                row = self.conn.recv()
+                if row["state"] == "failed":
+                    self.close()  # a fresh process for the next job: a sticky CUDA error stays behind
+                return row
         except (EOFError, BrokenPipeError, ConnectionResetError):
             pass
+        if outcome == "hung":
+            self.proc.kill()
         self.proc.join()
         if self.stopped or self.proc.exitcode == INTERRUPTED:
             from aivh_ens.scale.jobs import read_spec, result_row
@@ -201,7 +269,26 @@ class Worker:
             return result_row(
                 read_spec(job_file), "pending", error="interrupted; run the sweep again to resume"
             )
+        if outcome == "hung":
+            cause = f"made no progress in {self.job_timeout:g}s (--job-timeout) and was killed"
+            return failed_row(job_file, cause, -signal.SIGKILL)
         return died_row(job_file, self.proc.exitcode)
+
+    def _wait(self) -> str:
+        """Wait for the job's reply (``reply``), its process's death (``died``), or ``job_timeout`` seconds
+        in which its progress counter did not move (``hung``)."""
+        last, since = self.beats.value, time.monotonic()
+        step = max(0.05, min(5.0, self.job_timeout / 10))
+        while True:
+            ready = mp_connection.wait([self.conn, self.proc.sentinel], timeout=step)
+            if self.conn in ready:
+                return "reply"
+            if ready:
+                return "died"
+            if self.beats.value != last:
+                last, since = self.beats.value, time.monotonic()
+            elif time.monotonic() - since >= self.job_timeout:
+                return "hung"
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
@@ -217,21 +304,24 @@ class Worker:
             self.proc.kill()
             self.proc.join()
         self.conn.close()
-        self.proc = None
+        self.proc = self.conn = None
 
 
-def stop_workers(workers: list[Worker], grace_s: float = 5.0) -> None:
+def stop_workers(workers: list[Worker], grace_s: float = 5.0, signalled: bool = False) -> None:
     """Stop the running jobs (their rows say pending, not failed), letting each release its fold's lock.
 
-    A Ctrl-C reached them too; any still running after ``grace_s`` get a SIGINT of their own, then SIGTERM.
+    A Ctrl-C reached them too; any still running after ``grace_s`` get a SIGINT of their own (at once when
+    the sweep was ``signalled`` with SIGTERM, which reached only this process), then SIGKILL.
     """
     for w in workers:
         w.stopped = True
-    for action in (None, signal.SIGINT, signal.SIGTERM):
+    actions = (signal.SIGINT, signal.SIGKILL) if signalled else (None, signal.SIGINT, signal.SIGKILL)
+    for action in actions:
         live = [w for w in workers if w.alive()]
         for w in live:
             if action is not None:
-                os.kill(w.proc.pid, action)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.proc.pid, action)
         deadline = time.monotonic() + grace_s
         for w in live:
             w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -239,11 +329,16 @@ def stop_workers(workers: list[Worker], grace_s: float = 5.0) -> None:
 
 def died_row(job_file: Path, exitcode: int | None) -> dict[str, Any]:
     """The row (and ``failed.json``) of a job whose process died: its signal or exit code."""
+    rc = -1 if exitcode is None else exitcode
+    return failed_row(job_file, exit_cause(rc), rc)
+
+
+def failed_row(job_file: Path, cause: str, rc: int) -> dict[str, Any]:
+    """The row (and ``failed.json``) of a job whose process ``cause`` (died, hung): resumable."""
     from aivh_ens.io import write_json
     from aivh_ens.scale.jobs import FAILED, read_spec, result_row
 
-    rc = -1 if exitcode is None else exitcode
-    error = f"the job's process {exit_cause(rc)}; run the sweep again to resume it from its last epoch"
+    error = f"the job's process {cause}; run the sweep again to resume it from its last epoch"
     spec = read_spec(job_file)
     write_json(spec.fold_dir / FAILED, {"error": error, "host": socket.gethostname(), "time": time.time()})
     return result_row(spec, "failed", error=error, exit_code=rc)
@@ -261,8 +356,14 @@ def exit_cause(rc: int) -> str:
     return f"exited with code {rc}"
 
 
-def serve_jobs(conn: Any, slot: Slot, threads: int | None) -> None:
-    """The slot's process: pin to its GPU and cores (before torch is imported), then run jobs until told."""
+def serve_jobs(
+    conn: Any, slot: Slot, threads: int | None, beats: Any = None, parent: int | None = None
+) -> None:
+    """The slot's process: pin to its GPU and cores (before torch is imported), then run jobs until told.
+
+    ``beats``: the shared counter this process's progress goes to; ``parent``: the sweep's PID, whose death
+    stops the job here (its lock released) and ends this process.
+    """
     if slot.visible is None:
         os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         device = "cpu"
@@ -271,21 +372,52 @@ def serve_jobs(conn: Any, slot: Slot, threads: int | None) -> None:
         device = "cuda:0"
     if slot.cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, slot.cpus)  # torch's thread pool and the loader workers count these
+    from aivh_ens import progress
     from aivh_ens.system import JOBS_AT_ONCE_ENV
 
+    if beats is not None:
+        progress.count_into(beats)
+    if parent is not None:
+        die_with(parent)
+    signal.signal(signal.SIGTERM, _interrupt)  # a Slurm or container stop: end the job as Ctrl-C does
     os.environ[JOBS_AT_ONCE_ENV] = str(slot.at_once)  # the loader sizes its /dev/shm ring to its share
     from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job
 
     threads = threads or max(1, len(slot.cpus))
-    while (msg := conn.recv()) is not None:
-        job_file, submitted = msg
-        job_id = f"local-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
-        try:
-            row = run_job(job_file, device, threads=threads, job_id=job_id, submitted=submitted)
-        except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the sweep is being stopped
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(INTERRUPTED)  # the lock is released; don't wait for the loader's feeding threads
-        except Exception as e:
-            row = result_row(read_spec(job_file), "failed", error=error_line(e))
-        conn.send(row)
+    try:
+        while (msg := conn.recv()) is not None:
+            job_file, submitted = msg
+            progress.beat()
+            job_id = f"local-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+            try:
+                row = run_job(job_file, device, threads=threads, job_id=job_id, submitted=submitted)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                row = result_row(read_spec(job_file), "failed", error=error_line(e))
+            conn.send(row)
+    except (KeyboardInterrupt, EOFError):  # Ctrl-C, SIGTERM or the sweep gone: the job is being stopped
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED)  # the lock is released; don't wait for the loader's feeding threads
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def die_with(parent: int, grace_s: float = 10.0, poll_s: float = 1.0) -> threading.Thread:
+    """Stop this process's work when process ``parent`` dies (it is re-parented): interrupt the main thread
+    (a job releases its lock), and exit after ``grace_s`` whatever it is doing. Unlike ``PR_SET_PDEATHSIG``,
+    this follows the parent process, not the thread of it that started this one."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        _thread.interrupt_main()
+        time.sleep(grace_s)
+        os._exit(INTERRUPTED)
+
+    t = threading.Thread(target=watch, name="die-with-parent", daemon=True)
+    t.start()
+    return t

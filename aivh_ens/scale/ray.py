@@ -21,7 +21,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from aivh_ens.errors import UserError
-from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job
+from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job, task_device
 
 MAX_RETRIES = 3
 FORWARDED_ENV = ("PYTHONPATH", "HF_HUB_OFFLINE", "HF_HOME", "NO_ALBUMENTATIONS_UPDATE", "TORCH_HOME")
@@ -66,10 +66,8 @@ def check_shared_workdir(workdir: Path) -> None:
         )
 
 
-def _task(job_file: str, submitted: float, threads: int) -> dict[str, Any]:
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def _task(job_file: str, submitted: float, threads: int, gpus: float = 0) -> dict[str, Any]:
+    device = task_device(gpus)  # a task given a GPU it cannot see refuses to train on the CPU
     job_id = ray.get_runtime_context().get_task_id()
     return run_job(job_file, device, threads=threads, job_id=job_id, submitted=submitted)
 
@@ -108,7 +106,9 @@ def run_ray(
         opts["runtime_env"] = {"env_vars": _env()}
         refs = {}
         for f in job_files:
-            refs[task.options(**opts, num_cpus=cpus[f]).remote(str(f), time.time(), threads or cpus[f])] = f
+            refs[
+                task.options(**opts, num_cpus=cpus[f]).remote(str(f), time.time(), threads or cpus[f], gpus)
+            ] = f
         return _collect(refs, log)
     finally:
         if started_here:

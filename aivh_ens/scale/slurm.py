@@ -15,20 +15,18 @@ from typing import Any
 import submitit
 
 from aivh_ens.locks import current_attempt
-from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job
+from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job, task_device
 
 
 class FoldTask(submitit.helpers.Checkpointable):
     """The array task's callable: run one job file; requeued as is (resuming) when time runs out."""
 
-    def __init__(self, threads: int = 1):
-        self.threads = threads
+    def __init__(self, threads: int = 1, gpus: int = 0):
+        self.threads, self.gpus = threads, gpus
 
     def __call__(self, job_file: str) -> dict[str, Any]:
-        import torch
-
         env = submitit.JobEnvironment()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = task_device(getattr(self, "gpus", 0))  # given a GPU it cannot see: refuse, never the CPU
         attempt = current_attempt()  # Slurm's restart count: a requeue takes over its first attempt's lock
         return run_job(job_file, device, threads=self.threads, job_id=str(env.job_id), attempt=attempt)
 
@@ -68,7 +66,8 @@ def submit(job_files: list[Path], workdir: Path, opts: Any) -> list[Any]:
     """Submit the jobs as one array; the submitit jobs, in the same order."""
     ex = make_executor(workdir.resolve() / "runs" / "slurm", opts)
     threads = max(1, opts.cpus_per_task if opts.cluster == "slurm" else 1)
-    return ex.map_array(FoldTask(threads), [str(f) for f in job_files])
+    gpus = opts.gpus_per_task if opts.cluster == "slurm" else 0  # submitit's local executor gives none
+    return ex.map_array(FoldTask(threads, gpus), [str(f) for f in job_files])
 
 
 def run_slurm(

@@ -69,6 +69,7 @@ class SweepResult:
 
     rows: tuple[dict[str, Any], ...]
     oof: dict[str, Path | None] = field(default_factory=dict)
+    interrupted: bool = False  # SIGINT or SIGTERM stopped the jobs (they resume on the next run)
 
     @property
     def failed(self) -> int:
@@ -196,6 +197,7 @@ def run_sweep(
     slurm: SlurmOptions | None = None,
     ray: RayOptions | None = None,
     admit: Callable[[Path], bool] | None = None,
+    job_timeout: float | None = None,
     log: Log = print,
 ) -> SweepResult:
     """Train every fold of every run in the plan on the chosen backend; skip jobs already done.
@@ -213,6 +215,8 @@ def run_sweep(
         ray: GPUs and CPUs per task for ``--backend ray``.
         admit: local backend: asked with a job's ``job.json`` when a device is free for it; a job it refuses
             stays pending (``aivh-ens auto``'s clock). Other backends hand every job over at once.
+        job_timeout: local backend: seconds a job may go without progress (a batch) before it is killed as
+            hung (``--job-timeout``; default :data:`aivh_ens.scale.local.JOB_TIMEOUT_S`).
 
     Raises:
         UserError: a bad plan or input, or a missing extra, before anything is written or decoded.
@@ -234,7 +238,13 @@ def run_sweep(
     pending = [s.path for s, st in jobs if st == "pending"]
     log(f"sweep: {len(jobs)} jobs, {len(pending)} to run, backend {backend}")
     engine = (ray_address, ray or RayOptions()) if backend == "ray" else slurm
-    rows = _dispatch(backend, pending, workdir, device_list, threads, engine, log, admit)
+    from aivh_ens.scale.local import SweepInterrupted
+
+    try:
+        rows = _dispatch(backend, pending, workdir, device_list, threads, engine, log, admit, job_timeout)
+    except SweepInterrupted as stop:  # every job stopped and its lock released: still print the table
+        log("sweep: interrupted; the stopped jobs resume on the next run")
+        return dataclasses.replace(finish(checked, jobs, stop.rows, workdir, log), interrupted=True)
     return finish(checked, jobs, rows, workdir, log)
 
 
@@ -257,13 +267,14 @@ def _dispatch(
     engine: Any,
     log: Log,
     admit: Callable[[Path], bool] | None = None,
+    job_timeout: float | None = None,
 ) -> list[dict[str, Any]]:
     if not pending:
         return []
     if backend == "local":
-        from aivh_ens.scale.local import run_local
+        from aivh_ens.scale.local import JOB_TIMEOUT_S, run_local
 
-        return run_local(pending, devices, log, threads, admit)
+        return run_local(pending, devices, log, threads, admit, job_timeout or JOB_TIMEOUT_S)
     if backend == "ray":
         from aivh_ens.scale.ray import run_ray
 

@@ -28,21 +28,28 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aivh_ens import __version__
-from aivh_ens.data.images import MAX_PIXELS, BadImageError
+from aivh_ens.data.images import BadImageError
 from aivh_ens.errors import UserError
 from aivh_ens.serve.batcher import Batcher, BatcherClosed, QueueFull
-from aivh_ens.serve.ensemble import Decoded, Ensemble, Scored
+from aivh_ens.serve.ensemble import (
+    SERVE_FORMATS,
+    SERVE_MAX_PIXELS,
+    Decoded,
+    Ensemble,
+    Scored,
+    UnsupportedFormat,
+    check_upload,
+)
+from aivh_ens.serve.limits import BodyLimit, BodyTimeout, BodyTooLarge, log_error
 
 FIELD = "files"  # the multipart field holding the images
 API_KEY_ENV = "AIVH_ENS_API_KEY"
 ROUTES = "GET /, GET /health, POST /predict, GET /docs"
 RETRY = {"Retry-After": "1"}  # seconds: a 503 is overload or a restart, over in moments
-DRAIN_MIN_BYTES = 64 * 2**20  # a refused body up to this (or 4x --max-mb) is read and dropped, so the client
-# sees the 413 instead of a connection reset; past it the connection is closed at once.
 log = logging.getLogger("aivh_ens.serve")
 
 
@@ -58,7 +65,14 @@ class ServeSettings:
         decode_threads: threads that decode uploads [--decode-threads].
         max_queue: the most images waiting for a forward pass; past it, 503 with Retry-After [--max-queue].
         max_connections: the most connections at once; past it, uvicorn answers 503 [--max-connections].
-        api_key: if set, ``/predict`` and ``/health`` need ``Authorization: Bearer <key>`` [--api-key].
+        api_key: if set, ``/predict`` and ``/health`` need ``Authorization: Bearer <key>`` [--api-key,
+            --api-key-file, or the environment variable AIVH_ENS_API_KEY].
+        max_pixels: the most pixels of one upload, checked from its header [--max-pixels].
+        body_timeout_s: seconds within which a request's whole body must arrive; past it, 408 and the
+            connection is closed (a trickling client cannot hold it) [--body-timeout].
+        allowed_hosts: if set, the Host header values served (e.g. ``localhost``, ``*.example.org``); others
+            get a 400 (DNS rebinding of a loopback server) [--allowed-hosts].
+        stuck_s: a forward pass running longer than this makes ``/health`` answer 503.
     """
 
     max_mb: float = 20.0
@@ -69,6 +83,10 @@ class ServeSettings:
     max_queue: int = 256
     max_connections: int = 256
     api_key: str | None = field(default=None, repr=False)  # kept out of logs and tracebacks
+    max_pixels: int = SERVE_MAX_PIXELS
+    body_timeout_s: float = 60.0
+    allowed_hosts: tuple[str, ...] | None = None
+    stuck_s: float = 120.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -79,6 +97,9 @@ class ServeSettings:
             "decode_threads (--decode-threads)": self.decode_threads >= 1,
             "max_queue (--max-queue)": self.max_queue >= 1,
             "max_connections (--max-connections)": self.max_connections >= 1,
+            "max_pixels (--max-pixels)": self.max_pixels >= 1,
+            "body_timeout_s (--body-timeout)": self.body_timeout_s > 0,
+            "stuck_s": self.stuck_s > 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -134,6 +155,7 @@ class ServeState:
         )
         self.pool: ThreadPoolExecutor | None = None
         self.warm = False
+        self.warm_error: str | None = None  # why the warm-up pass failed
         self._warmup: asyncio.Task | None = None
 
     @contextlib.asynccontextmanager
@@ -152,33 +174,64 @@ class ServeState:
         """One pass over a blank image, so the first request does not pay for lazy initialisation."""
         try:
             await self.batcher.submit([self.ensemble.blank()])
-        except Exception:  # a bug in scoring: say so now; requests will get the same error as a 500
-            log.exception("the warm-up pass failed; /health stays 'warming up'")
+        except Exception as e:  # a bug in scoring: say so now; /health answers 503 with the reason
+            log.exception("the warm-up pass failed; /health answers 503")
+            self.warm_error = f"the warm-up pass failed ({type(e).__name__}: {str(e)[:200]})"
             return
         self.warm = True
 
+    def unready(self) -> str | None:
+        """Why the service cannot score right now (warming up, warm-up failed, scoring loop dead or stuck),
+        or None when it is ready."""
+        if self.warm_error:
+            return self.warm_error
+        if not self.batcher.alive:
+            return "the scoring loop is not running"
+        if self.batcher.busy_s > self.settings.stuck_s:
+            return f"a forward pass has run for {self.batcher.busy_s:.0f} s (stuck?)"
+        return None if self.warm else "warming up"
+
     async def decode(self, data: bytes, name: str) -> Decoded:
-        """Decode an upload in the thread pool; 422 naming the upload when it is no usable image."""
+        """Decode an upload in the thread pool; 415 naming it when its format is not served, 422 when it is
+        no usable image (over the pixel cap among them)."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self.pool, self.ensemble.decode, data, name
-            )
+            return await asyncio.get_running_loop().run_in_executor(self.pool, self._decode, data, name)
+        except UnsupportedFormat as e:
+            raise HTTPException(415, f"{name}: {e.reason}; send one of {', '.join(SERVE_FORMATS)}") from None
         except BadImageError as e:
             raise HTTPException(
                 422,
-                f"{name}: {e.reason}; send a JPEG, PNG, WebP or other image that "
-                f"Pillow reads, of at most {MAX_PIXELS:,} pixels",
+                f"{name}: {e.reason}; send a {', '.join(SERVE_FORMATS)} image of at most "
+                f"{self.settings.max_pixels:,} pixels",
             ) from None
 
-    async def score(self, image: Decoded, t0: float, name: str = "image") -> tuple[Scored, float]:
-        """The image's score and the milliseconds since ``t0`` when it was ready.
+    def _decode(self, data: bytes, name: str) -> Decoded:
+        check_upload(data, name, self.settings.max_pixels)  # the format and size, from the header alone
+        return self.ensemble.decode(data, name)
 
-        503 (with Retry-After) when the queue is full, the server is stopping or memory ran out; 422 naming
-        the upload when scoring it alone fails.
+    async def score_all(
+        self, images: list[Decoded], t0: float, names: list[str]
+    ) -> list[tuple[Scored, float]]:
+        """Each image's score and the milliseconds since ``t0`` when it was ready. The request is admitted
+        whole or not at all: 503 (with Retry-After) when the queue cannot take every image, or the server
+        is stopping."""
+        try:
+            futures = self.batcher.enqueue(images)
+        except (BatcherClosed, QueueFull) as e:
+            raise HTTPException(503, f"{e}; retry shortly", headers=RETRY) from None
+        return list(
+            await asyncio.gather(*(self.score(f, t0, n) for f, n in zip(futures, names, strict=True)))
+        )
+
+    async def score(self, future: asyncio.Future, t0: float, name: str = "image") -> tuple[Scored, float]:
+        """The queued image's score and the milliseconds since ``t0`` when it was ready.
+
+        503 (with Retry-After) when the server is stopping or memory ran out; 422 naming the upload when
+        scoring it alone fails.
         """
         try:
-            (scored,) = await self.batcher.submit([image])
-        except (BatcherClosed, QueueFull) as e:
+            scored = await future
+        except BatcherClosed as e:
             raise HTTPException(503, f"{e}; retry shortly", headers=RETRY) from None
         except Exception as e:  # it failed scored alone (the batcher retried its batch item by item)
             if out_of_memory(e):
@@ -205,7 +258,9 @@ def create_app(ensemble: Ensemble, settings: ServeSettings | None = None) -> Fas
         description="P(AI-generated) of images from a cross-validated timm ensemble (aivh-ens).",
     )
     app.state.serve = state
-    app.add_middleware(BodyLimit, max_bytes=state.settings.max_bytes)
+    app.add_middleware(BodyLimit, max_bytes=state.settings.max_bytes, timeout_s=state.settings.body_timeout_s)
+    if state.settings.allowed_hosts:  # outermost: a foreign Host header gets a 400 before anything else
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(state.settings.allowed_hosts))
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _bug)
@@ -258,27 +313,39 @@ def _add_routes(app: FastAPI, page: str) -> None:
         return HTMLResponse(page)
 
     @app.get("/health", dependencies=[Depends(require_key)], responses={401: {"model": ErrorResponse}})
-    async def health(request: Request) -> dict[str, Any]:
-        """The runs, device, model count, warm-up state and batching counters."""
+    async def health(request: Request) -> JSONResponse:
+        """The runs, device, model count, warm-up state and batching counters; 503 until the service can
+        score (warming up, warm-up failed, scoring loop dead or stuck)."""
         s: ServeState = request.app.state.serve
-        return {
-            "status": "ready" if s.warm else "warming up",
-            "warm": s.warm,
-            **s.ensemble.describe(),
-            "batching": {
-                "max_batch": s.settings.max_batch,
-                "window_ms": s.settings.window_ms,
-                "batches": s.batcher.batches,
-                "images": s.batcher.items,
-            },
-            "limits": {
-                "max_mb": s.settings.max_mb,
-                "max_files": s.settings.max_files,
-                "max_queue": s.settings.max_queue,
-                "max_connections": s.settings.max_connections,
-            },
-        }
+        problem = s.unready()
+        return JSONResponse(_health(s, problem), status_code=503 if problem else 200)
 
+    _add_predict(app)
+
+
+def _health(s: ServeState, problem: str | None) -> dict[str, Any]:
+    return {
+        "status": problem or "ready",
+        "warm": s.warm,
+        **s.ensemble.describe(),
+        "batching": {
+            "max_batch": s.settings.max_batch,
+            "window_ms": s.settings.window_ms,
+            "batches": s.batcher.batches,
+            "images": s.batcher.items,
+        },
+        "limits": {
+            "max_mb": s.settings.max_mb,
+            "max_files": s.settings.max_files,
+            "max_queue": s.settings.max_queue,
+            "max_connections": s.settings.max_connections,
+            "max_pixels": s.settings.max_pixels,
+            "body_timeout_s": s.settings.body_timeout_s,
+        },
+    }
+
+
+def _add_predict(app: FastAPI) -> None:
     @app.post(
         "/predict",
         response_model=PredictResponse,
@@ -292,9 +359,7 @@ def _add_routes(app: FastAPI, page: str) -> None:
         s: ServeState = request.app.state.serve
         uploads = await read_uploads(request, s.settings)
         decoded = await asyncio.gather(*(s.decode(data, name) for name, data in uploads))
-        scored = await asyncio.gather(
-            *(s.score(d, t0, name) for d, (name, _) in zip(decoded, uploads, strict=True))
-        )
+        scored = await s.score_all(list(decoded), t0, [name for name, _ in uploads])
         t = s.ensemble.threshold
         results = [
             ImageResult(image=name, prob=r.prob, label=r.label, threshold=t, runs=r.runs, latency_ms=ms)
@@ -335,7 +400,7 @@ async def read_uploads(request: Request, settings: ServeSettings) -> list[tuple[
         )
     try:
         form = await request.form(max_files=settings.max_files, max_fields=settings.max_files)
-    except BodyTooLarge:
+    except (BodyTooLarge, BodyTimeout):
         raise
     except StarletteHTTPException as e:  # starlette's: a malformed body, or more parts than allowed
         raise HTTPException(400, _form_problem(str(e.detail), settings, example)) from None
@@ -369,74 +434,7 @@ async def _images_of(form: FormData, example: str) -> list[tuple[str, bytes]]:
     return [(display_name(v.filename, i), await v.read()) for i, v in enumerate(values)]  # type: ignore[union-attr]
 
 
-# ---- the body limit and errors -------------------------------------------------------------------------------
-
-
-class BodyTooLarge(HTTPException):
-    def __init__(self, max_bytes: int):
-        super().__init__(
-            413,
-            f"request body over the limit of {max_bytes / 2**20:g} MiB (--max-mb); send "
-            "fewer or smaller images per request",
-        )
-
-
-class BodyLimit:
-    """ASGI middleware: refuse a body over ``max_bytes`` from its Content-Length, before the app sees it, or
-    (chunked uploads) as soon as the bytes read pass the limit. The rest of a refused body is read and dropped
-    (up to ``drain_bytes``), so a client that sends it all before reading (urllib, requests) gets the 413."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-        self.drain_bytes = max(DRAIN_MIN_BYTES, 4 * max_bytes)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_bytes:
-            err = (
-                BodyTooLarge(self.max_bytes) if length.isdigit() else HTTPException(400, "bad Content-Length")
-            )
-            _log_error(scope, err.status_code, str(err.detail))
-            if length.isdigit() and int(length) <= self.drain_bytes:
-                await drain(receive, self.drain_bytes)
-            await JSONResponse(
-                {"error": err.detail}, status_code=err.status_code, headers={"Connection": "close"}
-            )(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                if message.get("more_body"):
-                    await drain(receive, self.drain_bytes - seen)
-                raise BodyTooLarge(self.max_bytes)
-            return message
-
-        await self.app(scope, limited, send)
-
-
-async def drain(receive: Receive, budget: int) -> None:
-    """Read and drop the rest of a request body, at most ``budget`` bytes of it."""
-    while budget > 0:
-        message = await receive()
-        if message["type"] != "http.request":
-            return  # the client left
-        budget -= len(message.get("body", b""))
-        if not message.get("more_body"):
-            return
-
-
-def _log_error(scope: Scope, status: int, detail: str) -> None:
-    client = scope.get("client")
-    where = f"{client[0]}:{client[1]}" if client else "unknown client"
-    path = scope.get("path", "")[:200].encode("unicode_escape").decode()
-    log.warning("%s %s %s -> %d: %s", where, scope.get("method", ""), path, status, detail)
+# ---- errors -------------------------------------------------------------------------------
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -445,14 +443,14 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         detail = f"no route {request.url.path[:100]!r}; the routes are {ROUTES}"
     elif exc.status_code == 405:
         detail = f"{request.method} is not allowed on {request.url.path[:100]!r}; the routes are {ROUTES}"
-    _log_error(request.scope, exc.status_code, detail)
+    log_error(request.scope, exc.status_code, detail)
     return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
     detail = f"invalid request: {'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', exc)}"
-    _log_error(request.scope, 422, detail)
+    log_error(request.scope, 422, detail)
     return JSONResponse({"error": detail}, status_code=422)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class Batcher(Generic[T, R]):
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._current: list[_Pending] = []  # the batch being scored
+        self._since: float | None = None  # when the running call of the batch function began
         self._thread: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
@@ -97,8 +99,19 @@ class Batcher(Generic[T, R]):
             QueueFull: ``values`` would take the queue past ``max_queue`` (none of them is queued).
             Exception: what the batch function raised for an item scored alone.
         """
+        return list(await asyncio.gather(*self.enqueue(values)))
+
+    def enqueue(self, values: Sequence[T]) -> list[asyncio.Future]:
+        """Queue every one of ``values`` or none of them; one future per value, for its result.
+
+        Raises:
+            QueueFull: ``values`` would take the queue past ``max_queue``.
+            BatcherClosed: the batcher is not running (stopped, or its task died).
+        """
         if self._queue is None or self._arrived is None:
             raise RuntimeError("Batcher.start() was not called")
+        if not self.alive:
+            raise BatcherClosed("the scoring loop is not running")
         if self.max_queue is not None and self._queue.qsize() + len(values) > self.max_queue:
             raise QueueFull(
                 f"{self._queue.qsize()} images are waiting to be scored (--max-queue {self.max_queue})"
@@ -108,7 +121,17 @@ class Batcher(Generic[T, R]):
         for p in pending:
             self._queue.put_nowait(p)
         self._arrived.set()
-        return list(await asyncio.gather(*(p.future for p in pending)))
+        return [p.future for p in pending]
+
+    @property
+    def alive(self) -> bool:
+        """Whether the collecting task runs (it never ends on its own: done means it died)."""
+        return self._task is not None and not self._task.done()
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds the batch being scored has run so far (0 when idle): a stuck forward pass shows here."""
+        return 0.0 if self._since is None else time.monotonic() - self._since
 
     async def _collect(self) -> list[_Pending]:
         """The next batch: the first item, then whatever arrives within the window, up to ``max_batch``."""
@@ -145,7 +168,11 @@ class Batcher(Generic[T, R]):
             self._settle(batch, results)
 
     async def _call(self, values: list[Any]) -> Sequence[Any]:
-        results = await asyncio.get_running_loop().run_in_executor(self._thread, self.fn, values)
+        self._since = time.monotonic()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._thread, self.fn, values)
+        finally:
+            self._since = None
         if len(results) != len(values):
             raise RuntimeError(f"the batch function returned {len(results)} results for {len(values)} items")
         return results

@@ -17,12 +17,53 @@ import numpy as np
 import torch
 from torch import nn
 
-from aivh_ens.data.images import decode_image
+from aivh_ens.data.images import BadImageError, decode_image
 from aivh_ens.data.transforms import StorageStep, storage_step
 from aivh_ens.infer.predict import blend_scores, rank_reference, scorer
 from aivh_ens.score import DataConfig, resolve_device
 from aivh_ens.score.runs import RunInfo, fold_average, load_models, predict_folds, run_spec, view_average
 from aivh_ens.score.tta import TTASpec, parse_tta
+
+SERVE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+"""The image formats ``serve`` accepts: no other Pillow plugin (EPS, which runs Ghostscript, among them)
+ever parses an upload."""
+SERVE_MAX_PIXELS = 16_000_000
+"""The default pixel cap of an upload (``--max-pixels``): a 16 MP photo decodes in well under a second and
+~50 MB; training's 50 MP cap would let one small request cost seconds of CPU and gigabytes of memory."""
+
+
+class UnsupportedFormat(BadImageError):
+    """An upload in a format ``serve`` does not accept (a 415)."""
+
+
+def check_upload(data: bytes, name: str, max_pixels: int = SERVE_MAX_PIXELS) -> None:
+    """Refuse an upload that is not one of :data:`SERVE_FORMATS` or has more than ``max_pixels`` pixels,
+    from its header alone (only the allowed plugins parse it; no pixel is decoded).
+
+    Raises:
+        UnsupportedFormat: another format (or none).
+        BadImageError: over the pixel cap.
+    """
+    import io
+
+    from PIL import Image
+
+    if not data:
+        raise BadImageError(name, "the file is empty (0 bytes)")
+    allowed = ", ".join(SERVE_FORMATS)
+    try:
+        with Image.open(io.BytesIO(data), formats=SERVE_FORMATS) as im:
+            w, h = im.size
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise BadImageError(name, f"over this server's limit of {max_pixels:,} pixels ({e})") from None
+    except Exception:  # no allowed plugin accepts it (Pillow raises many types for a bad header)
+        reason = f"not an image in a served format ({allowed}): it starts with {data[:16]!r}"
+        raise UnsupportedFormat(name, reason, f"send one of {allowed}") from None
+    if w * h > max_pixels:
+        raise BadImageError(
+            name, f"{w}x{h} = {w * h:,} pixels is over this server's limit of {max_pixels:,} (--max-pixels)"
+        )
+
 
 Decoded = dict[StorageStep, np.ndarray]
 """One image as each distinct storage step of the ensemble stores it: (h, w, 3) uint8 per step."""

@@ -478,6 +478,11 @@ def finish_run(
     return CVResult(cfg.name, tuple(summaries), oof, scores)
 
 
+def _num(v: float | None) -> float:
+    """A done.json metric; null (a NaN when it was written: ``nulls`` says why) prints as nan."""
+    return float("nan") if v is None else v
+
+
 def format_summary(result: CVResult) -> str:
     """The end-of-run table: one row per fold, then OOF metrics at threshold 0.5."""
     lines = [
@@ -485,9 +490,9 @@ def format_summary(result: CVResult) -> str:
         f"{'fold':>4} {'f1':>7} {'acc':>7} {'auc':>7} {'loss':>7} {'best_ep':>7} {'minutes':>8}",
     ]
     for s in result.folds:
+        f1, acc, auc, loss = (_num(s[k]) for k in ("val_f1", "val_acc", "val_auc", "val_loss"))
         lines.append(
-            f"{s['fold']:>4} {s['val_f1']:>7.4f} {s['val_acc']:>7.4f} {s['val_auc']:>7.4f} "
-            f"{s['val_loss']:>7.4f} {s['best_epoch']:>7} {s['minutes']:>8.2f}"
+            f"{s['fold']:>4} {f1:>7.4f} {acc:>7.4f} {auc:>7.4f} {loss:>7.4f} {s['best_epoch']:>7} {s['minutes']:>8.2f}"
         )
     m = result.oof_metrics
     if m:

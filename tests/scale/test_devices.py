@@ -75,3 +75,21 @@ def test_started_json_records_the_physical_device(monkeypatch, visible, device, 
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert recorded_device(device) == recorded
+
+
+def test_a_task_given_gpus_it_cannot_see_refuses_to_train_on_the_cpu(monkeypatch):
+    import torch
+
+    from aivh_ens.scale.jobs import task_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-0f3a")
+    with pytest.raises(
+        RuntimeError, match=r"given 1 GPU\(s\) but sees none \(CUDA_VISIBLE_DEVICES='GPU-0f3a'"
+    ):
+        task_device(1)
+    assert task_device(0) == "cpu"
+    monkeypatch.setenv("AIVH_ENS_GPU_FALLBACK", "cpu")  # a cluster's wiring tried out without GPUs
+    assert task_device(1) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert task_device(1) == "cuda"

@@ -32,6 +32,12 @@ def cluster() -> Iterator[None]:
         os.environ["PYTHONPATH"] = old
 
 
+@pytest.fixture(autouse=True)
+def logical_gpus(monkeypatch) -> None:
+    """The cluster's GPUs are logical (no hardware): its tasks may train on the CPU."""
+    monkeypatch.setenv("AIVH_ENS_GPU_FALLBACK", "cpu")
+
+
 @pytest.fixture(scope="module")
 def data(demo_data) -> Path:
     return demo_data(n=40, n_test=10, seed=13)

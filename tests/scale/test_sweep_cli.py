@@ -110,3 +110,17 @@ def test_cv_refuses_a_sweep_flag_of_another_backend_too(tmp_path, demo_data, no_
     res = CliRunner().invoke(main, [*args, "--slurm-partition", "gpu"])
     assert_user_error(res, "--slurm-partition is for --backend slurm")
     assert not (tmp_path / "w").exists()
+
+
+def test_the_resume_advice_after_force_never_repeats_force(plan, monkeypatch):
+    rows = ({"run": "e", "fold": 0, "state": "done", "error": ""}, {"run": "e", "fold": 1, "state": "failed"})
+    seen = []
+    monkeypatch.setattr(
+        sweep_module, "run_sweep", lambda *a, **k: seen.append(k["force"]) or SweepResult(rows)
+    )
+    res = sweep(plan, "--force")
+    assert res.exit_code == 1 and seen == [True], res.output
+    assert "run the same command without --force to resume" in res.output
+    assert "run the same command again" not in res.output
+    res = sweep(plan)
+    assert res.exit_code == 1 and "run the same command again to resume" in res.output

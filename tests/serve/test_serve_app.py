@@ -96,7 +96,7 @@ HOSTILE = [
     (
         "not an image",
         lambda p: {"files": [("files", ("notes.jpg", b"hello, not pixels", "image/jpeg"))]},
-        422,
+        415,
         "not an image",
     ),
     (
@@ -110,13 +110,13 @@ HOSTILE = [
         "bomb",
         lambda p: {"files": [("files", ("bomb.png", _png_claiming(8000, 8000), "image/png"))]},
         422,
-        "64,000,000 pixels is over the limit",
+        "64,000,000 pixels is over this server's limit of 16,000,000 (--max-pixels)",
     ),
     (
         "bomb over Pillow's limit",
         lambda p: {"files": [("files", ("b.png", _png_claiming(20000, 20000), "image/png"))]},
         422,
-        "over the limit of 50,000,000 pixels",
+        "over this server's limit of 16,000,000 pixels",
     ),
     (
         "too small",
