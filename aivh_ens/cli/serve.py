@@ -12,7 +12,9 @@ from aivh_ens.errors import UserError
 
 @click.command("serve")
 @BLEND
-@click.option("--run", default=None, help="Serve this one run instead of a blend (threshold 0.5).")
+@click.option(
+    "--run", default=None, help="Serve this one run instead of a blend (threshold 0.5).  [default: the blend]"
+)
 @TTA
 @click.option(
     "--host",
@@ -32,7 +34,7 @@ from aivh_ens.errors import UserError
     default=None,
     envvar="AIVH_ENS_API_KEY",
     show_envvar=True,
-    help="Require 'Authorization: Bearer KEY' on /predict and /health.",
+    help="Require 'Authorization: Bearer KEY' on /predict and /health.  [default: none, no key]",
 )
 @click.option(
     "--max-mb",
@@ -74,7 +76,9 @@ from aivh_ens.errors import UserError
     "--decode-threads", type=int, default=None, help="Threads decoding uploads.  [default: cores, at most 4]"
 )
 @click.option(
-    "--root-path", default="", help="URL prefix when a reverse proxy serves it under a sub-path, e.g. /aivh."
+    "--root-path",
+    default="",
+    help="URL prefix when a reverse proxy serves it under a sub-path, e.g. /aivh.  [default: none]",
 )
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
 @WORKDIR

@@ -23,7 +23,7 @@ scale_options = options(
     click.option(
         "--devices",
         default=None,
-        help="local: devices, one job each at a time, e.g. cuda:0,cuda:1 or cpu,cpu.",
+        help="local: devices, one job each at a time, e.g. cuda:0,cuda:1 or cpu,cpu.  [default: --gpus]",
     ),
     click.option(
         "--gpus",
@@ -34,7 +34,7 @@ scale_options = options(
     click.option(
         "--ray-address", default=None, help="ray: an existing cluster.  [default: a private local Ray]"
     ),
-    click.option("--slurm-partition", default=None, help="slurm: the partition."),
+    click.option("--slurm-partition", default=None, help="slurm: the partition.  [default: the cluster's]"),
     click.option(
         "--timeout-min",
         type=int,
@@ -54,7 +54,12 @@ scale_options = options(
         default=None,
         help="ray, slurm: CPUs per job.  [default: slurm 8; ray the job's loader workers]",
     ),
-    click.option("--mem-gb", type=int, default=None, help="slurm: memory per array task."),
+    click.option(
+        "--mem-gb",
+        type=int,
+        default=None,
+        help="slurm: memory per array task, in GB.  [default: the partition's]",
+    ),
     click.option(
         "--array-parallelism",
         type=int,
