@@ -7,10 +7,11 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
+export NO_MKDOCS_2_WARNING := 1
 DEMO ?= demo
 DEMO_N ?= 2000
 
-.PHONY: install demo serve test test-deps bench bench-auto bench-gpu lint clean-demo
+.PHONY: install demo serve test test-deps docs bench bench-auto bench-gpu lint clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +56,11 @@ test-deps:
 
 test: install test-deps
 	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers: many tests wait on subprocesses, and a file stays on one worker (module fixtures)
+	$(VENV)/bin/mkdocs build --strict -q  # broken links, anchors and API references fail the suite
+
+# The documentation site (MkDocs, Material theme) into site/; `$(VENV)/bin/mkdocs serve` previews it live.
+docs: install
+	$(VENV)/bin/mkdocs build --strict
 
 # Every bench but bench_auto.py, which takes three 20-minute budgets (`make bench-auto`).
 bench: install

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports huggingface_hub or albumentations: no network calls at import time unless the
-# user opted in (the machines this runs on are often offline, where each attempt costs ~47 s).
+# Before anything imports huggingface_hub or albumentations: offline unless the user set HF_HUB_OFFLINE
+# (HF_HUB_OFFLINE=0 lets timm download weights). Offline, each hub look-up waits ~47 s before it fails.
+HUB_OFFLINE_FROM_USER = os.environ.get("HF_HUB_OFFLINE")
+"""The user's own ``HF_HUB_OFFLINE`` (None: the CLI set it to 1), for ``aivh-ens checks``."""
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import click  # noqa: E402
 
-from aivh_ens.cli import auto, blend, infer, report, serve, sweep, train  # noqa: E402
+from aivh_ens.cli import auto, blend, infer, info, report, serve, sweep, train  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -30,6 +33,11 @@ def main() -> None:
     aivh-ens cv --model convnext_tiny --folds 5 --data data/
     aivh-ens blend
     aivh-ens submit --data data/
+    aivh-ens recipes                                  # the presets; cv --print-config: resolved settings
+    aivh-ens checks                                   # torch, devices, precision, weights, disk
+
+    Offline by default: the CLI sets HF_HUB_OFFLINE=1 unless it is set already; HF_HUB_OFFLINE=0 aivh-ens ...
+    lets timm download pretrained weights. Docs: docs/ (make docs), or README.md.
     """
 
 
@@ -47,5 +55,7 @@ for _command in (
     report.report_cmd,
     serve.serve_cmd,
     train.demo_data_cmd,
+    info.recipes_cmd,
+    info.checks_cmd,
 ):
     main.add_command(_command)

@@ -35,7 +35,7 @@ from aivh_ens.cli.options import WORKDIR, report_line, user_errors
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Stop the search after this many seconds.",
+    help="Stop the search after this many seconds.  [default: no limit: --trials decides]",
 )
 @click.option(
     "--storage",

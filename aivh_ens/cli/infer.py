@@ -122,7 +122,11 @@ def submit_cmd(
 @click.command("predict")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @BLEND
-@click.option("--run", default=None, help="Score with this one run instead of a blend (threshold 0.5).")
+@click.option(
+    "--run",
+    default=None,
+    help="Score with this one run instead of a blend (threshold 0.5).  [default: the blend]",
+)
 @TTA
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Before anything imports huggingface_hub or albumentations: no network calls at import time unless the
-# user opted in (the machines this runs on are often offline, where each attempt costs ~47 s).
+# Before anything imports huggingface_hub or albumentations: no network calls unless the user opted in
+# (HF_HUB_OFFLINE=0); the machines this runs on are often offline, where each hub look-up waits ~47 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import click
@@ -27,6 +28,7 @@ from aivh_ens.config import (
     PROBE_VIEWS,
     SCHEDULERS,
     SELECT,
+    RunConfig,
 )
 from aivh_ens.errors import UserError
 
@@ -90,7 +92,8 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--group",
             default=None,
-            help="Keep groups in one fold: 'pairs' (row // 2, the Kaggle pairs) or a column name.",
+            help="Keep groups in one fold: 'pairs' (row // 2, the Kaggle pairs) or a column name.  "
+            "[default: none, plain stratified folds]",
         ),
     ]
     for opt in reversed(opts):
@@ -110,6 +113,21 @@ def parse_floats(spec: str | None, n: int, what: str) -> tuple[float, ...] | Non
     return vals
 
 
+def parse_ints(spec: str | None, what: str) -> tuple[int, ...] | None:
+    """``512,128`` -> ``(512, 128)``: positive integers, comma-separated."""
+    if spec is None:
+        return None
+    try:
+        vals = tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"expects comma-separated whole numbers, e.g. 512,128 (got {spec!r})"
+        ) from None
+    if any(v < 1 for v in vals):
+        raise click.BadParameter(f"expects sizes of at least 1 (got {spec!r})")
+    return vals
+
+
 def options(*opts: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Apply click options in the order they are listed (the order --help shows)."""
 
@@ -121,28 +139,69 @@ def options(*opts: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Calla
     return apply
 
 
+def recipe_default(field: str, none_means: str | None = None) -> str:
+    """The help text's default of a training flag: the recipe's value, else RunConfig's (shown so `--help`
+    never drifts from the code; `aivh-ens recipes` and `cv --print-config` show a recipe's own values)."""
+    value = RunConfig.__dataclass_fields__[field].default
+    if value is None or value == ():
+        shown = none_means or "off"
+    elif isinstance(value, bool):
+        shown = "on" if value else "off"
+    else:
+        shown = str(value)
+    return f"  [default: the recipe's, else {shown}]"
+
+
+_rd = recipe_default
+
 # Every RunConfig field a flag of `cv` can override (the recipe's value otherwise).
 training_options = options(
-    click.option("--epochs", type=int, default=None),
-    click.option("--img-size", type=int, default=None, help="Input size (default: the model's)."),
-    click.option("--batch-size", type=int, default=None),
-    click.option("--accum-steps", type=int, default=None, help="Gradient accumulation steps."),
-    click.option("--lr", type=float, default=None),
-    click.option("--weight-decay", type=float, default=None),
-    click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None),
-    click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None),
-    click.option("--warmup-epochs", type=float, default=None),
-    click.option("--label-smoothing", type=float, default=None),
-    click.option("--clip-grad", type=float, default=None, help="Max gradient norm."),
+    click.option("--epochs", type=int, default=None, help="Training epochs per fold." + _rd("epochs")),
     click.option(
-        "--ema", "ema_decay", type=float, default=None, help="EMA decay, e.g. 0.999 (off by default)."
+        "--img-size",
+        type=int,
+        default=None,
+        help="Model input size in pixels." + _rd("img_size", "the model's"),
     ),
-    click.option("--early-stop", type=int, default=None, help="Patience in epochs."),
+    click.option("--batch-size", type=int, default=None, help="Training batch size." + _rd("batch_size")),
+    click.option(
+        "--accum-steps", type=int, default=None, help="Gradient accumulation steps." + _rd("accum_steps")
+    ),
+    click.option("--lr", type=float, default=None, help="Peak learning rate." + _rd("lr")),
+    click.option("--weight-decay", type=float, default=None, help="Weight decay." + _rd("weight_decay")),
+    click.option(
+        "--optimizer", type=click.Choice(OPTIMIZERS), default=None, help="Optimizer." + _rd("optimizer")
+    ),
+    click.option(
+        "--scheduler",
+        type=click.Choice(SCHEDULERS),
+        default=None,
+        help="Learning-rate schedule." + _rd("scheduler"),
+    ),
+    click.option(
+        "--warmup-epochs", type=float, default=None, help="Linear warm-up, in epochs." + _rd("warmup_epochs")
+    ),
+    click.option(
+        "--label-smoothing",
+        type=float,
+        default=None,
+        help="Label smoothing of the loss." + _rd("label_smoothing"),
+    ),
+    click.option("--clip-grad", type=float, default=None, help="Max gradient norm." + _rd("clip_grad")),
+    click.option(
+        "--ema",
+        "ema_decay",
+        type=float,
+        default=None,
+        help="EMA decay of the weights, e.g. 0.999." + _rd("ema_decay"),
+    ),
+    click.option("--early-stop", type=int, default=None, help="Patience in epochs." + _rd("early_stop")),
     click.option(
         "--validate-last",
         type=int,
         default=None,
-        help="Validate only the last N epochs (default: every epoch); earlier ones cannot be selected.",
+        help="Validate only the last N epochs; earlier ones cannot be selected."
+        + _rd("validate_last", "every epoch"),
     ),
     click.option(
         "--fold-time",
@@ -150,25 +209,52 @@ training_options = options(
         default=None,
         help="Seconds each fold trains (training and validation passes): --epochs becomes the most, and the "
         "epochs and learning-rate schedule follow the measured epoch times, so the fold ends at the whole epoch "
-        "nearest that time.",
+        "nearest that time." + _rd("fold_time", "off: train --epochs"),
     ),
     click.option(
         "--select",
         type=click.Choice(SELECT),
         default=None,
-        help="Validation metric that picks the saved epoch.",
+        help="Validation metric that picks the saved epoch." + _rd("select"),
     ),
     click.option(
         "--mode",
         type=click.Choice(MODES),
         default=None,
-        help="resize: whole image to --img-size; crop: native-resolution crops (keeps generator traces).",
+        help="resize: whole image to --img-size; crop: native-resolution crops (keeps generator traces)."
+        + _rd("mode"),
     ),
-    click.option("--rrc-scale", default=None, help="RandomResizedCrop area range, e.g. 0.8,1.0."),
     click.option(
-        "--jpeg-p", type=float, default=None, help="Probability of JPEG re-compression augmentation."
+        "--rrc-scale",
+        default=None,
+        help="RandomResizedCrop area range, e.g. 0.8,1.0." + _rd("rrc_scale", "no RRC"),
     ),
-    click.option("--blur-p", type=float, default=None, help="Probability of Gaussian blur augmentation."),
+    click.option(
+        "--jpeg-p",
+        type=float,
+        default=None,
+        help="Probability of JPEG re-compression augmentation." + _rd("jpeg_p"),
+    ),
+    click.option(
+        "--blur-p",
+        type=float,
+        default=None,
+        help="Probability of Gaussian blur augmentation." + _rd("blur_p"),
+    ),
+    click.option(
+        "--train-resize",
+        type=click.IntRange(min=8),
+        default=None,
+        help="Resize the shorter side to this before the random crop (e.g. 255, then a 224 crop)."
+        + _rd("train_resize"),
+    ),
+    click.option(
+        "--eval-resize",
+        type=click.IntRange(min=8),
+        default=None,
+        help="Evaluation: resize the shorter side to this, then centre-crop --img-size (e.g. 232 -> 224)."
+        + _rd("eval_resize", "resize to --img-size"),
+    ),
     click.option(
         "--tta",
         default=None,
@@ -185,13 +271,17 @@ training_options = options(
         "any, else random initialisation, with a note]",
     ),
     click.option(
-        "--weights", default=None, help="Local weights (.safetensors/.pth); 'a,b' for a fused model."
+        "--weights",
+        default=None,
+        help="Local weights (.safetensors/.pth); 'a,b' for a fused model, one file per backbone."
+        + _rd("weights", "none: see --pretrained"),
     ),
     click.option(
         "--train-last",
         type=int,
         default=None,
-        help="Train only the last N parameter tensors of each backbone (0 = frozen backbone).",
+        help="Train only the last N parameter tensors of each backbone (0 = frozen backbone)."
+        + _rd("train_last", "train everything"),
     ),
     click.option(
         "--head",
@@ -201,10 +291,26 @@ training_options = options(
         "runs/features/), one head per fold.  [default: finetune]",
     ),
     click.option(
+        "--head-hidden",
+        default=None,
+        metavar="N,N,..",
+        callback=lambda ctx, param, value: parse_ints(value, "--head-hidden"),
+        help="Hidden layer sizes of an MLP head, e.g. 512,128 (--head mlp, or an MLP on a fine-tuned model's "
+        "pooled features)." + _rd("head_hidden", "timm's classifier; --head mlp: 256"),
+    ),
+    click.option(
+        "--head-dropout",
+        type=click.FloatRange(0, 1, max_open=True),
+        default=None,
+        help="Dropout in the MLP head (--head mlp, fused models, recipes with an MLP head)."
+        + _rd("head_dropout"),
+    ),
+    click.option(
         "--probe-views",
         type=click.Choice(PROBE_VIEWS),
         default=None,
-        help="Probe runs: features of each image (none) or averaged with its mirror (hflip).",
+        help="Probe runs: features of each image (none) or averaged with its mirror (hflip)."
+        + _rd("probe_views"),
     ),
     click.option(
         "--pseudo",
@@ -212,7 +318,7 @@ training_options = options(
         metavar="FILE|blend",
         help="Pseudo-labels: an id,prob file of test scores (`submit --proba` writes one) or 'blend' (the "
         "current blend's test scores). Confident rows join every fold's training rows, never its validation "
-        "rows; the file is frozen as runs/<run>/pseudo.csv.",
+        "rows; the file is frozen as runs/<run>/pseudo.csv.  [default: off]",
     ),
     click.option(
         "--pseudo-min-conf",
@@ -240,6 +346,12 @@ training_options = options(
     ),
     click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]"),
     click.option(
+        "--eval-batch-size",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Images per evaluation batch." + _rd("eval_batch_size", "twice --batch-size"),
+    ),
+    click.option(
         "--amp",
         default=None,
         metavar="[" + "|".join(AMP_MODES) + "]",
@@ -249,7 +361,8 @@ training_options = options(
     click.option(
         "--compile/--no-compile",
         default=None,
-        help="torch.compile the model (inductor); falls back to eager, with a message, if compiling fails.",
+        help="torch.compile the model (inductor); falls back to eager, with a message, if compiling fails."
+        + _rd("compile"),
     ),
     click.option(
         "--channels-last/--no-channels-last",
@@ -264,13 +377,14 @@ training_options = options(
         "--on-bad-image",
         type=click.Choice(ON_BAD_IMAGE),
         default=None,
-        help="A corrupt image stops the run (error) or is skipped and recorded (skip).",
+        help="A corrupt image stops the run (error) or is skipped and recorded (skip)." + _rd("on_bad_image"),
     ),
     click.option(
         "--cache",
         type=click.Choice(CACHE),
         default=None,
-        help="Decode every image once into a memory-mapped cache (auto: when it fits on disk).",
+        help="Decode every image once into a memory-mapped cache (auto: when it fits on disk)."
+        + _rd("cache"),
     ),
     click.option(
         "--cache-dir", default=None, help="Where the image cache lives.  [default: WORKDIR/runs/cache]"

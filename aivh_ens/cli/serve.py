@@ -15,7 +15,9 @@ SERVE_MAX_PIXELS = 16_000_000  # aivh_ens.serve.ensemble.SERVE_MAX_PIXELS (not i
 
 @click.command("serve")
 @BLEND
-@click.option("--run", default=None, help="Serve this one run instead of a blend (threshold 0.5).")
+@click.option(
+    "--run", default=None, help="Serve this one run instead of a blend (threshold 0.5).  [default: the blend]"
+)
 @TTA
 @click.option(
     "--host",
@@ -36,7 +38,7 @@ SERVE_MAX_PIXELS = 16_000_000  # aivh_ens.serve.ensemble.SERVE_MAX_PIXELS (not i
     envvar="AIVH_ENS_API_KEY",
     show_envvar=True,
     help="Require 'Authorization: Bearer KEY' on /predict and /health (a flag is visible to other users in "
-    "`ps`: prefer the environment variable or --api-key-file).",
+    "`ps`: prefer the environment variable or --api-key-file).  [default: none, no key]",
 )
 @click.option(
     "--api-key-file",
@@ -104,7 +106,9 @@ SERVE_MAX_PIXELS = 16_000_000  # aivh_ens.serve.ensemble.SERVE_MAX_PIXELS (not i
     "--decode-threads", type=int, default=None, help="Threads decoding uploads.  [default: cores, at most 4]"
 )
 @click.option(
-    "--root-path", default="", help="URL prefix when a reverse proxy serves it under a sub-path, e.g. /aivh."
+    "--root-path",
+    default="",
+    help="URL prefix when a reverse proxy serves it under a sub-path, e.g. /aivh.  [default: none]",
 )
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.  [default: auto]")
 @WORKDIR

@@ -25,7 +25,7 @@ scale_options = options(
     click.option(
         "--devices",
         default=None,
-        help="local: devices, one job each at a time, e.g. cuda:0,cuda:1 or cpu,cpu.",
+        help="local: devices, one job each at a time, e.g. cuda:0,cuda:1 or cpu,cpu.  [default: --gpus]",
     ),
     click.option(
         "--gpus",
@@ -43,7 +43,7 @@ scale_options = options(
         help="local: seconds a job may go without finishing a single batch before it is killed as hung and "
         "marked failed (it resumes on the next run).  [default: 3600]",
     ),
-    click.option("--slurm-partition", default=None, help="slurm: the partition."),
+    click.option("--slurm-partition", default=None, help="slurm: the partition.  [default: the cluster's]"),
     click.option(
         "--timeout-min",
         type=int,
@@ -63,7 +63,12 @@ scale_options = options(
         default=None,
         help="ray, slurm: CPUs per job.  [default: slurm 8; ray the job's loader workers]",
     ),
-    click.option("--mem-gb", type=int, default=None, help="slurm: memory per array task."),
+    click.option(
+        "--mem-gb",
+        type=int,
+        default=None,
+        help="slurm: memory per array task, in GB.  [default: the partition's]",
+    ),
     click.option(
         "--array-parallelism",
         type=int,

@@ -58,7 +58,7 @@ def folds_cmd(data, train_csv, file_col, label_col, n_folds, seed, group, workdi
     "--model",
     default=None,
     help="Any timm model name, or two joined by '+' for a fused model; several, comma-separated, make a sweep "
-    "of one run each.",
+    "of one run each.  [default: the recipe's]",
 )
 @click.option(
     "--recipe",
@@ -73,10 +73,15 @@ def folds_cmd(data, train_csv, file_col, label_col, n_folds, seed, group, workdi
     "--fold",
     "fold_spec",
     default=None,
-    help="Train only these folds, e.g. 0,2 (others may run in other processes).",
+    help="Train only these folds, e.g. 0,2 (others may run in other processes).  [default: every fold]",
 )
 @click.option("--resume", is_flag=True, help="Continue interrupted folds from their last finished epoch.")
 @click.option("--force", is_flag=True, help="Retrain folds that are already done (and replace the config).")
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="Print the resolved settings (defaults -> recipe -> flags) as JSON and exit; nothing is trained or written.",
+)
 @training_options
 @scale_options
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -97,6 +102,7 @@ def cv_cmd(
     fold_spec,
     resume,
     force,
+    print_config,
     rrc_scale,
     quiet,
     workdir,
@@ -105,7 +111,8 @@ def cv_cmd(
     """Train one model per fold and write out-of-fold probabilities to oof/<run>.csv.
 
     \b
-    aivh-ens cv --recipe tiny --data demo/ --group pairs
+    aivh-ens cv --recipe tiny --data demo/data --group pairs
+    aivh-ens cv --recipe tiny --data demo/data --lr 1e-3 --print-config   # the resolved settings; trains nothing
     aivh-ens cv --model efficientnet_b4 --folds 5 --data data/ --group pairs --weights b4.safetensors
     aivh-ens cv --recipe effnet-b4-adam --data data/ --fold 0,1 --device cuda:0   # beside --fold 2,3,4 on cuda:1
     aivh-ens cv --recipe effnet-b4-adam --data data/ --resume                      # after an interruption
@@ -122,11 +129,13 @@ def cv_cmd(
     values = dict(data=str(data) if data else None, train_csv=train_csv, file_col=file_col, label_col=label_col,
                   folds=n_folds, seed=seed, group=group, rrc_scale=parse_floats(rrc_scale, 2, "--rrc-scale"),
                   **flags)  # fmt: skip
+    if model is None and recipe == "none":
+        raise UserError("give --model NAME (any timm model) or --recipe NAME")
+    if print_config:
+        return _print_configs(model, recipe, name, values)
     if _is_sweep(model, scale):
         return _cv_sweep(model, recipe, name, fold_spec, force, workdir, scale, values)
     cfg = resolve_config(recipe, model=model, name=name, **values)
-    if model is None and recipe == "none":
-        raise UserError("give --model NAME (any timm model) or --recipe NAME")
     what = f"{cfg.epochs} epochs" if cfg.head == "finetune" else f"{cfg.head} probe on frozen features"
     click.echo(
         f"run {cfg.name}: {cfg.model} (recipe {cfg.recipe}), {cfg.folds} folds, {what}, device {cfg.device}"
@@ -152,6 +161,17 @@ SCALE_KEYS = (
     "array_parallelism",
     "slurm_cluster",
 )
+
+
+def _print_configs(model: str | None, recipe: str, name: str | None, values: dict) -> None:
+    """``cv --print-config``: each run's resolved RunConfig as JSON (one object, or a list for --model a,b)."""
+    import json
+
+    from aivh_ens.config import resolve_config, to_dict
+
+    models = [m.strip() for m in model.split(",")] if model else [None]
+    docs = [to_dict(resolve_config(recipe, model=m, name=name, **values)) for m in models]
+    click.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
 
 
 def _is_sweep(model: str | None, scale: dict) -> bool:
@@ -194,21 +214,27 @@ def _cv_sweep(model, recipe, name, fold_spec, force, workdir, scale, values) -> 
     help="Dataset folder with train.csv (and test.csv) and the images.  [default: .]",
 )
 @click.option("--recipe", default="none", show_default=True, help="Derive the storage size from this recipe.")
-@click.option("--model", default=None, help="Derive the storage size from this timm model's input size.")
+@click.option(
+    "--model",
+    default=None,
+    help="Derive the storage size from this timm model's input size.  [default: the recipe's]",
+)
 @click.option(
     "--mode",
     type=click.Choice(MODES),
     default=None,
     help="resize: S x S (or shorter side S when the recipe crops after a resize); crop: native pixels, "
-    "shorter side capped at S.",
+    "shorter side capped at S.  [default: the recipe's, else resize]",
 )
-@click.option("--img-size", type=int, default=None, help="Model input size (default: the model's).")
+@click.option(
+    "--img-size", type=int, default=None, help="Model input size.  [default: the recipe's, else the model's]"
+)
 @click.option(
     "--size",
     type=int,
     default=None,
-    help="Storage size S (default: what cv uses for the same recipe/model/mode/img-size; another "
-    "size makes a cache cv does not read).",
+    help="Storage size S; another size than cv's makes a cache cv does not read.  [default: what cv uses "
+    "for the same recipe, model, mode and img-size]",
 )
 @click.option("--train-csv", default=None, help="Train table inside --data.  [default: train.csv]")
 @click.option(
@@ -241,7 +267,7 @@ def cache_cmd(
 ) -> None:
     """Decode every train and test image once into a memory-mapped cache that cv then reads.
 
-    Each image is stored after the pipeline's storage step (see aivh_ens/transforms.py), so training reads
+    Each image is stored after the pipeline's storage step (see aivh_ens/data/transforms.py), so training reads
     the same pixels with or without the cache. Changed images are decoded again on the next run; cv builds
     or updates the cache itself (--cache auto|on), this command does it ahead of time.
 
