@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,7 @@ def run_local(
     log: Log,
     threads: int | None = None,
     admit: Callable[[Path], bool] | None = None,
+    hooks: JobHooks | None = None,
 ) -> list[dict[str, Any]]:
     """Run the jobs (in the given order), one at a time per device, each device's in its own process; rows.
 
@@ -116,11 +117,13 @@ def run_local(
     those); ``threads`` overrides its torch threads. A job that raises is a failed row; a job whose process
     dies is a failed row naming the signal or exit code, and the device gets a fresh process for its next job.
     ``admit`` (a job file -> start it now?) is asked when a device is free for the job; a job it refuses stays
-    ``pending`` (``auto`` uses it to start no job that would end past its time limit).
+    ``pending`` (``auto`` uses it to start no job that would end past its time limit). ``hooks``: see
+    :class:`JobHooks`.
     """
+    hooks = hooks or JobHooks()
     slots = make_slots(devices, os.environ.get("CUDA_VISIBLE_DEVICES"), sorted(_affinity()))
     free: queue.SimpleQueue[Worker] = queue.SimpleQueue()
-    workers = [Worker(s, threads) for s in slots]
+    workers = [Worker(s, threads, hooks) for s in slots]
     for w in workers:
         free.put(w)
     rows: list[dict[str, Any]] = []
@@ -133,6 +136,8 @@ def run_local(
                     error = f" - {row['error']}" if row["error"] else ""
                     log(f"{row['run']} fold {row['fold']}: {row['state']}{error}")
                     rows.append(row)
+                    if hooks.on_done is not None:
+                        hooks.on_done(row)
             except BaseException:
                 for fut in futures:
                     fut.cancel()
@@ -142,6 +147,21 @@ def run_local(
         for w in workers:
             w.close()
     return rows
+
+
+@dataclass(frozen=True)
+class JobHooks:
+    """What a caller of the local backend adds to its jobs (``auto`` uses all three).
+
+    Attributes:
+        on_done: called in the caller's thread with each finished job's row, while the other devices train on.
+        env: environment variables set in every job process before its first import (e.g. a deadline).
+        output: a file that the job processes' stdout and stderr are appended to, instead of the terminal.
+    """
+
+    on_done: Callable[[dict[str, Any]], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    output: Path | None = None
 
 
 def _affinity() -> set[int]:
@@ -168,8 +188,8 @@ class Worker:
     """The process of one slot: started on its first job, it runs jobs sent over a pipe, one at a time, and is
     replaced by a fresh one when it dies."""
 
-    def __init__(self, slot: Slot, threads: int | None):
-        self.slot, self.threads = slot, threads
+    def __init__(self, slot: Slot, threads: int | None, hooks: JobHooks | None = None):
+        self.slot, self.threads, self.hooks = slot, threads, hooks or JobHooks()
         self.proc: Any = None
         self.conn: Any = None
         self.stopped = False
@@ -178,7 +198,9 @@ class Worker:
         ctx = mp.get_context("spawn")  # no inherited CUDA or thread state
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=serve_jobs, args=(child, self.slot, self.threads), name=self.slot.device
+            target=serve_jobs,
+            args=(child, self.slot, self.threads, self.hooks.env, self.hooks.output),
+            name=self.slot.device,
         )
         self.proc.start()
         child.close()
@@ -261,8 +283,19 @@ def exit_cause(rc: int) -> str:
     return f"exited with code {rc}"
 
 
-def serve_jobs(conn: Any, slot: Slot, threads: int | None) -> None:
-    """The slot's process: pin to its GPU and cores (before torch is imported), then run jobs until told."""
+def serve_jobs(
+    conn: Any, slot: Slot, threads: int | None, env: dict[str, str] | None = None, output: Path | None = None
+) -> None:
+    """The slot's process: pin to its GPU and cores (before torch is imported), then run jobs until told.
+    ``env`` and ``output``: a caller's :class:`JobHooks` (what a spawned process can be sent)."""
+    os.environ.update(env or {})
+    if output is not None:  # the descriptors themselves, so native libraries' output goes there too
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     if slot.visible is None:
         os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         device = "cpu"

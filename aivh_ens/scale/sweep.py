@@ -122,8 +122,9 @@ def _check_unchanged(cfg: RunConfig, workdir: Path, where: str) -> None:
         raise UserError(f"{where}: {change}; give the run a new name, or pass --force to retrain it")
 
 
-def expand(checked: list[_Checked], workdir: Path) -> list[tuple[JobSpec, str]]:
-    """Every (run, fold) job with its state (``done`` when its done.json matches its hash), longest first."""
+def expand(checked: list[_Checked], workdir: Path, order: str = "cost") -> list[tuple[JobSpec, str]]:
+    """Every (run, fold) job with its state (``done`` when its done.json matches its hash): longest first
+    (``order="cost"``), or run by run in the plan's order (``"plan"``: the caller ranked its runs)."""
     from aivh_ens.data.folds import fold_file_name
     from aivh_ens.layout import FOLDS
 
@@ -133,6 +134,8 @@ def expand(checked: list[_Checked], workdir: Path) -> list[tuple[JobSpec, str]]:
         for k in range(c.cfg.folds):
             spec = make_spec(c.cfg, k, workdir, fold_file, tuple(sorted(c.bad)))
             jobs.append((spec, "done" if done_matches(spec) else "pending"))
+    if order == "plan":
+        return jobs
     return sorted(jobs, key=lambda j: -j[0].cost)  # stable: plan order among equal costs
 
 
@@ -196,6 +199,8 @@ def run_sweep(
     slurm: SlurmOptions | None = None,
     ray: RayOptions | None = None,
     admit: Callable[[Path], bool] | None = None,
+    hooks: Any = None,
+    order: str = "cost",
     log: Log = print,
 ) -> SweepResult:
     """Train every fold of every run in the plan on the chosen backend; skip jobs already done.
@@ -213,19 +218,24 @@ def run_sweep(
         ray: GPUs and CPUs per task for ``--backend ray``.
         admit: local backend: asked with a job's ``job.json`` when a device is free for it; a job it refuses
             stays pending (``aivh-ens auto``'s clock). Other backends hand every job over at once.
+        hooks: local backend: :class:`aivh_ens.scale.local.JobHooks` (a finished job's callback, the job
+            processes' environment and output file).
+        order: ``cost`` (longest jobs first) or ``plan`` (the plan's runs in their order, fold by fold).
 
     Raises:
         UserError: a bad plan or input, or a missing extra, before anything is written or decoded.
     """
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
-    if admit is not None and backend != "local":
-        raise ValueError(f"admit= is for the local backend, not {backend}")
+    if (admit is not None or hooks is not None) and backend != "local":
+        raise ValueError(f"admit= and hooks= are for the local backend, not {backend}")
+    if order not in ("cost", "plan"):
+        raise ValueError(f"order= is 'cost' or 'plan', not {order!r}")
     check_extra(backend)
     workdir = Path(workdir)
     device_list = _local_devices(backend, devices, gpus)
     checked = check_plan(plan, workdir, force, device_list[0] if device_list else "cpu")
-    jobs = expand(checked, workdir)
+    jobs = expand(checked, workdir, order)
     if force:
         jobs = [(spec, "pending") for spec, _ in jobs]
     if dry_run:
@@ -234,7 +244,7 @@ def run_sweep(
     pending = [s.path for s, st in jobs if st == "pending"]
     log(f"sweep: {len(jobs)} jobs, {len(pending)} to run, backend {backend}")
     engine = (ray_address, ray or RayOptions()) if backend == "ray" else slurm
-    rows = _dispatch(backend, pending, workdir, device_list, threads, engine, log, admit)
+    rows = _dispatch(backend, pending, workdir, device_list, threads, engine, log, admit, hooks)
     return finish(checked, jobs, rows, workdir, log)
 
 
@@ -257,13 +267,14 @@ def _dispatch(
     engine: Any,
     log: Log,
     admit: Callable[[Path], bool] | None = None,
+    hooks: Any = None,
 ) -> list[dict[str, Any]]:
     if not pending:
         return []
     if backend == "local":
         from aivh_ens.scale.local import run_local
 
-        return run_local(pending, devices, log, threads, admit)
+        return run_local(pending, devices, log, threads, admit, hooks)
     if backend == "ray":
         from aivh_ens.scale.ray import run_ray
 
