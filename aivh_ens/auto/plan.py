@@ -40,6 +40,7 @@ class AutoRun:
         job_s: the estimated seconds of one fold job.
         fold_s: the seconds of a job's epochs (its ``fold_time``; 0: none, as in plans written before it).
         most: the most epochs a fold may train when its epochs run faster than planned (0: ``epochs``).
+        epoch_s: the seconds of one epoch at the probe's speed, validation averaged in (0: not recorded).
     """
 
     name: str
@@ -49,6 +50,7 @@ class AutoRun:
     job_s: float = 0.0
     fold_s: float = 0.0
     most: int = 0
+    epoch_s: float = 0.0
 
     def table(self) -> dict[str, Any]:
         """The run's ``[[runs]]`` table of the sweep plan. Fine-tuning of six epochs or more stops early (patience
@@ -200,9 +202,10 @@ def choose_runs(
     runs = []
     for p in fit.runs:
         c = candidates[p.candidate]
-        fold_s = epochs_s(speeds[p.candidate], n_train, fit.folds, p.epochs, checks[p.candidate])
-        fold_s += (more - 1) * p.job_s
-        runs.append(AutoRun(c.name, c.kind, dict(c.settings), p.epochs, p.job_s * more, fold_s, c.epochs[1]))
+        epochs = epochs_s(speeds[p.candidate], n_train, fit.folds, p.epochs, checks[p.candidate])
+        fold_s = epochs + (more - 1) * p.job_s
+        runs.append(AutoRun(c.name, c.kind, dict(c.settings), p.epochs, p.job_s * more, fold_s, c.epochs[1],
+                            epochs / p.epochs))  # fmt: skip
     return fit.folds, runs
 
 
