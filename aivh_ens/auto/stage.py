@@ -20,7 +20,7 @@ from aivh_ens.auto.budget import format_duration, parse_time_limit
 from aivh_ens.auto.gate import Clock
 from aivh_ens.auto.plan import AutoPlan, write_plan
 from aivh_ens.auto.planning import old_timings, step_plan, top_up
-from aivh_ens.auto.steps import anytime_submit, step_blend, step_submit, step_sweep, torch_threads
+from aivh_ens.auto.steps import FirstSubmission, step_blend, step_submit, step_sweep, torch_threads
 from aivh_ens.auto.table import dry_run_table, final_table, run_rows
 from aivh_ens.errors import UserError
 from aivh_ens.io import write_json, write_text
@@ -112,7 +112,7 @@ def run_auto(
     log(f"plan: {auto_dir(call.workdir) / 'plan.toml'}: {len(plan.runs)} runs x {plan.folds} folds, training "
         f"about {format_duration(plan.train_s)}, then about {format_duration(plan.finish_s)} for blend, submit, "
         "report")  # fmt: skip
-    first = anytime_submit(call.workdir, call.data, call.out, slots[0], call.threads, clock, log)
+    first = FirstSubmission(call.workdir, call.data, call.out, slots[0], call.threads, clock, log)
     sweep = step_sweep(plan, call.workdir, slots, call.threads, clock, log, first)
     for _ in range(TOP_UPS):
         more = top_up(call, plan, sweep, wdir, models)
@@ -122,14 +122,20 @@ def run_auto(
         written += write_plan(call.workdir, plan, old_timings(call.workdir))
         sweep = step_sweep(plan, call.workdir, slots, call.threads, clock, log)
     steps["training"] = clock.elapsed() - sum(steps.values())
-    return _finish(call, plan, sweep, steps, written)
+    return _finish(call, plan, sweep, steps, written, first)
 
 
 def _finish(
-    call: _Call, plan: AutoPlan, sweep: Any, steps: dict[str, float], written: tuple[Path, ...]
+    call: _Call,
+    plan: AutoPlan,
+    sweep: Any,
+    steps: dict[str, float],
+    written: tuple[Path, ...],
+    first: FirstSubmission | None = None,
 ) -> AutoResult:
-    """Blend, submit and report what the sweep finished; the final table. When the time left cannot pay for
-    the final blend and submit, the submission already on disk (the first complete run's) is kept."""
+    """Blend, submit and report what the sweep finished; the final table. The submission already on disk (the
+    first complete run's) is kept when it holds every complete run, or when the time left cannot pay for the
+    final blend and submit."""
     from aivh_ens.report.page import build_report
 
     clock, workdir = call.clock, call.workdir
@@ -139,7 +145,10 @@ def _finish(
     out = call.out or workdir / "submission.csv"
     need = plan.finish_s * len(complete) / max(1, len(plan.runs))
     blend, sub, note = None, None, ""
-    if out.is_file() and clock.left() < need:
+    if first is not None and first.sub is not None and complete == [first.run]:
+        blend, sub = step_blend(workdir, complete, call.log), first.sub  # the same blend: reused, not redone
+        build_report(workdir, runs=complete, submission=sub.record)
+    elif out.is_file() and clock.left() < need:
         note = (f"submission: kept {out} (the first complete run's): {format_duration(max(0.0, clock.left()))} "
                 f"left, less than the {format_duration(need)} a final blend and submit of {len(complete)} runs "
                 "need")  # fmt: skip

@@ -154,26 +154,35 @@ def step_submit(workdir: Path, data: Path, out: Path | None, device: str, log: L
     return r
 
 
-def anytime_submit(
-    workdir: Path, data: Path, out: Path | None, device: str, threads: int | None, clock: Clock, log: Log
-) -> Callable[[str], None]:
-    """The submission of the first complete run, written while the other runs train (on the threads of one
-    job, beside them): the blend of that run alone, then ``submit``'s default threshold."""
+@dataclass
+class FirstSubmission:
+    """The sweep's anytime submission: the first complete run blended alone and submitted while the other runs
+    train (on the threads of one job, beside them), with ``submit``'s default threshold. ``run`` and ``sub``
+    say what it wrote, so the final step does not write the same again."""
 
-    def first(run: str) -> None:
+    workdir: Path
+    data: Path
+    out: Path | None
+    device: str
+    threads: int | None
+    clock: Clock
+    log: Log
+    run: str | None = None
+    sub: Any = None
+
+    def __call__(self, run: str) -> None:
         t0 = time.monotonic()
         try:
-            step_blend(workdir, [run], lambda _m: None)
-            with torch_threads(threads):
-                sub = step_submit(workdir, data, out, device, lambda _m: None)
+            step_blend(self.workdir, [run], lambda _m: None)
+            with torch_threads(self.threads):
+                sub = step_submit(self.workdir, self.data, self.out, self.device, lambda _m: None)
         except Exception as e:  # the training goes on; the final blend and submit try again
-            log(f"submit: FAILED to write the first submission from {run}: {str(e).splitlines()[0]}")
+            self.log(f"submit: FAILED to write the first submission from {run}: {str(e).splitlines()[0]}")
             return
         if sub is not None:
-            log(f"submit: {sub.out} written from {run} alone at {format_duration(clock.elapsed())} "
-                f"({format_duration(time.monotonic() - t0)}); the final blend will refresh it")  # fmt: skip
-
-    return first
+            self.run, self.sub = run, sub
+            self.log(f"submit: {sub.out} written from {run} alone at {format_duration(self.clock.elapsed())} "
+                     f"({format_duration(time.monotonic() - t0)}); the final blend will refresh it")  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -92,7 +92,8 @@ def dry_run_table(plan: AutoPlan, timings: dict[str, Any], spent_s: float) -> st
     total = spent_s + plan.train_s + plan.finish_s
     return "\n".join([
         *_aligned(head, cand), "",
-        f"plan: {len(plan.runs)} runs x {plan.folds} folds on {','.join(plan.devices)}",
+        f"plan: {len(plan.runs)} runs x {plan.folds} folds on {','.join(plan.devices)}; shared settings: "
+        + (", ".join(f"{k} = {v}" for k, v in plan.shared.items()) or "none"),
         *_aligned(runs[0], runs[1:]), "",
         f"estimates: inspect + timing {format_duration(spent_s)} (done), training {format_duration(plan.train_s)}, "
         f"blend + submit + report {format_duration(plan.finish_s)}: {format_duration(total)} of "
