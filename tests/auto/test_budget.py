@@ -40,13 +40,16 @@ def test_bad_time_limit_is_one_line_naming_the_flag(text):
     assert "--time-limit" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_schedule_is_longest_first_on_free_devices():
+def test_schedule_is_the_plans_order_on_free_devices():
     base = schedule_s([], 2)
     assert base == 0
     one = schedule_s([10.0], 2)
     assert schedule_s([10.0, 10.0], 2) == one  # side by side
     assert schedule_s([10.0, 10.0, 10.0], 2) == pytest.approx(one + 10)
     assert schedule_s([6.0, 5.0, 4.0, 3.0], 2) == pytest.approx(one - 10 + 9)  # 6+3 | 5+4
+    assert schedule_s([3.0, 3.0, 6.0], 2) == pytest.approx(
+        one - 10 + 9
+    )  # 3+6 | 3: in order, not longest first
 
 
 SPEEDS = [Speed(600.0, 2000.0), Speed(900.0, 3000.0), Speed(300.0, 1000.0)]
