@@ -19,8 +19,6 @@ from aivh_ens.errors import UserError
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 SWEEP_OVERHEAD_S = 18.0
 """One sweep call: the input checks, the fold files, a fresh process per device (torch's import)."""
-PREPARE_S_PER_IMAGE = 0.002
-"""A sweep's first look at each image: the full decode check and the image cache (cached for later calls)."""
 JOB_OVERHEAD_S = 3.0
 """One (run, fold) job beyond its epochs: the model, the loaders, the OOF pass's set-up, the files."""
 LOADER_FACTOR = 1.3
@@ -98,9 +96,12 @@ def epochs_s(speed: Speed, n_train: int, folds: int, epochs: int, last_only: boo
     return LOADER_FACTOR * (train + checks * n_val / speed.eval_img_s)
 
 
-def prepare_s(n_images: int) -> float:
-    """Seconds a sweep spends on its images before the first job (an upper bound: later calls reuse them)."""
-    return PREPARE_S_PER_IMAGE * n_images
+def prepare_s(n_images: int, decode_s: float | None = None) -> float:
+    """Seconds a sweep spends on its images before the first job, as the sweep estimates it
+    (:func:`aivh_ens.scale.sweep.expected_prepare_seconds`; ``decode_s``: one image's decode time here)."""
+    from aivh_ens.scale.sweep import expected_prepare_seconds
+
+    return expected_prepare_seconds(n_images, decode_s)
 
 
 def schedule_s(jobs: Sequence[float], devices: int) -> float:

@@ -24,6 +24,8 @@ from aivh_ens.scale.plan import Plan
 
 Log = Callable[[str], None]
 BACKENDS = ("local", "ray", "slurm")
+DECODE_S_PER_IMAGE = 0.001
+"""Seconds to decode one image when none was measured (32 px JPEGs; a 1024 px JPEG takes 10-40 ms)."""
 DONE_STATES = ("done", "skipped (done)")
 
 
@@ -87,6 +89,13 @@ class _Checked:
     table: pd.DataFrame
     bad: dict[int, str]
     pseudo: Any = None  # the run's checked pseudo-label source (train.pseudo.PseudoSource), if any
+
+
+def expected_prepare_seconds(n_images: int, decode_s: float | None = None, sizes: int = 1) -> float:
+    """Seconds a sweep spends on its images before the first job: the full decode check, then each image
+    cache (``sizes`` of them) decoding every image again; an upper bound, since later sweeps reuse both.
+    ``decode_s``: seconds to decode one image on this machine (default :data:`DECODE_S_PER_IMAGE`)."""
+    return (1 + sizes) * (DECODE_S_PER_IMAGE if decode_s is None else decode_s) * n_images
 
 
 def check_plan(plan: Plan, workdir: Path, force: bool, check_device: str) -> list[_Checked]:
