@@ -9,19 +9,23 @@ The reserve for blend, submit and report comes from those stages' own estimates
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from aivh_ens.auto.budget import SWEEP_OVERHEAD_S, Speed, format_duration, minimum_s, prepare_s
 from aivh_ens.auto.candidates import Candidate, choose_candidates, findings_to_settings
-from aivh_ens.auto.gate import Clock, kind_ratios, ratio_for
+from aivh_ens.auto.gate import PROCESS_START_S, Clock, kind_ratios, ratio_for
 from aivh_ens.auto.plan import AutoPlan, AutoRun, choose_runs, extension, last_only, read_plan, train_seconds
 from aivh_ens.errors import UserError
 from aivh_ens.layout import auto_dir
 
 Log = Callable[[str], None]
 BLEND_TRIALS = 100
+SUBMIT_BY = 0.5
+"""The share of the limit by which a call should have a submission on disk (a session may end at any time):
+when the plan's first run would come later, a short scout run goes first (:func:`with_scout`)."""
 TOP_UP_SHARE = 0.85
 """The share of the time left that a top-up plans for: its runs are timed by the speeds other runs measured,
 which carry over imperfectly from one model to another."""
@@ -109,8 +113,55 @@ def first_plan(
         if need <= finish:
             break
         finish = need
+    runs, finish = with_scout(clock, base, candidates, speeds, folds, runs, finish)
     return dataclasses.replace(base, folds=folds, runs=tuple(runs), finish_s=finish,
                                train_s=train_seconds(runs, folds, devices))  # fmt: skip
+
+
+def first_submission_s(
+    clock: Clock, base: AutoPlan, run: AutoRun, folds: int, speeds: dict[str, Speed]
+) -> float:
+    """Seconds from the call's start at which ``run``, trained first, is expected to be submitted: the images
+    prepared, its folds in rounds on the devices, then its blend alone and submit."""
+    devices = len(base.devices)
+    start = clock.elapsed() + prepare_s(base.n_train + base.n_test) + SWEEP_OVERHEAD_S + PROCESS_START_S
+    return (start + math.ceil(folds / devices) * run.job_s
+            + finish_seconds(base.n_train, base.n_test, [run], folds, speeds))  # fmt: skip
+
+
+def with_scout(
+    clock: Clock,
+    base: AutoPlan,
+    candidates: Sequence[Candidate],
+    speeds: dict[str, Speed],
+    folds: int,
+    runs: list[AutoRun],
+    finish: float,
+) -> tuple[list[AutoRun], float]:
+    """``runs`` and their reserve, with a short scout run put first when the first run would be submitted
+    after :data:`SUBMIT_BY` of the limit: the first candidate that fits, with the most of its least epochs that
+    let its submission come by then (``<candidate>-e<epochs>``); the other runs re-fitted to the time left.
+    Unchanged when no scout fits or the runs no longer fit beside it."""
+    by = SUBMIT_BY * clock.limit_s
+    if first_submission_s(clock, base, runs[0], folds, speeds) <= by:
+        return runs, finish
+    devices, n = len(base.devices), base.n_train
+    for c in candidates:
+        for e in range(c.epochs[0], 0, -1):
+            short = dataclasses.replace(c, name=f"{c.name}-e{e}", epochs=(e, e))
+            scout = choose_runs([short], [speeds[c.name]], n, devices, math.inf, folds)[1][0]
+            if first_submission_s(clock, base, scout, folds, speeds) > by:
+                continue
+            spent = math.ceil(folds / devices) * scout.job_s
+            everything = finish_seconds(n, base.n_test, [scout, *runs], folds, speeds)
+            budget = clock.left() - everything - prepare_s(n + base.n_test) - spent
+            sp = [speeds[x.name] for x in candidates]
+            chosen = choose_runs(candidates, sp, n, devices, budget, folds)
+            if chosen is None:
+                return runs, finish
+            kept = [scout, *chosen[1]]
+            return kept, finish_seconds(n, base.n_test, kept, folds, speeds)
+    return runs, finish
 
 
 def as_run(c: Candidate) -> AutoRun:

@@ -97,3 +97,27 @@ def test_a_single_run_plan_is_not_submitted_twice(tmp_path):
     progress(_finish_job(tmp_path, "a", 0))
     progress(_finish_job(tmp_path, "a", 1, complete=True))
     assert not submitted  # the final blend and submit come next anyway
+
+
+@pytest.mark.parametrize("limit", [180.0, 360.0, 720.0, 8 * 3600.0])
+def test_a_scout_run_goes_first_when_the_first_submission_would_come_late(limit):
+    from aivh_ens.auto.budget import Speed
+    from aivh_ens.auto.candidates import Candidate
+    from aivh_ens.auto.planning import SUBMIT_BY, first_plan, first_submission_s
+
+    candidates = [
+        Candidate("c", "scratch", {"model": "m"}, (6, 40)),
+        Candidate("d", "scratch", {"model": "n"}, (6, 16)),
+    ]
+    speeds = {"c": Speed(1000.0, 4000.0, 2), "d": Speed(2000.0, 8000.0, 2)}
+    base = AutoPlan("data", limit, ("cpu", "cpu"), 2, {}, n_train=4000, n_test=1000)
+    clock = Clock(time.monotonic(), limit)
+    plan = first_plan(clock, base, candidates, speeds)
+    first = plan.runs[0]
+    assert (
+        first_submission_s(clock, plan, first, plan.folds, speeds) <= SUBMIT_BY * limit + 1
+    )  # by half the limit
+    assert plan.train_s + plan.finish_s <= limit  # the scout's time came out of the other runs'
+    if first.name != "c":  # a scout: the first candidate at a few epochs, then the plan as before
+        assert re.fullmatch(r"c-e\d", first.name) and first.epochs <= 6
+        assert plan.runs[1].name == "c"
