@@ -105,6 +105,18 @@ def shm_total() -> int | None:
 JOBS_AT_ONCE_ENV = "AIVH_ENS_JOBS_AT_ONCE"  # set by a sweep's local backend in each of its job processes
 
 
+DEADLINE_ENV = "AIVH_ENS_DEADLINE"
+"""Set by ``auto`` in its job processes: the wall time (``time.time()``) by which a fold's training must end."""
+
+
+def seconds_to_deadline() -> float | None:
+    """Seconds left before :data:`DEADLINE_ENV`'s wall time (negative past it); None when none is set."""
+    try:
+        return float(os.environ[DEADLINE_ENV]) - time.time()
+    except (KeyError, ValueError):
+        return None
+
+
 def jobs_at_once() -> int:
     """How many training jobs run at once on this machine (they share its /dev/shm): 1 unless a sweep says."""
     try:

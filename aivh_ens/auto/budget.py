@@ -1,8 +1,8 @@
 """Time budgets: ``--time-limit`` parsing, the cost model of a run, and the plan that fits a budget.
 
 Pure Python (no torch): a run's cost comes from its candidate's measured images per second, so the
-planning is testable in microseconds. The sweep engine runs a plan's jobs longest first, each on the next
-free device; :func:`schedule_s` simulates exactly that to say how long a plan takes.
+planning is testable in microseconds. :func:`schedule_s` simulates the sweep engine (each job on the next
+free device) to say how long a plan takes.
 """
 
 from __future__ import annotations
@@ -19,19 +19,13 @@ from aivh_ens.errors import UserError
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 SWEEP_OVERHEAD_S = 18.0
 """One sweep call: the input checks, the fold files, a fresh process per device (torch's import)."""
-PREPARE_S_PER_IMAGE = 0.002
-"""A sweep's first look at each image: the full decode check and the image cache (cached for later calls)."""
 JOB_OVERHEAD_S = 3.0
 """One (run, fold) job beyond its epochs: the model, the loaders, the OOF pass's set-up, the files."""
 LOADER_FACTOR = 1.3
 """Real epochs against the probe's synthetic batches: reading the cache, augmentation, validation, and the
-device's jobs running side by side. Measured on 20,000 cifake-dev images on 2 cores (two ``aivh_cnn_s`` jobs
-at once, bf16, batch 64): at 1.1 the 5-fold jobs took 0.66-0.83 of their estimates; at 0.95 two 4-fold plans
-took 1.03x and 1.12x theirs (the second call ran to 110% of its limit), the probe having read 468 and 506 img/s
-where an earlier one read twice that. Two ``aivh_res_s`` jobs side by side trained at 370-490 img/s where the
-probe (the median of its chunks) reads 490-590 alone: their epochs take about 1.25x the estimate at 1.0, so 1.3
-is a little cautious. The sweep's clock
-corrects a plan whose later jobs run slower than this (:class:`aivh_ens.auto.stage.Gate`)."""
+device's jobs running side by side (two ``aivh_res_s`` jobs at once train about 1.25x slower than the probe
+reads alone: docs/benchmarks-history.md, "auto"). Folds end on time whatever it is (``fold_time`` and the
+deadline); the gate corrects the rest with the speeds the jobs measure (:mod:`aivh_ens.auto.gate`)."""
 FOLD_CHOICES = (5, 4, 3, 2)
 """The folds :func:`choose_folds` picks from."""
 
@@ -102,17 +96,21 @@ def epochs_s(speed: Speed, n_train: int, folds: int, epochs: int, last_only: boo
     return LOADER_FACTOR * (train + checks * n_val / speed.eval_img_s)
 
 
-def prepare_s(n_images: int) -> float:
-    """Seconds a sweep spends on its images before the first job (an upper bound: later calls reuse them)."""
-    return PREPARE_S_PER_IMAGE * n_images
+def prepare_s(n_images: int, decode_s: float | None = None) -> float:
+    """Seconds a sweep spends on its images before the first job, as the sweep estimates it
+    (:func:`aivh_ens.scale.sweep.expected_prepare_seconds`; ``decode_s``: one image's decode time here)."""
+    from aivh_ens.scale.sweep import expected_prepare_seconds
+
+    return expected_prepare_seconds(n_images, decode_s)
 
 
 def schedule_s(jobs: Sequence[float], devices: int) -> float:
-    """Wall seconds of a sweep of ``jobs`` (each job's seconds) on ``devices``: longest first, next free device."""
+    """Wall seconds of a sweep of ``jobs`` (each job's seconds) on ``devices``, in the given order (the plan's:
+    the sweep runs ``auto``'s jobs so), each on the next free device."""
     if not jobs:
         return 0.0
     free = [0.0] * max(1, devices)
-    for j in sorted(jobs, reverse=True):
+    for j in jobs:
         heapq.heapreplace(free, free[0] + j)
     return SWEEP_OVERHEAD_S + max(free)
 
@@ -180,10 +178,8 @@ def fit_plan(
     most epochs that fit (up to the most of its range); then every further candidate that still fits (in
     order), with the most epochs the time left gives them.
 
-    The first candidate's epochs come before further candidates: on 16,000 cifake-dev rows ``aivh_cnn_s``
-    scored F1 0.950-0.954 after 10 epochs and 0.957 after 16, while five 10-epoch models averaged scored
-    0.953; and in 20-minute plans a single candidate on 5 folds (test F1 0.958) beat the same candidate with
-    two weaker ones filling the idle core (0.953-0.955).
+    The first candidate's epochs come before further candidates: training the best model longer was worth
+    more than averaging weaker ones in every measured plan (docs/benchmarks-history.md, "auto").
 
     Args:
         speeds: each candidate's measured speed, in priority order.

@@ -40,6 +40,7 @@ class AutoRun:
         job_s: the estimated seconds of one fold job.
         fold_s: the seconds of a job's epochs (its ``fold_time``; 0: none, as in plans written before it).
         most: the most epochs a fold may train when its epochs run faster than planned (0: ``epochs``).
+        epoch_s: the seconds of one epoch at the probe's speed, validation averaged in (0: not recorded).
     """
 
     name: str
@@ -49,18 +50,18 @@ class AutoRun:
     job_s: float = 0.0
     fold_s: float = 0.0
     most: int = 0
+    epoch_s: float = 0.0
 
     def table(self) -> dict[str, Any]:
         """The run's ``[[runs]]`` table of the sweep plan. Fine-tuning of six epochs or more stops early (patience
         a third of the epochs); from-scratch runs train their epochs (on a cosine schedule their validation F1
-        rises to the end: with patience 3 one fold of ``aivh_cnn_s`` stopped at epoch 5 at 0.916 on cifake-dev
-        while its four siblings reached 0.942-0.951 after 11), and validate only their last quarter
+        rises to the end, so early stopping only cuts a fold short) and validate only their last quarter
         (``validate_last``, :func:`aivh_ens.auto.budget.validated_epochs`).
 
         Each fold trains for the seconds its epochs were planned to take (``fold_time``), up to ``most`` epochs:
         its epochs and schedule follow the speed its epochs measure (:func:`aivh_ens.train.fold.planned_epochs`),
-        as this machine's speed swings (the same loop read 664 and 314 img/s half an hour apart), so a plan
-        made in a fast or slow minute still ends on time and uses its time."""
+        so a plan made in a fast or slow minute of a machine whose speed drifts still ends on time and uses its
+        time."""
         early = (
             {"early_stop": max(3, self.epochs // 3)} if self.kind == "finetune" and self.epochs >= 6 else {}
         )
@@ -188,8 +189,7 @@ def choose_runs(
 ) -> tuple[int, list[AutoRun]] | None:
     """Folds and the runs that fit ``budget_s`` of training (:func:`aivh_ens.auto.budget.fit_plan`); None when
     not even the cheapest candidate fits. The seconds the whole epochs leave over stretch every fold's
-    ``fold_time`` (a 20-minute plan of 4 folds x 7 epochs left 3 minutes unused; one more epoch cost 2), unless
-    a run already trains its most epochs."""
+    ``fold_time`` (whole epochs can leave minutes unused), unless a run already trains its most epochs."""
     checks = last_only(candidates)
     fit = fit_plan(speeds, [c.epochs for c in candidates], n_train, devices, budget_s, folds, checks)
     if fit is None:
@@ -200,9 +200,10 @@ def choose_runs(
     runs = []
     for p in fit.runs:
         c = candidates[p.candidate]
-        fold_s = epochs_s(speeds[p.candidate], n_train, fit.folds, p.epochs, checks[p.candidate])
-        fold_s += (more - 1) * p.job_s
-        runs.append(AutoRun(c.name, c.kind, dict(c.settings), p.epochs, p.job_s * more, fold_s, c.epochs[1]))
+        epochs = epochs_s(speeds[p.candidate], n_train, fit.folds, p.epochs, checks[p.candidate])
+        fold_s = epochs + (more - 1) * p.job_s
+        runs.append(AutoRun(c.name, c.kind, dict(c.settings), p.epochs, p.job_s * more, fold_s, c.epochs[1],
+                            epochs / p.epochs))  # fmt: skip
     return fit.folds, runs
 
 

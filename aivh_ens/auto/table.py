@@ -47,8 +47,9 @@ def final_table(
     used_s: float,
     limit_s: float,
     steps: dict[str, float],
+    note: str = "",
 ) -> str:
-    """The table ``auto`` prints last (and writes to ``runs/auto/table.txt``)."""
+    """The table ``auto`` prints last (and writes to ``runs/auto/table.txt``); ``note``: a last line."""
     head = ("run", "model", "px", "epochs", "folds", "train min", "OOF F1", "nested F1")
     body = [
         (r["run"], str(r["model"]), str(r["img_size"]), f"{r['epochs_run'] / max(1, r['folds_done']):.0f}/{r['epochs']}"
@@ -76,4 +77,33 @@ def final_table(
         f"the plan ({len(plan.runs)} runs x {plan.folds} folds) was estimated at "
         f"{format_duration(plan.train_s + plan.finish_s)}"
     )
-    return "\n".join(lines)
+    return "\n".join([*lines, note] if note else lines)
+
+
+def dry_run_table(plan: AutoPlan, timings: dict[str, Any], spent_s: float) -> str:
+    """What ``auto --dry-run`` prints: the timed candidates, the plan's runs and its estimates (nothing trained
+    or written)."""
+    head = ("candidate", "kind", "model", "px", "train img/s", "eval img/s")
+    cand = [(k, str(v.get("kind", "")), str(v.get("model", "")), str(v.get("img_size", "")),
+             f"{v['train_img_s']:.0f}", f"{v['eval_img_s']:.0f}") for k, v in timings.items()]  # fmt: skip
+    runs = [("run", "kind", "model", "px", "epochs", "per fold job")]
+    runs += [(r.name, r.kind, str(r.settings.get("model")), str(r.settings.get("img_size")), str(r.epochs),
+              format_duration(r.job_s)) for r in plan.runs]  # fmt: skip
+    total = spent_s + plan.train_s + plan.finish_s
+    return "\n".join([
+        *_aligned(head, cand), "",
+        f"plan: {len(plan.runs)} runs x {plan.folds} folds on {','.join(plan.devices)}; shared settings: "
+        + (", ".join(f"{k} = {v}" for k, v in plan.shared.items()) or "none"),
+        *_aligned(runs[0], runs[1:]), "",
+        f"estimates: inspect + timing {format_duration(spent_s)} (done), training {format_duration(plan.train_s)}, "
+        f"blend + submit + report {format_duration(plan.finish_s)}: {format_duration(total)} of "
+        f"{format_duration(plan.limit_s)} ({total / plan.limit_s:.0%})",
+        "dry run: nothing was trained or written",
+    ])  # fmt: skip
+
+
+def _aligned(head: tuple[str, ...], body: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(x[i]) for x in (head, *body)) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip() for x in (head, *body)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from aivh_ens.cli.options import WORKDIR, cpu_threads, user_errors
+from aivh_ens.config import ON_BAD_IMAGE
 
 
 @click.command("auto")
@@ -51,21 +52,34 @@ from aivh_ens.cli.options import WORKDIR, cpu_threads, user_errors
     help="Only these timm models: their pretrained candidates, else each trained from scratch.  [default: the "
     "candidates auto chooses]",
 )
+@click.option(
+    "--on-bad-image",
+    type=click.Choice(ON_BAD_IMAGE),
+    default=None,
+    help="A corrupt image stops the call (error) or is skipped and recorded (skip).  [default: error]",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Inspect, time and plan; print the candidates, plan and estimates."
+)
 @click.option("--quiet", is_flag=True, help="Only the final table.")
 @WORKDIR
 @cpu_threads
 @user_errors
-def auto_cmd(data, time_limit, devices, out, weights_dir, models, quiet, workdir) -> None:
+def auto_cmd(
+    data, time_limit, devices, out, weights_dir, models, on_bad_image, dry_run, quiet, workdir
+) -> None:
     """Inspect, plan, train, blend, submit and report within --time-limit; print one final table.
 
     The plan (runs/auto/plan.toml, a sweep plan), the candidates' timings and the table are written under
-    runs/auto/, so any step can be re-run or edited by hand.
+    runs/auto/, so any step can be re-run or edited by hand. The first run to complete is submitted at once;
+    the final blend refreshes submission.csv. The jobs' epoch lines go to runs/auto/jobs.log.
 
     \b
     aivh-ens auto --data data/ --time-limit 20m
     aivh-ens auto --data data/ --time-limit 8h --devices cuda:0,cuda:1 --workdir /kaggle/working
     aivh-ens auto --data data/ --time-limit 40m          # after a 20m call: adds runs, retrains nothing
     aivh-ens auto --data data/ --time-limit 20m --models test_resnet --workdir single   # one model only
+    aivh-ens auto --data data/ --time-limit 8h --dry-run     # candidates, plan and estimates; trains nothing
     """
     from aivh_ens.auto.budget import parse_time_limit
 
@@ -81,9 +95,13 @@ def auto_cmd(data, time_limit, devices, out, weights_dir, models, quiet, workdir
         weights_dir=weights_dir,
         models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else (),
         threads=click.get_current_context().meta.get("threads"),
+        on_bad_image=on_bad_image,
+        dry_run=dry_run,
         log=(lambda _m: None) if quiet else click.echo,
     )
     click.echo(result.table)
+    if result.failed and result.submission is None and not result.rows:
+        sys.exit(1)  # every run failed: the table names the failure
     if result.failed:
         click.echo(f"{result.failed} jobs failed (see `aivh-ens status --workdir {workdir}`); the blend and "
                    "submission use the runs that finished", err=True)  # fmt: skip

@@ -306,6 +306,11 @@ def _submission_section(path: Path) -> str | None:
     )
 
 
+def expected_seconds(n_runs: int) -> float:
+    """Seconds :func:`build_report` is expected to take for ``n_runs`` runs (the page, its plots per run)."""
+    return 2.0 + 0.5 * n_runs
+
+
 def build_report(
     workdir: str | Path = ".",
     runs: list[str] | None = None,

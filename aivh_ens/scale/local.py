@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,7 @@ def run_local(
     threads: int | None = None,
     admit: Callable[[Path], bool] | None = None,
     job_timeout: float = JOB_TIMEOUT_S,
+    hooks: JobHooks | None = None,
 ) -> list[dict[str, Any]]:
     """Run the jobs (in the given order), one at a time per device, each device's in its own process; rows.
 
@@ -139,14 +140,16 @@ def run_local(
     dies, or whose progress stands still for ``job_timeout`` seconds, is a failed row naming the cause, and the
     device gets a fresh process for its next job.
     ``admit`` (a job file -> start it now?) is asked when a device is free for the job; a job it refuses stays
-    ``pending`` (``auto`` uses it to start no job that would end past its time limit).
+    ``pending`` (``auto`` uses it to start no job that would end past its time limit). ``hooks``: see
+    :class:`JobHooks`.
 
     Raises:
         SweepInterrupted: SIGINT or SIGTERM; every job was stopped first (its lock released).
     """
+    hooks = hooks or JobHooks()
     slots = make_slots(devices, os.environ.get("CUDA_VISIBLE_DEVICES"), sorted(_affinity()))
     free: queue.SimpleQueue[Worker] = queue.SimpleQueue()
-    workers = [Worker(s, threads, job_timeout) for s in slots]
+    workers = [Worker(s, threads, job_timeout, hooks) for s in slots]
     for w in workers:
         free.put(w)
     rows: list[dict[str, Any]] = []
@@ -157,7 +160,10 @@ def run_local(
             futures = [pool.submit(_run_on_free_worker, Path(f), free, admit) for f in job_files]
             try:
                 for fut in as_completed(futures):
-                    rows.append(_logged(fut.result(), log))
+                    row = _logged(fut.result(), log)
+                    rows.append(row)
+                    if hooks.on_done is not None:
+                        hooks.on_done(row)
             except BaseException as e:
                 for fut in futures:
                     fut.cancel()
@@ -200,6 +206,21 @@ def _sigterm_interrupts(seen: list[int]) -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+@dataclass(frozen=True)
+class JobHooks:
+    """What a caller of the local backend adds to its jobs (``auto`` uses all three).
+
+    Attributes:
+        on_done: called in the caller's thread with each finished job's row, while the other devices train on.
+        env: environment variables set in every job process before its first import (e.g. a deadline).
+        output: a file that the job processes' stdout and stderr are appended to, instead of the terminal.
+    """
+
+    on_done: Callable[[dict[str, Any]], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    output: Path | None = None
+
+
 def _affinity() -> set[int]:
     return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
@@ -224,8 +245,15 @@ class Worker:
     """The process of one slot: started on its first job, it runs jobs sent over a pipe, one at a time, and is
     replaced by a fresh one when it dies, hangs or fails a job."""
 
-    def __init__(self, slot: Slot, threads: int | None, job_timeout: float = JOB_TIMEOUT_S):
+    def __init__(
+        self,
+        slot: Slot,
+        threads: int | None,
+        job_timeout: float = JOB_TIMEOUT_S,
+        hooks: JobHooks | None = None,
+    ):
         self.slot, self.threads, self.job_timeout = slot, threads, job_timeout
+        self.hooks = hooks or JobHooks()
         self.proc: Any = None
         self.conn: Any = None
         self.beats: Any = None  # the process's progress counter, in shared memory
@@ -239,7 +267,7 @@ class Worker:
         self.beats = ctx.RawValue("q", 0)
         self.proc = ctx.Process(
             target=serve_jobs,
-            args=(child, self.slot, self.threads, self.beats, os.getpid()),
+            args=(child, self.slot, self.threads, self.beats, os.getpid(), self.hooks.env, self.hooks.output),
             name=self.slot.device,
         )
         self.proc.start()
@@ -357,13 +385,28 @@ def exit_cause(rc: int) -> str:
 
 
 def serve_jobs(
-    conn: Any, slot: Slot, threads: int | None, beats: Any = None, parent: int | None = None
+    conn: Any,
+    slot: Slot,
+    threads: int | None,
+    beats: Any = None,
+    parent: int | None = None,
+    env: dict[str, str] | None = None,
+    output: Path | None = None,
 ) -> None:
     """The slot's process: pin to its GPU and cores (before torch is imported), then run jobs until told.
 
     ``beats``: the shared counter this process's progress goes to; ``parent``: the sweep's PID, whose death
-    stops the job here (its lock released) and ends this process.
+    stops the job here (its lock released) and ends this process. ``env`` and ``output``: a caller's
+    :class:`JobHooks` (what a spawned process can be sent).
     """
+    os.environ.update(env or {})
+    if output is not None:  # the descriptors themselves, so native libraries' output goes there too
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     if slot.visible is None:
         os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         device = "cpu"

@@ -24,6 +24,8 @@ from aivh_ens.scale.plan import Plan
 
 Log = Callable[[str], None]
 BACKENDS = ("local", "ray", "slurm")
+DECODE_S_PER_IMAGE = 0.001
+"""Seconds to decode one image when none was measured (32 px JPEGs; a 1024 px JPEG takes 10-40 ms)."""
 DONE_STATES = ("done", "skipped (done)")
 
 
@@ -90,6 +92,13 @@ class _Checked:
     pseudo: Any = None  # the run's checked pseudo-label source (train.pseudo.PseudoSource), if any
 
 
+def expected_prepare_seconds(n_images: int, decode_s: float | None = None, sizes: int = 1) -> float:
+    """Seconds a sweep spends on its images before the first job: the full decode check, then each image
+    cache (``sizes`` of them) decoding every image again; an upper bound, since later sweeps reuse both.
+    ``decode_s``: seconds to decode one image on this machine (default :data:`DECODE_S_PER_IMAGE`)."""
+    return (1 + sizes) * (DECODE_S_PER_IMAGE if decode_s is None else decode_s) * n_images
+
+
 def check_plan(plan: Plan, workdir: Path, force: bool, check_device: str) -> list[_Checked]:
     """Every input of every run, before anything is written: models, weights, shared memory, tables, a full
     decode of every image (once per dataset), and no existing run whose config the plan changes."""
@@ -123,8 +132,9 @@ def _check_unchanged(cfg: RunConfig, workdir: Path, where: str) -> None:
         raise UserError(f"{where}: {change}; give the run a new name, or pass --force to retrain it")
 
 
-def expand(checked: list[_Checked], workdir: Path) -> list[tuple[JobSpec, str]]:
-    """Every (run, fold) job with its state (``done`` when its done.json matches its hash), longest first."""
+def expand(checked: list[_Checked], workdir: Path, order: str = "cost") -> list[tuple[JobSpec, str]]:
+    """Every (run, fold) job with its state (``done`` when its done.json matches its hash): longest first
+    (``order="cost"``), or run by run in the plan's order (``"plan"``: the caller ranked its runs)."""
     from aivh_ens.data.folds import fold_file_name
     from aivh_ens.layout import FOLDS
 
@@ -134,6 +144,8 @@ def expand(checked: list[_Checked], workdir: Path) -> list[tuple[JobSpec, str]]:
         for k in range(c.cfg.folds):
             spec = make_spec(c.cfg, k, workdir, fold_file, tuple(sorted(c.bad)))
             jobs.append((spec, "done" if done_matches(spec) else "pending"))
+    if order == "plan":
+        return jobs
     return sorted(jobs, key=lambda j: -j[0].cost)  # stable: plan order among equal costs
 
 
@@ -198,6 +210,8 @@ def run_sweep(
     ray: RayOptions | None = None,
     admit: Callable[[Path], bool] | None = None,
     job_timeout: float | None = None,
+    hooks: Any = None,
+    order: str = "cost",
     log: Log = print,
 ) -> SweepResult:
     """Train every fold of every run in the plan on the chosen backend; skip jobs already done.
@@ -217,19 +231,24 @@ def run_sweep(
             stays pending (``aivh-ens auto``'s clock). Other backends hand every job over at once.
         job_timeout: local backend: seconds a job may go without progress (a batch) before it is killed as
             hung (``--job-timeout``; default :data:`aivh_ens.scale.local.JOB_TIMEOUT_S`).
+        hooks: local backend: :class:`aivh_ens.scale.local.JobHooks` (a finished job's callback, the job
+            processes' environment and output file).
+        order: ``cost`` (longest jobs first) or ``plan`` (the plan's runs in their order, fold by fold).
 
     Raises:
         UserError: a bad plan or input, or a missing extra, before anything is written or decoded.
     """
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
-    if admit is not None and backend != "local":
-        raise ValueError(f"admit= is for the local backend, not {backend}")
+    if (admit is not None or hooks is not None) and backend != "local":
+        raise ValueError(f"admit= and hooks= are for the local backend, not {backend}")
+    if order not in ("cost", "plan"):
+        raise ValueError(f"order= is 'cost' or 'plan', not {order!r}")
     check_extra(backend)
     workdir = Path(workdir)
     device_list = _local_devices(backend, devices, gpus)
     checked = check_plan(plan, workdir, force, device_list[0] if device_list else "cpu")
-    jobs = expand(checked, workdir)
+    jobs = expand(checked, workdir, order)
     if force:
         jobs = [(spec, "pending") for spec, _ in jobs]
     if dry_run:
@@ -241,7 +260,9 @@ def run_sweep(
     from aivh_ens.scale.local import SweepInterrupted
 
     try:
-        rows = _dispatch(backend, pending, workdir, device_list, threads, engine, log, admit, job_timeout)
+        rows = _dispatch(
+            backend, pending, workdir, device_list, threads, engine, log, admit, job_timeout, hooks
+        )
     except SweepInterrupted as stop:  # every job stopped and its lock released: still print the table
         log("sweep: interrupted; the stopped jobs resume on the next run")
         return dataclasses.replace(finish(checked, jobs, stop.rows, workdir, log), interrupted=True)
@@ -268,13 +289,14 @@ def _dispatch(
     log: Log,
     admit: Callable[[Path], bool] | None = None,
     job_timeout: float | None = None,
+    hooks: Any = None,
 ) -> list[dict[str, Any]]:
     if not pending:
         return []
     if backend == "local":
         from aivh_ens.scale.local import JOB_TIMEOUT_S, run_local
 
-        return run_local(pending, devices, log, threads, admit, job_timeout or JOB_TIMEOUT_S)
+        return run_local(pending, devices, log, threads, admit, job_timeout or JOB_TIMEOUT_S, hooks)
     if backend == "ray":
         from aivh_ens.scale.ray import run_ray
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from aivh_ens.data.transforms import eval_transform, train_transform
 from aivh_ens.errors import TrainingDiverged, UserError
 from aivh_ens.io import atomic_path, write_csv, write_json
 from aivh_ens.layout import DONE
+from aivh_ens.system import seconds_to_deadline
 from aivh_ens.train.loop import (
     BEST,
     METRICS,
@@ -144,50 +146,48 @@ UNCHECKED = {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan, "val
 
 
 def validates(cfg: RunConfig, epoch: int, epochs: int) -> bool:
-    """Whether epoch ``epoch`` (0-based) of a fold that trains ``epochs`` (:func:`planned_epochs`) has a
-    validation pass: every epoch, or with ``validate_last`` N only the last N. On a
-    cosine schedule from scratch the validation F1 rises to the end, so the early passes only cost time (a
-    tenth of an epoch's on 20,000 cifake-dev rows, 4 folds); an unvalidated epoch cannot be the selected one
-    and does not count towards ``early_stop``."""
+    """Whether epoch ``epoch`` (0-based) of a fold that trains ``epochs`` (:func:`planned_epochs`) is validated:
+    every epoch, or with ``validate_last`` N the last N (from scratch on a cosine schedule F1 rises to the end,
+    so early passes only cost time). An unvalidated epoch is never selected nor counts towards ``early_stop``."""
     return cfg.validate_last is None or epoch >= epochs - cfg.validate_last
 
 
-RECENT_EPOCHS = 3
-"""Epochs whose seconds time the next ones under ``fold_time`` (recent ones: the machine's speed drifts)."""
+RECENT_EPOCHS = 3  # epochs that time the next ones (recent ones: the machine's speed drifts)
+OOF_PASSES = 2  # validation passes' seconds a deadline keeps for the OOF pass (hflip TTA: two views)
 
 
-def planned_epochs(cfg: RunConfig, history: Sequence[dict[str, Any]], val_share: float) -> int:
-    """The epochs the fold trains, as known before its next epoch. ``cfg.epochs``; with ``fold_time`` (seconds
-    of training and validation passes), the epochs up to ``cfg.epochs``, at least one more, whose passes end
-    nearest to it at the seconds the last :data:`RECENT_EPOCHS` epochs took (before the first epoch:
-    ``cfg.epochs``): one epoch more is taken when it would end less far past ``fold_time`` than one fewer ends
-    before it, so a fold ends within half an epoch of its time, on average on it (rounding down left half an
-    epoch per fold unused). The learning-rate schedule and ``validate_last`` follow the plan as it changes, so
-    the fold's schedule runs out then, on a machine slower or faster than the one it was planned on.
+def planned_epochs(
+    cfg: RunConfig, history: Sequence[dict[str, Any]], val_share: float, time_left: float | None = None
+) -> int:
+    """The epochs the fold trains, as known before its next epoch: ``cfg.epochs``, fewer under ``fold_time``
+    or a deadline (at least one more), at the seconds the last :data:`RECENT_EPOCHS` epochs took.
 
-    ``val_share``: a validation pass's seconds per training pass's, used until one was measured (the rows'
-    ratio over 3: a forward pass costs about a third of a training step).
+    ``fold_time`` (seconds of passes) takes the count that ends nearest to it, so a fold ends on its time on
+    average as the machine's speed drifts; ``time_left`` (seconds to a deadline) is a wall: the most epochs
+    that end, with the OOF pass after them, before it. The schedule and ``validate_last`` follow the count.
+    ``val_share``: a validation pass's seconds per training pass's until one was measured.
     """
     done = len(history)
-    if cfg.fold_time is None or not done:
+    if (cfg.fold_time is None and time_left is None) or not done:
         return cfg.epochs
-    recent = history[-RECENT_EPOCHS:]
-    train_s = sum(h["train_seconds"] for h in recent) / len(recent)
-    checks = [h["seconds"] - h["train_seconds"] for h in history if not math.isnan(h["val_f1"])][
-        -RECENT_EPOCHS:
-    ]
-    val_s = sum(checks) / len(checks) if checks else train_s * val_share
-    left = cfg.fold_time - sum(h["seconds"] for h in history)
+    train_s = statistics.mean(h["train_seconds"] for h in history[-RECENT_EPOCHS:])
+    checks = [h["seconds"] - h["train_seconds"] for h in history if not math.isnan(h["val_f1"])]
+    val_s = statistics.mean(checks[-RECENT_EPOCHS:]) if checks else train_s * val_share
 
     def seconds(more: int) -> float:  # of ``more`` epochs, their last ``validate_last`` validated
         return more * train_s + min(more, cfg.validate_last or more) * val_s
 
-    epochs = done + 1
-    for total in range(done + 2, cfg.epochs + 1):
-        more = total - done
-        if seconds(more) - left >= left - seconds(more - 1):  # past the time by as much as one fewer is short
-            break
-        epochs = total
+    epochs = cfg.epochs
+    if cfg.fold_time is not None:
+        left = cfg.fold_time - sum(h["seconds"] for h in history)
+        epochs = done + 1
+        for total in range(done + 2, cfg.epochs + 1):  # one more if it ends less past than one fewer is short
+            if seconds(total - done) - left >= left - seconds(total - done - 1):
+                break
+            epochs = total
+    if time_left is not None:
+        wall = time_left - OOF_PASSES * val_s
+        epochs = max([t for t in range(done + 1, epochs + 1) if seconds(t - done) <= wall], default=done + 1)
     return epochs
 
 
@@ -328,7 +328,7 @@ def _train_epochs(job: FoldJob, s: _Setup, state: _State, progress: bool, log: C
     eval_model = s.eval_model  # uncompiled: no recompile for eval mode or the last partial batch
     val_share = len(s.val_loader.dataset) / max(1, len(s.train_rows)) / 3
     for epoch in range(state.start_epoch, cfg.epochs):
-        epochs = planned_epochs(cfg, state.history, val_share)
+        epochs = planned_epochs(cfg, state.history, val_share, seconds_to_deadline())
         torch.manual_seed(derive_seed(cfg.seed, fold, epoch))  # dropout, drop-path: replayable on resume
         s.train_ds.set_epoch(epoch)
         train_loader = make_loader(
@@ -397,7 +397,8 @@ def _epoch_done(
     if epoch < epochs:
         return False
     if epochs < cfg.epochs:
-        log(f"  fold {fold}: {epochs} epochs fit --fold-time {cfg.fold_time:g}s (of at most {cfg.epochs})")
+        limit = f"--fold-time {cfg.fold_time:g}s" if cfg.fold_time is not None else "the deadline"
+        log(f"  fold {fold}: {epochs} epochs fit {limit} (of at most {cfg.epochs})")
     return True
 
 

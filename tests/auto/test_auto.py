@@ -78,7 +78,8 @@ def test_plan_fits_the_budget(first):
     assert used["limit_s"] == limit and 0 < used["used_s"] < 2 * limit
     toml = (work / "runs/auto/plan.toml").read_text()
     assert 'group = "pairs"' in toml  # inspect's pairs finding became the plan's grouping
-    assert set(json.loads((work / "runs/auto/timings.json").read_text())) >= {r.name for r in plan.runs}
+    timed = set(json.loads((work / "runs/auto/timings.json").read_text()))
+    assert timed >= {re.sub(r"-e\d+$", "", r.name) for r in plan.runs}  # a scout `<candidate>-e<N>` included
     assert (work / "submission.csv").is_file() and (work / "runs/report.html").is_file()
     table = res.output[res.output.index("run ") :]
     assert "shipped blend:" in table and f" of {format_duration(limit)}" in table
@@ -101,6 +102,14 @@ def test_second_call_resumes_without_retraining(first):
     assert f"sweep: {jobs} jobs, {jobs - len(before)} to run" in res.output
 
 
+def test_quiet_prints_only_the_final_table(first):
+    data, work, _, limit = first
+    res = _auto(data, work, f"{limit}s", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("run ") and "budget: used" in res.output
+    assert "plan:" not in res.output and "sweep:" not in res.output
+
+
 def test_a_larger_limit_extends_the_plan_without_retraining(first):
     data, work, _, limit = first
     old = read_plan(work, data)
@@ -118,6 +127,32 @@ def test_a_larger_limit_extends_the_plan_without_retraining(first):
     assert added and all(oof_path(work, name).is_file() for name in added)  # trained to the end
     table = (work / "runs/auto/table.txt").read_text()
     assert all(name in table for name in added)
+
+
+def test_dry_run_prints_candidates_plan_and_estimates_and_writes_nothing(demo_data, tmp_path):
+    data = demo_data(n=64, n_test=16, seed=5)
+    res = _auto(data, tmp_path / "w", "1h", "--dry-run", "--on-bad-image", "skip")
+    assert res.exit_code == 0, res.output
+    assert "inspect: reading" in res.output and "timing: " in res.output  # the slow steps announce themselves
+    assert re.search(r"^candidate +kind +model", res.output, re.M)
+    assert re.search(
+        r"^plan: \d+ runs x \d folds on cpu; shared settings: .*on_bad_image = skip", res.output, re.M
+    )
+    assert re.search(r"^estimates: inspect \+ timing .* of 60\.0m \(\d+%\)$", res.output, re.M)
+    assert "dry run: nothing was trained or written" in res.output
+    assert not (tmp_path / "w").exists()
+
+
+def test_jobs_that_all_fail_are_named_as_failures(demo_data, tmp_path, monkeypatch):
+    data = demo_data(n=64, n_test=16, seed=5)
+    limit = math.ceil(HEADROOM * least_limit(data, tmp_path / "ask"))
+    monkeypatch.setenv("AIVH_ENS_KILL_AT", "epoch-done")  # every fold's job raises after its first epoch
+    monkeypatch.setenv("AIVH_ENS_FAULT", "raise")
+    res = _auto(data, tmp_path / "w", f"{limit}s")
+    assert res.exit_code == 1, res.output
+    assert re.search(r"^\[0/\d+\] \S+ fold \d FAILED: ", res.output, re.M)
+    assert re.search(r"^no run finished: \d+ jobs FAILED; the first, \S+ fold \d: ", res.output, re.M)
+    assert "--time-limit" not in res.output.splitlines()[-1]  # the limit is not blamed
 
 
 def test_budget_too_small_for_one_run_stops_before_training(demo_data, tmp_path):

@@ -21,7 +21,7 @@ from aivh_ens.auto.budget import (
 )
 from aivh_ens.auto.candidates import Candidate
 from aivh_ens.auto.plan import AutoRun, choose_runs, extension, train_seconds, validates_last
-from aivh_ens.auto.stage import finish_seconds
+from aivh_ens.auto.planning import finish_seconds
 from aivh_ens.errors import UserError
 
 
@@ -40,13 +40,16 @@ def test_bad_time_limit_is_one_line_naming_the_flag(text):
     assert "--time-limit" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_schedule_is_longest_first_on_free_devices():
+def test_schedule_is_the_plans_order_on_free_devices():
     base = schedule_s([], 2)
     assert base == 0
     one = schedule_s([10.0], 2)
     assert schedule_s([10.0, 10.0], 2) == one  # side by side
     assert schedule_s([10.0, 10.0, 10.0], 2) == pytest.approx(one + 10)
     assert schedule_s([6.0, 5.0, 4.0, 3.0], 2) == pytest.approx(one - 10 + 9)  # 6+3 | 5+4
+    assert schedule_s([3.0, 3.0, 6.0], 2) == pytest.approx(
+        one - 10 + 9
+    )  # 3+6 | 3: in order, not longest first
 
 
 SPEEDS = [Speed(600.0, 2000.0), Speed(900.0, 3000.0), Speed(300.0, 1000.0)]
@@ -191,27 +194,58 @@ def _job(work, run: str, fold: int):
 def test_the_clock_starts_a_job_only_when_it_fits(tmp_path):
     import time
 
+    from aivh_ens.auto.gate import FIRST_RUN_SHARE, PROCESS_START_S, Clock, Gate
     from aivh_ens.auto.plan import AutoPlan
-    from aivh_ens.auto.stage import PROCESS_START_S, Clock, Gate
 
-    runs = (AutoRun("a", "scratch", {}, 4, 10.0), AutoRun("b", "scratch", {}, 4, 10.0))
+    # each fold job: 2 s of set-up and OOF pass, 8 s of epochs (its fold_time)
+    runs = (AutoRun("a", "scratch", {}, 4, 10.0, 8.0), AutoRun("b", "scratch", {}, 4, 10.0, 8.0))
     plan = AutoPlan("d", 100.0, ("cpu",), 2, {}, runs, finish_s=10.0)
 
     def gate(left: float) -> Gate:
-        return Gate(plan, Clock(time.monotonic() - (100 - left), 100.0), devices=1)
+        return Gate(plan, Clock(time.monotonic() - (100 - left), 100.0), tmp_path, devices=1)
 
     g = gate(left=5)
-    assert g(_job(tmp_path, "a", 0)) and g(
-        _job(tmp_path, "a", 1)
-    )  # nothing done yet: the first run always starts
-    assert not g(_job(tmp_path, "b", 0))
+    assert not g(_job(tmp_path, "a", 0))  # not even the first run starts when the clock cannot finish it
+    first = 2 * (2.0 + FIRST_RUN_SHARE * 8.0) + PROCESS_START_S  # its folds may end early, by the deadline
+    assert gate(left=10 + first + 1)(_job(tmp_path, "a", 0))
+    assert not gate(left=10 + first - 1)(_job(tmp_path, "a", 0))
     (tmp_path / "oof").mkdir()
     (tmp_path / "oof/a.csv").write_text("file_name,label,fold,prob\n")  # run a is complete
-    both = 2 * 10.0 + PROCESS_START_S  # run b's two folds, one device, its process to start
+    both = 2 * 10.0 + PROCESS_START_S  # run b's two whole folds, one device, its process to start
     assert gate(left=10 + both + 1)(_job(tmp_path, "b", 0))
     assert not gate(left=10 + both - 1)(_job(tmp_path, "b", 0))
     g = gate(left=10 + both + 1)
     assert g(_job(tmp_path, "b", 0)) and g(_job(tmp_path, "b", 1))  # a started run needs one fold more
+
+
+def _metrics(work, run: str, fold: int, seconds: list[float]) -> None:
+    fold_dir = work / "runs" / run / f"fold{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{i + 1},{s}\n" for i, s in enumerate(seconds))
+    (fold_dir / "metrics.csv").write_text("epoch,seconds\n" + rows)
+
+
+def test_speed_corrections_come_from_each_kinds_epochs(tmp_path):
+    from aivh_ens.auto.gate import kind_ratios, ratio_for
+    from aivh_ens.auto.plan import AutoPlan
+
+    runs = (AutoRun("s", "scratch", {}, 4, 50.0, 40.0, epoch_s=10.0),
+            AutoRun("f", "finetune", {}, 4, 50.0, 40.0, epoch_s=10.0))  # fmt: skip
+    plan = AutoPlan("d", 100.0, ("cpu",), 2, {}, runs)
+    assert kind_ratios(tmp_path, plan) == {}  # nothing measured: no correction
+    _metrics(tmp_path, "s", 0, [20.0, 20.0])  # a running fold's epochs already count: twice the plan's
+    ratios = kind_ratios(tmp_path, plan)
+    assert ratios == {"scratch": pytest.approx(2.0)}
+    assert ratio_for(ratios, "scratch") == pytest.approx(2.0)
+    assert ratio_for(ratios, "finetune") == pytest.approx(2.0)  # unmeasured: the slowest kind, at least 1
+    _metrics(tmp_path, "s", 0, [5.0, 5.0])
+    _metrics(tmp_path, "f", 1, [30.0])
+    ratios = kind_ratios(tmp_path, plan)
+    assert ratios == {
+        "scratch": pytest.approx(0.5),
+        "finetune": pytest.approx(3.0),
+    }  # slower is seen, by kind
+    assert ratio_for({"scratch": 0.5}, "probe") == 1.0  # faster elsewhere is not assumed here
 
 
 def test_only_fine_tuning_stops_early():

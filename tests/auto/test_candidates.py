@@ -17,7 +17,7 @@ from aivh_ens.auto.candidates import (
     img_size_for,
     weights_dir_candidates,
 )
-from aivh_ens.auto.stage import tta_views
+from aivh_ens.auto.planning import tta_views
 from aivh_ens.errors import UserError
 from aivh_ens.inspect.stage import Finding
 
