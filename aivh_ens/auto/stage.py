@@ -462,6 +462,9 @@ def run_auto(
     plan, timings, audit = step_plan(clock, call.data, call.workdir, slots, wdir, call.threads, log, models)
     steps = {"inspect + plan": clock.elapsed()}
     written = write_plan(call.workdir, plan, timings or _old_timings(call.workdir))
+    from aivh_ens.auto.timing import write_candidates
+
+    written += write_candidates(call.workdir, timings)
     if audit is not None:
         from aivh_ens.inspect.stage import write_audit
 

@@ -132,6 +132,7 @@ training_options = options(
     click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None),
     click.option("--scheduler", type=click.Choice(SCHEDULERS), default=None),
     click.option("--warmup-epochs", type=float, default=None),
+    click.option("--layer-decay", type=float, default=None, help="Layer-wise lr decay, e.g. 0.75 for ViTs."),
     click.option("--label-smoothing", type=float, default=None),
     click.option("--clip-grad", type=float, default=None, help="Max gradient norm."),
     click.option(
