@@ -200,17 +200,16 @@ def choose_candidates(
     facts: DataFacts, device: str, weights_dir: Path | None, models: Sequence[str] = ()
 ) -> list[Candidate]:
     """Pretrained candidates first (every timm model in the Hugging Face cache and ``--weights-dir``), then
-    from-scratch ones; with ``models`` (``--models``) only the candidates of those timm names (with or without
-    a tag), a from-scratch one for each name no other candidate uses."""
+    from-scratch ones; with ``models`` (``--models``) only the pretrained candidates of those timm names (with
+    or without a tag), and a from-scratch one for each name without weights."""
     from aivh_ens.train.weights import local_weights
 
     pretrained = pretrained_candidates(local_weights(weights_dir))
     probes = [c for c in pretrained if c.kind == "probe"]
     tuned = [c for c in pretrained if c.kind == "finetune"]
-    out = probes + tuned + scratch_candidates(facts, device)
     if not models:
-        return out
-    kept = [c for c in out if matches(c.settings["model"], models)]
+        return probes + tuned + scratch_candidates(facts, device)
+    kept = [c for c in probes + tuned if matches(c.settings["model"], models)]
     extra = [m for m in models if not any(matches(c.settings["model"], [m]) for c in kept)]
     return kept + scratch_candidates(facts, device, tuple(extra))
 
