@@ -53,6 +53,8 @@ START_CAP_S = 300.0
 """Wall seconds the probe process may take to start (torch and timm imported)."""
 MIN_BATCH = 4
 """The smallest batch a probe steps down to on out-of-memory errors before it skips the candidate."""
+CPU_PROBE_PIXELS = 32 * 64 * 64
+"""Pixels of one batch of a probe on the CPU (:func:`_job`)."""
 DECODE_SAMPLE = 32
 """Images of the user's own a decode measurement reads (:func:`decode_seconds`)."""
 
@@ -242,10 +244,17 @@ class Prober:
         )
         self.proc.start()
         child.close()
-        if not self.conn.poll(START_CAP_S):
+        try:
+            if not self.conn.poll(START_CAP_S):
+                raise EOFError
+            self.conn.recv()
+        except (EOFError, OSError):
+            code = self.proc.exitcode
             self.close()
-            raise UserError(f"auto: the timing process did not start within {START_CAP_S:.0f} s")
-        self.conn.recv()
+            raise UserError(
+                f"auto: the timing process did not start (exit code {code}); a script that calls run_auto must "
+                'do so under `if __name__ == "__main__":` (its processes are spawned, which imports the script)'
+            ) from None
 
     def run(self, job: Job) -> tuple[dict[str, Any] | None, str | None]:
         """(the timings entry, None), or (None, why the candidate is skipped)."""
@@ -303,14 +312,17 @@ def write_candidates(workdir: Path, timings: dict[str, Any]) -> tuple[Path, ...]
 
 
 def _job(c: Candidate, device: str, data: str) -> Job:
-    """The probe of candidate ``c``: its resolved config at the batch the probe times (on the CPU at most 32:
-    a probe there measures speed; on a GPU its own, which must fit)."""
+    """The probe of candidate ``c``: its resolved config at the batch the probe times: on a GPU its own, which
+    must fit; on the CPU, where the probe measures speed only, at most :data:`CPU_PROBE_PIXELS` pixels (32 images
+    up to 64 px; 4 of a ViT-L's 224 px images, one of which takes seconds there)."""
     from aivh_ens.config import resolve_config
 
     values = {k: v for k, v in c.settings.items() if k != "recipe"}
     cfg = resolve_config(c.settings.get("recipe", "none"), name=c.name, data=data, **values)
     if not device.startswith("cuda"):
-        cfg = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, 32))
+        side = cfg.img_size or 224
+        fits = max(MIN_BATCH, min(32, CPU_PROBE_PIXELS // (side * side)))
+        cfg = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, fits))
     fast = c.kind == "scratch" and device.startswith("cpu") and "amp" not in c.settings
     return Job(c.name, c.kind, cfg, fast)
 
