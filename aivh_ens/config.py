@@ -104,6 +104,8 @@ class RunConfig:
     momentum: float = 0.9
     scheduler: str = "cosine"
     warmup_epochs: float = 0.0
+    # layer-wise lr decay (BEiT): each block towards the input trains at this times the next one's lr; None = off
+    layer_decay: float | None = None
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     cosine_epochs: float | None = None  # cosine period (T_max) in epochs; None = the whole run
     step_gamma: float = 0.7
@@ -199,6 +201,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise _bad("img_size", cfg.img_size, "must be at least 8 px")
     if not cfg.lr > 0:
         raise _bad("lr", cfg.lr, "must be > 0")
+    if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
+        raise _bad("layer_decay", cfg.layer_decay, "must be in (0, 1], e.g. 0.75")
     if cfg.rrc_scale is not None and not (0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1):
         raise _bad("rrc_scale", cfg.rrc_scale, "must satisfy 0 < lo <= hi <= 1")
     if not 0 <= cfg.label_smoothing < 1:

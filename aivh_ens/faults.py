@@ -3,8 +3,10 @@
 Points: ``batch`` (inside a training epoch), ``epoch-done`` (after a fold's epoch is saved), ``write:<file
 name>`` (a temp file fully written, not yet renamed into place), ``fold-done`` (between folds), ``job:<run>:
 <fold>`` (a sweep job, once it holds its lock), ``trial`` (inside a blend search trial) and ``infer-batch``
-(inside test or OOF inference). ``AIVH_ENS_FAULT=raise`` raises a RuntimeError there instead, ``hang`` sleeps
-until a signal arrives (a job that runs into its time limit). ``AIVH_ENS_FAULT_ONCE=<file>`` fires only while
+(inside test or OOF inference) and ``timing:<candidate>`` (``auto``'s probe of a candidate, before each batch
+size it tries). ``AIVH_ENS_FAULT=raise`` raises a RuntimeError there instead, ``oom`` torch's out-of-memory
+error (what a batch too large for the GPU raises), ``hang`` sleeps until a signal arrives (a job that runs into
+its time limit). ``AIVH_ENS_FAULT_ONCE=<file>`` fires only while
 that file does not exist and creates it first, so a retried or requeued job gets past the point. Unset
 (always, outside tests) this is one dict lookup.
 """
@@ -39,6 +41,10 @@ def point(name: str) -> None:
     action = os.environ.get("AIVH_ENS_FAULT", "kill")
     if action == "raise":
         raise RuntimeError(f"injected fault at {name}")
+    if action == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {name})")
     if action == "hang":
         while True:
             time.sleep(3600)

@@ -189,6 +189,29 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+FINETUNE: dict[str, dict[str, Any]] = {
+    # Transformers (ViT, CLIP, DINOv2, EVA, Swin): lr 2e-5 (the 1e-5 to 5e-5 used for them; at 2e-4 their
+    # features are lost in the first epoch), layer-wise decay 0.75 (BEiT, MAE; 0.85 for deeper, large models),
+    # warm-up and gradient clipping, for runs of a few epochs.
+    "vit": dict(lr=2e-5, layer_decay=0.75, warmup_epochs=0.5, weight_decay=0.05, clip_grad=1.0),
+    # ConvNets (ConvNeXt, EfficientNet, ResNet): lr 1e-4, a short warm-up.
+    "convnet": dict(lr=1e-4, warmup_epochs=0.25, weight_decay=0.05),
+}
+"""Fine-tuning settings of a pretrained model by family (:func:`aivh_ens.train.models.model_family`)."""
+DEEP_LAYER_DECAY = 0.85
+"""Layer-wise decay of large transformers (24 blocks or more): 0.75 would leave their first blocks ~1e-3 of the
+rate."""
+DEEP_MARKERS = ("_large", "_huge", "_giant", "_gigantic")
+
+
+def finetune_recipe(model: str, family: str) -> dict[str, Any]:
+    """The fine-tuning settings (RunConfig fields) of pretrained ``model`` of ``family`` (``vit`` | ``convnet``)."""
+    out = dict(FINETUNE[family])
+    if family == "vit" and any(m in model for m in DEEP_MARKERS):
+        out["layer_decay"] = DEEP_LAYER_DECAY
+    return out
+
+
 def get_recipe(name: str) -> dict[str, Any]:
     """The overrides of recipe ``name``; UserError listing the valid names (closest first) if unknown."""
     if name not in RECIPES:

@@ -1,19 +1,16 @@
 """What ``auto`` may train: candidates from local pretrained weights, else from-scratch models sized for the
 device and the images, and what the inspect findings change in all of them.
 
-No torch here (timm's model registry and the Hugging Face cache look-up are imported lazily).
+No torch here (timm's model registry and the weights look-up, :mod:`aivh_ens.train.weights`, are imported lazily).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from aivh_ens.errors import UserError
-
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 SCRATCH_CPU = ("test_resnet", "test_byobnet", "test_efficientnet")
 """From-scratch models on the CPU for images resized to 64 px, best first (timm's ``test_*`` models: 0.1-0.4M
@@ -34,14 +31,6 @@ FULL_RES = ("aivh_cnn_", "aivh_res_")
 """Name prefixes of the full-resolution CNNs (:data:`FULL_RES_EPOCHS`)."""
 SCRATCH_GPU = ("resnet18", "efficientnet_b0", "test_efficientnet")
 """From-scratch models on a GPU (more capacity per second of training there)."""
-CACHED_BACKBONES = (
-    ("vit_large_patch14_clip_quickgelu_224.openai", "clip-probe"),
-    ("vit_base_patch14_reg4_dinov2.lvd142m", "dinov2-probe"),
-    ("convnext_tiny.fb_in22k_ft_in1k", None),
-    ("efficientnet_b0.ra_in1k", None),
-)
-"""Pretrained backbones used when their weights are in the Hugging Face cache: (timm name, probe recipe)."""
-
 SCRATCH_EPOCHS = (6, 16)
 FULL_RES_EPOCHS = (6, 40)
 """Epochs of the full-resolution CNNs: on 20,000 CIFAKE images ``aivh_cnn_s`` reached OOF F1 0.943 after 6
@@ -68,12 +57,13 @@ NATIVE_MAX = 64
 @dataclass(frozen=True)
 class Candidate:
     """A run ``auto`` may plan: its name, kind (``scratch``, ``finetune``, ``probe``), the plan-table
-    settings (RunConfig fields, epochs aside) and the (least, most) epochs worth training."""
+    settings (RunConfig fields, epochs aside), the (least, most) epochs worth training, and why it is one."""
 
     name: str
     kind: str
     settings: dict[str, Any] = field(hash=False)
     epochs: tuple[int, int] = SCRATCH_EPOCHS
+    why: str = field(default="", compare=False)  # why it is a candidate (printed, runs/auto/candidates.json)
 
 
 @dataclass(frozen=True)
@@ -102,6 +92,8 @@ def scratch_candidates(facts: DataFacts, device: str, models: Sequence[str] | No
     """From-scratch models for the device, at native resolution for small images (the ``tiny`` recipe's
     optimiser: AdamW 3e-3, cosine, half an epoch of warm-up, hflip, the epoch of best F1)."""
     size = img_size_for(facts.short_side, device)
+    how = "native size" if facts.short_side <= NATIVE_MAX else f"images resized from {facts.short_side} px"
+    chosen = models is not None
     if models is None:
         native = facts.short_side <= NATIVE_MAX
         models = SCRATCH_GPU if device.startswith("cuda") else SCRATCH_CPU_NATIVE if native else SCRATCH_CPU
@@ -119,82 +111,125 @@ def scratch_candidates(facts: DataFacts, device: str, models: Sequence[str] | No
                 **({"tta": FULL_RES_TTA} if m.startswith(FULL_RES) else {}),
             },
             FULL_RES_EPOCHS if m.startswith(FULL_RES) else SCRATCH_EPOCHS,
+            f"from scratch at {size} px ({how}){' (--models)' if chosen else ''}",
         )
         for m in models
     ]
 
 
-def weights_dir_candidates(weights_dir: Path) -> list[Candidate]:
-    """A linear probe and a fine-tuned run per weights file named after its timm model
-    (``convnext_tiny.safetensors``, ``convnext_tiny.fb_in22k.safetensors``).
-
-    Raises:
-        UserError: the folder is missing, or holds no weights file named after a timm model.
-    """
-    import timm
-
-    if not weights_dir.is_dir():
-        raise UserError(f"weights_dir={str(weights_dir)!r} (--weights-dir) is not a folder")
-    files = sorted(p for p in weights_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    found = []
-    for p in files:
-        stem = p.name[: -len(p.suffix)]
-        model = stem if timm.is_model(stem) else stem.split(".")[0]
-        if timm.is_model(model):
-            found += pretrained_pair(model, weights=str(p.resolve()))
-    if not found:
-        raise UserError(
-            f"--weights-dir {weights_dir}: no weights file named after a timm model (found {len(files)} weight "
-            "files); name each file after its model, e.g. convnext_tiny.safetensors"
-        )
-    return found
+VIT_MAX_SIZE = 224
+"""A transformer's input at most: its attention costs the square of its tokens. timm's ``pretrained_cfg`` gives
+DINOv2 518 px (its last, short training phase), where 224 (most of its training) costs about 25x less in
+attention and its image cache 5x less disk; EVA-02's 448 px variants likewise. ConvNets keep their pretrained
+size (their cost grows only with the pixels)."""
+FINETUNE_BATCH = 32
+"""A fine-tune's batch at 224 px; larger inputs and large models take less (the timed probe halves it again on
+an out-of-memory error, :func:`aivh_ens.auto.timing.step_time`)."""
+PROBE_BATCH = 64
 
 
-def pretrained_pair(model: str, weights: str | None = None, recipe: str | None = None) -> list[Candidate]:
-    """A frozen-feature linear probe of a pretrained backbone (cheap, generalises) and its fine-tuning, both
-    at the backbone's own input size (what its weights were trained at)."""
-    source = {"weights": weights} if weights else {"pretrained": True}
-    probe = {"recipe": recipe} if recipe else {"tta": "none", "head": "linear"}
-    tune = {"lr": 2e-4, "weight_decay": 0.05, "warmup_epochs": 0.5, "batch_size": 32, "tta": "hflip",
-            "select": "f1"}  # fmt: skip
-    return [
-        Candidate(_name(model, "probe", None), "probe", {"model": model, **source, **probe}, PROBE_EPOCHS),
-        Candidate(
-            _name(model, "finetune", None), "finetune", {"model": model, **source, **tune}, FINETUNE_EPOCHS
-        ),
-    ]
+def pretrained_size(size: int, family: str) -> int:
+    """A pretrained model's input: its pretrained size, capped at :data:`VIT_MAX_SIZE` for a transformer."""
+    return min(size, VIT_MAX_SIZE) if family == "vit" else size
 
 
-def cached_candidates() -> list[Candidate]:
-    """Probes (and fine-tuning) of the backbones in :data:`CACHED_BACKBONES` whose weights this machine holds."""
-    from aivh_ens.train.models import local_pretrained
+def finetune_batch(model: str, size: int) -> int:
+    """A fine-tune's batch: :data:`FINETUNE_BATCH` scaled by the pixels against 224 px, a quarter for large
+    models, a power of two in [4, 64]."""
+    b = (
+        FINETUNE_BATCH
+        * (224 / size) ** 2
+        / (4 if any(m in model for m in ("_large", "_huge", "_giant")) else 1)
+    )
+    return int(2 ** max(2, min(6, math.floor(math.log2(max(b, 1))))))
 
+
+def pretrained_candidates(held: dict[str, Path]) -> list[Candidate]:
+    """A frozen-feature linear probe (cheap, generalises across generators) and a fine-tuned run per model whose
+    weights this machine holds, both at the model's pretrained input size and normalisation, the fine-tune
+    with its family's recipe (:data:`aivh_ens.recipes.FINETUNE`)."""
+    from aivh_ens.recipes import finetune_recipe
+    from aivh_ens.train.models import pretrained_input
+
+    arches = [m.split(".")[0] for m in held]
     out = []
-    for model, recipe in CACHED_BACKBONES:
-        try:
-            held = local_pretrained(model)
-        except Exception:  # an unknown tag in an older timm, an unreadable cache: not a candidate
-            held = False
-        if held:
-            out += pretrained_pair(model, recipe=recipe)
+    for model, path in held.items():
+        info = pretrained_input(model)
+        size = pretrained_size(info.img_size, info.family)
+        label = model if arches.count(model.split(".")[0]) > 1 else model.split(".")[0]
+        base = {"model": model, "weights": str(path), "img_size": size, "mean": list(info.mean),
+                "std": list(info.std)}  # fmt: skip
+        capped = f", capped from {info.img_size} px" if size < info.img_size else ""
+        why = f"weights {path}; {size} px{capped}, normalisation of its pretrained_cfg"
+        tune = {**finetune_recipe(model, info.family), "batch_size": finetune_batch(model, size), "tta": "hflip",
+                "select": "f1"}  # fmt: skip
+        out += [
+            Candidate(
+                _name(label, "probe", None),
+                "probe",
+                {**base, "head": "linear", "tta": "none", "batch_size": PROBE_BATCH},
+                PROBE_EPOCHS,
+                f"linear probe of {why}",
+            ),  # fmt: skip
+            Candidate(
+                _name(label, "finetune", None),
+                "finetune",
+                {**base, **tune},
+                FINETUNE_EPOCHS,
+                f"fine-tune ({info.family} recipe, lr {tune['lr']:g}) of {why}",
+            ),  # fmt: skip
+        ]
     return out
+
+
+NO_WEIGHTS = (
+    "candidates: no pretrained weights found (Hugging Face cache {cache}, --weights-dir): training from scratch, "
+    "which is much weaker than fine-tuning pretrained weights; to attach weights offline, pass --weights-dir DIR "
+    "with files named after their timm models (DIR/convnext_tiny.fb_in22k_ft_in1k.safetensors), or copy a "
+    "Hugging Face cache's models--timm--<name> folders to DIR or under $HF_HOME/hub"
+)
+
+
+def matches(model: str, wanted: Sequence[str]) -> bool:
+    """Whether ``model`` is one of ``wanted`` (``--models``), with or without its pretrained tag:
+    ``convnext_tiny`` matches ``convnext_tiny.fb_in22k_ft_in1k``."""
+    return model in wanted or model.split(".")[0] in wanted
 
 
 def choose_candidates(
     facts: DataFacts, device: str, weights_dir: Path | None, models: Sequence[str] = ()
 ) -> list[Candidate]:
-    """Pretrained candidates first (``--weights-dir``, else the Hugging Face cache), then from-scratch ones;
-    with ``models`` (``--models``) only the candidates of those timm names, a from-scratch one for each name
-    no other candidate uses."""
-    pretrained = weights_dir_candidates(weights_dir) if weights_dir else cached_candidates()
+    """Pretrained candidates first (every timm model in the Hugging Face cache and ``--weights-dir``), then
+    from-scratch ones; with ``models`` (``--models``) only the pretrained candidates of those timm names (with
+    or without a tag), and a from-scratch one for each name without weights."""
+    from aivh_ens.train.weights import local_weights
+
+    pretrained = pretrained_candidates(local_weights(weights_dir))
     probes = [c for c in pretrained if c.kind == "probe"]
     tuned = [c for c in pretrained if c.kind == "finetune"]
-    out = probes + tuned + scratch_candidates(facts, device)
     if not models:
-        return out
-    kept = [c for c in out if c.settings["model"] in models]
-    extra = [m for m in models if m not in {c.settings["model"] for c in kept}]
+        return probes + tuned + scratch_candidates(facts, device)
+    kept = [c for c in probes + tuned if matches(c.settings["model"], models)]
+    extra = [m for m in models if not any(matches(c.settings["model"], [m]) for c in kept)]
     return kept + scratch_candidates(facts, device, tuple(extra))
+
+
+def candidate_lines(candidates: Sequence[Candidate]) -> list[str]:
+    """What ``auto`` prints of its candidates: one line each with why it is there, and the no-weights line
+    when all train from scratch."""
+    from aivh_ens.train.weights import hf_cache_dir
+
+    lines = [f"candidates: {len(candidates)}"] + [f"  {c.name}: {c.why}" for c in candidates]
+    if all(c.kind == "scratch" for c in candidates):
+        lines.append(NO_WEIGHTS.format(cache=hf_cache_dir()))
+    return lines
+
+
+def candidates_doc(candidates: Sequence[Candidate], skipped: dict[str, str]) -> list[dict[str, Any]]:
+    """What ``runs/auto/candidates.json`` records of each candidate: name, kind, settings, epochs, why it is in
+    the list, and the reason its timing skipped it (when it did)."""
+    return [{"name": c.name, "kind": c.kind, "why": c.why, "settings": c.settings, "epochs": list(c.epochs),
+             **({"skipped": skipped[c.name]} if c.name in skipped else {})} for c in candidates]  # fmt: skip
 
 
 def findings_to_settings(findings: Sequence[Any], short_side: int) -> DataFacts:

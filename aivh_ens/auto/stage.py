@@ -105,6 +105,9 @@ def run_auto(
         return AutoResult(plan, (), None, None, table, clock.elapsed(), {"inspect + plan": clock.elapsed()})
     steps = {"inspect + plan": clock.elapsed()}
     written = write_plan(call.workdir, plan, timings or old_timings(call.workdir))
+    from aivh_ens.auto.timing import write_candidates  # torch: imported once the call trains
+
+    written += write_candidates(call.workdir, timings)
     if audit is not None:
         from aivh_ens.inspect.stage import write_audit
 

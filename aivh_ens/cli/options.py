@@ -187,6 +187,13 @@ training_options = options(
         default=None,
         help="Label smoothing of the loss." + _rd("label_smoothing"),
     ),
+    click.option(
+        "--layer-decay",
+        type=float,
+        default=None,
+        help="Layer-wise lr decay, e.g. 0.75 for ViTs (each block's lr times this per block from the top)."
+        + _rd("layer_decay"),
+    ),
     click.option("--clip-grad", type=float, default=None, help="Max gradient norm." + _rd("clip_grad")),
     click.option(
         "--ema",

@@ -70,7 +70,9 @@ def create_backbone(
     check_model_name(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if weights is not None:
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(weights).resolve()))
+        # absolute, not resolved: a Hugging Face snapshot file links to an extension-less blob, and timm reads a
+        # file as safetensors by its name
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(weights).absolute()))
         pretrained = True
     try:
         try:
@@ -115,6 +117,60 @@ def local_pretrained(name: str) -> bool:
             if isinstance(try_to_load_from_cache(repo, filename, revision=revision or None), str):
                 return True
     return bool(pcfg.url) and bool(check_cached_file(pcfg.url))
+
+
+@dataclass(frozen=True)
+class PretrainedInput:
+    """What a pretrained model's weights were trained on (timm's ``pretrained_cfg``): input size and
+    normalisation; and its family, which sets its fine-tuning recipe."""
+
+    img_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    family: str  # "vit" (attention over patch tokens) | "convnet"
+
+
+VIT_MODULES = (
+    "vision_transformer",
+    "eva",
+    "deit",
+    "beit",
+    "cait",
+    "xcit",
+    "volo",
+    "swin",
+    "hiera",
+    "twins",
+    "pvt",
+    "tnt",
+    "crossvit",
+    "mvitv2",
+)
+"""Module names (timm.models.<module>) of transformer families: they fine-tune at a ViT's rate with layer-wise
+decay (:data:`aivh_ens.recipes.FINETUNE`)."""
+
+
+def model_family(name: str) -> str:
+    """``vit`` for a model of a transformer family (by the timm module that defines it), else ``convnet``."""
+    from timm.models import model_entrypoint
+
+    module = model_entrypoint(name.split(".")[0]).__module__.rsplit(".", 1)[-1]
+    return "vit" if module.startswith(VIT_MODULES) else "convnet"
+
+
+def pretrained_input(name: str) -> PretrainedInput:
+    """The input size and normalisation of ``name``'s pretrained weights (its tag's ``pretrained_cfg``, else
+    the architecture's default tag's, else 224 px and ImageNet's statistics)."""
+    from timm.models import get_pretrained_cfg
+
+    from aivh_ens.recipes import IMAGENET_MEAN, IMAGENET_STD
+
+    check_model_name(name)
+    pcfg = get_pretrained_cfg(name) or get_pretrained_cfg(name.split(".")[0])
+    if pcfg is None:
+        return PretrainedInput(224, IMAGENET_MEAN, IMAGENET_STD, model_family(name))
+    mean, std = (tuple(float(v) for v in t) for t in (pcfg.mean, pcfg.std))
+    return PretrainedInput(int(pcfg.input_size[-1]), mean, std, model_family(name))  # type: ignore[arg-type]
 
 
 def use_pretrained(cfg: RunConfig, name: str, weights: str | None) -> bool:

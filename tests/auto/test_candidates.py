@@ -1,25 +1,36 @@
-"""``auto``'s candidates: pretrained weights from --weights-dir, from-scratch models at native resolution for
-small images, and the plan settings inspect's findings turn into."""
+"""``auto``'s candidates: every timm model with weights in the Hugging Face cache or --weights-dir at its
+pretrained input size, normalisation and family recipe; from-scratch models at native resolution for small
+images; what inspect's findings change; the list written with why each candidate is in it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from pretrained_weights import fake_hf_cache, save_weights
 
 from aivh_ens.auto.candidates import (
     FULL_RES_EPOCHS,
     FULL_RES_TTA,
+    NO_WEIGHTS,
     SCRATCH_CPU,
     SCRATCH_CPU_NATIVE,
+    VIT_MAX_SIZE,
+    candidate_lines,
+    candidates_doc,
     choose_candidates,
     findings_to_settings,
+    finetune_batch,
     img_size_for,
-    weights_dir_candidates,
+    pretrained_candidates,
 )
 from aivh_ens.auto.planning import tta_views
 from aivh_ens.errors import UserError
 from aivh_ens.inspect.stage import Finding
+from aivh_ens.recipes import FINETUNE, IMAGENET_MEAN
+
+FACTS = findings_to_settings([], 32)
 
 
 @pytest.mark.parametrize(("side", "device", "size"), [(32, "cpu", 32), (50, "cpu", 48), (12, "cpu", 16),
@@ -29,7 +40,7 @@ def test_small_images_train_at_native_size(side, device, size):
 
 
 def test_without_weights_the_cpu_trains_small_models_from_scratch():
-    cands = choose_candidates(findings_to_settings([], 32), "cpu", None)
+    cands = choose_candidates(FACTS, "cpu", None)
     assert [c.settings["model"] for c in cands] == list(SCRATCH_CPU_NATIVE)  # full resolution first
     assert cands[0].settings["model"] == "aivh_res_t"
     assert [c.epochs for c in cands[:2]] == [FULL_RES_EPOCHS] * 2  # the full-resolution CNNs train longer
@@ -43,27 +54,89 @@ def test_without_weights_the_cpu_trains_small_models_from_scratch():
     assert [c.settings.get("tta") for c in cands] == [FULL_RES_TTA] * 2 + [None] * 2
     assert [tta_views(c, ".") for c in cands] == [10, 10, 2, 2]
     assert all("tta" not in c.settings for c in large)
+    lines = candidate_lines(cands)  # one line says so, and how to attach weights offline
+    assert lines[-1].startswith("candidates: no pretrained weights found") and "--weights-dir" in lines[-1]
+    assert "HF_HOME" in NO_WEIGHTS and "much weaker" in NO_WEIGHTS
+    assert all(c.name in "\n".join(lines) and c.why for c in cands)
 
 
-def test_weights_dir_gives_a_probe_and_a_fine_tuned_run_per_model_file(tmp_path: Path):
-    import timm
-    from safetensors.torch import save_file
+def test_every_timm_model_in_the_hf_cache_is_a_candidate_at_its_pretrained_size(tmp_path, monkeypatch):
+    hub = fake_hf_cache(tmp_path / "hub", ["test_vit.r160_in1k", "test_efficientnet.r160_in1k"])
+    (hub / "models--someone--not-timm").mkdir()  # another library's repository: not a candidate
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    cands = choose_candidates(FACTS, "cpu", None)
+    pre = {(c.settings["model"], c.kind): c for c in cands if c.kind != "scratch"}
+    assert set(pre) == {(m, k) for m in ("test_efficientnet.r160_in1k", "test_vit.r160_in1k")
+                        for k in ("probe", "finetune")}  # fmt: skip
+    assert [c.kind for c in cands[:4]] == ["probe", "probe", "finetune", "finetune"]  # the cheap probes first
+    vit, cnn = pre["test_vit.r160_in1k", "finetune"], pre["test_efficientnet.r160_in1k", "finetune"]
+    assert vit.settings["img_size"] == cnn.settings["img_size"] == 160  # timm's pretrained_cfg, not 224
+    assert vit.settings["mean"] == [0.5] * 3 and cnn.settings["mean"] == list(IMAGENET_MEAN)
+    assert vit.settings["lr"] == FINETUNE["vit"]["lr"] == 2e-5 and vit.settings["layer_decay"] == 0.75
+    assert cnn.settings["lr"] == 1e-4 and "layer_decay" not in cnn.settings
+    assert (
+        Path(vit.settings["weights"]).name == "model.safetensors" and "snapshots" in vit.settings["weights"]
+    )
+    assert "vit recipe, lr 2e-05" in vit.why and "160 px" in vit.why
+    assert not any(line.startswith("candidates: no pretrained") for line in candidate_lines(cands))
 
-    save_file(timm.create_model("test_efficientnet").state_dict(), tmp_path / "test_efficientnet.safetensors")
-    (tmp_path / "notes.safetensors").write_bytes(b"")  # not named after a model: ignored
-    cands = weights_dir_candidates(tmp_path)
-    assert [(c.kind, c.settings["model"]) for c in cands] == [("probe", "test_efficientnet"),
-                                                              ("finetune", "test_efficientnet")]  # fmt: skip
-    assert {c.settings["weights"] for c in cands} == {
-        str((tmp_path / "test_efficientnet.safetensors").resolve())
+
+def test_weights_dir_files_folders_and_a_copied_cache(tmp_path):
+    wdir = tmp_path / "weights"
+    save_weights(wdir / "test_resnet.safetensors", "test_resnet")  # the architecture's default tag
+    save_weights(wdir / "test_convnext.r160_in1k.safetensors", "test_convnext")  # with its tag
+    save_weights(wdir / "test_byobnet.r160_in1k" / "model.safetensors", "test_byobnet")  # a copied repository
+    fake_hf_cache(wdir / "hub", ["test_vit.r160_in1k"])  # a copied Hugging Face cache
+    save_weights(wdir / "notes.safetensors", "test_resnet")  # not named after a model: ignored
+    cands = choose_candidates(FACTS, "cpu", wdir)
+    models = {c.settings["model"] for c in cands if c.kind == "finetune"}
+    assert models == {
+        "test_resnet",
+        "test_convnext.r160_in1k",
+        "test_byobnet.r160_in1k",
+        "test_vit.r160_in1k",
     }
-    kinds = [c.kind for c in choose_candidates(findings_to_settings([], 32), "cpu", tmp_path)]
-    assert kinds == ["probe", "finetune", *["scratch"] * len(SCRATCH_CPU_NATIVE)]
+    assert all(Path(c.settings["weights"]).is_file() for c in cands if c.kind != "scratch")
     with pytest.raises(UserError, match="--weights-dir"):
-        weights_dir_candidates(tmp_path / "missing")
-    (tmp_path / "test_efficientnet.safetensors").unlink()
-    with pytest.raises(UserError, match="named after a timm model"):
-        weights_dir_candidates(tmp_path)
+        choose_candidates(FACTS, "cpu", tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="name each file after its model"):
+        choose_candidates(FACTS, "cpu", empty)
+
+
+@pytest.mark.parametrize("wanted", ["test_vit", "test_vit.r160_in1k"])
+def test_models_match_the_architecture_with_or_without_its_tag(tmp_path, wanted):
+    save_weights(tmp_path / "test_vit.r160_in1k.safetensors", "test_vit")
+    cands = choose_candidates(FACTS, "cpu", tmp_path, [wanted, "test_resnet"])
+    assert [(c.settings["model"], c.kind) for c in cands] == [
+        ("test_vit.r160_in1k", "probe"), ("test_vit.r160_in1k", "finetune"), ("test_resnet", "scratch")]  # fmt: skip
+
+
+def test_a_vit_is_capped_at_224_px_and_large_inputs_take_smaller_batches():
+    held = {"vit_base_patch14_reg4_dinov2.lvd142m": Path("w.safetensors"), "convnext_tiny.fb_in22k_ft_in1k":
+            Path("c.safetensors"), "vit_large_patch14_clip_quickgelu_224.openai": Path("l.safetensors")}  # fmt: skip
+    tuned = {c.settings["model"]: c for c in pretrained_candidates(held) if c.kind == "finetune"}
+    dino = tuned["vit_base_patch14_reg4_dinov2.lvd142m"]
+    assert dino.settings["img_size"] == VIT_MAX_SIZE == 224 and "capped from 518 px" in dino.why  # not 518
+    assert tuned["convnext_tiny.fb_in22k_ft_in1k"].settings["lr"] == 1e-4
+    clip = tuned["vit_large_patch14_clip_quickgelu_224.openai"].settings
+    assert clip["lr"] == 2e-5 and clip["layer_decay"] == 0.85  # 24 blocks: a gentler decay
+    assert clip["batch_size"] == 8 and dino.settings["batch_size"] == 32
+    assert finetune_batch("x", 448) == 8 and finetune_batch("x", 1024) == 4 and finetune_batch("x", 112) == 64
+
+
+def test_candidates_json_says_why_each_is_there_and_why_one_was_skipped(tmp_path):
+    from aivh_ens.auto.timing import Timings, write_candidates
+
+    cands = choose_candidates(FACTS, "cpu", None)
+    listed = candidates_doc(cands, {cands[1].name: "out of memory: injected"})
+    assert write_candidates(tmp_path, {}) == ()  # a resumed plan's timings: nothing new to record
+    (path,) = write_candidates(tmp_path, Timings({}, listed))
+    doc = json.loads(path.read_text())["candidates"]
+    assert path == tmp_path / "runs/auto/candidates.json"
+    assert [d["name"] for d in doc] == [c.name for c in cands] and all(d["why"] for d in doc)
+    assert doc[1]["skipped"] == "out of memory: injected" and "skipped" not in doc[0]
 
 
 def test_findings_become_plan_settings():
@@ -76,35 +149,3 @@ def test_findings_become_plan_settings():
     facts = findings_to_settings(findings, 90)
     assert facts.shared == {"group": "pairs", "mode": "crop", "jpeg_p": 0.5} and len(facts.used) == 3
     assert "mode" not in findings_to_settings(findings, 32).shared  # native-size images: crop changes nothing
-
-
-def test_timing_keeps_bf16_channels_last_on_the_cpu_only_when_it_pays(tmp_path: Path, monkeypatch):
-    import dataclasses
-
-    from aivh_ens.auto import timing
-    from aivh_ens.auto.budget import Speed
-    from aivh_ens.auto.plan import AutoRun
-
-    real = timing.time_candidate(
-        dataclasses.replace(_cfg("aivh_cnn_s"), amp="bf16", channels_last=True, batch_size=8), "cpu", 1
-    )
-    assert real.train_img_s > 0 and real.eval_img_s > 0  # the fast settings run for real
-    gain = {"aivh_res_t": 2.4, "test_resnet": 1.1}  # what each model gains from bf16 + channels_last
-    monkeypatch.setattr(timing, "time_candidate", lambda cfg, device, threads: Speed(
-        100 * (gain[cfg.model] if cfg.amp == "bf16" and cfg.channels_last else 1), 300))  # fmt: skip
-    cands = [c for c in choose_candidates(findings_to_settings([], 32), "cpu", None)
-             if c.settings["model"] in gain]  # fmt: skip
-    timings = timing.step_time(cands, "cpu", 1, tmp_path, str(tmp_path), lambda _m: None)
-    fast, slow = (timings[c.name] for c in cands)
-    assert fast["settings"] == {"amp": "bf16", "channels_last": True} and fast["train_img_s"] == 240
-    assert slow["settings"] == {} and slow["train_img_s"] == 100  # 1.1x does not pay for bf16's rounding
-    chosen = timing.timed_settings(cands, timings)
-    assert chosen[0].settings["amp"] == "bf16" and "amp" not in chosen[1].settings
-    table = AutoRun(chosen[0].name, "scratch", chosen[0].settings, 8).table()
-    assert table["amp"] == "bf16" and table["channels_last"] is True  # what the plan's sweep will train with
-
-
-def _cfg(model: str):
-    from aivh_ens.config import resolve_config
-
-    return resolve_config("tiny", name="t", data=".", model=model, img_size=32, pretrained=False)

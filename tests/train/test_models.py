@@ -210,3 +210,64 @@ def test_frozen_norms_are_found_through_compile_wrappers():
         assert norms <= {id(m) for m in frozen_eval_modules(wrapped)}
     trainable, _ = build_model(resolve_config("tiny", pretrained=False))
     assert not frozen_eval_modules(trainable)
+
+
+@pytest.mark.parametrize(("name", "size", "mean", "family"), [
+    ("test_vit.r160_in1k", 160, (0.5, 0.5, 0.5), "vit"),
+    ("test_efficientnet.r160_in1k", 160, (0.485, 0.456, 0.406), "convnet"),
+    ("vit_base_patch14_reg4_dinov2.lvd142m", 518, (0.485, 0.456, 0.406), "vit"),  # auto caps it at 224
+    ("eva02_base_patch14_224.mim_in22k", 224, (0.48145466, 0.4578275, 0.40821073), "vit"),
+    ("swin_tiny_patch4_window7_224", 224, (0.485, 0.456, 0.406), "vit"),
+    ("convnext_tiny", 224, (0.485, 0.456, 0.406), "convnet"),  # the architecture's default tag
+    ("aivh_res_t", 32, (0.485, 0.456, 0.406), "convnet"),  # its registered default cfg
+])  # fmt: skip
+def test_pretrained_input_is_timm_pretrained_cfg(name, size, mean, family):
+    from aivh_ens.train.models import pretrained_input
+
+    got = pretrained_input(name)
+    assert (got.img_size, got.mean, got.family) == (size, mean, family)
+
+
+def test_weights_in_a_hugging_face_snapshot_load_through_its_link(tmp_path):
+    """A snapshot file links to an extension-less blob: it still loads as safetensors, with its tensors."""
+    from pretrained_weights import fake_hf_cache
+
+    from aivh_ens.train.weights import hf_cache_weights
+
+    hub = fake_hf_cache(tmp_path / "hub", ["test_vit.r160_in1k"])
+    (path,) = hf_cache_weights(hub).values()
+    assert path.is_symlink() and path.name == "model.safetensors"
+    model = create_backbone("test_vit.r160_in1k", pretrained=False, weights=str(path), num_classes=2)
+    saved = load_file(str(path))
+    assert torch.equal(model.state_dict()["patch_embed.proj.weight"], saved["patch_embed.proj.weight"])
+    assert hf_cache_weights(tmp_path / "absent") == {}  # no cache: nothing held
+
+
+def test_the_hf_cache_is_found_as_the_environment_names_it_now(tmp_path, monkeypatch):
+    from aivh_ens.train.weights import _timm_name, hf_cache_dir
+
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert hf_cache_dir() == tmp_path / "home" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert hf_cache_dir() == tmp_path / "hub"
+    # OpenAI's CLIP weights load into the QuickGELU variant, which timm maps the same repository to
+    assert (
+        _timm_name("timm/vit_large_patch14_clip_224.openai") == "vit_large_patch14_clip_quickgelu_224.openai"
+    )
+    assert _timm_name("timm/convnext_tiny.fb_in22k_ft_in1k") == "convnext_tiny.fb_in22k_ft_in1k"
+
+
+def test_layer_decay_gives_blocks_nearer_the_input_smaller_rates():
+    cfg = resolve_config("none", model="test_vit", pretrained=False, lr=2e-5, layer_decay=0.5)
+    model, _ = build_model(cfg)
+    scales = sorted({g["lr_scale"] for g in create_optimizer(cfg, model).param_groups})
+    assert (
+        scales[-1] == 1.0
+        and scales[0] < 0.1
+        and all(b == 2 * a for a, b in zip(scales, scales[1:], strict=False))
+    )
+    plain = dataclasses.replace(cfg, layer_decay=None)
+    assert all("lr_scale" not in g for g in create_optimizer(plain, model).param_groups)
+    with pytest.raises(UserError, match=r"layer_decay=1.5 \(--layer-decay\)"):
+        resolve_config("none", model="test_vit", layer_decay=1.5)
