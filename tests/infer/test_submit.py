@@ -450,6 +450,7 @@ def test_submit_writes_how_it_cut_and_every_mode_reuses_the_scores(copy, monkeyp
     page = (work / "runs" / "report.html").read_text()
     assert "Submission: train/test shift" in page and "by --threshold auto" in page
     assert "two-component mixture on test logits" in page
+    assert 'alt="test scores over the OOF classes re-weighted to the estimated AI share"' in page
 
     def no_build(cfg):
         raise AssertionError("a threshold mode re-ran the models")
