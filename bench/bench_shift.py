@@ -1,10 +1,21 @@
-"""How each ``submit --threshold`` mode holds up when the test set is not the training set.
+"""How ``submit --threshold auto`` holds up when the test set is not the training set, at every test size.
 
-Run: ``python bench/bench_shift.py [--tar ../shared/data/cifake-dev.tar.gz] [--n-train 20000] [--threads 1]``.
+Run: ``python bench/bench_shift.py [--smoke] [--cifake [--tar ../shared/data/cifake-dev.tar.gz]] [--threads 1]``.
 
-On CIFAKE (Krizhevsky & Hinton 2009; Bird & Lotfi 2024; ``../shared/data/cifake-dev.tar.gz``) two ``tiny``
-runs (test_efficientnet and test_convnext, 5 folds, native 32 px) are trained once and blended; they are kept
-under ``--out`` and reused by later calls. The dev test split is then turned into test sets unlike train:
+First, on simulated scores (``bench/shift_sim.py``: the fold-model score model, 20,000 OOF rows), the issue's
+test sets: balanced unshifted sets of 50 to 2,000 images drawn 12 times each, all-human and 5%-AI sets, the six
+shifted variants (as train, AI 25%, AI 75%, upscaled, blurred, AI 25% + upscaled), 25% AI + upscaled at
+shares 10/25/40% and two strengths, and an unseen generator (half the AI images scoring like a weaker
+model's). Per variant: mean F1 of ``oof``, of the rule ``auto`` replaced (fixed KS 0.04), of ``auto`` and of
+the best threshold in hindsight, auto's worst draw against ``oof`` and the modes it chose; then the goals,
+met or missed; then the constants of :class:`aivh_ens.blend.shift.AutoRule` chosen on all variants and,
+per variant, the gap under the constants chosen without it (leave one variant out). ``--smoke``: the
+smallest sizes, one or two draws, in seconds.
+
+With ``--cifake``, on CIFAKE (Krizhevsky & Hinton 2009; Bird & Lotfi 2024; ``../shared/data/cifake-dev.tar.gz``)
+two ``tiny`` runs (test_efficientnet and test_convnext, 5 folds, native 32 px) are trained once and blended;
+they are kept under ``--out`` and reused by later calls. The dev test split is then turned into test sets
+unlike train:
 
 - AI share 25%, 50% (unchanged) and 75% (label shift);
 - every image upscaled 2x and re-saved as JPEG q92; every image halved and scaled back up (blur);
@@ -13,15 +24,18 @@ under ``--out`` and reused by later calls. The dev test split is then turned int
 Each variant is scored once by ``submit`` (its test scores are cached per run), then every threshold mode is
 applied to the same scores. Per variant and mode it prints F1 at the mode's threshold, F1 at the best
 threshold in hindsight and the gap; then AUC and the auto mode's gap with ``--adapt-bn``; then the same on the
-demo data (``aivh-ens demo-data``), whose test set holds a generator the train set lacks. The last line reads
-``bench shift: <mean gap of --threshold auto> vs <mean gap of --threshold oof> = <ratio>x`` (``--adapt-bn off``)
-(ratio = oof gap / default gap, over the CIFAKE variants; gap = best F1 in hindsight - F1).
+demo data (``aivh-ens demo-data``), whose test set holds a generator the train set lacks
+(``cifake shift: <auto gap> vs <oof gap> = <ratio>x``).
+
+The last line reads ``bench shift: <mean gap of --threshold auto> vs <mean gap of --threshold oof> = <ratio>x``
+over the six simulated shifted variants (ratio = oof gap / auto gap; gap = best F1 in hindsight - F1).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -40,6 +54,9 @@ from aivh_ens.metrics import best_threshold, f1, roc_auc
 from aivh_ens.synth import make_demo_dataset
 from aivh_ens.system import set_torch_threads
 from aivh_ens.train import run_cv
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shift_sim  # noqa: E402
 
 MODES = ("oof", "auto", "share:0.5", "prior:0.5", "share:est", "prior:est")
 """``share:est``: the mixture's estimate of the test AI share; ``prior:est``: the EM estimate (what auto uses)."""
@@ -196,18 +213,8 @@ def print_table(rows: list[dict], title: str) -> dict[str, float]:
     return means
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--tar", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/cifake-dev.tar.gz"
-    )
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "shift")
-    ap.add_argument("--img-size", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--demo-n", type=int, default=2000, help="demo train images (0: skip the demo data)")
-    ap.add_argument("--no-adapt-bn", action="store_true", help="skip the --adapt-bn on/auto tables")
-    args = ap.parse_args()
+def cifake(args: argparse.Namespace) -> None:
+    """The trained CIFAKE variants and the demo data (``--cifake``)."""
     if args.threads:
         set_torch_threads(args.threads)
     out, log = args.out, []
@@ -254,12 +261,36 @@ def main() -> None:
         for bn in ("off", "auto"):
             name = "demo test (unseen generator)"
             print_table([evaluate(demo / "work", name, demo / "data", bn)], f"demo data, --adapt-bn {bn}")
-    print()
     default = DEFAULT_THRESHOLD
-    print(f"mean gap to the best F1 over the CIFAKE variants, --adapt-bn off: {default} (the default) vs oof")
     print(
-        f"bench shift: {means[default]:.4f} vs {means['oof']:.4f} = {means['oof'] / max(means[default], 1e-4):.2f}x"
+        f"\nmean gap to the best F1 over the CIFAKE variants, --adapt-bn off: {default} (the default) vs oof"
     )
+    print(
+        f"cifake shift: {means[default]:.4f} vs {means['oof']:.4f} = {means['oof'] / max(means[default], 1e-4):.2f}x"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="the smallest simulated sizes, one or two draws")
+    ap.add_argument("--cifake", action="store_true", help="also train on CIFAKE and score its variants")
+    ap.add_argument(
+        "--tar", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/cifake-dev.tar.gz"
+    )
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "shift")
+    ap.add_argument("--img-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--demo-n", type=int, default=2000, help="demo train images (0: skip the demo data)")
+    ap.add_argument("--no-adapt-bn", action="store_true", help="skip the --adapt-bn on/auto tables")
+    args = ap.parse_args()
+    auto_gap, oof_gap = shift_sim.report(args.smoke)
+    if args.cifake:
+        cifake(args)
+    print(
+        f"\nmean gap to the best F1 over the six simulated shifted variants: {DEFAULT_THRESHOLD} (the default) vs oof"
+    )
+    print(f"bench shift: {auto_gap:.4f} vs {oof_gap:.4f} = {oof_gap / max(auto_gap, 1e-4):.2f}x")
 
 
 if __name__ == "__main__":

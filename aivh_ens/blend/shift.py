@@ -1,20 +1,7 @@
-"""When the test set is not the training set: shift diagnosis and threshold modes (numpy; scikit-learn lazily).
+"""When the test set is not the training set: threshold modes and the ``auto`` rule (numpy; sklearn lazily).
 
 A blend's threshold is tuned on OOF scores. It transfers to the test scores only as far as they look like
-the OOF scores. :func:`diagnose` measures how far they do, from the two score vectors alone (no test labels):
-
-- the share of test rows the OOF threshold labels AI, against the training share;
-- the KS distance between the OOF and the test score distributions, and the KS distance left once the OOF
-  classes are re-weighted to the test AI share estimated under label shift. A small remainder means the test
-  set differs from train by its AI share only; a large one means the scores themselves moved. Each OOF row
-  is scored by one model per run (the fold model that did not train on it), while a test row's score averages
-  every fold model, which separates the classes further than any one of them: on an unshifted CIFAKE split
-  that difference alone gave a KS of 0.067. So the comparison, and the label-shift estimates, take the test
-  scores one fold model per run at a time (``test_views``), pooled: like with like;
-- three estimates of the test AI share, each under its own assumption: EM on calibrated scores (Saerens et
-  al. 2002) and confusion-matrix inversion (black-box shift estimation, Lipton et al. 2018) assume label
-  shift (the class-conditional score distributions did not move); a two-component Gaussian mixture on the
-  test logits assumes only that the test scores form one lump per class.
+the OOF scores: :func:`aivh_ens.blend.shift_diag.diagnose` measures how far they do, and how sure that is.
 
 :func:`choose_threshold` turns a threshold mode (:func:`parse_threshold`) into the threshold for the test
 scores: ``oof`` (as fitted), ``share:P`` (the top P of test rows are AI), ``prior:P`` (the exact metric
@@ -27,34 +14,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
+from aivh_ens.blend.shift_diag import AUTO, BBSE, EM, MIXTURE, AutoRule, Estimate, ShiftDiagnosis, diagnose
+from aivh_ens.blend.shift_stats import ks_distance, logits
 from aivh_ens.errors import UserError
 from aivh_ens.metrics import check_metric, weighted_threshold_sweep
 
-LOGIT_CLIP = 1e-6
-"""Scores are clipped to [c, 1 - c] before taking logits (mixture and calibration)."""
-
-KS_TOLERANCE = 0.04
-"""KS distance between test scores and the OOF scores re-weighted to the estimated test AI share below which
-``auto`` treats the shift as label shift only (see :data:`AUTO_RULE`); set by ``bench/bench_shift.py``, one
-fold model at a time: its unshifted and AI-share-shifted CIFAKE sets read 0.013-0.019 (two 20-minute ``auto``
-runs' unshifted sets 0.020-0.022), its upscaled, blurred and unseen-generator sets 0.048-0.174. (It was 0.06
-while the averaged test scores were compared, which read 0.067-0.076 on unshifted sets.)"""
-
-PRIOR_SNAP = 0.02
-"""``auto`` keeps the OOF threshold when the label-shift estimate is within this of the training AI share."""
-
 AUTO_RULE = (
-    "auto: when the test scores match the OOF scores re-weighted to the EM estimate of the test AI share "
-    f"(KS <= {KS_TOLERANCE}), the shift is in the AI share alone: keep the OOF threshold if that estimate is "
-    f"within {PRIOR_SNAP} of the training share, else prior:<estimate>; when the scores themselves moved, "
-    "label the share the two-component mixture of test logits estimates (share:<estimate>)"
+    "auto: when the test scores fit the OOF classes re-weighted to the EM estimate of the test AI share (KS "
+    "within what sampling alone reaches for this many test images), keep the OOF threshold unless EM's share "
+    f"differs from the training share by more than {AUTO.z:g} standard errors and agrees with confusion-matrix "
+    f"inversion, then prior:<estimate> with the share's odds moved at most {AUTO.odds_cap:g}x; when the scores "
+    f"themselves moved and the test set has at least {AUTO.share_min_n} images whose logits form two real lumps "
+    "(BIC and separation), share:<the two-lump mixture's estimate>; otherwise oof"
 )
-"""The rule ``--threshold auto`` follows, as ``submit`` prints it."""
+"""The rule ``--threshold auto`` follows, as ``submit`` prints it (constants: :class:`AutoRule`)."""
 
 
 @dataclass(frozen=True)
@@ -113,191 +90,6 @@ def _number(s: str) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def logits(s: np.ndarray) -> np.ndarray:
-    """``log(s / (1 - s))`` of scores (N,) clipped to [:data:`LOGIT_CLIP`, 1 - :data:`LOGIT_CLIP`]."""
-    q = np.clip(np.asarray(s, dtype=np.float64), LOGIT_CLIP, 1.0 - LOGIT_CLIP)
-    return np.log(q) - np.log1p(-q)
-
-
-def ks_distance(a: np.ndarray, b: np.ndarray, b_weights: np.ndarray | None = None) -> float:
-    """Two-sample Kolmogorov-Smirnov distance ``max |F_a - F_b|``, with optional non-negative weights on b."""
-    a = np.sort(np.asarray(a, dtype=np.float64))
-    b = np.asarray(b, dtype=np.float64)
-    wb = np.ones(len(b)) if b_weights is None else np.asarray(b_weights, dtype=np.float64)
-    order = np.argsort(b, kind="stable")
-    b, cw = b[order], np.cumsum(wb[order]) / wb.sum()
-    grid = np.concatenate([a, b])  # the CDFs only jump at these points
-    fa = np.searchsorted(a, grid, side="right") / len(a)
-    idx = np.searchsorted(b, grid, side="right")
-    fb = np.where(idx > 0, cw[np.maximum(idx - 1, 0)], 0.0)
-    return float(np.max(np.abs(fa - fb)))
-
-
-def calibrate(oof_scores: np.ndarray, y: np.ndarray):
-    """Platt scaling fitted on the OOF rows: a function mapping scores (N,) to calibrated P(AI) (N,).
-
-    The OOF scores come from models that did not see their rows, so calibrating on them is honest."""
-    from sklearn.linear_model import LogisticRegression
-
-    lr = LogisticRegression(C=1e4, max_iter=1000).fit(logits(oof_scores)[:, None], np.asarray(y, dtype=int))
-    return lambda s: lr.predict_proba(logits(s)[:, None])[:, 1]
-
-
-def em_prior(posteriors: np.ndarray, train_share: float, max_iter: int = 500, tol: float = 1e-7) -> float:
-    """Saerens et al. (2002): the test AI share that makes calibrated posteriors (N,) self-consistent."""
-    p = np.clip(np.asarray(posteriors, dtype=np.float64), 1e-9, 1 - 1e-9)
-    pi0, pi = train_share, train_share
-    for _ in range(max_iter):
-        a, b = (pi / pi0) * p, ((1 - pi) / (1 - pi0)) * (1 - p)
-        new = float(np.mean(a / (a + b)))
-        if abs(new - pi) < tol:
-            return new
-        pi = new
-    return pi
-
-
-def bbse_prior(
-    oof_scores: np.ndarray, y: np.ndarray, test_scores: np.ndarray, threshold: float
-) -> float | None:
-    """Lipton et al. (2018): invert the OOF confusion matrix at ``threshold``; None when it is singular."""
-    y = np.asarray(y, dtype=bool)
-    tpr = float(np.mean(oof_scores[y] >= threshold))
-    fpr = float(np.mean(oof_scores[~y] >= threshold))
-    if tpr - fpr < 1e-3:
-        return None
-    q = float(np.mean(np.asarray(test_scores) >= threshold))
-    return float(np.clip((q - fpr) / (tpr - fpr), 0.0, 1.0))
-
-
-def mixture(test_scores: np.ndarray, seed: int = 0) -> tuple[float, float] | None:
-    """A two-component Gaussian mixture on the test logits: ``(AI share, cut between the lumps)``.
-
-    The AI lump is the one with the higher mean. The cut is the score where the two weighted components'
-    posteriors cross (between the means). None when the fit is degenerate (fewer than 20 rows, one lump)."""
-    from sklearn.mixture import GaussianMixture
-
-    z = logits(test_scores)
-    if len(z) < 20 or np.ptp(z) <= 0:
-        return None
-    gm = GaussianMixture(2, random_state=seed, n_init=3, reg_covar=1e-3).fit(z[:, None])
-    means = gm.means_[:, 0]
-    hi, lo = int(np.argmax(means)), int(np.argmin(means))
-    if hi == lo:
-        return None
-    grid = np.linspace(means[lo], means[hi], 2001)
-    post = gm.predict_proba(grid[:, None])[:, hi]
-    cut = float(grid[int(np.argmin(np.abs(post - 0.5)))])
-    return float(gm.weights_[hi]), float(1.0 / (1.0 + math.exp(-cut)))
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """One estimate of the test AI share, with its method and the assumption it rests on."""
-
-    method: str
-    share: float | None
-    assumption: str
-
-
-@dataclass(frozen=True)
-class ShiftDiagnosis:
-    """How far the test scores are from the OOF scores (see the module docstring)."""
-
-    n_oof: int
-    n_test: int
-    train_share: float  # AI share of the OOF (training) labels
-    oof_threshold: float
-    predicted_share: float  # share of test rows the OOF threshold labels AI
-    oof_predicted_share: float  # share of OOF rows it labels AI
-    ks: float  # KS distance, OOF vs test blended scores (of single fold models when n_views > 1)
-    ks_label_shift: float  # KS distance, OOF re-weighted to the EM share vs test
-    estimates: tuple[Estimate, ...] = field(default_factory=tuple)
-    n_views: int = 1  # how many single-model views of the test scores were pooled (1: the averaged scores)
-
-    def estimate(self, method: str) -> float | None:
-        return next((e.share for e in self.estimates if e.method == method), None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ShiftDiagnosis:
-        """The inverse of :meth:`to_dict` (what ``<submission>.json`` holds)."""
-        return cls(**{**d, "estimates": tuple(Estimate(**e) for e in d.get("estimates", ()))})
-
-    def lines(self) -> list[str]:
-        """One line per finding, plus what it means for the threshold."""
-        out = [
-            f"predicted AI share {self.predicted_share:.1%} at the OOF threshold {self.oof_threshold:.4f} "
-            f"(training share {self.train_share:.1%}; on OOF rows it labels {self.oof_predicted_share:.1%})",
-            f"score shift: KS {self.ks:.3f} between OOF and test scores{self._views()}, {self.ks_label_shift:.3f} "
-            f"once the OOF classes are re-weighted to the EM share ({self.moved()})",
-        ]
-        for e in self.estimates:
-            share = "n/a" if e.share is None else f"{e.share:.1%}"
-            out.append(f"test AI share {share} by {e.method} (assumes {e.assumption})")
-        return out
-
-    def _views(self) -> str:
-        return f" (each of {self.n_views} fold models' own, pooled)" if self.n_views > 1 else ""
-
-    def moved(self) -> str:
-        if self.ks_label_shift <= KS_TOLERANCE:
-            return "the test set differs from train by its AI share at most; the OOF classes still fit"
-        return "the scores themselves moved: a threshold tuned on OOF rows may not transfer"
-
-
-def diagnose(
-    oof_scores: np.ndarray,
-    y: np.ndarray,
-    test_scores: np.ndarray,
-    threshold: float,
-    seed: int = 0,
-    test_views: np.ndarray | None = None,
-) -> ShiftDiagnosis:
-    """Compare blended OOF scores (N_oof,) with labels ``y`` to blended test scores (N_test,) at ``threshold``.
-
-    ``test_views`` (V, N_test): the same test rows scored as the OOF rows were, by one fold model per run
-    (view v blends fold v of every run). The KS distances and the two label-shift estimates use them, pooled;
-    the predicted share and the mixture use ``test_scores``, which the threshold cuts. None: ``test_scores``
-    stand in for both (scores of single models, or a test set scored as the OOF rows were)."""
-    s, t, yb = (np.asarray(oof_scores, dtype=np.float64), np.asarray(test_scores, dtype=np.float64),
-                np.asarray(y, dtype=bool))  # fmt: skip
-    views = t[None] if test_views is None else np.asarray(test_views, dtype=np.float64)
-    if views.ndim != 2 or views.shape[1] != len(t):
-        raise ValueError(f"test_views has shape {views.shape}; expected (V, {len(t)})")
-    pooled = views.ravel()
-    pi0 = float(yb.mean())
-    em = em_prior(calibrate(s, yb)(pooled), pi0)
-    w = np.where(yb, em / pi0, (1 - em) / (1 - pi0))  # OOF rows re-weighted to the EM share
-    mix = mixture(t, seed)
-    estimates = (
-        Estimate("EM on calibrated scores (Saerens 2002)", em, "label shift: each class scores as in OOF"),
-        Estimate(
-            "confusion-matrix inversion (Lipton 2018)",
-            bbse_prior(s, yb, pooled, threshold),
-            "label shift: the OOF true/false positive rates hold on test",
-        ),
-        Estimate(
-            "two-component mixture on test logits",
-            None if mix is None else mix[0],
-            "the test scores form one lump per class",
-        ),
-    )
-    return ShiftDiagnosis(
-        n_oof=len(s),
-        n_test=len(t),
-        train_share=pi0,
-        oof_threshold=float(threshold),
-        predicted_share=float(np.mean(t >= threshold)),
-        oof_predicted_share=float(np.mean(s >= threshold)),
-        ks=ks_distance(pooled, s),
-        ks_label_shift=ks_distance(pooled, s, w),
-        estimates=estimates,
-        n_views=len(views),
-    )
-
-
 @dataclass(frozen=True)
 class ThresholdChoice:
     """The threshold applied to the test scores, the mode that chose it and why."""
@@ -339,8 +131,10 @@ def choose_threshold(
     oof_threshold: float,
     metric: str = "f1",
     diagnosis: ShiftDiagnosis | None = None,
+    rule: AutoRule = AUTO,
 ) -> ThresholdChoice:
-    """The threshold for ``test_scores`` under ``mode`` (:func:`parse_threshold`), with a one-line reason."""
+    """The threshold for ``test_scores`` under ``mode`` (:func:`parse_threshold`), with a one-line reason;
+    ``auto`` follows ``rule`` (:data:`AUTO_RULE`) on ``diagnosis`` (made here when None)."""
     m = parse_threshold(mode)
     check_metric(metric)
     if m.kind == "oof":
@@ -358,36 +152,71 @@ def choose_threshold(
             m.text, m.text, t, f"the {metric}-optimal threshold on OOF rows re-weighted to {m.value:.1%} AI"
         )
     d = diagnosis or diagnose(oof_scores, y, test_scores, oof_threshold)
-    inner = _auto_mode(d)
+    inner, why = auto_mode(d, rule)
     c = choose_threshold(inner, oof_scores, y, test_scores, oof_threshold, metric, d)
-    return ThresholdChoice("auto", c.resolved, c.threshold, f"{_auto_reason(d, inner)}; {c.reason}")
+    return ThresholdChoice("auto", c.resolved, c.threshold, f"auto -> {inner.text}: {why}; {c.reason}")
 
 
-def _auto_mode(d: ShiftDiagnosis) -> ThresholdMode:
-    """:data:`AUTO_RULE` as code."""
-    em = d.estimate("EM on calibrated scores (Saerens 2002)")
-    if d.ks_label_shift <= KS_TOLERANCE or d.estimate("two-component mixture on test logits") is None:
-        if em is None or abs(em - d.train_share) <= PRIOR_SNAP:
-            return ThresholdMode("oof")
-        return ThresholdMode("prior", float(np.clip(em, 0.01, 0.99)))
-    mix = d.estimate("two-component mixture on test logits")
-    return ThresholdMode("share", float(np.clip(mix, 0.01, 0.99)))  # type: ignore[arg-type]
+def _agree(a: float, se_a: float | None, b: float | None, se_b: float | None, z: float) -> bool:
+    """Whether estimates ``a`` and ``b`` differ by at most ``z`` standard errors of their difference."""
+    return b is not None and abs(a - b) <= z * math.hypot(se_a or 0.0, se_b or 0.0)
 
 
-def _auto_reason(d: ShiftDiagnosis, m: ThresholdMode) -> str:
-    if m.kind == "oof":
-        return (
-            f"auto -> oof: the test scores fit the OOF classes (KS {d.ks_label_shift:.3f} <= {KS_TOLERANCE}) "
-            "and the estimated AI share is near the training share"
+def auto_mode(d: ShiftDiagnosis, rule: AutoRule = AUTO) -> tuple[ThresholdMode, str]:
+    """:data:`AUTO_RULE` as code: the mode ``auto`` resolves to, and why."""
+    crit = d.ks_critical(rule)
+    fit = f"KS {d.ks_label_shift:.3f} after re-weighting, sampling alone reaches {crit:.3f} for {d.n_test} images"
+    if d.ks_label_shift > crit:
+        return _moved(d, rule, f"the scores themselves moved ({fit})")
+    em, se = d.estimate(EM), d.se(EM) or 0.0
+    why = f"the test scores fit the OOF classes ({fit})"
+    if em is None or abs(em - d.train_share) <= rule.z * se:
+        share = "n/a" if em is None else f"{em:.1%} +- {se:.1%}"
+        return ThresholdMode("oof"), f"{why} and EM's AI share {share} is within {rule.z:g} SE of training's"
+    bb, se_bb = d.estimate(BBSE), d.se(BBSE)
+    if not _agree(em, se, bb, se_bb, rule.z):
+        bb_text = "n/a" if bb is None else f"{bb:.1%} +- {(se_bb or 0):.1%}"
+        return ThresholdMode("oof"), (
+            f"{why}, but EM's AI share {em:.1%} +- {se:.1%} and confusion-matrix inversion's {bb_text} disagree: "
+            "the classes may score differently from OOF in a way KS does not see"
         )
-    if m.kind == "prior":
-        return (
-            f"auto -> {m.text}: the test scores fit the OOF classes re-weighted to an AI share of {m.value:.1%} "
-            f"(KS {d.ks_label_shift:.3f} <= {KS_TOLERANCE})"
+    p = capped_share(em, d.train_share, rule.odds_cap)
+    why = (
+        f"{why} re-weighted to EM's AI share {em:.1%} +- {se:.1%}, which confusion-matrix inversion confirms"
+    )
+    if p != em:
+        why += (
+            f"; moved only to {p:.1%} (odds at most {rule.odds_cap:g}x the training odds): a lower AI share "
+            "with unchanged score shape is also what an unseen generator looks like"
         )
-    return (
-        f"auto -> {m.text}: the scores themselves moved (KS {d.ks_label_shift:.3f} > {KS_TOLERANCE} after "
-        "re-weighting), so the OOF rows no longer set the cut; the test logits' two-lump mixture sets the share"
+    return ThresholdMode("prior", float(np.clip(p, 0.01, 0.99))), why
+
+
+def capped_share(share: float, train_share: float, odds_cap: float) -> float:
+    """``share`` with its odds kept within a factor ``odds_cap`` of ``train_share``'s odds."""
+    lo, hi = (
+        math.log(train_share / (1 - train_share)) - math.log(odds_cap),
+        math.log(train_share / (1 - train_share)) + math.log(odds_cap),
+    )
+    z = math.log(max(share, 1e-9) / max(1 - share, 1e-9))
+    return share if lo <= z <= hi else float(1.0 / (1.0 + math.exp(-min(max(z, lo), hi))))
+
+
+def _moved(d: ShiftDiagnosis, rule: AutoRule, why: str) -> tuple[ThresholdMode, str]:
+    """``share:`` when the moved test scores form two real lumps whose share EM or BBSE confirm; else oof."""
+    mix, se_mix = d.estimate(MIXTURE), d.se(MIXTURE)
+    if d.n_test < rule.share_min_n:
+        return ThresholdMode("oof"), f"{why}, but share: needs at least {rule.share_min_n} test images"
+    if mix is None or not d.two_lumps(rule):
+        return ThresholdMode("oof"), f"{why}, but the test logits do not form two real lumps"
+    others = [(d.estimate(m), d.se(m)) for m in (EM, BBSE)]
+    if rule.share_agree and not any(_agree(mix, se_mix, e, s, rule.z) for e, s in others):
+        return ThresholdMode("oof"), (
+            f"{why}, but the mixture's AI share {mix:.1%} agrees with neither EM nor confusion-matrix inversion"
+        )
+    return ThresholdMode("share", float(np.clip(mix, 0.01, 0.99))), (
+        f"{why}, so the OOF rows no longer set the cut; the test logits form two lumps whose AI share "
+        f"{mix:.1%} +- {(se_mix or 0):.1%} sets the share"
     )
 
 
@@ -400,14 +229,18 @@ def modes_table(
 
 
 __all__ = [
+    "AUTO",
     "AUTO_RULE",
+    "AutoRule",
     "Estimate",
     "ShiftDiagnosis",
     "ThresholdChoice",
     "ThresholdMode",
+    "auto_mode",
     "choose_threshold",
     "diagnose",
     "ks_distance",
+    "logits",
     "parse_threshold",
     "prior_threshold",
     "share_threshold",

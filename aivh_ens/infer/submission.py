@@ -16,7 +16,6 @@ import torch
 from aivh_ens.blend.artifact import apply_blend, load_blend, oof_probs, rank_reference
 from aivh_ens.blend.shift import (
     AUTO_RULE,
-    KS_TOLERANCE,
     ShiftDiagnosis,
     ThresholdChoice,
     ThresholdMode,
@@ -346,7 +345,8 @@ def _record(
 
 ADAPT_BN = ("off", "auto", "on")
 """``submit --adapt-bn`` (default ``off``): ``auto`` re-scores with AdaBN only when the diagnosis finds that
-the scores themselves moved (the KS after re-weighting exceeds :data:`aivh_ens.blend.shift.KS_TOLERANCE`).
+the scores themselves moved: the KS distance left after re-weighting exceeds what sampling alone reaches for
+this many test images (:meth:`aivh_ens.blend.shift.ShiftDiagnosis.scores_moved`, the test ``auto`` uses).
 In ``bench/bench_shift.py`` it recovered most of the ranking lost to upscaling and blur on CIFAKE, hurt under
 a pure change of the AI share when forced on, and lowered the demo data's F1 (README)."""
 
@@ -449,9 +449,10 @@ def _scored_test(
 
     adapted = bn == "on"
     scores, probs, diag = scored(adapted)
-    if bn == "auto" and diag.ks_label_shift > KS_TOLERANCE:
+    if bn == "auto" and diag.scores_moved():
         o.log(
-            f"the test scores moved (KS {diag.ks_label_shift:.3f} > {KS_TOLERANCE} after re-weighting): scoring "
+            f"the test scores moved (KS {diag.ks_label_shift:.3f} > {diag.ks_critical():.3f} after re-weighting, "
+            f"what sampling alone reaches for {diag.n_test} images): scoring "
             "again with BatchNorm statistics re-estimated on the test images (--adapt-bn auto; off: --adapt-bn off)"
         )
         adapted = True

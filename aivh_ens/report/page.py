@@ -289,7 +289,8 @@ def _submission_section(path: Path) -> str | None:
 
     doc = _read_json(path)
     try:
-        lines = ShiftDiagnosis.from_dict(doc["diagnosis"]).lines()
+        diag = ShiftDiagnosis.from_dict(doc["diagnosis"])
+        lines = diag.lines()
         cut = (
             f"threshold {float(doc['threshold']):.4f} by --threshold {doc['threshold_mode']} "
             f"(OOF threshold {float(doc['oof_threshold']):.4f}): {doc['reason']}"
@@ -297,11 +298,18 @@ def _submission_section(path: Path) -> str | None:
     except (KeyError, TypeError, ValueError) as e:
         return section("Submission", f'<p class="note">{esc(path)} is not a submit record ({esc(e)})</p>')
     items = "".join(f"<li>{esc(x)}</li>" for x in lines)
+    em = diag.estimate("EM on calibrated scores (Saerens 2002)")
+    plot = (
+        plots.shift_histogram(diag.histogram, em, diag.oof_threshold, float(doc["threshold"]))
+        if diag.histogram and em is not None
+        else ""
+    )
     return section(
         "Submission: train/test shift",
         f'<p class="muted">{esc(path.name)}: {len(lines)} findings from comparing the blended test scores with '
         "the OOF scores, without test labels.</p>",
         f"<ul>{items}</ul><p>{esc(cut)}; predicted AI share {float(doc['predicted_ai_share']):.1%}.</p>",
+        plot,
         anchor="submission",
     )
 

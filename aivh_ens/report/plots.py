@@ -10,7 +10,7 @@ import pandas as pd
 from aivh_ens.metrics import threshold_sweep
 from aivh_ens.report.html import figure, figure_img
 
-__all__ = ["confusion_and_threshold", "correlation", "training_curves", "weights"]
+__all__ = ["confusion_and_threshold", "correlation", "shift_histogram", "training_curves", "weights"]
 
 
 def training_curves(run: str, history: Mapping[int, pd.DataFrame]) -> str:
@@ -116,3 +116,34 @@ def weights(w: Mapping[str, float], title: str) -> str:
     ax.tick_params(axis="x", labelrotation=20)
     ax.grid(axis="y", alpha=0.3)
     return figure_img(fig, title)
+
+
+SHIFT_ALT = "test scores over the OOF classes re-weighted to the estimated AI share"
+
+
+def shift_histogram(
+    hist: Mapping[str, list[float]], share: float, oof_threshold: float, shipped: float
+) -> str:
+    """The test scores' histogram over the OOF class histograms re-weighted to AI share ``share``, on the
+    logit axis, with the OOF and the shipped thresholds marked: where the test lumps are against where OOF
+    says they should be (``hist``: :func:`aivh_ens.blend.shift_stats.histograms`)."""
+    from aivh_ens.blend.shift_stats import logits
+
+    edges = np.asarray(hist["edges"])
+    ai, human = share * np.asarray(hist["oof_ai"]), (1 - share) * np.asarray(hist["oof_human"])
+    fig = figure(8.0, 3.8)
+    ax = fig.add_subplot()
+    ax.stairs(
+        hist["test"], edges, fill=True, color="0.75", label="test scores (one fold model per run, pooled)"
+    )
+    ax.stairs(human, edges, color="tab:blue", linestyle="--", label=f"OOF human x {1 - share:.0%}")
+    ax.stairs(ai, edges, color="tab:red", linestyle="--", label=f"OOF AI x {share:.0%}")
+    ax.stairs(ai + human, edges, color="black", label="their sum: what label shift alone predicts")
+    for t, colour, name in ((oof_threshold, "tab:green", "OOF"), (shipped, "tab:purple", "shipped")):
+        x = float(np.clip(logits(np.array([t]))[0], edges[0], edges[-1]))
+        ax.axvline(x, color=colour, linestyle=":", label=f"{name} threshold {t:.3f}")
+    ax.set(xlabel="logit of the blended score", ylabel="density", title=f"test vs OOF scores ({SHIFT_ALT})")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return figure_img(fig, SHIFT_ALT)
