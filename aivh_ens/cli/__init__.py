@@ -8,18 +8,12 @@ predict), :mod:`~aivh_ens.cli.report` (inspect, report), :mod:`~aivh_ens.cli.ser
 
 from __future__ import annotations
 
-import os
+import click
 
-# Before anything imports huggingface_hub or albumentations: offline unless the user set HF_HUB_OFFLINE
-# (HF_HUB_OFFLINE=0 lets timm download weights). Offline, each hub look-up waits ~47 s before it fails.
-HUB_OFFLINE_FROM_USER = os.environ.get("HF_HUB_OFFLINE")
-"""The user's own ``HF_HUB_OFFLINE`` (None: the CLI set it to 1), for ``aivh-ens checks``."""
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from aivh_ens.cli import offline  # noqa: F401 - first: sets HF_HUB_OFFLINE before any hub import
 
-import click  # noqa: E402
-
-from aivh_ens.cli import auto, blend, infer, info, report, serve, sweep, train  # noqa: E402
+# isort: split
+from aivh_ens.cli import auto, blend, infer, info, report, serve, sweep, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -130,50 +130,40 @@ def _devices() -> list[str]:
 
 
 def _hub() -> list[str]:
-    """HF_HUB_OFFLINE and who set it; the Hugging Face cache and the backbones auto uses found in it."""
-    from huggingface_hub import constants
+    """HF_HUB_OFFLINE and who set it; the Hugging Face cache and the timm models with weights in it."""
+    from aivh_ens.cli import offline
+    from aivh_ens.train.weights import hf_cache_dir, hf_cache_weights
 
-    from aivh_ens import cli
-    from aivh_ens.auto.candidates import CACHED_BACKBONES
-    from aivh_ens.train.models import local_pretrained
-
-    who = "set by aivh-ens; HF_HUB_OFFLINE=0 to download" if cli.HUB_OFFLINE_FROM_USER is None else "yours"
+    who = (
+        "set by aivh-ens; HF_HUB_OFFLINE=0 to download" if offline.HUB_OFFLINE_FROM_USER is None else "yours"
+    )
     lines = [f"HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')} ({who})"]
-    cache = Path(constants.HF_HUB_CACHE)
+    cache = hf_cache_dir()
     lines.append(
         f"Hugging Face cache: {cache} ({'present' if cache.is_dir() else 'missing'}; HF_HOME moves it)"
     )
-    found = []
-    for model, _ in CACHED_BACKBONES:
-        try:
-            held = local_pretrained(model)
-        except Exception:  # an unknown tag in an older timm, an unreadable cache: not found
-            held = False
-        found.append(f"{model} {'found' if held else 'missing'}")
-    return [*lines, "pretrained weights auto looks for: " + ", ".join(found)]
+    held = hf_cache_weights(cache)
+    return [*lines, "pretrained timm weights in it: " + (", ".join(held) if held else "none")]
 
 
 def _weights_dir(weights_dir: Path | None) -> list[str]:
-    """The files of ``--weights-dir`` and the timm model each is named after (auto's naming rule)."""
+    """The timm models whose weights ``--weights-dir`` holds (auto's naming rule), or why it holds none."""
+    from aivh_ens.errors import UserError
+    from aivh_ens.train.weights import weights_dir_weights
+
     if weights_dir is None:
         return ["--weights-dir: not given"]
-    if not weights_dir.is_dir():
-        return [f"--weights-dir {weights_dir}: not a folder"]
-    import timm
+    try:
+        held = weights_dir_weights(weights_dir)
+    except UserError as e:
+        return [str(e)]
+    from aivh_ens.train.weights import WEIGHT_SUFFIXES
 
-    from aivh_ens.auto.candidates import WEIGHT_SUFFIXES
-
-    files = sorted(p for p in weights_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    named = []
-    for p in files:
-        stem = p.name[: -len(p.suffix)]
-        model = stem if timm.is_model(stem) else stem.split(".")[0]
-        named.append(
-            f"{p.name} -> {model}" if timm.is_model(model) else f"{p.name} -> no timm model (skipped)"
-        )
-    return [
-        f"--weights-dir {weights_dir}: {len(files)} weight files" + (": " if named else "") + "; ".join(named)
-    ]
+    named = [f"{p.name} -> {name}" for name, p in held.items()]
+    used = {p.resolve() for p in held.values()}
+    named += [f"{p.name} -> no timm model (skipped)" for p in sorted(weights_dir.iterdir())
+              if p.suffix in WEIGHT_SUFFIXES and p.resolve() not in used]  # fmt: skip
+    return [f"--weights-dir {weights_dir}: {len(held)} models: " + "; ".join(named)]
 
 
 def _disk(workdir: Path) -> list[str]:

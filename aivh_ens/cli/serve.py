@@ -44,7 +44,7 @@ SERVE_MAX_PIXELS = 16_000_000  # aivh_ens.serve.ensemble.SERVE_MAX_PIXELS (not i
     "--api-key-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Read the API key from this file (its first line).",
+    help="Read the API key from this file (its first line).  [default: none]",
 )
 @click.option(
     "--max-pixels",
