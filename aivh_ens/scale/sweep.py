@@ -227,8 +227,7 @@ def run_sweep(
         ray: GPUs and CPUs per task for ``--backend ray``.
         admit: local backend: asked with a job's ``job.json`` when a device is free for it; a job it refuses
             stays pending (``aivh-ens auto``'s clock). Other backends hand every job over at once.
-        hooks: local backend: :class:`aivh_ens.scale.local.JobHooks` (a finished job's callback, the job
-            processes' environment and output file).
+        hooks: local backend: :class:`aivh_ens.scale.local.JobHooks`.
         order: ``cost`` (longest jobs first) or ``plan`` (the plan's runs in their order, fold by fold).
 
     Raises:
