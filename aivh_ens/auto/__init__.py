@@ -2,7 +2,9 @@
 
 ``budget`` (time limits, the cost model, the plan that fits; no torch), ``candidates`` (pretrained or
 from-scratch models for the device and the images), ``timing`` (the timed probe), ``plan`` (the sweep plan
-and the state a later call resumes), ``stage`` (``run_auto`` as named steps), ``table`` (the final table).
+and the state a later call resumes), ``planning`` (a new, resumed, extended or topped-up plan), ``gate`` (the
+clock that starts only jobs it can finish), ``steps`` (the sweep with its progress lines and anytime
+submission, blend, submit), ``stage`` (``run_auto``), ``table`` (the final and dry-run tables).
 """
 
 from __future__ import annotations

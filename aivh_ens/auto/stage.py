@@ -112,12 +112,28 @@ def run_auto(
         from aivh_ens.inspect.stage import write_audit
 
         written += write_audit(audit, call.data, call.workdir).written
+    return _train(call, plan, steps, written, wdir, models)
+
+
+def _train(
+    call: _Call,
+    plan: AutoPlan,
+    steps: dict[str, float],
+    written: tuple[Path, ...],
+    wdir: Path | None,
+    models: Sequence[str],
+) -> AutoResult:
+    """The plan's sweep (and up to :data:`TOP_UPS` top-ups), then :func:`_finish`."""
+    clock, slots, log = call.clock, list(call.slots), call.log
     log(f"plan: {auto_dir(call.workdir) / 'plan.toml'}: {len(plan.runs)} runs x {plan.folds} folds, training "
         f"about {format_duration(plan.train_s)}, then about {format_duration(plan.finish_s)} for blend, submit, "
         "report")  # fmt: skip
     first = FirstSubmission(call.workdir, call.data, call.out, slots[0], call.threads, clock, log)
     sweep = step_sweep(plan, call.workdir, slots, call.threads, clock, log, first)
     for _ in range(TOP_UPS):
+        complete = [r.name for r in plan.runs if sweep.oof.get(r.name)]
+        if first.sub is None and complete and not sweep.unfinished:  # on disk before any top-up trains
+            first.submit(complete, submit_threads(call.slots, call.threads))  # the final step reuses it
         more = top_up(call, plan, sweep, wdir, models)
         if more is None:
             break
@@ -148,7 +164,7 @@ def _finish(
     out = call.out or workdir / "submission.csv"
     need = plan.finish_s * len(complete) / max(1, len(plan.runs))
     blend, sub, note = None, None, ""
-    if first is not None and first.sub is not None and complete == [first.run]:
+    if first is not None and first.sub is not None and tuple(complete) == first.runs:
         blend, sub = step_blend(workdir, complete, call.log), first.sub  # the same blend: reused, not redone
         build_report(workdir, runs=complete, submission=sub.record)
     elif out.is_file() and clock.left() < need:

@@ -157,8 +157,8 @@ def step_submit(workdir: Path, data: Path, out: Path | None, device: str, log: L
 @dataclass
 class FirstSubmission:
     """The sweep's anytime submission: the first complete run blended alone and submitted while the other runs
-    train (on the threads of one job, beside them), with ``submit``'s default threshold. ``run`` and ``sub``
-    say what it wrote, so the final step does not write the same again."""
+    train (on the threads of one job, beside them), with ``submit``'s default threshold; or, before a top-up,
+    the runs complete by then. ``runs`` and ``sub`` say what it wrote, so the final step does not redo it."""
 
     workdir: Path
     data: Path
@@ -167,22 +167,27 @@ class FirstSubmission:
     threads: int | None
     clock: Clock
     log: Log
-    run: str | None = None
+    runs: tuple[str, ...] = ()
     sub: Any = None
 
     def __call__(self, run: str) -> None:
-        t0 = time.monotonic()
+        self.submit([run])
+
+    def submit(self, runs: Sequence[str], threads: int | None = None) -> None:
+        """Blend ``runs`` and submit (on ``threads``, default one job's); a failure is one line (the training
+        goes on, the final step retries)."""
+        t0, named = time.monotonic(), ", ".join(runs)
         try:
-            step_blend(self.workdir, [run], lambda _m: None)
-            with torch_threads(self.threads):
+            step_blend(self.workdir, runs, lambda _m: None)
+            with torch_threads(threads or self.threads):
                 sub = step_submit(self.workdir, self.data, self.out, self.device, lambda _m: None)
-        except Exception as e:  # the training goes on; the final blend and submit try again
-            self.log(f"submit: FAILED to write the first submission from {run}: {str(e).splitlines()[0]}")
+        except Exception as e:
+            self.log(f"submit: FAILED to write the first submission from {named}: {str(e).splitlines()[0]}")
             return
         if sub is not None:
-            self.run, self.sub = run, sub
-            self.log(f"submit: {sub.out} written from {run} alone at {format_duration(self.clock.elapsed())} "
-                     f"({format_duration(time.monotonic() - t0)}); the final blend will refresh it")  # fmt: skip
+            self.runs, self.sub = tuple(runs), sub
+            self.log(f"submit: {sub.out} written from {named} at {format_duration(self.clock.elapsed())} "
+                     f"({format_duration(time.monotonic() - t0)}); a later blend refreshes it")  # fmt: skip
 
 
 @contextlib.contextmanager
