@@ -90,9 +90,7 @@ def create_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     on_cuda = next(model.parameters()).device.type == "cuda"
     if on_cuda and cfg.optimizer in FUSED_OPTIMIZERS:
         kwargs["fused"] = True  # one kernel for all parameters instead of a few per tensor
-    if (
-        cfg.layer_decay is not None
-    ):  # per-group ``lr_scale``, which the schedule applies (``_optimizer_step``)
+    if cfg.layer_decay is not None:  # per-group lr_scale, which _optimizer_step applies
         kwargs["layer_decay"] = cfg.layer_decay
     return create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
