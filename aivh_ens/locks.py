@@ -17,7 +17,10 @@ and taken over, when
 
 Taking over is atomic: the stale file is renamed to a unique name, and only the contender whose rename
 succeeded and whose moved file is still the record it judged stale removes it and races (``O_EXCL``) for a
-new one. A holder whose heartbeat finds another token in its lock file has lost it: ``lost`` is set and
+new one. The lock file is written once, at its creation, and never again: heartbeats go to a file of their own per
+acquisition (``<lock>.<token>.beat``), so a heartbeat write that an NFS stall delays past a takeover lands in
+a file nobody reads any more, instead of bringing the old owner's record back. A holder whose heartbeat
+finds another token in its lock file has lost it: ``lost`` is set and
 ``on_lost`` is called (a heartbeat that cannot read or write the file, ESTALE, EIO or ENOSPC, retries
 with backoff and loses nothing); :meth:`FileLock.verify` (which a job runs before each checkpoint write, through
 :func:`aivh_ens.io.guarded`) raises :class:`LockLost`, so the job stops before its next checkpoint.
@@ -64,13 +67,32 @@ def current_attempt() -> int | None:
     return 0 if os.environ.get("SLURM_JOB_ID") else None
 
 
-def read_owner(path: Path) -> dict | None:
-    """The lock's owner record, or None if the file is gone or unreadable (mid-write)."""
+def _read_json(path: Path) -> dict | None:
     try:
-        owner = json.loads(Path(path).read_text())
+        doc = json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return owner if isinstance(owner, dict) else None
+    return doc if isinstance(doc, dict) else None
+
+
+def _holds_token(token: Any) -> Callable[[Path], bool]:
+    """Whether a lock file is still the acquisition ``token`` judged stale (a lock file never changes)."""
+    return lambda path: (_read_json(path) or {}).get("token") == token
+
+
+def beat_path(path: Path, token: str) -> Path:
+    """The heartbeat file of the acquisition ``token`` of lock ``path`` (``fold0.lock.<token>.beat``)."""
+    return Path(path).with_name(f"{Path(path).name}.{token}.beat")
+
+
+def read_owner(path: Path) -> dict | None:
+    """The lock's owner record with its latest heartbeat (``beat``, ``heartbeat``, ``progress``), or None if
+    the lock file is gone or unreadable (mid-write)."""
+    owner = _read_json(path)
+    if owner is None:
+        return None
+    beat = _read_json(beat_path(path, owner["token"])) if isinstance(owner.get("token"), str) else None
+    return owner | (beat or {})
 
 
 def stale_reason(
@@ -248,7 +270,7 @@ class FileLock:
                     "file if that process is gone",
                     owner,
                 )
-            self._take_over(lambda aside, owner=owner: read_owner(aside) == owner)
+            self._take_over(_holds_token(owner.get("token")))
         raise UserError(f"could not take the lock {self.path}; delete it if no process is using {self.what}")
 
     def _judge_torn(self) -> None:
@@ -276,6 +298,10 @@ class FileLock:
                     FileExistsError
                 ):  # put the live record back, unless a new one is there
                     os.link(aside, self.path)
+            else:
+                token = (_read_json(aside) or {}).get("token")
+                if isinstance(token, str):
+                    beat_path(self.path, token).unlink(missing_ok=True)
         finally:
             aside.unlink(missing_ok=True)
 
@@ -287,12 +313,12 @@ class FileLock:
     def _beat(self) -> None:
         from aivh_ens.io import write_json  # io imports this module
 
-        missing = failures = 0
+        missing = failures = beats = 0
         wait = self.heartbeat_s
         while not self._stop.wait(wait):
             wait = self.heartbeat_s
             try:
-                owner = read_owner(self.path)
+                owner = _read_json(self.path)
                 if owner is None and missing == 0:
                     missing = 1  # mid-write, or moved aside for a moment by a contender that will put it back
                     continue
@@ -300,8 +326,9 @@ class FileLock:
                     self._lose()
                     return
                 missing = 0
-                beat = {"heartbeat": self.clock(), "beat": int(owner.get("beat", 0)) + 1}
-                write_json(self.path, {**owner, **beat, "progress": progress.beats()})
+                beats += 1  # to this acquisition's own file: a late write cannot bring back a lost lock
+                beat = {"heartbeat": self.clock(), "beat": beats, "progress": progress.beats()}
+                write_json(beat_path(self.path, self.token), beat)
                 failures = 0
             except OSError:  # ESTALE, EIO, ENOSPC: transient on shared storage; retry soon, backing off
                 failures += 1
@@ -320,6 +347,8 @@ class FileLock:
 
     def _lose(self) -> None:
         self.lost.set()
+        with contextlib.suppress(OSError):
+            beat_path(self.path, self.token).unlink(missing_ok=True)
         if self.on_lost is not None:
             self.on_lost()
 
@@ -330,7 +359,8 @@ class FileLock:
             self._beater.join(timeout=10)
             self._beater = None
         if self.held:
-            owner = read_owner(self.path)
+            owner = _read_json(self.path)
+            beat_path(self.path, self.token).unlink(missing_ok=True)
             if owner is not None and owner.get("token") == self.token:
                 self.path.unlink(missing_ok=True)
             self.held = False

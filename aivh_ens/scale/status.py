@@ -6,6 +6,7 @@ A fold is ``done`` (its done.json), ``running`` (a live lock: host:pid, epoch, E
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ import pandas as pd
 
 from aivh_ens.errors import UserError
 from aivh_ens.layout import RESERVED_RUN_NAMES, fold_dir, run_dir, runs_dir
-from aivh_ens.locks import read_owner, stale_reason
+from aivh_ens.liveness import same_space
+from aivh_ens.locks import GRACE_S, beat_path, read_owner, stale_reason
 from aivh_ens.scale.jobs import FAILED, read_json
 
 COLUMNS = ("run", "fold", "state", "host", "minutes", "f1", "error")
@@ -47,9 +49,10 @@ def fold_status(workdir: Path, run: str, k: int, epochs: int) -> dict[str, Any]:
             "minutes": done.get("minutes"),
             "f1": done.get("val_f1"),
         }
-    owner = read_owner(run_dir(workdir, run) / f"fold{k}.lock")
+    lock = run_dir(workdir, run) / f"fold{k}.lock"
+    owner = read_owner(lock)
     hist = _epochs(fdir)
-    if owner is not None and stale_reason(owner) is None:
+    if owner is not None and stale_reason(owner) is None and not _silent(lock, owner):
         n = 0 if hist is None else len(hist)
         eta = ""
         if n:
@@ -67,6 +70,19 @@ def fold_status(workdir: Path, run: str, k: int, epochs: int) -> dict[str, Any]:
     if (fdir / "state.pt").exists():
         return row | {"state": f"interrupted (epoch {0 if hist is None else len(hist)}/{epochs})"}
     return row
+
+
+def _silent(lock: Path, owner: dict[str, Any]) -> bool:
+    """Whether another host's lock has had no heartbeat for twice its grace period, by the shared storage's
+    file times (a dead host's lock; a contender would take it over). Locks of this host are judged by PID."""
+    if same_space(owner):
+        return False
+    times = []
+    for f in (lock, beat_path(lock, str(owner.get("token")))):
+        with contextlib.suppress(OSError):
+            times.append(f.stat().st_mtime)
+    grace = float(owner.get("grace", GRACE_S))
+    return bool(times) and time.time() - max(times) > 2 * grace
 
 
 def status_rows(workdir: str | Path = ".", runs: list[str] | None = None) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -174,4 +175,43 @@ def test_the_heartbeat_advances_while_the_lock_is_held(tmp_path):
         rec = read_owner(path)
         assert rec["beat"] > first["beat"] and rec["token"] == lock.token and rec["grace"] == 1.0
         assert not lock.lost.is_set()
-    assert not path.exists()
+        beat = path.with_name(f"{path.name}.{lock.token}.beat")
+        assert json.loads(path.read_text())["beat"] == 0  # the lock file itself is never rewritten
+        assert json.loads(beat.read_text())["beat"] == rec["beat"]
+    assert not path.exists() and not beat.exists()
+
+
+def test_a_heartbeat_delayed_past_a_takeover_cannot_bring_the_old_owner_back(tmp_path, monkeypatch):
+    """An NFS stall holds a heartbeat write while another host takes the lock over; when the write lands, the
+    new owner's lock is untouched and the old holder learns at its next beat that it lost."""
+    from aivh_ens import io
+
+    path = tmp_path / "fold0.lock"
+    stalled, release = threading.Event(), threading.Event()
+    real = io.write_json
+
+    def stalling(p, obj):  # the second heartbeat write stalls until the takeover is done
+        if p.name.endswith(".beat") and obj["beat"] == 2:
+            stalled.set()
+            release.wait(60)
+        return real(p, obj)
+
+    monkeypatch.setattr(io, "write_json", stalling)
+    lock = FileLock(path, "fold 0", heartbeat_s=0.05)
+    lock.acquire()
+    try:
+        assert stalled.wait(60)
+        path.unlink()  # presumed dead: taken over by another host, whose lock is now in place
+        new = foreign(path)
+        release.set()  # the stalled write lands
+        deadline = time.monotonic() + 60
+        while not lock.lost.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lock.lost.is_set() and read_owner(path)["token"] == new["token"] == "t"
+        assert json.loads(path.read_text()) == json.loads(json.dumps(new))
+        with pytest.raises(LockLost):
+            lock.verify()
+    finally:
+        release.set()
+        lock.release()
+    assert read_owner(path)["token"] == "t"  # released without touching the new owner's lock
