@@ -104,6 +104,9 @@ class AutoPlan:
     used: tuple[str, ...] = ()
     n_train: int = 0
     n_test: int = 0
+    decode_s: float | None = None
+    """Seconds one of the user's images takes to read and decode here (a sample measured when the plan was
+    made); prices the sweep's decode check and image cache. None: the sweep's default per image."""
 
     def estimate(self, run: str) -> float:
         """Estimated seconds of one fold job of ``run``."""

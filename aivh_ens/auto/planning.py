@@ -96,7 +96,7 @@ def first_plan(
     sp = [speeds[c.name] for c in candidates]
     devices = len(base.devices)
     finish = finish_seconds(base.n_train, base.n_test, [as_run(candidates[0])], 2, speeds)
-    images_s = prepare_s(base.n_train + base.n_test)
+    images_s = prepare_s(base.n_train + base.n_test, base.decode_s)
     for _ in range(5):  # the reserve depends on the runs chosen, which depend on the reserve
         chosen = choose_runs(candidates, sp, base.n_train, devices, clock.left() - finish - images_s)
         if chosen is None:
@@ -124,7 +124,12 @@ def first_submission_s(
     """Seconds from the call's start at which ``run``, trained first, is expected to be submitted: the images
     prepared, its folds in rounds on the devices, then its blend alone and submit."""
     devices = len(base.devices)
-    start = clock.elapsed() + prepare_s(base.n_train + base.n_test) + SWEEP_OVERHEAD_S + PROCESS_START_S
+    start = (
+        clock.elapsed()
+        + prepare_s(base.n_train + base.n_test, base.decode_s)
+        + SWEEP_OVERHEAD_S
+        + PROCESS_START_S
+    )
     return (start + math.ceil(folds / devices) * run.job_s
             + finish_seconds(base.n_train, base.n_test, [run], folds, speeds))  # fmt: skip
 
@@ -154,7 +159,7 @@ def with_scout(
                 continue
             spent = math.ceil(folds / devices) * scout.job_s
             everything = finish_seconds(n, base.n_test, [scout, *runs], folds, speeds)
-            budget = clock.left() - everything - prepare_s(n + base.n_test) - spent
+            budget = clock.left() - everything - prepare_s(n + base.n_test, base.decode_s) - spent
             sp = [speeds[x.name] for x in candidates]
             chosen = choose_runs(candidates, sp, n, devices, budget, folds)
             if chosen is None:
@@ -185,7 +190,7 @@ def extended(
     devices = len(prev.devices)
     if owed_s is None:
         owed_s = train_seconds(prev.runs, prev.folds, devices) - SWEEP_OVERHEAD_S
-        owed_s += prepare_s(prev.n_train + prev.n_test)
+        owed_s += prepare_s(prev.n_train + prev.n_test, prev.decode_s)
     extra, sp = extension(candidates, [speeds[c.name] for c in candidates], prev.runs)
     everything = [*prev.runs, *(as_run(c) for c in extra)]  # the reserve as if every extra run were added
     finish = finish_seconds(prev.n_train, prev.n_test, everything, prev.folds, speeds)
@@ -253,7 +258,7 @@ def step_plan(
         UserError: the budget is too small for one run (nothing is written).
     """
     from aivh_ens.auto.candidates import DataFacts
-    from aivh_ens.auto.timing import step_time, timed_settings
+    from aivh_ens.auto.timing import decode_seconds, step_time, timed_settings
 
     prev = read_plan(workdir, data)
     if prev is not None and prev.limit_s >= clock.limit_s:
@@ -274,8 +279,10 @@ def step_plan(
     speeds = speeds_of(timings, candidates, str(data.resolve()))
     if prev is not None:
         return extended(clock, prev, candidates, speeds, log), timings, None
+    decode_s = decode_seconds(data, audit.train_table["file_name"])  # the user's own images, not a constant
     base = AutoPlan(str(data.resolve()), clock.limit_s, tuple(devices), 2, {**facts.shared, **(shared or {})},
-                    short_side=facts.short_side, used=facts.used, n_train=n_train, n_test=n_test)  # fmt: skip
+                    short_side=facts.short_side, used=facts.used, n_train=n_train, n_test=n_test,
+                    decode_s=decode_s)  # fmt: skip
     return first_plan(clock, base, candidates, speeds), timings, audit
 
 

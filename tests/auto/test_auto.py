@@ -74,6 +74,7 @@ def test_plan_fits_the_budget(first):
     plan = read_plan(work, data)
     used = json.loads((work / "runs/auto/table.json").read_text())
     assert plan.limit_s == limit and plan.runs
+    assert plan.decode_s is not None and plan.decode_s > 0  # the images priced by a sample of the user's own
     assert plan.train_s + plan.finish_s <= limit  # the plan was sized for what was left of the limit
     assert used["limit_s"] == limit and 0 < used["used_s"] < 2 * limit
     toml = (work / "runs/auto/plan.toml").read_text()
