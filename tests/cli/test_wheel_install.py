@@ -10,6 +10,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from aivh_ens import __version__
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_FILES = ("pyproject.toml", "README.md", "LICENSE", "aivh_ens")
 
@@ -58,7 +60,7 @@ def _dependencies_view(tmp_path: Path) -> Path:
 
 def test_wheel_installs_offline_into_a_fresh_venv_and_runs(tmp_path: Path) -> None:
     wheels = _build_wheel(tmp_path)
-    assert [p.name for p in wheels.iterdir()] == ["aivh_ens-0.1.0-py3-none-any.whl"]
+    assert [p.name for p in wheels.iterdir()] == [f"aivh_ens-{__version__}-py3-none-any.whl"]
     venv = tmp_path / "venv"
     # No pip or setuptools of its own: those of the view (this interpreter's) serve, as the image's would.
     _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
@@ -67,7 +69,7 @@ def test_wheel_installs_offline_into_a_fresh_venv_and_runs(tmp_path: Path) -> No
     (Path(site) / "preinstalled.pth").write_text(f"{_dependencies_view(tmp_path)}\n")
 
     log = _run(py, "-m", "pip", "install", "--no-index", "--find-links", wheels, "aivh-ens", cwd=tmp_path)
-    assert "Successfully installed aivh-ens-0.1.0" in log
+    assert f"Successfully installed aivh-ens-{__version__}" in log
     assert "torch" not in log.split("Successfully installed")[1]  # the torch already there is kept
 
     where = _run(py, "-c", "import aivh_ens, os; print(os.path.realpath(aivh_ens.__file__))", cwd=tmp_path)
