@@ -27,7 +27,7 @@ AUTO_RULE = (
     "auto: when the test scores fit the OOF classes re-weighted to the EM estimate of the test AI share (KS "
     "within what sampling alone reaches for this many test images), keep the OOF threshold unless EM's share "
     f"differs from the training share by more than {AUTO.z:g} standard errors and agrees with confusion-matrix "
-    f"inversion, then prior:<estimate> with the share's odds moved at most {AUTO.odds_cap:g}x; when the scores "
+    "inversion (and with the two-lump mixture, when the test logits form two lumps), then prior:<estimate> with the share's odds moved at most {AUTO.odds_cap:g}x; when the scores "
     f"themselves moved and the test set has at least {AUTO.share_min_n} images whose logits form two real lumps "
     "(BIC and separation), share:<the two-lump mixture's estimate>; otherwise oof"
 )
@@ -179,6 +179,18 @@ def auto_mode(d: ShiftDiagnosis, rule: AutoRule = AUTO) -> tuple[ThresholdMode, 
         return ThresholdMode("oof"), (
             f"{why}, but EM's AI share {em:.1%} +- {se:.1%} and confusion-matrix inversion's {bb_text} disagree: "
             "the classes may score differently from OOF in a way KS does not see"
+        )
+    mix, se_mix = d.estimate(MIXTURE), d.se(MIXTURE)
+    if (
+        rule.prior_agree_mixture
+        and d.two_lumps(rule)
+        and mix is not None
+        and not _agree(em, se, mix, se_mix, rule.z)
+    ):
+        return ThresholdMode("oof"), (
+            f"{why}, but the test logits form two lumps whose AI share {mix:.1%} +- {(se_mix or 0):.1%} disagrees "
+            f"with EM's {em:.1%} +- {se:.1%}: AI images may score as human (an unseen generator, or a move too "
+            "small for KS at this size) rather than be fewer"
         )
     p = capped_share(em, d.train_share, rule.odds_cap)
     why = (

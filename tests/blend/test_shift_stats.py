@@ -111,15 +111,15 @@ def test_two_real_lumps_that_moved_get_share():
 def test_prior_moves_only_beyond_its_standard_error_and_is_capped():
     d, c = auto(0.2, 4000, 11)
     em = d.estimate(shift.EM)
-    assert abs(em - 0.2) < 2.5 * d.se(shift.EM)
-    # 20% AI is odds 1/4, beyond the cap of 2x the training odds: moved to 1/3 only, and said why
-    assert c.resolved == "prior:0.333333" and "unseen generator" in c.reason
+    assert abs(em - 0.2) < 3 * d.se(shift.EM)
+    # 20% AI is odds 1/4, beyond the cap of 1.5x the training odds: moved to 40% only, and said why
+    assert c.resolved == "prior:0.4" and "unseen generator" in c.reason
     assert any("unseen generator" in line for line in d.lines())
     free = dataclasses.replace(shift.AUTO, odds_cap=1e9)
     assert shift.auto_mode(d, free)[0].value == pytest.approx(em)
     # the same shift on 60 images is within EM's own error: the OOF threshold stays
     d_small, c_small = auto(0.4, 60, 12)
-    assert c_small.resolved == "oof" and "within 2 SE" in c_small.reason
+    assert c_small.resolved == "oof" and "within 3 SE" in c_small.reason
 
 
 def test_capped_share():
