@@ -21,8 +21,11 @@ demo data (``aivh-ens demo-data``), whose test set holds a generator the train s
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -207,7 +210,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--demo-n", type=int, default=2000, help="demo train images (0: skip the demo data)")
     ap.add_argument("--no-adapt-bn", action="store_true", help="skip the --adapt-bn on/auto tables")
+    ap.add_argument("--smoke", action="store_true", help="CIFAKE's part on 40 demo images, 1 epoch")
     args = ap.parse_args()
+    if args.smoke:  # a check that the bench runs, for the test suite
+        args.out, args.epochs, args.demo_n = Path(tempfile.mkdtemp(prefix="bench-shift-smoke-")), 1, 0
+        args.no_adapt_bn = True
+        atexit.register(shutil.rmtree, args.out, True)
+        make_demo_dataset(args.out / "cifake-dev", n=40, n_test=40)
     if args.threads:
         set_torch_threads(args.threads)
     out, log = args.out, []
