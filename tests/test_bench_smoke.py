@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import re
 import runpy
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -52,9 +53,13 @@ def expected_name(script: Path) -> str | None:
 @pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
 def test_bench_runs_in_smoke_mode(script: Path, tmp_path: Path) -> None:
     out = tmp_path / "output.txt"
-    child = _CTX.Process(target=_run_script, args=(str(script), str(out), str(tmp_path)))
-    child.start()
-    child.join()
+    tmp = tempfile.mkdtemp(prefix="bench-smoke-")  # short: Ray's socket paths under it must fit 107 bytes
+    try:
+        child = _CTX.Process(target=_run_script, args=(str(script), str(out), tmp))
+        child.start()
+        child.join()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     text = out.read_text(errors="replace")
     assert child.exitcode == 0, f"{script.name} --smoke exited with {child.exitcode}:\n{text[-4000:]}"
     names = [m["name"] for m in BENCH_LINE.finditer(text)]
