@@ -62,9 +62,17 @@ test: install test-deps
 docs: install
 	$(VENV)/bin/mkdocs build --strict
 
-# Every bench but bench_auto.py, which takes three 20-minute budgets (`make bench-auto`).
+# Every bench but bench_auto.py, which takes three 20-minute budgets (`make bench-auto`): the CPU first, then each
+# bench's output, then its `bench <name>:` lines again. BENCH_ARGS=--smoke: every bench at its smallest, in minutes.
+BENCH_ARGS ?=
 bench: install
-	@for b in bench/bench_*.py; do [ "$$b" = bench/bench_auto.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done
+	@echo "CPU: $$(lscpu | sed -n 's/^Model name: *//p' | head -1), $$(nproc) cores"
+	@log=$$(mktemp); trap 'rm -f $$log' EXIT; set -o pipefail; \
+	for b in bench/bench_*.py; do \
+		[ "$$b" = bench/bench_auto.py ] && continue; echo "== $$b"; \
+		$(PY) $$b $(BENCH_ARGS) 2>&1 | tee -a $$log || { echo "$$b failed" >&2; exit 1; }; \
+	done; \
+	echo "== CPU: $$(lscpu | sed -n 's/^Model name: *//p' | head -1), $$(nproc) cores"; grep '^bench ' $$log
 
 # auto vs the best single run vs a plain torch script, 20 minutes each on cifake-dev (about an hour on 2 cores);
 # e.g. BENCH_AUTO_ARGS="--budget 2m --n-train 2000 --n-test 1000" for a smoke check of a few minutes.

@@ -1,6 +1,7 @@
 """Benchmark the blend search: 1,000 Optuna trials over 80,000 OOF rows x 10 runs.
 
-Run: ``python bench/bench_blend.py [--rows 80000] [--runs 10] [--trials 1000]``.
+Run: ``python bench/bench_blend.py [--rows 80000] [--runs 10] [--trials 1000] [--smoke]`` (``--smoke``: 2,000
+rows x 3 runs, 20 trials, for the test suite).
 
 Measures, on synthetic correlated OOF predictions:
 
@@ -63,7 +64,10 @@ def main() -> None:
         "--naive-trials", type=int, default=5, help="trials the slow naive evaluation is timed on"
     )
     ap.add_argument("--sqlite-trials", type=int, default=30, help="trials timed on the SQLite study file")
+    ap.add_argument("--smoke", action="store_true", help="the smallest sizes: a check that the bench runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.rows, args.runs, args.trials, args.naive_trials, args.sqlite_trials = 2000, 3, 20, 2, 3
 
     y, P = synthetic_oof(args.rows, args.runs)
     runs = [f"run{i}" for i in range(args.runs)]

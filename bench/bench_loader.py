@@ -1,6 +1,7 @@
 """Benchmark the training input pipeline: images/s delivered as normalised 224 px batches, and memory.
 
-Run: ``python bench/bench_loader.py [--n 2000] [--epochs 6] [--workers CORES]``.
+Run: ``python bench/bench_loader.py [--n 2000] [--epochs 6] [--workers CORES] [--smoke]`` (``--smoke``: 64
+images, 2 epochs, for the test suite).
 
 On ``--n`` generated 768x512 JPEGs (``bench/make_jpegs.py``; made once, kept under /tmp), batch 32, the same
 workers on both sides (default: every core):
@@ -184,6 +185,10 @@ def measure_rss(data: Path, cache_dir: Path, workers: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def count(n: int) -> str:
+    return f"{n // 1000}k" if n >= 1000 else str(n)
+
+
 def mb(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
@@ -197,7 +202,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6, help="epochs per side (the first is the cold one)")
     ap.add_argument("--workers", type=int, default=cores())
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="the smallest sizes: a check that the bench runs")
     a = ap.parse_args()
+    if a.smoke:
+        a.n, a.epochs = 64, 2
     # The main process only consumes batches (and normalises them, on the GPU in real runs): one thread, so
     # that OpenMP threads spinning at barriers do not fight the workers for the cores.
     torch.set_num_threads(1)
@@ -250,7 +258,7 @@ def main() -> None:
                 f"memory: {4 * len(paths)}-image cache written in {time.perf_counter() - t1:.1f}s (the "
                 f"{len(paths)} stored images x4); one pass each, {a.workers} workers, fresh process:"
             )
-            for label, d in ((f"{len(paths) // 1000}k", data), (f"{4 * len(paths) // 1000}k", big)):
+            for label, d in ((count(len(paths)), data), (count(4 * len(paths)), big)):
                 r = measure_rss(d, cache_dir, a.workers)
                 w = r["workers"]
                 print(

@@ -1,6 +1,7 @@
 """Benchmark a frozen-feature probe run against a fine-tuned run: same backbone, same images, same folds.
 
-Run: ``python bench/bench_probe.py [--n 2000] [--folds 5] [--model test_efficientnet] [--threads 1]``.
+Run: ``python bench/bench_probe.py [--n 2000] [--folds 5] [--model test_efficientnet] [--threads 1] [--smoke]``
+(``--smoke``: 40 images, 2 folds, 1 epoch, for the test suite).
 
 Both runs go through :func:`aivh_ens.train.run_cv` from nothing (each in its own work dir, so each builds
 its own image cache), on ``--n`` demo images (``aivh-ens demo-data``, AI/human pairs, ``--group pairs``) with
@@ -61,7 +62,10 @@ def main() -> None:
     ap.add_argument("--model", default="test_efficientnet")
     ap.add_argument("--weights", default=None, help="local weights for --model (default: seeded random init)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--smoke", action="store_true", help="the smallest sizes: a check that the bench runs")
     a = ap.parse_args()
+    if a.smoke:
+        a.n, a.folds = 40, 2
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -69,6 +73,8 @@ def main() -> None:
         make_demo_dataset(data, n=a.n, n_test=20, seed=0)
         weights = a.weights or str(_weights(a.model, root / "backbone.safetensors"))
         common = dict(model=a.model, data=str(data), folds=a.folds, weights=weights, workers=0)
+        if a.smoke:
+            common["epochs"] = 1
         probe_log: list[str] = []
         probe_s, probe_f1 = _run("probe", root / "probe", probe_log, head="linear", **common)
         ft_s, ft_f1 = _run("finetune", root / "finetune", [], **common)

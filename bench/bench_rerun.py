@@ -1,6 +1,7 @@
 """Benchmark a re-run of ``cv``: time from the call to the first training batch, first call vs second call.
 
-Run: ``python bench/bench_rerun.py [--n 20000] [--size 256] [--data ../shared/data/cifake-dev.tar.gz]``.
+Run: ``python bench/bench_rerun.py [--n 20000] [--size 256] [--data ../shared/data/cifake-dev.tar.gz] [--smoke]``
+(``--smoke``: 40 demo images (``aivh-ens demo-data``) upscaled to 64 px instead of cifake-dev, for the test suite).
 
 Builds, in a temporary folder, a copy of cifake-dev (32 px CIFAKE images) upscaled to ``--size`` px and saved
 as JPEG q95, then calls ``run_cv`` twice on it, each time up to its first training batch: the first call
@@ -33,12 +34,15 @@ class FirstBatch(Exception):
     """Raised by the patched epoch once the first training batch is in hand."""
 
 
-def build_upscaled(archive: Path, out: Path, n: int, size: int) -> Path:
-    """``out/data``: the first ``n`` train rows of cifake-dev, each image upscaled to ``size`` px."""
-    src = out / "src"
+def extract(archive: Path, out: Path) -> Path:
+    """The cifake-dev folder, extracted under ``out``."""
     with tarfile.open(archive) as tf:
-        tf.extractall(src, filter="data")
-    root = src / "cifake-dev"
+        tf.extractall(out, filter="data")
+    return out / "cifake-dev"
+
+
+def build_upscaled(root: Path, out: Path, n: int, size: int) -> Path:
+    """``out/data``: the first ``n`` train rows of the data folder ``root``, each image upscaled to ``size`` px."""
     table = pd.read_csv(root / "train.csv").head(n)
     data = out / "data"
     (data / "train_data").mkdir(parents=True)
@@ -79,7 +83,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20_000, help="train images to use")
     ap.add_argument("--size", type=int, default=256, help="upscaled side in px")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--smoke", action="store_true", help="the smallest sizes: a check that the bench runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.n, args.size = 40, 64
 
     import torch
 
@@ -88,12 +95,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        data = build_upscaled(args.data.resolve(), Path(tmp), args.n, args.size)
+        if args.smoke:
+            from aivh_ens.synth import make_demo_dataset
+
+            src = make_demo_dataset(Path(tmp) / "src", n=args.n, n_test=2)["root"]
+        else:
+            src = extract(args.data.resolve(), Path(tmp) / "src")
+        data = build_upscaled(src, Path(tmp), args.n, args.size)
         print(f"built {args.n} images of {args.size} px in {time.perf_counter() - t0:.1f}s")
         cfg = resolve_config(
             "tiny",
             data=str(data),
-            img_size=224,
+            img_size=args.size if args.smoke else 224,
             batch_size=32,
             folds=5,
             device="cpu",

@@ -1,6 +1,7 @@
 """Benchmark `aivh-ens serve`: requests/s and latency with batching against batch size 1.
 
-Run: ``python bench/bench_serve.py [--images 200] [--clients 8] [--rounds 2] [--threads 1] [--max-batch 32]``.
+Run: ``python bench/bench_serve.py [--images 200] [--clients 8] [--rounds 2] [--threads 1] [--max-batch 32]
+[--smoke]`` (``--smoke``: 16 images, 2 clients, 1 round, for the test suite).
 
 Set-up (in this process, 30-80 s on 2 CPU cores): a demo data set with ``--images`` test images, two
 ``tiny`` runs (test_efficientnet and test_convnext at 64 px, 2 folds, 1 epoch: 4 fold models, hflip TTA) and
@@ -168,7 +169,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the servers (and of training)")
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--smoke", action="store_true", help="the smallest sizes: a check that the bench runs")
     a = ap.parse_args()
+    if a.smoke:
+        a.images, a.clients, a.rounds, a.max_batch = 16, 2, 1, 4
     settings = {"batched": a.max_batch, "batch-1": 1}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         t0 = time.perf_counter()

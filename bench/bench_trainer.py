@@ -1,6 +1,7 @@
 """Benchmark training throughput: the model alone against the model fed by the full input pipeline.
 
-Run: ``python bench/bench_trainer.py [--n 2000] [--epochs 3] [--recipe tiny] [--img-size 64] [--threads 1]``.
+Run: ``python bench/bench_trainer.py [--n 2000] [--epochs 3] [--recipe tiny] [--img-size 64] [--threads 1]
+[--smoke]`` (``--smoke``: 64 images at 32 px, 2 epochs, for the test suite).
 
 The same model and training loop (:func:`aivh_ens.train.train_one_epoch`: normalisation, forward, backward,
 optimizer step) on the CPU here (on CUDA where one is available, with ``--device cuda``):
@@ -109,7 +110,10 @@ def main() -> None:
         "can make 2 threads 4x slower than 1)",
     )
     ap.add_argument("--workers", type=int, default=None, help="loader workers (default: as cv picks them)")
+    ap.add_argument("--smoke", action="store_true", help="the smallest sizes: a check that the bench runs")
     a = ap.parse_args()
+    if a.smoke:
+        a.n, a.epochs, a.img_size = 64, 2, 32
     torch.set_num_threads(a.threads)
 
     data = make_jpegs(a.n)

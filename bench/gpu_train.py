@@ -3,7 +3,9 @@ pipeline, on the same machine in one run.
 
 Run on a CUDA machine: ``python bench/gpu_train.py [--model efficientnet_b4] [--batch 64] [--n 4000]``
 (about 5 minutes on one H100/H200, most of it compiling; ``--no-compile`` skips the compiled rows).
-Smoke run on a CPU: ``python bench/gpu_train.py --device cpu --model test_efficientnet --img-size 64 --n 256``.
+Smoke run on a CPU (for the test suite): ``python bench/gpu_train.py --smoke`` (test_efficientnet at 64 px,
+batch 16, 64 JPEGs: a few batches per row). Without ``--smoke`` and without a CUDA device it stops at once
+(exit 2) rather than timing a CPU.
 
 Every row trains with :func:`aivh_ens.train.train_one_epoch`, the loop ``cv`` runs (random init: the speed
 does not depend on the weights), for two epochs over ``--n`` generated 768x512 JPEGs
@@ -145,7 +147,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="loader workers (default: as cv picks them)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     ap.add_argument("--no-seed", action="store_true", help="skip the seed-000 row")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU, a few batches (see above)")
     a = ap.parse_args()
+    if a.smoke:
+        a.device, a.model, a.img_size, a.batch, a.n = "cpu", "test_efficientnet", 64, 16, 64
+    elif torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error(
+            f"--device {a.device}: no CUDA device here; this bench times a GPU (--smoke runs it on the CPU)"
+        )
 
     t0 = time.perf_counter()
     data = make_jpegs(a.n)

@@ -6,6 +6,9 @@ Each image is a smooth random colour field (a few octaves of upsampled noise: la
 photo's) plus fine grain, saved as JPEG quality 90, so decoding costs what a real 768x512 photo costs. The
 folder gets ``train.csv`` (``file_name,label``). A set is made once per (n, size, seed) under
 ``/tmp/aivh-ens-bench/`` and reused by later runs (a ``done`` marker says it is complete).
+
+``--smoke`` (for the test suite): 16 images into a temporary folder, then the line
+``bench jpegs: <n> JPEGs WxH in <seconds>s = <images/s> img/s``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -116,5 +120,13 @@ if __name__ == "__main__":
     ap.add_argument("--height", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="16 images in a temporary folder (see above)")
     a = ap.parse_args()
-    print(make_jpegs(a.n, a.width, a.height, a.seed, a.out))
+    if a.smoke:
+        with tempfile.TemporaryDirectory(prefix="jpegs-smoke-") as tmp:
+            t0 = time.perf_counter()
+            make_jpegs(16, a.width, a.height, a.seed, Path(tmp) / "jpegs")
+            s = time.perf_counter() - t0
+        print(f"bench jpegs: 16 JPEGs {a.width}x{a.height} in {s:.2f}s = {16 / s:.0f} img/s")
+    else:
+        print(make_jpegs(a.n, a.width, a.height, a.seed, a.out))
