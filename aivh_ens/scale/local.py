@@ -257,6 +257,7 @@ class Worker:
         self.proc: Any = None
         self.conn: Any = None
         self.beats: Any = None  # the process's progress counter, in shared memory
+        self.job: Path | None = None  # the job file it was last sent
         self.stopped = False
 
     def _start(self) -> None:
@@ -278,6 +279,7 @@ class Worker:
         if self.proc is None or not self.proc.is_alive():
             self._start()
         outcome = "died"
+        self.job = job_file
         try:
             self.conn.send((str(job_file), time.time()))
             outcome = self._wait()
@@ -353,6 +355,26 @@ def stop_workers(workers: list[Worker], grace_s: float = 5.0, signalled: bool = 
         deadline = time.monotonic() + grace_s
         for w in live:
             w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    for w in workers:
+        if w.job is not None and w.proc is not None and w.proc.exitcode == -signal.SIGKILL:
+            _release_dead_lock(w.job, w.proc.pid)  # it could not release its own
+
+
+def _release_dead_lock(job_file: Path, pid: int) -> None:
+    """Remove the fold lock (and its heartbeat file) of ``job_file`` when its owner is ``pid``, a job process
+    this sweep killed; another owner's lock is left alone."""
+    from aivh_ens.layout import run_dir
+    from aivh_ens.locks import beat_path, read_owner
+    from aivh_ens.scale.jobs import read_spec
+
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        spec = read_spec(job_file)
+        path = run_dir(spec.workdir, spec.run) / f"fold{spec.fold}.lock"
+        owner = read_owner(path)
+        if owner is not None and owner.get("pid") == pid and owner.get("host") == socket.gethostname():
+            if isinstance(owner.get("token"), str):
+                beat_path(path, owner["token"]).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
 
 
 def died_row(job_file: Path, exitcode: int | None) -> dict[str, Any]:

@@ -144,9 +144,8 @@ def test_dry_run_prints_candidates_plan_and_estimates_and_writes_nothing(demo_da
     assert not (tmp_path / "w").exists()
 
 
-def test_jobs_that_all_fail_are_named_as_failures(demo_data, tmp_path, monkeypatch):
-    data = demo_data(n=64, n_test=16, seed=5)
-    limit = math.ceil(HEADROOM * least_limit(data, tmp_path / "ask"))
+def test_jobs_that_all_fail_are_named_as_failures(first, tmp_path, monkeypatch):
+    data, _, _, limit = first  # the same data, so the same least limit the first call asked for
     monkeypatch.setenv("AIVH_ENS_KILL_AT", "epoch-done")  # every fold's job raises after its first epoch
     monkeypatch.setenv("AIVH_ENS_FAULT", "raise")
     res = _auto(data, tmp_path / "w", f"{limit}s")
