@@ -27,7 +27,13 @@ AUTO_RULE = (
     "auto: when the test scores fit the OOF classes re-weighted to the EM estimate of the test AI share (KS "
     "within what sampling alone reaches for this many test images), keep the OOF threshold unless EM's share "
     f"differs from the training share by more than {AUTO.z:g} standard errors and agrees with confusion-matrix "
-    "inversion (and with the two-lump mixture, when the test logits form two lumps), then prior:<estimate> with the share's odds moved at most {AUTO.odds_cap:g}x; when the scores "
+    "inversion"
+    + (
+        " (and with the two-lump mixture, when the test logits form two lumps)"
+        if AUTO.prior_agree_mixture
+        else ""
+    )
+    + f", then prior:<estimate> with the share's odds moved at most {AUTO.odds_cap:g}x; when the scores "
     f"themselves moved and the test set has at least {AUTO.share_min_n} images whose logits form two real lumps "
     "(BIC and separation), share:<the two-lump mixture's estimate>; otherwise oof"
 )

@@ -183,3 +183,12 @@ def test_test_views_must_cover_the_test_rows():
     y, s = fold_oof()
     with pytest.raises(ValueError, match=r"expected \(V, 10\)"):
         shift.diagnose(s, y, s[:10], 0.5, test_views=s[:9][None])
+
+
+def test_the_printed_auto_rule_names_its_constants():
+    """The rule submit prints and records carries AutoRule's values, not unfilled placeholders."""
+    from aivh_ens.blend.shift import AUTO_RULE
+    from aivh_ens.blend.shift_diag import AUTO
+
+    assert "{" not in AUTO_RULE and "}" not in AUTO_RULE
+    assert f"at most {AUTO.odds_cap:g}x" in AUTO_RULE and f"at least {AUTO.share_min_n} images" in AUTO_RULE
