@@ -361,20 +361,14 @@ def stop_workers(workers: list[Worker], grace_s: float = 5.0, signalled: bool = 
 
 
 def _release_dead_lock(job_file: Path, pid: int) -> None:
-    """Remove the fold lock (and its heartbeat file) of ``job_file`` when its owner is ``pid``, a job process
-    this sweep killed; another owner's lock is left alone."""
+    """Remove the fold lock of ``job_file`` when its owner is ``pid``, a job process this sweep killed."""
     from aivh_ens.layout import run_dir
-    from aivh_ens.locks import beat_path, read_owner
+    from aivh_ens.locks import release_dead_owner
     from aivh_ens.scale.jobs import read_spec
 
     with contextlib.suppress(OSError, ValueError, KeyError):
         spec = read_spec(job_file)
-        path = run_dir(spec.workdir, spec.run) / f"fold{spec.fold}.lock"
-        owner = read_owner(path)
-        if owner is not None and owner.get("pid") == pid and owner.get("host") == socket.gethostname():
-            if isinstance(owner.get("token"), str):
-                beat_path(path, owner["token"]).unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
+        release_dead_owner(run_dir(spec.workdir, spec.run) / f"fold{spec.fold}.lock", pid)
 
 
 def died_row(job_file: Path, exitcode: int | None) -> dict[str, Any]:
