@@ -238,13 +238,7 @@ def run_sweep(
     Raises:
         UserError: a bad plan or input, or a missing extra, before anything is written or decoded.
     """
-    if backend not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
-    if (admit is not None or hooks is not None) and backend != "local":
-        raise ValueError(f"admit= and hooks= are for the local backend, not {backend}")
-    if order not in ("cost", "plan"):
-        raise ValueError(f"order= is 'cost' or 'plan', not {order!r}")
-    check_extra(backend)
+    _check_arguments(backend, admit is not None or hooks is not None, order)
     workdir = Path(workdir)
     device_list = _local_devices(backend, devices, gpus)
     checked = check_plan(plan, workdir, force, device_list[0] if device_list else "cpu")
@@ -267,6 +261,17 @@ def run_sweep(
         log("sweep: interrupted; the stopped jobs resume on the next run")
         return dataclasses.replace(finish(checked, jobs, stop.rows, workdir, log), interrupted=True)
     return finish(checked, jobs, rows, workdir, log)
+
+
+def _check_arguments(backend: str, local_only: bool, order: str) -> None:
+    """The backend is known and its extra installed; ``admit``/``hooks`` (``local_only``) only on local."""
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if local_only and backend != "local":
+        raise ValueError(f"admit= and hooks= are for the local backend, not {backend}")
+    if order not in ("cost", "plan"):
+        raise ValueError(f"order= is 'cost' or 'plan', not {order!r}")
+    check_extra(backend)
 
 
 def _local_devices(backend: str, devices: str | None, gpus: int | None) -> list[str]:
