@@ -18,6 +18,7 @@ from uvicorn.config import LOGGING_CONFIG
 from aivh_ens.errors import UserError
 from aivh_ens.serve.app import ServeSettings, create_app
 from aivh_ens.serve.ensemble import Ensemble
+from aivh_ens.serve.linger import LingeringH11Protocol
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -61,6 +62,7 @@ def make_server(app: FastAPI, *, root_path: str = "", log_level: str = "info") -
         log_level=log_level,
         log_config=_log_config(log_level),
         proxy_headers=True,
+        http=LingeringH11Protocol,  # a refused client reads its 408/413 before the close
         timeout_keep_alive=KEEP_ALIVE_S,
         limit_concurrency=settings.max_connections,
         timeout_graceful_shutdown=10,

@@ -26,6 +26,7 @@ from serve_project import Project
 from aivh_ens.cli.serve import read_api_key
 from aivh_ens.errors import UserError
 from aivh_ens.serve import Ensemble, ServeSettings, create_app
+from aivh_ens.serve.linger import LINGER_S
 from aivh_ens.serve.server import running_server
 
 HANG_S = 120  # a bound only a hung server or a connection nobody cuts reaches
@@ -143,6 +144,31 @@ def test_trickling_bodies_are_cut_at_the_body_timeout_and_other_clients_are_answ
     for got, seconds in results:
         assert got.startswith(b"HTTP/1.1 408") and b"--body-timeout" in got, got[:200]
         assert timeout_s <= seconds < HANG_S  # cut: not held until the client gave up
+
+
+def test_a_cut_client_reads_its_408_while_still_sending_and_is_closed_after_the_linger_time(ensemble):
+    """Lingering close: after the 408 the server half-closes and keeps reading, so a client still sending gets
+    an orderly end (not a reset that can destroy the answer); it closes for good after LINGER_S."""
+    with running_server(create_app(ensemble, ServeSettings(body_timeout_s=0.5))) as url:
+        s = connect(url)
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
+            b"Content-Length: 10000000\r\n\r\n--XyZ\r\n"
+        )
+        answer = b""
+        while chunk := s.recv(65536):  # up to the server's FIN
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        t0 = time.monotonic()
+        for _ in range(10):  # the server still reads: no reset while it lingers
+            s.sendall(b"x" * 10_000)
+            time.sleep(0.05)
+        with pytest.raises(OSError):  # then it closes: a reset reaches a client that goes on sending
+            while time.monotonic() - t0 < HANG_S:
+                s.sendall(b"x" * 10_000)
+                time.sleep(0.05)
+        assert time.monotonic() - t0 < LINGER_S + 10
+        s.close()
 
 
 def test_expect_100_continue_over_the_limit_gets_413_before_any_body(ensemble):
