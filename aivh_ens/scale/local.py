@@ -17,7 +17,6 @@ lock), and the sweep still prints its table; a job process whose parent dies sto
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
@@ -473,7 +472,9 @@ def die_with(parent: int, grace_s: float = 10.0, poll_s: float = 1.0) -> threadi
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        _thread.interrupt_main()
+        # a real SIGINT to the main thread: it also wakes a blocking call (a sleep, a wait), which
+        # _thread.interrupt_main() would leave to run its course
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         time.sleep(grace_s)
         os._exit(INTERRUPTED)
 
