@@ -7,7 +7,8 @@ name>`` (a temp file fully written, not yet renamed into place), ``fold-done`` (
 size it tries). ``AIVH_ENS_FAULT=raise`` raises a RuntimeError there instead, ``oom`` torch's out-of-memory
 error (what a batch too large for the GPU raises), ``hang`` sleeps until a signal arrives (a job that runs into
 its time limit). ``AIVH_ENS_FAULT_ONCE=<file>`` fires only while
-that file does not exist and creates it first, so a retried or requeued job gets past the point. Unset
+that file does not exist and creates it first (holding the firing process's PID), so a retried or requeued job
+gets past the point. Unset
 (always, outside tests) this is one dict lookup.
 """
 
@@ -35,7 +36,8 @@ def point(name: str) -> None:
     once = os.environ.get("AIVH_ENS_FAULT_ONCE")
     if once:
         try:
-            Path(once).touch(exist_ok=False)
+            with Path(once).open("x") as f:
+                f.write(str(os.getpid()))
         except FileExistsError:
             return
     action = os.environ.get("AIVH_ENS_FAULT", "kill")

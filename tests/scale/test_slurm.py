@@ -1,14 +1,18 @@
-"""`sweep --backend slurm` through submitit's local executor: a fold that runs into its time limit is requeued
-and resumes from its last finished epoch (it does not start over)."""
+"""`sweep --backend slurm` through submitit's local executor: a fold that gets Slurm's warning signal (a time
+limit coming, or preemption) is requeued and resumes from its last finished epoch (it does not start over)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
-import submitit  # noqa: F401  # the slurm extra: make install (and CI) installs it; missing fails loudly
+import submitit  # the slurm extra: make install (and CI) installs it; missing fails loudly
 from sweep_plans import write_plan
 
 from aivh_ens.scale.plan import load_plan
@@ -17,7 +21,18 @@ from aivh_ens.scale.sweep import SlurmOptions, run_sweep
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_a_timed_out_fold_is_requeued_and_resumes(tmp_path, demo_data, monkeypatch):
+def _signal_when_hung(marker: Path, stop: threading.Event) -> None:
+    """Send the hung job the signal Slurm (and submitit's local executor) sends before a time limit or on
+    preemption, as soon as the fault has written its PID: the job need not sit out a real time limit."""
+    while not stop.wait(0.2):
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            pid = int(marker.read_text())
+            time.sleep(0.5)  # the fault writes the marker just before it starts to hang
+            os.kill(pid, getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}"))
+            return
+
+
+def test_a_signalled_fold_is_requeued_and_resumes(tmp_path, demo_data, monkeypatch):
     data = demo_data(n=40, n_test=10, seed=17)
     plan = load_plan(
         write_plan(
@@ -25,14 +40,20 @@ def test_a_timed_out_fold_is_requeued_and_resumes(tmp_path, demo_data, monkeypat
         )
     )
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    # 90 s per attempt (importing torch alone can take 30 s on a busy 2-core machine). The first fold to finish
-    # an epoch hangs there until the time limit's signal; submitit checkpoints and
-    # requeues it, and the marker file lets the second attempt through.
+    # The first fold to finish an epoch hangs there until the test sends it the warning signal; submitit
+    # checkpoints and requeues it, and the marker file lets the second attempt through. The 90 s limit per
+    # attempt (importing torch alone can take 30 s on a busy 2-core machine) is only a backstop.
     monkeypatch.setenv("AIVH_ENS_KILL_AT", "epoch-done@1")
     monkeypatch.setenv("AIVH_ENS_FAULT", "hang")
     monkeypatch.setenv("AIVH_ENS_FAULT_ONCE", str(tmp_path / "hung"))
     opts = SlurmOptions(cluster="local", timeout_min=1.5, gpus_per_task=0, cpus_per_task=1)
-    result = run_sweep(plan, tmp_path / "w", backend="slurm", slurm=opts, log=print)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_signal_when_hung, args=(tmp_path / "hung", stop), daemon=True)
+    watcher.start()
+    try:
+        result = run_sweep(plan, tmp_path / "w", backend="slurm", slurm=opts, log=print)
+    finally:
+        stop.set()
     assert result.failed == 0 and [r["state"] for r in result.rows] == ["done", "done"], result.rows
     assert (tmp_path / "hung").exists()
     attempts = {}
