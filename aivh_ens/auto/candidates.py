@@ -16,38 +16,19 @@ SCRATCH_CPU = ("test_resnet", "test_byobnet", "test_efficientnet")
 """From-scratch models on the CPU for images resized to 64 px, best first (timm's ``test_*`` models: 0.1-0.4M
 parameters). Measured on CIFAKE at 32 px with one thread each (see the README's "auto" section)."""
 SCRATCH_CPU_NATIVE = ("aivh_res_t", "aivh_res_s", "test_resnet", "test_efficientnet")
-"""From-scratch models on the CPU for images trained at their native size (at most :data:`NATIVE_MAX`): the
-full-resolution CNNs of :mod:`aivh_ens.train.smallnets` first. On 16,000 CIFAKE train rows, one thread each, two
-processes at once, bf16 and channels_last, scored on 4,000 other train rows / the 4,000 test rows (hflip TTA):
-``aivh_res_s`` 0.951 / 0.951 after 270 s (8 epochs) and 0.960 / 0.958 after 540 s (20 epochs); ``aivh_cnn_s``
-0.948 / 0.951 (11 epochs) and 0.955 / 0.957 (26 epochs). ``aivh_cnn_m`` trailed ``aivh_cnn_s`` (0.945 against
-0.954 after 4 minutes). ``aivh_res_t`` (half ``aivh_res_s``'s widths) trains 2.1x faster (1,216 against 571
-img/s, one thread, batch 64); in the same time, on 15,000 rows scored on 5,000 others (two seeds each):
-``aivh_res_t`` x 20 epochs F1 0.955 and 0.951 (AUC 0.9906, 0.9895), ``aivh_res_s`` x 10 0.952 and 0.951 (AUC
-0.9898 both), and two models averaged 0.956 (AUC 0.9913) against 0.954 (0.9904), as fold models are. The
-other variants timed alike scored within the seeds' spread of ``aivh_res_s``: translations of up to 4 px,
-label smoothing 0.1, EMA 0.998, learning rate 6e-3, four stages 16-128 (0.950-0.954)."""
+"""From-scratch CPU models for images trained at their native size (at most :data:`NATIVE_MAX`), best first:
+``aivh_res_t`` led in the time a 20-minute plan gives on 2 cores (history: docs/benchmarks-history.md)."""
 FULL_RES = ("aivh_cnn_", "aivh_res_")
 """Name prefixes of the full-resolution CNNs (:data:`FULL_RES_EPOCHS`)."""
 SCRATCH_GPU = ("resnet18", "efficientnet_b0", "test_efficientnet")
 """From-scratch models on a GPU (more capacity per second of training there)."""
 SCRATCH_EPOCHS = (6, 16)
 FULL_RES_EPOCHS = (6, 40)
-"""Epochs of the full-resolution CNNs: on 20,000 CIFAKE images ``aivh_cnn_s`` reached OOF F1 0.943 after 6
-epochs and 0.949 after 10 (5 folds each), and on 16,000 rows it scored 0.955-0.957 after 16-17 epochs and 0.958
-after 26 (the most was 24 until ``aivh_res_t``, which trains twice as fast, led: in a 20-minute plan in a fast
-spell of this machine its 4 folds trained 24-28 epochs). The least is what the first candidate's folds are
-chosen by (:func:`aivh_ens.auto.budget.choose_folds`): at 10 a slow probe (285-350 img/s for ``aivh_res_s``)
-sent 20-minute plans to 2 folds, and every 2-fold plan scored 0.952-0.954 on the test images (21-24 epochs on
-10,000 rows) against 0.958-0.963 for every 4-fold one; and each fold's ``fold_time`` then trains the epochs the
-real speed gives (the jobs of the last 2-fold plan ran 1.5x faster than its probe and its cost model said)."""
+"""Epochs of the full-resolution CNNs: at least 6 (a least of 10 sent slow-probe plans to 2 folds, which scored
+below 4-fold ones), at most 40 (room for ``aivh_res_t``, 24-28 in 20-minute plans); docs/benchmarks-history.md."""
 FULL_RES_TTA = "hflip+shift:1"
-"""The TTA of the full-resolution CNNs' runs (their OOF rows and the test images): each hflip view also moved one
-pixel four ways, which averages over the phase of their 2x2 pooling grid. On the 20,000 OOF rows of a 20-minute
-plan's 4 ``aivh_res_t`` folds (cifake-dev) it scored AUC 0.9901 and best F1 0.9528, against 0.9894 and 0.9508
-for ``hflip`` and 0.9877 and 0.9467 for one view; moves along one axis gained less (0.9505-0.9528), and the
-diagonal ones nothing (0.9507). On the 4,000 test images the averaged fold models' AUC rose from 0.9925 to
-0.9930. It costs 5x hflip's scoring: about 30 s of the OOF passes and 40 s of submit in that plan."""
+"""The full-resolution CNNs' TTA: 1-pixel moves average over their 2x2 pooling grid's phase (OOF AUC 0.9901
+against 0.9894 for ``hflip``; history: docs/benchmarks-history.md)."""
 FINETUNE_EPOCHS = (2, 6)
 PROBE_EPOCHS = (1, 1)
 NATIVE_MAX = 64
