@@ -24,6 +24,8 @@ from aivh_ens.errors import UserError
 from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job, task_device
 
 MAX_RETRIES = 3
+PROBE_TIMEOUT_S = 300.0
+"""Seconds each node has to read the work dir's probe file (a worker's start included) before it is named."""
 FORWARDED_ENV = ("PYTHONPATH", "HF_HUB_OFFLINE", "HF_HOME", "NO_ALBUMENTATIONS_UPDATE", "TORCH_HOME")
 
 
@@ -41,7 +43,8 @@ def _probe(path: str, token: str) -> tuple[str, bool]:
 
 
 def check_shared_workdir(workdir: Path) -> None:
-    """One task per alive node reads a probe file the driver wrote; UserError naming the nodes that can't."""
+    """One task per alive node reads a probe file the driver wrote; UserError naming the nodes that can't, or
+    that have not answered within :data:`PROBE_TIMEOUT_S` (their tasks are cancelled)."""
     from aivh_ens.io import write_text
 
     token = uuid.uuid4().hex
@@ -49,20 +52,29 @@ def check_shared_workdir(workdir: Path) -> None:
     write_text(probe, token)
     try:
         task = ray.remote(num_cpus=0)(_probe)
-        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-        refs = [
+        nodes = {n["NodeID"]: n.get("NodeManagerHostname", "?") for n in ray.nodes() if n.get("Alive")}
+        refs = {
             task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(
                 str(probe), token
-            )
-            for n in nodes
-        ]
-        blind = [host for host, ok in ray.get(refs, timeout=300) if not ok]
+            ): host
+            for n, host in nodes.items()
+        }
+        ready, stuck = ray.wait(list(refs), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+        for ref in stuck:
+            ray.cancel(ref, force=True)
+        blind = [host for host, ok in ray.get(ready) if not ok]
     finally:
         probe.unlink(missing_ok=True)
     if blind:
         raise UserError(
             f"the work dir {workdir.resolve()} is not visible on Ray node(s) {', '.join(sorted(set(blind)))}: put "
             "it on storage every node mounts at the same path (NFS, Lustre, a cloud file system)"
+        )
+    if stuck:
+        raise UserError(
+            f"Ray node(s) {', '.join(sorted({refs[r] for r in stuck}))} did not read a file in the work dir "
+            f"{workdir.resolve()} within {PROBE_TIMEOUT_S:.0f} s (a stalled mount, or no worker could start "
+            "there): check that node's storage, or remove it from the cluster"
         )
 
 

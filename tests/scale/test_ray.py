@@ -102,3 +102,16 @@ def test_every_node_must_see_the_work_dir(tmp_path, monkeypatch):
     monkeypatch.setattr("aivh_ens.io.write_text", lambda path, text: Path(path).write_text("elsewhere"))
     with pytest.raises(UserError, match="not visible on Ray node"):
         check_shared_workdir(tmp_path)
+
+
+def test_a_node_whose_read_of_the_work_dir_hangs_is_named_not_waited_for(tmp_path, monkeypatch):
+    from aivh_ens.errors import UserError
+    from aivh_ens.scale.ray import check_shared_workdir
+
+    (tmp_path / "runs").mkdir()
+    # A FIFO at the probe's path: the node's read blocks, as on a stalled network mount.
+    monkeypatch.setattr("aivh_ens.io.write_text", lambda path, text: os.mkfifo(path))
+    monkeypatch.setattr("aivh_ens.scale.ray.PROBE_TIMEOUT_S", 3.0)
+    with pytest.raises(UserError, match=r"did not read a file in the work dir .* within 3 s"):
+        check_shared_workdir(tmp_path)
+    assert not list((tmp_path / "runs").glob(".ray-probe-*"))
