@@ -32,6 +32,10 @@ from aivh_ens.errors import UserError
 
 PREFETCH_BUDGET = 1 << 30  # bytes of uint8 batches in flight across all workers of one loader
 MAX_WORKERS = 16
+LOADER_TIMEOUT_S = 600.0
+"""Seconds a loader with workers waits for one batch (worker start-up included) before it stops with
+:class:`LoaderStalled`: a batch of even 1024 px images decodes in seconds, so only a hang reaches it (a read
+stalled on a network mount, a wedged worker)."""
 
 
 class ImageSource(Protocol):
@@ -239,8 +243,19 @@ def ring_prefetch(
     return prefetch
 
 
+class LoaderStalled(RuntimeError):
+    """No batch came from a loader's workers within its timeout."""
+
+
 def make_loader(
-    ds: Dataset, batch_size: int, *, train: bool, device: torch.device, workers: int, seed: int = 0
+    ds: Dataset,
+    batch_size: int,
+    *,
+    train: bool,
+    device: torch.device,
+    workers: int,
+    seed: int = 0,
+    timeout: float = LOADER_TIMEOUT_S,
 ) -> DataLoader:
     """A DataLoader: seeded shuffling for training, pinned memory on CUDA, persistent workers.
 
@@ -255,6 +270,8 @@ def make_loader(
     made once per loader (:class:`RingLoader`), instead of a new shared-memory segment per batch.
 
     Making a loader with workers sets OpenCV to one thread in this process (see ``_single_threaded_cv2``).
+    Its workers have ``timeout`` seconds for each batch; then an :class:`ImageDataset`'s loader raises
+    :class:`LoaderStalled` (another dataset's, torch's RuntimeError).
     """
     pin = device.type == "cuda"
     sampler = EpochSampler(ds, shuffle=train, seed=seed)
@@ -263,7 +280,7 @@ def make_loader(
         return DataLoader(
             ds, batch_size=batch_size, sampler=sampler, num_workers=0, pin_memory=pin, drop_last=drop_last
         )
-    key = (batch_size, train, str(device), workers)
+    key = (batch_size, train, str(device), workers, timeout)
     pool: _LoaderPool = ds.__dict__.setdefault("_persistent_loaders", _LoaderPool())
     ref = pool.get(key)
     loader = ref() if ref is not None else None
@@ -271,7 +288,7 @@ def make_loader(
         img = int(getattr(ds, "img_size", 224))
         if isinstance(ds, ImageDataset):
             prefetch = ring_prefetch(workers, batch_size, img)
-            loader = RingLoader(ds, sampler, batch_size, drop_last, workers, prefetch, device)
+            loader = RingLoader(ds, sampler, batch_size, drop_last, workers, prefetch, device, timeout)
         else:
             prefetch = prefetch_factor(workers, batch_size * 3 * img * img)
             loader = DataLoader(
@@ -283,6 +300,7 @@ def make_loader(
                 drop_last=drop_last,
                 persistent_workers=True,
                 prefetch_factor=prefetch,
+                timeout=timeout,
             )
             loader.epoch_sampler = sampler  # type: ignore[attr-defined]
         system.set_cv2_single_threaded()
@@ -363,6 +381,7 @@ class RingLoader(DataLoader):
         workers: int,
         prefetch: int,
         device: torch.device,
+        timeout: float = LOADER_TIMEOUT_S,
     ):
         slots = workers * prefetch + 1
         shape = (slots, batch_size, 3, ds.img_size, ds.img_size)
@@ -378,11 +397,29 @@ class RingLoader(DataLoader):
             pin_memory=False,
             persistent_workers=True,
             prefetch_factor=prefetch,
+            timeout=timeout,
         )
+
+    def _batches(self) -> Iterator[Any]:
+        it = super().__iter__()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if not str(e).startswith("DataLoader timed out"):
+                    raise
+                raise LoaderStalled(
+                    f"no batch from the {self.num_workers} image loader workers in {self.timeout:g} s: a read of "
+                    f"the images stalled (a network mount?) or a worker hung; the fold stops (run it again to "
+                    "resume from its last finished epoch)"
+                ) from None
+            yield batch
 
     def _copied(self) -> Iterator[Any]:
         pin = self.device.type == "cuda"
-        for (slot, n), *meta in super().__iter__():
+        for (slot, n), *meta in self._batches():
             src = self.ring[slot, :n]  # (n, 3, S, S) view of the slot
             x = torch.empty(src.shape, dtype=torch.uint8, pin_memory=pin).copy_(src)
             labels, rows, ok = (torch.from_numpy(a) for a in meta)

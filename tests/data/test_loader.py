@@ -3,6 +3,10 @@ background copy thread, and loaders with workers giving exactly the in-process b
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +19,7 @@ from aivh_ens.data.loader import (
     EpochSampler,
     FileSource,
     ImageDataset,
+    LoaderStalled,
     close_loaders,
     default_workers,
     derive_seed,
@@ -91,6 +96,24 @@ def test_workers_give_the_in_process_batches_from_files(small):
     for x, y in zip(ref, one_epoch(2, 1), strict=True):
         assert torch.equal(x, y)  # same rows, same augmentation draws, whichever process made them
     assert not torch.equal(ref[0], one_epoch(0, 2)[0])  # another epoch draws anew
+
+
+def test_a_read_that_never_returns_stops_the_loader_after_its_timeout(small, tmp_path):
+    root, names = small
+    names = names[:7]
+    for name in names:  # a folder of its own: a FIFO in the shared demo data could stall another test
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / name, tmp_path / name)
+    os.mkfifo(tmp_path / "stalled.png")  # opening it for reading blocks, as a read on a stalled mount does
+    cfg = resolve_config("tiny", img_size=32)
+    src = FileSource(tmp_path, ["stalled.png", *names], storage_step(cfg, 32))
+    ds = ImageDataset(src, np.arange(len(names) + 1), None, train_transform(cfg, 32), 32)
+    loader = make_loader(ds, 4, train=False, device=CPU, workers=1, timeout=2.0)
+    t0 = time.monotonic()
+    with pytest.raises(LoaderStalled, match=r"no batch from the 1 image loader workers in 2 s"):
+        list(loader)
+    assert time.monotonic() - t0 < 60  # the timeout, not a wait for ever
+    close_loaders(ds)  # the hung worker is stopped
 
 
 def test_background_producer_yields_stops_and_raises():
