@@ -22,7 +22,8 @@ from aivh_ens.config import resolve_config
 from aivh_ens.data import cache as C
 from aivh_ens.data import cache_format as CF
 from aivh_ens.data.images import image_size
-from aivh_ens.data.loader import FileSource, ImageDataset, RingLoader, close_loaders, make_loader
+from aivh_ens.data.loader import FileSource, ImageDataset, close_loaders, make_loader
+from aivh_ens.data.ring import RingLoader
 from aivh_ens.data.transforms import (
     RandomAffineCrop,
     StorageStep,

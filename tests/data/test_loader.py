@@ -19,7 +19,6 @@ from aivh_ens.data.loader import (
     EpochSampler,
     FileSource,
     ImageDataset,
-    LoaderStalled,
     close_loaders,
     default_workers,
     derive_seed,
@@ -27,6 +26,7 @@ from aivh_ens.data.loader import (
     prefetch_factor,
     ring_prefetch,
 )
+from aivh_ens.data.ring import LoaderStalled
 from aivh_ens.data.transforms import storage_step, train_transform
 from aivh_ens.errors import UserError
 
@@ -117,7 +117,7 @@ def test_a_read_that_never_returns_stops_the_loader_after_its_timeout(small, tmp
 
 
 def test_background_producer_yields_stops_and_raises():
-    from aivh_ens.data.loader import _in_background
+    from aivh_ens.data.ring import _in_background
 
     cpu = torch.device("cpu")
     assert list(_in_background(lambda: iter(range(10)), 2, cpu)) == list(range(10))
