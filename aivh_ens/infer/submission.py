@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from aivh_ens.blend.artifact import apply_blend, load_blend, oof_probs, rank_reference
 from aivh_ens.blend.shift import (
@@ -23,59 +20,16 @@ from aivh_ens.blend.shift import (
     diagnose,
     parse_threshold,
 )
-from aivh_ens.data.images import BadImageError, image_size
-from aivh_ens.data.loader import FileSource
 from aivh_ens.data.tables import read_test_table
-from aivh_ens.data.transforms import storage_step
 from aivh_ens.errors import UserError
-from aivh_ens.infer.scores import cache_paths, read_cache, scores_key, write_cache
+from aivh_ens.infer.scores import PredictOptions, RunScores, run_test_scores
 from aivh_ens.io import write_csv, write_json
 from aivh_ens.layout import BLEND_DIR
-from aivh_ens.score import inference_amp, resolve_device
-from aivh_ens.score.runs import (
-    Log,
-    RunInfo,
-    adapt_batchnorm,
-    check_run,
-    fold_average,
-    load_models,
-    predict_folds,
-    run_spec,
-    view_average,
-)
+from aivh_ens.score import resolve_device
+from aivh_ens.score.runs import Log, RunInfo, check_run, fold_average, run_spec, view_average
 from aivh_ens.score.tta import TTASpec, parse_tta
 
 RATE_WARN = 0.15  # warn when the predicted AI rate differs from the training rate by more than this
-
-
-def scan_test_images(data_dir: str | Path, ids: Sequence[str], csv: str, workers: int = 8) -> None:
-    """Read every test image's header; UserError naming the first unreadable one."""
-
-    def one(i: str) -> tuple[str, str | None]:
-        try:
-            image_size(Path(data_dir) / i)
-            return i, None
-        except BadImageError as e:
-            return i, e.reason
-
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        bad = [(i, r) for i, r in ex.map(one, ids, chunksize=256) if r is not None]
-    if bad:
-        raise UserError(
-            f"{len(bad)} unreadable test image(s) in {csv}; first: {bad[0][0]}: {bad[0][1]}; "
-            "replace the file (every test id needs a prediction)"
-        )
-
-
-@dataclass(frozen=True)
-class RunScores:
-    """One run's test scores: fold probabilities (K, N), the TTA spec used, whether they were cached."""
-
-    name: str
-    P: np.ndarray
-    tta: str
-    cached: bool
-    seconds: float
 
 
 @dataclass(frozen=True)
@@ -132,137 +86,6 @@ def validate_submission(path: str | Path, ids: Sequence[str]) -> pd.DataFrame:
             f"{path}: label {df['label'][bad].iloc[0]!r} of id {df['id'][bad].iloc[0]}; labels must be 0 or 1"
         )
     return df
-
-
-def run_test_scores(
-    workdir: str | Path,
-    infos: Sequence[RunInfo],
-    specs: dict[str, TTASpec],
-    data_dir: Path,
-    test_csv: str,
-    ids: Sequence[str],
-    device: torch.device,
-    *,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    progress: bool = True,
-    log: Log = print,
-    average: str = "prob",
-    adapt_bn: bool = False,
-) -> list[RunScores]:
-    """Each run's fold scores (K, N) on the test ids: from the cache when its key matches, else predicted.
-
-    ``average``: how TTA views are averaged (:func:`aivh_ens.score.runs.view_average`); ``adapt_bn``:
-    re-estimate BatchNorm statistics on the test images first (:func:`aivh_ens.score.runs.adapt_batchnorm`).
-    """
-    keys = {i.name: scores_key(i, specs[i.name], data_dir, test_csv, ids, average, adapt_bn) for i in infos}
-    paths = {i.name: cache_paths(workdir, i.name, specs[i.name], average, adapt_bn) for i in infos}
-    cached = {i.name: read_cache(*paths[i.name], keys[i.name], ids) for i in infos}
-    if any(P is None for P in cached.values()):
-        scan_test_images(data_dir, ids, test_csv)
-    out = []
-    for info in infos:
-        spec = specs[info.name]
-        P, t0 = cached[info.name], time.perf_counter()
-        if info.cfg.head != "finetune":  # a probe run: its heads on the (cached) test feature store
-            out.append(_probe_scores(workdir, info, data_dir, ids, device, progress, log))
-            continue
-        if P is None:
-            opts = _Predict(device, batch_size, workers, progress, log, average, adapt_bn)
-            P = _predict_run(paths[info.name], info, spec, keys[info.name], data_dir, ids, opts)
-        else:
-            log(f"run {info.name}: cached test scores ({spec.name}, {len(info.weights)} folds)")
-        seconds = time.perf_counter() - t0
-        out.append(RunScores(info.name, P, spec.name, cached[info.name] is not None, seconds))
-    return out
-
-
-@dataclass(frozen=True)
-class _Predict:
-    """How one run's test images are predicted (device, batching, progress, view averaging, AdaBN)."""
-
-    device: torch.device
-    batch_size: int | None
-    workers: int | None
-    progress: bool
-    log: Log
-    average: str
-    adapt_bn: bool
-
-
-def _predict_run(
-    paths: tuple[Path, Path],
-    info: RunInfo,
-    spec: TTASpec,
-    key: dict[str, Any],
-    data_dir: Path,
-    ids: Sequence[str],
-    o: _Predict,
-) -> np.ndarray:
-    """Predict the test ids with every fold model of one run and cache the (K, N) scores under ``key``."""
-    device = o.device
-    o.log(
-        f"run {info.name}: predicting {len(ids)} images x {spec.n_views} view(s) ({spec.name}) "
-        f"x {len(info.weights)} folds on {device}"
-    )
-    models, dc = load_models(info, device)
-    # The run's own storage step, as in training (the cache and the uncached path share it).
-    source = FileSource(data_dir, list(ids), storage_step(info.cfg, dc.img_size))
-    rows = np.arange(len(ids))
-    if o.adapt_bn:
-        n = adapt_batchnorm(
-            models, dc, info.cfg, source, rows, device, batch_size=o.batch_size, workers=o.workers
-        )
-        o.log(
-            f"run {info.name}: BatchNorm statistics re-estimated on the {len(ids)} test images in {n} of "
-            f"{len(models)} fold models" + ("" if n else " (the architecture has no BatchNorm)")
-        )
-    P, bad = predict_folds(
-        models,
-        dc,
-        info.cfg,
-        source,
-        rows,
-        spec,
-        device,
-        batch_size=o.batch_size,
-        workers=o.workers,
-        progress=o.progress,
-        desc=f"{info.name} test",
-        average=o.average,
-    )
-    del models
-    if bad:
-        first = min(bad)
-        raise UserError(
-            f"cannot decode test image {ids[first]}: {bad[first]}; replace the file (every test id needs a prediction)"
-        )
-    meta = {
-        "device": str(device),
-        "amp": inference_amp(info.cfg, device),
-        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    write_cache(*paths, key, ids, P, meta)
-    return P
-
-
-def _probe_scores(
-    workdir: str | Path,
-    info: RunInfo,
-    data_dir: Path,
-    ids: Sequence[str],
-    device: torch.device,
-    progress: bool,
-    log: Log,
-) -> RunScores:
-    """A probe run's fold scores: its heads on the test feature store (extracted only when not cached)."""
-    from aivh_ens.score.probe import probe_test_scores
-
-    t0 = time.perf_counter()
-    P = probe_test_scores(
-        info.cfg, info.weights, workdir, data_dir, list(ids), device, progress=progress, log=log
-    )
-    return RunScores(info.name, P, f"features:{info.cfg.probe_views}", False, time.perf_counter() - t0)
 
 
 def blended_runs(workdir: Path, blend_path: str | Path | None) -> tuple[dict[str, Any], list[RunInfo]]:
@@ -375,7 +198,7 @@ def _blended_test(
     specs: dict[str, TTASpec],
     test: tuple[Path, str, Sequence[str]],
     ref: dict[str, np.ndarray],
-    o: _Predict,
+    o: PredictOptions,
     adapt: bool,
 ) -> tuple[list[RunScores], np.ndarray]:
     """Every run's test scores (cached, or predicted) and the blend of them (N,); ``test``: the data folder,
@@ -418,7 +241,7 @@ def blend_test_scores(
     data_dir = _resolve_data(infos, data)
     cfg0 = infos[0].cfg
     ids = read_test_table(data_dir, cfg0.test_csv, id_col=cfg0.id_col)["id"].tolist()
-    o = _Predict(
+    o = PredictOptions(
         resolve_device(device or "auto"), None, None, progress, log, view_average(doc["space"]), False
     )
     ref = oof_blend(workdir, doc)[2]
@@ -437,7 +260,7 @@ def _scored_test(
     ids: Sequence[str],
     oof: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]],
     bn: str,
-    o: _Predict,
+    o: PredictOptions,
 ) -> tuple[list[RunScores], np.ndarray, ShiftDiagnosis, bool]:
     """The runs' test scores, the blended test scores (N,), their shift diagnosis and whether AdaBN made them:
     ``bn`` on always, auto when the first diagnosis finds the scores moved (a second pass), off never."""
@@ -510,7 +333,7 @@ def submit(
 
     scores, probs, diag, adapted = _scored_test(
         workdir, doc, infos, specs, data_dir, cfg0.test_csv, ids, (oof_scores, y, ref), bn,
-        _Predict(dev, batch_size, workers, progress, log, view_average(doc["space"]), False),
+        PredictOptions(dev, batch_size, workers, progress, log, view_average(doc["space"]), False),
     )  # fmt: skip
     choice = choose_threshold(mode, oof_scores, y, probs, float(doc["threshold"]), doc["metric"], diag)
     labels = (probs >= choice.threshold).astype(np.int64)

@@ -20,7 +20,8 @@ from aivh_ens.blend.shift import ShiftDiagnosis, ks_distance
 from aivh_ens.cli import main
 from aivh_ens.errors import UserError
 from aivh_ens.infer import predict as predict_mod
-from aivh_ens.infer.submission import RunScores, fold_views, oof_blend, validate_submission
+from aivh_ens.infer.scores import RunScores
+from aivh_ens.infer.submission import fold_views, oof_blend, validate_submission
 from aivh_ens.score import runs as runs_mod
 from aivh_ens.score.runs import fold_average
 from aivh_ens.train.models import build_model
