@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_jpegs import link_copies, make_jpegs  # noqa: E402
 
 from aivh_ens.config import resolve_config
-from aivh_ens.data.cache import CachedSource, _stat, _Writer, cache_file, cache_key, ensure_cache
+from aivh_ens.data.cache import ensure_cache
+from aivh_ens.data.cache_format import CachedSource, CacheWriter, _stat, cache_file, cache_key
 from aivh_ens.data.loader import ImageDataset, Normalizer, close_loaders, make_loader
 from aivh_ens.data.transforms import storage_step, train_transform
 from aivh_ens.io import atomic_path  # noqa: E402
@@ -152,7 +153,7 @@ def replicate_cache(src: CachedSource, big: Path, cache_dir: Path, copies: int) 
     storage = storage_step(resolve_config("effnet-b4-adam", img_size=SIZE), SIZE)
     key = cache_key(big, storage)
     with atomic_path(cache_file(cache_dir, big, storage)) as tmp, open(tmp, "wb") as f:
-        w = _Writer(f, key)
+        w = CacheWriter(f, key)
         for j, name in enumerate(names):
             i = j % len(src)
             w.add(name, src.get(i), tuple(src.shapes[i]), _stat(big / name))

@@ -36,13 +36,12 @@ Guarantees:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -50,10 +49,9 @@ from aivh_ens import layout, system
 from aivh_ens.config import RunConfig
 from aivh_ens.data.cache_format import (
     _MISSING,
-    _TRAILER,
-    MAGIC,
     CachedSource,
     CacheIndex,
+    CacheWriter,
     _open_index,
     _stat,
     cache_file,
@@ -74,52 +72,6 @@ DISK_MARGIN = 512 << 20  # bytes a build leaves free on the cache's disk (checkp
 
 
 CHUNK = 32  # images per parallel task
-
-
-class _Writer:
-    """Appends images to an open file and records the index; ``finish`` writes index and trailer."""
-
-    def __init__(self, f: BinaryIO, key: dict[str, Any]):
-        self.f, self.key, self.offset = f, key, 0
-        self.names: list[str] = []
-        self.offsets: list[int] = []
-        self.shapes: list[list[int]] = []
-        self.stats: list[list[int]] = []
-        self.bad: dict[str, str] = {}
-
-    def add(
-        self, name: str, img: np.ndarray | memoryview, shape: tuple[int, ...], stat: tuple[int, int]
-    ) -> None:
-        """Append one image's bytes (an (h, w, 3) uint8 array, or its raw bytes with ``shape``)."""
-        data = memoryview(np.ascontiguousarray(img, dtype=np.uint8)).cast("B")
-        if data.nbytes != int(np.prod(shape)):
-            raise ValueError(f"{name}: {data.nbytes} bytes do not make shape {shape}")
-        self.f.write(data)
-        self._record(name, self.offset, shape, stat)
-        self.offset += data.nbytes
-
-    def add_bad(self, name: str, reason: str, stat: tuple[int, int]) -> None:
-        self._record(name, -1, (0, 0, 3), stat)
-        self.bad[name] = reason
-
-    def _record(self, name: str, offset: int, shape: Sequence[int], stat: Sequence[int]) -> None:
-        self.names.append(name)
-        self.offsets.append(int(offset))
-        self.shapes.append([int(v) for v in shape])  # plain ints: numpy's do not serialise to JSON
-        self.stats.append([int(v) for v in stat])
-
-    def finish(self) -> None:
-        doc = {
-            "key": self.key,
-            "names": self.names,
-            "offsets": self.offsets,
-            "shapes": self.shapes,
-            "stats": self.stats,
-            "bad": self.bad,
-        }
-        index = json.dumps(doc, separators=(",", ":")).encode()
-        self.f.write(index)
-        self.f.write(_TRAILER.pack(self.offset, len(index), MAGIC))
 
 
 def _decode(path: Path, storage: StorageStep) -> np.ndarray | str:
@@ -316,7 +268,7 @@ def _reusable_rows(
     return keep
 
 
-def _copy_rows(writer: _Writer, src: CachedSource, old: CacheIndex, keep: list[int]) -> None:
+def _copy_rows(writer: CacheWriter, src: CachedSource, old: CacheIndex, keep: list[int]) -> None:
     """Copy the ``keep`` rows of the old file (images and unreadable entries) through ``src``."""
     for j, i in enumerate(keep):
         name, stat = old.names[i], tuple(old.stats[i])
@@ -327,7 +279,7 @@ def _copy_rows(writer: _Writer, src: CachedSource, old: CacheIndex, keep: list[i
 
 
 def _decode_into(
-    writer: _Writer,
+    writer: CacheWriter,
     root: Path,
     todo: list[str],
     stats: dict[str, tuple[int, int]],
@@ -391,7 +343,7 @@ def _write(
         return False
     t0 = time.perf_counter()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        writer = _Writer(f, key)
+        writer = CacheWriter(f, key)
         if keep:
             _copy_rows(
                 writer, CachedSource(path, root, [old.names[i] for i in keep], old, os.dup(old_fd)), old, keep

@@ -1,4 +1,5 @@
-"""The image cache's file format and its reader (:class:`CachedSource`); building is in :mod:`aivh_ens.data.cache`.
+"""The image cache's file format, its writer (:class:`CacheWriter`) and its reader (:class:`CachedSource`);
+building is in :mod:`aivh_ens.data.cache`.
 
 One file per (data folder, storage step, decoder versions): ``<cache_dir>/<data>-<tag>-<hash>.imgcache``::
 
@@ -24,7 +25,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -261,3 +262,49 @@ class CachedSource:
 
     def describe(self, i: int) -> str:
         return self.names[i]
+
+
+class CacheWriter:
+    """Appends images to an open file in this format and records the index; ``finish`` writes index and trailer."""
+
+    def __init__(self, f: BinaryIO, key: dict[str, Any]):
+        self.f, self.key, self.offset = f, key, 0
+        self.names: list[str] = []
+        self.offsets: list[int] = []
+        self.shapes: list[list[int]] = []
+        self.stats: list[list[int]] = []
+        self.bad: dict[str, str] = {}
+
+    def add(
+        self, name: str, img: np.ndarray | memoryview, shape: tuple[int, ...], stat: tuple[int, int]
+    ) -> None:
+        """Append one image's bytes (an (h, w, 3) uint8 array, or its raw bytes with ``shape``)."""
+        data = memoryview(np.ascontiguousarray(img, dtype=np.uint8)).cast("B")
+        if data.nbytes != int(np.prod(shape)):
+            raise ValueError(f"{name}: {data.nbytes} bytes do not make shape {shape}")
+        self.f.write(data)
+        self._record(name, self.offset, shape, stat)
+        self.offset += data.nbytes
+
+    def add_bad(self, name: str, reason: str, stat: tuple[int, int]) -> None:
+        self._record(name, -1, (0, 0, 3), stat)
+        self.bad[name] = reason
+
+    def _record(self, name: str, offset: int, shape: Sequence[int], stat: Sequence[int]) -> None:
+        self.names.append(name)
+        self.offsets.append(int(offset))
+        self.shapes.append([int(v) for v in shape])  # plain ints: numpy's do not serialise to JSON
+        self.stats.append([int(v) for v in stat])
+
+    def finish(self) -> None:
+        doc = {
+            "key": self.key,
+            "names": self.names,
+            "offsets": self.offsets,
+            "shapes": self.shapes,
+            "stats": self.stats,
+            "bad": self.bad,
+        }
+        index = json.dumps(doc, separators=(",", ":")).encode()
+        self.f.write(index)
+        self.f.write(_TRAILER.pack(self.offset, len(index), MAGIC))

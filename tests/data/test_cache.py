@@ -180,7 +180,7 @@ def test_interrupted_build_is_never_used(tmp_path, data, monkeypatch):
     root, names = data
     storage = StorageStep("square", 32)
     cdir = tmp_path / "c"
-    real_add = C._Writer.add
+    real_add = CF.CacheWriter.add
     count = {"n": 0}
 
     def add_then_die(self, *a, **k):
@@ -189,12 +189,12 @@ def test_interrupted_build_is_never_used(tmp_path, data, monkeypatch):
             raise KeyboardInterrupt  # as a kill mid-build would
         return real_add(self, *a, **k)
 
-    monkeypatch.setattr(C._Writer, "add", add_then_die)
+    monkeypatch.setattr(CF.CacheWriter, "add", add_then_die)
     with pytest.raises(KeyboardInterrupt):
         C.ensure_cache(root, names, storage, cdir, **QUIET)
     path = CF.cache_file(cdir, root, storage)
     assert not path.exists() and no_tmp(cdir)  # nothing half-written is left under any name
-    monkeypatch.setattr(C._Writer, "add", real_add)
+    monkeypatch.setattr(CF.CacheWriter, "add", real_add)
     good = C.ensure_cache(root, names, storage, cdir, **QUIET)
     old_bytes = path.read_bytes()
 
@@ -203,11 +203,11 @@ def test_interrupted_build_is_never_used(tmp_path, data, monkeypatch):
     st = os.stat(root / names[0])
     os.utime(root / names[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     count["n"] = 0
-    monkeypatch.setattr(C._Writer, "add", add_then_die)
+    monkeypatch.setattr(CF.CacheWriter, "add", add_then_die)
     with pytest.raises(KeyboardInterrupt):
         C.ensure_cache(root, names, storage, cdir, **QUIET)
     assert path.read_bytes() == old_bytes and no_tmp(cdir)
-    monkeypatch.setattr(C._Writer, "add", real_add)
+    monkeypatch.setattr(CF.CacheWriter, "add", real_add)
 
     # What a killed process leaves (a temp file) is ignored and removed; a truncated file is rebuilt.
     stale = cdir / f".{path.name}.abc123.tmp"
