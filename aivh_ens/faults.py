@@ -6,7 +6,7 @@ name>`` (a temp file fully written, not yet renamed into place), ``fold-done`` (
 (inside test or OOF inference) and ``timing:<candidate>`` (``auto``'s probe of a candidate, before each batch
 size it tries). ``AIVH_ENS_FAULT=raise`` raises a RuntimeError there instead, ``oom`` torch's out-of-memory
 error (what a batch too large for the GPU raises), ``hang`` sleeps until a signal arrives (a job that runs into
-its time limit). ``AIVH_ENS_FAULT_ONCE=<file>`` fires only while
+its time limit), ``pause:<s>`` sleeps that many seconds and goes on (a stalled write or mount). ``AIVH_ENS_FAULT_ONCE=<file>`` fires only while
 that file does not exist and creates it first (holding the firing process's PID), so a retried or requeued job
 gets past the point. Unset
 (always, outside tests) this is one dict lookup.
@@ -47,6 +47,9 @@ def point(name: str) -> None:
         import torch
 
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {name})")
+    if action.startswith("pause:"):
+        time.sleep(float(action.removeprefix("pause:")))
+        return
     if action == "hang":
         while True:
             time.sleep(3600)

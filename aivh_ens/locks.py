@@ -35,12 +35,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from aivh_ens import progress
 from aivh_ens.errors import UserError
+from aivh_ens.io import guarded
 from aivh_ens.liveness import pid_alive, record_alive, same_space, this_process
 
 __all__ = ["FileLock", "LockHeld", "LockLost", "pid_alive", "read_owner", "stale_reason", "watch_heartbeat"]
@@ -171,6 +172,22 @@ class LockHeld(UserError):
 
 class LockLost(RuntimeError):
     """This process's lock was taken over by another (it was presumed dead): it must write nothing more."""
+
+
+@contextlib.contextmanager
+def fenced(lock: FileLock, folder: str | os.PathLike) -> Iterator[FileLock]:
+    """Hold ``lock`` while writing under ``folder``: once the lock is lost, no atomic write there lands
+    (:func:`aivh_ens.io.guarded`), and the heartbeat's interrupt (``on_lost``) or a refused write leaves the
+    block as one :class:`LockLost` that names the new owner."""
+    try:
+        with lock, guarded(folder, lock.verify):
+            yield lock
+    except (KeyboardInterrupt, LockLost):
+        if not lock.lost.is_set():
+            raise  # a real Ctrl-C, or another lock's loss
+        owner = read_owner(lock.path)
+        who = describe_owner(owner) if owner else "nobody (the lock file is gone)"
+        raise LockLost(f"{lock.what}: lost its lock to {who} and stopped, writing nothing more") from None
 
 
 def release_dead_owner(path: str | os.PathLike, pid: int) -> None:

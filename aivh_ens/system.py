@@ -10,6 +10,8 @@ import contextlib
 import os
 import platform
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,3 +222,9 @@ def cpu_contention_note(device_name: str) -> str | None:
         f"note: {others} other process(es) are running on the CPU and torch uses {torch.get_num_threads()} "
         "threads; with shared cores --threads 1 per process is often several times faster"
     )
+
+
+def interrupt_main() -> None:
+    """KeyboardInterrupt in the main thread, from any thread: a real SIGINT to it, which also wakes a blocking
+    call there (a sleep, a wait); ``_thread.interrupt_main`` would leave that call to run its course."""
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)

@@ -22,9 +22,9 @@ from typing import Any
 
 from aivh_ens import faults
 from aivh_ens.config import RunConfig, from_dict, to_dict, training_identity
-from aivh_ens.io import guarded, sha256_text, write_json
+from aivh_ens.io import sha256_text, write_json
 from aivh_ens.layout import fold_dir, run_dir
-from aivh_ens.locks import FileLock, LockHeld, LockLost, describe_owner
+from aivh_ens.locks import FileLock, LockHeld, LockLost, fenced
 
 JOB = "job.json"
 STARTED = "started.json"
@@ -215,7 +215,7 @@ def run_job(
         torch.set_num_threads(threads)
     lock = fold_lock(spec, job_id, attempt)
     try:
-        with lock, guarded(spec.fold_dir, lock.verify):  # no checkpoint is written once the lock is lost
+        with fenced(lock, spec.fold_dir):  # no checkpoint is written once the lock is lost
             done = done_matches(spec)  # finished by another sweep between our first look and the lock
             if done is not None:
                 return _done_row(spec, done, "skipped (done)")
@@ -224,12 +224,9 @@ def run_job(
             summary = _train(spec, device, started)
     except LockHeld as e:
         return result_row(spec, "running elsewhere", host=e.owner.get("host", ""), error=str(e).split(";")[0])
-    except (KeyboardInterrupt, LockLost):
-        if not lock.lost.is_set():
-            raise
+    except LockLost as e:
         owner = read_json(lock.path) or {}
-        lost = f"lost its lock to {describe_owner(owner)} and stopped"
-        return result_row(spec, "running elsewhere", host=owner.get("host", ""), error=lost)
+        return result_row(spec, "running elsewhere", host=owner.get("host", ""), error=str(e))
     except BaseException as e:
         if isinstance(e, Exception):
             write_json(

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from aivh_ens.errors import UserError
+from aivh_ens.system import interrupt_main
 
 Log = Callable[[str], None]
 INTERRUPTED = 130  # a job process's exit code after Ctrl-C (128 + SIGINT): its job is pending, not failed
@@ -438,6 +439,7 @@ def serve_jobs(
     if parent is not None:
         die_with(parent)
     signal.signal(signal.SIGTERM, _interrupt)  # a Slurm or container stop: end the job as Ctrl-C does
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (nohup)
     os.environ[JOBS_AT_ONCE_ENV] = str(slot.at_once)  # the loader sizes its /dev/shm ring to its share
     from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job
 
@@ -472,9 +474,7 @@ def die_with(parent: int, grace_s: float = 10.0, poll_s: float = 1.0) -> threadi
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        # a real SIGINT to the main thread: it also wakes a blocking call (a sleep, a wait), which
-        # _thread.interrupt_main() would leave to run its course
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        interrupt_main()
         time.sleep(grace_s)
         os._exit(INTERRUPTED)
 

@@ -24,8 +24,8 @@ from aivh_ens.data.tables import read_train_table
 from aivh_ens.errors import UserError
 from aivh_ens.io import sha256_file, write_csv, write_json
 from aivh_ens.layout import config_path, fold_dir, inspect_dir, oof_path, read_run_config, run_dir
-from aivh_ens.locks import FileLock
-from aivh_ens.system import cpu_contention_note, library_versions
+from aivh_ens.locks import FileLock, LockLost, fenced
+from aivh_ens.system import cpu_contention_note, interrupt_main, library_versions
 from aivh_ens.train.fold import DONE, FOLD_OOF, FoldJob, fit_fold
 from aivh_ens.train.loop import resolve_device
 from aivh_ens.train.models import random_init_note
@@ -434,20 +434,26 @@ def run_fold(
     if fold_done(fdir):
         log(f"fold {k}: already done (use --force to retrain)")
         return read_fold_summary(fdir)
-    with FileLock(rdir / f"fold{k}.lock", what=f"fold {k} of run {cfg.name}"):
-        if fold_done(fdir):  # finished by another process while we waited
-            return read_fold_summary(fdir)
-        for tmp in fdir.glob(".*.tmp"):  # left by a process killed mid-write; never read, safe to drop
-            tmp.unlink(missing_ok=True)
-        what = cfg.model if cfg.head == "finetune" else f"a {cfg.head} head on {cfg.model} features"
-        n_pseudo = int((fold_table["fold"] == PSEUDO_FOLD).sum())
-        log(
-            f"fold {k}/{cfg.folds - 1}: training {what} on {int((fold_table['fold'] != k).sum())} rows"
-            f"{f' ({n_pseudo} pseudo-labelled)' if n_pseudo else ''}, validating on "
-            f"{int((fold_table['fold'] == k).sum())}"
-        )
-        job = FoldJob(cfg, k, fdir, Path(cfg.data), job_table(fold_table), exclude)
-        summary = fit(job, source, resume=resume, progress=progress, log=log)
+    # Another process (another host) that took the lock over, thinking this one dead, interrupts it: no
+    # checkpoint of this fold is written from then on, and the call stops with one line.
+    lock = FileLock(rdir / f"fold{k}.lock", what=f"fold {k} of run {cfg.name}", on_lost=interrupt_main)
+    try:
+        with fenced(lock, fdir):
+            if fold_done(fdir):  # finished by another process while we waited
+                return read_fold_summary(fdir)
+            for tmp in fdir.glob(".*.tmp"):  # left by a process killed mid-write; never read, safe to drop
+                tmp.unlink(missing_ok=True)
+            what = cfg.model if cfg.head == "finetune" else f"a {cfg.head} head on {cfg.model} features"
+            n_pseudo = int((fold_table["fold"] == PSEUDO_FOLD).sum())
+            log(
+                f"fold {k}/{cfg.folds - 1}: training {what} on {int((fold_table['fold'] != k).sum())} rows"
+                f"{f' ({n_pseudo} pseudo-labelled)' if n_pseudo else ''}, validating on "
+                f"{int((fold_table['fold'] == k).sum())}"
+            )
+            job = FoldJob(cfg, k, fdir, Path(cfg.data), job_table(fold_table), exclude)
+            summary = fit(job, source, resume=resume, progress=progress, log=log)
+    except LockLost as e:
+        raise UserError(f"{e}; `aivh-ens status` shows who trains it now") from None
     faults.point("fold-done")
     return summary
 

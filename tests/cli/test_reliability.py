@@ -159,3 +159,30 @@ def test_temp_files_of_dead_writers_are_swept_never_live_ones(tmp_path):
     io.write_text(target, "id,label\n")
     assert target.read_text() == "id,label\n"
     assert not dead.exists() and live.exists() and other_host.exists() and other_file.exists()
+
+
+def test_a_cv_whose_fold_lock_is_taken_over_stops_with_one_line_and_writes_nothing_more(
+    tmp_path, data, monkeypatch
+):
+    """Another host took the fold over (it presumed this process dead) while this one stalled after its first
+    epoch: the stalled process writes no further checkpoint of the fold and ends with one line."""
+    w, marker = tmp_path / "w", tmp_path / "paused"
+    monkeypatch.setenv("AIVH_ENS_FAULT", "pause:6")  # a stall after epoch 1 was saved
+    monkeypatch.setenv("AIVH_ENS_FAULT_ONCE", str(marker))
+    p = spawn([*ARGS, "--data", str(data), "--workdir", str(w)], "epoch-done@1")
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[0]
+        time.sleep(0.02)
+    lock, fold0 = w / "runs/k/fold0.lock", w / "runs/k/fold0"
+    lock.unlink()  # taken over: the other host's lock in its place
+    taken = {"pid": 1, "host": "other-host", "token": "t", "beat": 3, "heartbeat": time.time(), "grace": 300}
+    lock.write_text(json.dumps(taken))
+    before = {f.name: f.stat().st_mtime_ns for f in fold0.iterdir() if not f.name.startswith(".")}
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 2 and "Traceback" not in out, out
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "fold 0 of run k: lost its lock to PID 1 on other-host" in errors[0], out
+    after = {f.name: f.stat().st_mtime_ns for f in fold0.iterdir() if not f.name.startswith(".")}
+    assert after == before and "done.json" not in after  # no checkpoint written after the takeover
+    assert json.loads(lock.read_text()) == taken  # the new owner's lock left alone
