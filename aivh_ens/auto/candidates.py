@@ -14,7 +14,7 @@ from typing import Any
 
 SCRATCH_CPU = ("test_resnet", "test_byobnet", "test_efficientnet")
 """From-scratch models on the CPU for images resized to 64 px, best first (timm's ``test_*`` models: 0.1-0.4M
-parameters). Measured on CIFAKE at 32 px with one thread each (see the README's "auto" section)."""
+parameters), ordered by CIFAKE at 32 px, one thread each (docs/benchmarks-history.md)."""
 SCRATCH_CPU_NATIVE = ("aivh_res_t", "aivh_res_s", "test_resnet", "test_efficientnet")
 """From-scratch CPU models for images trained at their native size (at most :data:`NATIVE_MAX`), best first:
 ``aivh_res_t`` led in the time a 20-minute plan gives on 2 cores (history: docs/benchmarks-history.md)."""
