@@ -38,6 +38,10 @@ FOREIGN = {
     "--n-test": ("bench", "demo-data"),
     "--setups": ("bench",),
     "--tar": ("bench",),
+    "--images": ("bench",),
+    "--clients": ("bench",),
+    "--rounds": ("bench",),
+    "--tricklers": ("bench",),
 }
 
 
