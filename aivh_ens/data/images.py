@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -295,22 +294,3 @@ def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
         a = _ORIENT[orientation](a)
     # Writable too: np.asarray of a Pillow image is read-only, and augmentations may work in place.
     return np.require(a, requirements=["C", "W"])
-
-
-def scan_files(
-    root: str | Path, files: Iterable[str], decode: bool = False, workers: int = 8
-) -> dict[int, BadImageError]:
-    """Read every file's header (or decode it whole) in threads; ``{position: error}`` for the bad ones."""
-    files = list(files)
-    check = load_image if decode else image_size
-
-    def one(i: int) -> tuple[int, BadImageError | None]:
-        try:
-            check(Path(root) / files[i])
-            return i, None
-        except BadImageError as e:
-            return i, e
-
-    with ThreadPoolExecutor(max_workers=workers) as ex:  # PIL and OpenCV release the GIL while decoding
-        results = list(ex.map(one, range(len(files)), chunksize=256))
-    return {i: e for i, e in results if e is not None}

@@ -8,6 +8,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 
 from aivh_ens.config import training_identity
-from aivh_ens.data.images import scan_files
+from aivh_ens.data.images import BadImageError, image_size
 from aivh_ens.data.loader import FileSource
 from aivh_ens.data.transforms import storage_step
 from aivh_ens.errors import UserError
@@ -109,8 +110,15 @@ def write_cache(
 def scan_test_images(data_dir: str | Path, ids: Sequence[str], csv: str, workers: int = 8) -> None:
     """Read every test image's header; UserError naming the first unreadable one."""
 
-    found = scan_files(data_dir, ids, workers=workers)
-    bad = [(ids[k], found[k].reason) for k in sorted(found)]
+    def one(i: str) -> tuple[str, str | None]:
+        try:
+            image_size(Path(data_dir) / i)
+            return i, None
+        except BadImageError as e:
+            return i, e.reason
+
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        bad = [(i, r) for i, r in ex.map(one, ids, chunksize=256) if r is not None]
     if bad:
         raise UserError(
             f"{len(bad)} unreadable test image(s) in {csv}; first: {bad[0][0]}: {bad[0][1]}; "
