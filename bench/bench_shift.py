@@ -5,8 +5,9 @@ Run: ``python bench/bench_shift.py [--smoke] [--cifake [--tar ../shared/data/cif
 First, on simulated scores (``bench/shift_sim.py``: the fold-model score model, 20,000 OOF rows), the issue's
 test sets: balanced unshifted sets of 50 to 2,000 images drawn 12 times each, all-human and 5%-AI sets, the six
 shifted variants (as train, AI 25%, AI 75%, upscaled, blurred, AI 25% + upscaled), 25% AI + upscaled at
-shares 10/25/40% and two strengths, and an unseen generator (half the AI images scoring like a weaker
-model's). Per variant: mean F1 of ``oof``, of the rule ``auto`` replaced (fixed KS 0.04), of ``auto`` and of
+shares 10/25/40% and two strengths, an unseen generator (half the AI images scoring like a weaker model's),
+and AI images that lost their detail (they score almost as human: ``open`` lines, with the F1 that the
+``share:`` auto's reason then names would give). Per variant: mean F1 of ``oof``, of the rule ``auto`` replaced (fixed KS 0.04), of ``auto`` and of
 the best threshold in hindsight, auto's worst draw against ``oof`` and the modes it chose; then the goals,
 met or missed; then the constants of :class:`aivh_ens.blend.shift.AutoRule` chosen on all variants and,
 per variant, the gap under the constants chosen without it (leave one variant out). ``--smoke``: the

@@ -220,13 +220,32 @@ def capped_share(share: float, train_share: float, odds_cap: float) -> float:
     return share if lo <= z <= hi else float(1.0 / (1.0 + math.exp(-min(max(z, lo), hi))))
 
 
+def _hint(d: ShiftDiagnosis, rule: AutoRule) -> str:
+    """What keeping ``oof`` on moved scores risks, when its predicted AI share is far from training's.
+
+    AI images that lost the detail the models look for (blur, heavy downscaling) score as human, so the OOF cut
+    labels far too few of them; no statistic of the scores tells that from a test set with fewer AI images
+    (bench_shift's detail-loss sets: ``oof`` keeps 0.03-0.2 F1 there, ``share:<training share>`` 0.6-0.7).
+    "Far" is the same odds factor that caps ``prior:``'s move."""
+    if capped_share(d.predicted_share, d.train_share, rule.odds_cap) == d.predicted_share:
+        return ""
+    return (
+        f"; the OOF cut labels {d.predicted_share:.1%} of test images AI against training's {d.train_share:.1%}: "
+        "if the test set's AI share is near training's (AI images that lost detail to blur or resizing score "
+        f"as human, and no score statistic tells that from fewer AI images), pass --threshold "
+        f"share:{d.train_share:.2g}"
+    )
+
+
 def _moved(d: ShiftDiagnosis, rule: AutoRule, why: str) -> tuple[ThresholdMode, str]:
     """``share:`` when the moved test scores form two real lumps whose share EM or BBSE confirm; else oof."""
     mix, se_mix = d.estimate(MIXTURE), d.se(MIXTURE)
     if d.n_test < rule.share_min_n:
-        return ThresholdMode("oof"), f"{why}, but share: needs at least {rule.share_min_n} test images"
+        return ThresholdMode(
+            "oof"
+        ), f"{why}, but share: needs at least {rule.share_min_n} test images" + _hint(d, rule)
     if mix is None or not d.two_lumps(rule):
-        return ThresholdMode("oof"), f"{why}, but the test logits do not form two real lumps"
+        return ThresholdMode("oof"), f"{why}, but the test logits do not form two real lumps" + _hint(d, rule)
     others = [(d.estimate(m), d.se(m)) for m in (EM, BBSE)]
     if rule.share_agree and not any(_agree(mix, se_mix, e, s, rule.z) for e, s in others):
         return ThresholdMode("oof"), (

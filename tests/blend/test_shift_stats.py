@@ -9,7 +9,7 @@ import pytest
 from scipy.special import kolmogi
 
 from aivh_ens.blend import shift, shift_stats
-from aivh_ens.metrics import best_threshold
+from aivh_ens.metrics import best_threshold, f1
 
 K = 4
 
@@ -106,6 +106,24 @@ def test_two_real_lumps_that_moved_get_share():
     small = dataclasses.replace(shift.AUTO, share_min_n=5000)
     c2 = shift.choose_threshold("auto", s, y, views.mean(axis=0), thr, "f1", d, small)
     assert c2.resolved == "oof" and "at least 5000 test images" in c2.reason
+
+
+def test_detail_loss_keeps_oof_and_says_how_to_get_out():
+    """AI images that lost their detail score almost as human: the scores moved into one lump, the OOF cut labels
+    few AI, and auto keeps it (no score statistic tells this from fewer AI images), but says what share: to
+    pass; on this set that share is far better, and on a set whose AI share really fell it would not be."""
+    y, s, thr = OOF
+    yt, views = fold_views(4000, 0.5, 21, move=-3.0)
+    t = views.mean(axis=0)
+    d = shift.diagnose(s, y, t, thr, test_views=views)
+    c = shift.choose_threshold("auto", s, y, t, thr, "f1", d)
+    assert d.scores_moved() and not d.two_lumps()
+    assert c.resolved == "oof" and "pass --threshold share:0.5" in c.reason, c.reason
+    hinted = shift.choose_threshold("share:0.5", s, y, t, thr, "f1", d).threshold
+    assert f1(yt, t >= hinted) > f1(yt, t >= thr) + 0.3
+    # a set as it was trained on gets no such hint
+    _, c0 = auto(0.5, 4000, 22)
+    assert "pass --threshold" not in c0.reason
 
 
 def test_prior_moves_only_beyond_its_standard_error_and_is_capped():
