@@ -8,7 +8,6 @@ keeps the one-line error of the last failed one.
 
 from __future__ import annotations
 
-import _thread
 import dataclasses
 import json
 import os
@@ -25,6 +24,7 @@ from aivh_ens.config import RunConfig, from_dict, to_dict, training_identity
 from aivh_ens.io import sha256_text, write_json
 from aivh_ens.layout import fold_dir, run_dir
 from aivh_ens.locks import FileLock, LockHeld, LockLost, fenced
+from aivh_ens.system import interrupt_main
 
 JOB = "job.json"
 STARTED = "started.json"
@@ -177,7 +177,7 @@ def fold_lock(spec: JobSpec, job_id: str | None, attempt: int | None) -> FileLoc
         f"fold {spec.fold} of run {spec.run}",
         job_id=job_id,
         attempt=attempt,
-        on_lost=_thread.interrupt_main,  # the new holder writes this fold's checkpoints from now on
+        on_lost=interrupt_main,  # the new holder writes this fold's checkpoints from now on
     )
 
 

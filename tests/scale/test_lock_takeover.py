@@ -3,7 +3,6 @@ watched over local monotonic time (never another host's clock), requeued attempt
 
 from __future__ import annotations
 
-import _thread
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ import pytest
 
 from aivh_ens.io import guarded, write_json
 from aivh_ens.locks import FileLock, LockHeld, LockLost, read_owner, stale_reason
+from aivh_ens.system import interrupt_main
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -142,7 +142,7 @@ def test_a_holder_that_loses_its_lock_is_told_and_stops(tmp_path):
 
 def _lose_a_held_lock(tmp_path):
     path = tmp_path / "fold0.lock"
-    lock = FileLock(path, "fold 0", heartbeat_s=0.05, on_lost=_thread.interrupt_main)
+    lock = FileLock(path, "fold 0", heartbeat_s=0.05, on_lost=interrupt_main)
     with pytest.raises(KeyboardInterrupt), lock:  # what a sweep job does: interrupt its training
         foreign(path)  # taken over by another process after this one was presumed dead
         deadline = time.monotonic() + 30
