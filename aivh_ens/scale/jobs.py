@@ -23,7 +23,7 @@ from aivh_ens import faults
 from aivh_ens.config import RunConfig, from_dict, to_dict, training_identity
 from aivh_ens.io import sha256_text, write_json
 from aivh_ens.layout import fold_dir, run_dir
-from aivh_ens.locks import FileLock, LockHeld, LockLost, fenced
+from aivh_ens.locks import FileLock, LockHeld, LockLost, fenced, read_owner
 from aivh_ens.system import interrupt_main
 
 JOB = "job.json"
@@ -170,10 +170,24 @@ def _mark_started(spec: JobSpec, job_id: str | None, device: str) -> dict[str, A
     return rec
 
 
+def lock_path(spec: JobSpec) -> Path:
+    """The fold's lock file."""
+    return run_dir(spec.workdir, spec.run) / f"fold{spec.fold}.lock"
+
+
+def retry_attempt(lock: Path, job_id: str) -> int:
+    """The attempt number of a job whose backend keeps its id across retries and never runs one id twice at
+    once (a Ray task): one more than the attempt recorded in a fold lock held under this id, else 0. The lock
+    (``lock``: :func:`lock_path`) of the attempt whose worker died is then taken over at once, not after its heartbeat's grace period."""
+    owner = read_owner(lock) or {}
+    theirs = owner.get("attempt")
+    return theirs + 1 if owner.get("job_id") == job_id and isinstance(theirs, int) else 0
+
+
 def fold_lock(spec: JobSpec, job_id: str | None, attempt: int | None) -> FileLock:
     """The fold's lock; losing it (another process took it over) interrupts this job's training at once."""
     return FileLock(
-        run_dir(spec.workdir, spec.run) / f"fold{spec.fold}.lock",
+        lock_path(spec),
         f"fold {spec.fold} of run {spec.run}",
         job_id=job_id,
         attempt=attempt,

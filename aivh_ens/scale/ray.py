@@ -21,7 +21,15 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from aivh_ens.errors import UserError
-from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job, task_device
+from aivh_ens.scale.jobs import (
+    error_line,
+    lock_path,
+    read_spec,
+    result_row,
+    retry_attempt,
+    run_job,
+    task_device,
+)
 
 MAX_RETRIES = 3
 PROBE_TIMEOUT_S = 300.0
@@ -80,8 +88,9 @@ def check_shared_workdir(workdir: Path) -> None:
 
 def _task(job_file: str, submitted: float, threads: int, gpus: float = 0) -> dict[str, Any]:
     device = task_device(gpus)  # a task given a GPU it cannot see refuses to train on the CPU
-    job_id = ray.get_runtime_context().get_task_id()
-    return run_job(job_file, device, threads=threads, job_id=job_id, submitted=submitted)
+    job_id = ray.get_runtime_context().get_task_id()  # the same for every retry of this task
+    attempt = retry_attempt(lock_path(read_spec(job_file)), job_id)
+    return run_job(job_file, device, threads=threads, job_id=job_id, attempt=attempt, submitted=submitted)
 
 
 def run_ray(

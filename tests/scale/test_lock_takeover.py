@@ -17,6 +17,7 @@ import pytest
 
 from aivh_ens.io import guarded, write_json
 from aivh_ens.locks import FileLock, LockHeld, LockLost, read_owner, stale_reason
+from aivh_ens.scale.jobs import retry_attempt
 from aivh_ens.system import interrupt_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,6 +127,22 @@ def test_only_a_later_attempt_of_the_same_job_takes_a_lock_over_by_its_id(tmp_pa
     foreign(path, job_id="4242_3", attempt=0)
     with FileLock(path, "fold 0", job_id="4242_3", attempt=1):
         assert read_owner(path)["attempt"] == 1 and read_owner(path)["pid"] == os.getpid()
+
+
+def test_a_ray_retry_takes_over_its_dead_attempts_lock_at_once(tmp_path):
+    """A Ray task keeps its id across retries: a lock held under that id (its heartbeat still fresh, on a host
+    that cannot be checked) is the earlier attempt's, whose worker died; any other id's lock is left alone."""
+    path = tmp_path / "fold0.lock"
+    assert retry_attempt(path, "task-a") == 0  # no lock: a first attempt
+    foreign(path, job_id="task-a", attempt=0)
+    attempt = retry_attempt(path, "task-a")
+    assert attempt == 1
+    t0 = time.monotonic()
+    with FileLock(path, "fold 0", job_id="task-a", attempt=attempt):
+        assert read_owner(path)["attempt"] == 1 and read_owner(path)["pid"] == os.getpid()
+    assert time.monotonic() - t0 < 30  # not the 300 s grace period of the record's heartbeat
+    owner = foreign(path, job_id="task-b", attempt=4)  # another task's live lock
+    assert retry_attempt(path, "task-a") == 0 and stale_reason(owner, "task-a", 0) is None
 
 
 def test_a_holder_that_loses_its_lock_is_told_and_stops(tmp_path):
