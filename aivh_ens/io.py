@@ -96,6 +96,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def promote(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename a whole file written earlier (by :func:`atomic_path`) over ``dst``, under ``dst``'s folder's write
+    guard: the second step of a two-step commit (a staged checkpoint made current once the state that names it
+    is saved)."""
+    dst = Path(dst)
+    faults.point(f"promote:{dst.name}")
+    if _guards:
+        _check_guards(dst)
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
     try:

@@ -30,47 +30,35 @@ from aivh_ens.data.loader import (
 )
 from aivh_ens.data.transforms import eval_transform, train_transform
 from aivh_ens.errors import TrainingDiverged, UserError
-from aivh_ens.io import atomic_path, write_csv, write_json
+from aivh_ens.io import write_csv, write_json
 from aivh_ens.layout import DONE
 from aivh_ens.system import seconds_to_deadline
 from aivh_ens.train.loop import (
     BEST,
     METRICS,
+    STATE,
     CompileFallback,
     FoldContext,
     _check_batch,
+    _save_state,
     _score,
     _unwrap,
     _val_metrics,
+    commit_best,
     create_optimizer,
     eval_batch_size,
     evaluate,
+    load_state,
     load_weights,
     resolve_device,
-    save_weights,
+    settle_best,
+    stage_best,
     train_one_epoch,
 )
 from aivh_ens.train.models import build_model
 from aivh_ens.train.precision import resolve_precision, use_channels_last
 
-STATE = "state.pt"  # resume state of an unfinished fold
 FOLD_OOF = "oof.csv"
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_state(path: Path) -> dict[str, Any]:
-    """Resume state, read with ``weights_only=True``: a file carrying code is refused."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError and friends: one line naming the file
-        raise UserError(
-            f"refusing to resume from {path}: not a plain tensor checkpoint ({str(e).splitlines()[0][:160]}); "
-            "delete it and re-run with --force"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -294,6 +282,7 @@ def _resume(job: FoldJob, s: _Setup, resume: bool, log: Callable[[str], None]) -
     """A fresh state, or the one in ``state.pt`` (with the model, optimizer, scaler and EMA restored)."""
     state_path = job.fold_dir / STATE
     if not state_path.exists():
+        settle_best(job.fold_dir, None)
         return _State()
     if not resume:
         raise UserError(
@@ -301,6 +290,7 @@ def _resume(job: FoldJob, s: _Setup, resume: bool, log: Callable[[str], None]) -
             "or --force to start over"
         )
     st = load_state(state_path)
+    settle_best(job.fold_dir, int(st["best_epoch"]))
     _unwrap(s.model).load_state_dict(st["model"])
     s.optimizer.load_state_dict(st["optimizer"])
     if s.scaler is not None and st.get("scaler"):
@@ -418,7 +408,7 @@ def _record_epoch(
     improved = cfg.select == "last" or (checked and score > state.best_score)
     if improved:
         state.best_score, state.best_epoch, state.bad_epochs = score, epoch, 0
-        save_weights(eval_model, fdir / BEST)
+        stage_best(eval_model, fdir, epoch)  # best.safetensors itself changes once state.pt says so
     elif checked:
         state.bad_epochs += 1
     write_csv(fdir / METRICS, pd.DataFrame(state.history), float_format="%.6g")
@@ -437,6 +427,8 @@ def _record_epoch(
             "bad_epochs": state.bad_epochs,
         },
     )
+    if improved:
+        commit_best(fdir, epoch)
     return improved
 
 

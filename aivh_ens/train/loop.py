@@ -22,7 +22,7 @@ from aivh_ens import faults, metrics
 from aivh_ens.config import RunConfig
 from aivh_ens.data.loader import Normalizer
 from aivh_ens.errors import TrainingDiverged, UserError
-from aivh_ens.io import atomic_path
+from aivh_ens.io import atomic_path, promote
 from aivh_ens.progress import Progress
 from aivh_ens.train.models import frozen_eval_modules
 from aivh_ens.train.precision import autocast
@@ -356,10 +356,59 @@ class CompileFallback(nn.Module):
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
-    """Atomically write a model's weights as safetensors (contiguous CPU copies; shared tensors cloned)."""
+    """Atomically write a model's weights as safetensors (contiguous CPU copies; shared tensors cloned). One
+    metadata key only: safetensors writes several in no fixed order, and a seeded CPU run is reproducible to
+    the byte."""
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in _unwrap(model).state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata={"format": "pt"})
+
+
+STATE = "state.pt"  # resume state of an unfinished fold
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Resume state, read with ``weights_only=True``: a file carrying code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError and friends: one line naming the file
+        raise UserError(
+            f"refusing to resume from {path}: not a plain tensor checkpoint ({str(e).splitlines()[0][:160]}); "
+            "delete it and re-run with --force"
+        ) from None
+
+
+def staged_best(fold_dir: Path, epoch: int) -> Path:
+    """Where an epoch's best weights wait until ``state.pt`` records that epoch as the best."""
+    return fold_dir / f"{BEST}.{epoch}.next"
+
+
+def stage_best(model: nn.Module, fold_dir: Path, epoch: int) -> None:
+    """Step one of saving a new best epoch: its weights under :func:`staged_best`, ``best.safetensors`` untouched.
+
+    Step two, :func:`commit_best`, comes after ``state.pt``; a crash between the steps is settled on resume by
+    :func:`settle_best`, so ``best.safetensors`` always holds the epoch that ``state.pt`` calls the best."""
+    save_weights(model, staged_best(fold_dir, epoch))
+
+
+def commit_best(fold_dir: Path, epoch: int) -> None:
+    """Step two: the staged weights of ``epoch`` become ``best.safetensors``."""
+    promote(staged_best(fold_dir, epoch), fold_dir / BEST)
+
+
+def settle_best(fold_dir: Path, best_epoch: int | None) -> None:
+    """On resume: finish the commit of the best epoch ``state.pt`` records (None: no state), and drop weights
+    staged by an epoch whose state was never saved."""
+    for f in fold_dir.glob(f"{BEST}.*.next"):
+        if best_epoch is not None and f == staged_best(fold_dir, best_epoch):
+            promote(f, fold_dir / BEST)
+        else:
+            f.unlink(missing_ok=True)
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

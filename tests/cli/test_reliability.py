@@ -43,6 +43,34 @@ def _assert_every_file_whole(root: Path) -> None:
             assert "optimizer" in torch.load(f, weights_only=True)
 
 
+def test_best_weights_always_hold_the_epoch_the_state_names(tmp_path, data):
+    """A new best epoch is staged, then state.pt names it, then it becomes best.safetensors: a kill between any
+    two steps leaves best.safetensors holding the epoch state.pt calls the best, and the resume settles it.
+    (One torch thread: a re-run epoch gives the same weights to the byte, so files can be compared.)"""
+    w = tmp_path / "w"
+    args = [*ARGS, "--select", "last", "--data", str(data), "--workdir", str(w), "--resume"]
+    fold0 = w / "runs/k/fold0"
+    best, staged = fold0 / "best.safetensors", fold0 / "best.safetensors.1.next"
+    # 1. epoch 2's weights staged, its state.pt not yet in place: best.safetensors is still epoch 1's
+    code, out = run(args, "write:state.pt@2")
+    assert code == -9, out
+    state = torch.load(fold0 / "state.pt", weights_only=True)
+    assert (state["epoch"], state["best_epoch"]) == (0, 0)
+    epoch1, epoch2 = best.read_bytes(), staged.read_bytes()
+    assert epoch1 != epoch2  # (the old order had already renamed epoch 2's weights over best.safetensors)
+    # 2. epoch 2's state.pt names it the best; its weights not yet promoted
+    code, out = run(args, "promote:best.safetensors@1")
+    assert code == -9 and "resuming after epoch 1" in out, out
+    state = torch.load(fold0 / "state.pt", weights_only=True)
+    assert (state["epoch"], state["best_epoch"]) == (1, 1)
+    assert best.read_bytes() == epoch1 and staged.read_bytes() == epoch2
+    # 3. the resume finishes that commit before anything else
+    code, out = run(args)
+    assert code == 0, out
+    assert best.read_bytes() == epoch2 and not list(w.rglob("*.next"))
+    _assert_every_file_whole(w)
+
+
 def test_kill_anywhere_then_resume_equals_uninterrupted(tmp_path, data):
     ref = tmp_path / "ref"
     res = CliRunner().invoke(main, [*ARGS, "--data", str(data), "--workdir", str(ref)])
