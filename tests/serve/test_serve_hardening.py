@@ -1,5 +1,5 @@
-"""`serve` facing a network, over real sockets: trickling bodies are cut at --body-timeout while other clients
-are answered; Expect: 100-continue gets its 413 at once; only served formats are parsed (an EPS never reaches
+"""`serve` facing a network, over real sockets: trickling bodies are cut at --body-timeout and silent or
+trickling headers at the header deadline while other clients are answered; Expect: 100-continue gets its 413 at once; only served formats are parsed (an EPS never reaches
 Ghostscript); the pixel cap; a request is admitted whole or not at all; /health is 503 until the service can
 score; allowed hosts; the API key from a file."""
 
@@ -26,7 +26,7 @@ from serve_project import Project
 from aivh_ens.cli.serve import read_api_key
 from aivh_ens.errors import UserError
 from aivh_ens.serve import Ensemble, ServeSettings, create_app
-from aivh_ens.serve.linger import LINGER_S
+from aivh_ens.serve.linger import LINGER_S, LingeringH11Protocol
 from aivh_ens.serve.server import running_server
 
 HANG_S = 120  # a bound only a hung server or a connection nobody cuts reaches
@@ -144,6 +144,50 @@ def test_trickling_bodies_are_cut_at_the_body_timeout_and_other_clients_are_answ
     for got, seconds in results:
         assert got.startswith(b"HTTP/1.1 408") and b"--body-timeout" in got, got[:200]
         assert timeout_s <= seconds < HANG_S  # cut: not held until the client gave up
+
+
+def held_for(url: str, first: bytes, then: bytes) -> float:
+    """Seconds until the server closes a connection that sent ``first``, then ``then`` every 0.1 s (b"":
+    nothing), never finishing a request's headers (what it answered meanwhile is read and dropped)."""
+    s = connect(url)
+    t0 = time.monotonic()
+    s.sendall(first)
+    s.setblocking(False)
+    try:
+        while time.monotonic() - t0 < HANG_S:
+            try:
+                if not s.recv(65536):
+                    break  # closed by the server
+            except BlockingIOError:
+                pass
+            except OSError:
+                break
+            try:
+                s.send(then)
+            except OSError:
+                break
+            time.sleep(0.1)
+    finally:
+        s.close()
+    return time.monotonic() - t0
+
+
+def test_a_connection_without_whole_headers_is_closed_at_the_header_deadline(project, ensemble, monkeypatch):
+    """Silent connections, trickled headers, and a kept-alive connection trickling its second request's headers
+    are all closed once the header deadline passes, while other clients are answered."""
+    monkeypatch.setattr(LingeringH11Protocol, "header_timeout_s", 1.0)
+    good = [("a.jpg", project.images[0].read_bytes())]
+    kept = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\n"
+    with running_server(create_app(ensemble, ServeSettings())) as url:
+        wait_ready(url)
+        with ThreadPoolExecutor(16) as pool:
+            held = [pool.submit(held_for, url, b"", b"") for _ in range(4)]
+            held += [pool.submit(held_for, url, b"GET /health HTTP/1.1\r\n", b"X") for _ in range(4)]
+            held += [pool.submit(held_for, url, kept, b"X") for _ in range(4)]
+            normal = [post(url, good) for _ in range(5)]
+            seconds = [f.result(timeout=HANG_S) for f in held]
+    assert all(status == 200 for status, _ in normal), normal
+    assert all(1.0 <= x < 1.0 + LINGER_S + 10 for x in seconds), seconds  # cut, not held until HANG_S
 
 
 def test_a_cut_client_reads_its_408_while_still_sending_and_is_closed_after_the_linger_time(ensemble):
