@@ -23,7 +23,7 @@ from aivh_ens import faults
 from aivh_ens.config import RunConfig, from_dict, to_dict, training_identity
 from aivh_ens.io import sha256_text, write_json
 from aivh_ens.layout import fold_dir, run_dir
-from aivh_ens.locks import FileLock, LockHeld, LockLost, fenced, read_owner
+from aivh_ens.locks import HEARTBEAT_S, FileLock, LockHeld, LockLost, fenced, read_owner
 from aivh_ens.system import interrupt_main
 
 JOB = "job.json"
@@ -170,6 +170,12 @@ def _mark_started(spec: JobSpec, job_id: str | None, device: str) -> dict[str, A
     return rec
 
 
+JOB_TIMEOUT_S = 3600.0
+"""Seconds without a single batch (loaded, trained or scored) before a local or Ray job counts as hung.
+Progress is counted per batch, so a slow epoch never trips it; only a phase without batches (a model's first
+download, ``torch.compile``) must fit in it."""
+
+
 def lock_path(spec: JobSpec) -> Path:
     """The fold's lock file."""
     return run_dir(spec.workdir, spec.run) / f"fold{spec.fold}.lock"
@@ -184,13 +190,17 @@ def retry_attempt(lock: Path, job_id: str) -> int:
     return theirs + 1 if owner.get("job_id") == job_id and isinstance(theirs, int) else 0
 
 
-def fold_lock(spec: JobSpec, job_id: str | None, attempt: int | None) -> FileLock:
-    """The fold's lock; losing it (another process took it over) interrupts this job's training at once."""
+def fold_lock(
+    spec: JobSpec, job_id: str | None, attempt: int | None, heartbeat_s: float = HEARTBEAT_S
+) -> FileLock:
+    """The fold's lock; losing it (another process took it over) interrupts this job's training at once. Its
+    heartbeats carry the job's progress every ``heartbeat_s`` seconds."""
     return FileLock(
         lock_path(spec),
         f"fold {spec.fold} of run {spec.run}",
         job_id=job_id,
         attempt=attempt,
+        heartbeat_s=heartbeat_s,
         on_lost=interrupt_main,  # the new holder writes this fold's checkpoints from now on
     )
 
@@ -203,6 +213,7 @@ def run_job(
     job_id: str | None = None,
     attempt: int | None = None,
     submitted: float | None = None,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> dict[str, Any]:
     """Run one job (or skip it when done or running elsewhere); its row of the end table.
 
@@ -214,6 +225,8 @@ def run_job(
         attempt: the backend's attempt number of this job (Slurm's restart count): a lock of an earlier
             attempt of the same job id is taken over.
         submitted: when the backend was handed the job (``time.time()``), to measure its start-up overhead.
+        heartbeat_s: how often the fold lock's heartbeat publishes the job's progress (a backend that watches it
+            for hung jobs asks for a fraction of its timeout).
 
     Raises:
         Exception: whatever the training raised, after writing ``failed.json`` (backends catch it).
@@ -227,7 +240,7 @@ def run_job(
         import torch
 
         torch.set_num_threads(threads)
-    lock = fold_lock(spec, job_id, attempt)
+    lock = fold_lock(spec, job_id, attempt, heartbeat_s)
     try:
         with fenced(lock, spec.fold_dir):  # no checkpoint is written once the lock is lost
             done = done_matches(spec)  # finished by another sweep between our first look and the lock

@@ -34,14 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from aivh_ens.errors import UserError
+from aivh_ens.scale.jobs import JOB_TIMEOUT_S
 from aivh_ens.system import interrupt_main
 
 Log = Callable[[str], None]
 INTERRUPTED = 130  # a job process's exit code after Ctrl-C (128 + SIGINT): its job is pending, not failed
-JOB_TIMEOUT_S = 3600.0
-"""Seconds without a single batch (loaded, trained or scored) before a local job counts as hung. Progress is
-counted per batch, so a slow epoch never trips it; only a phase without batches (a model's first download,
-``torch.compile``) must fit in it."""
 
 
 class SweepInterrupted(Exception):

@@ -21,7 +21,9 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from aivh_ens.errors import UserError
+from aivh_ens.locks import HEARTBEAT_S, read_owner
 from aivh_ens.scale.jobs import (
+    JOB_TIMEOUT_S,
     error_line,
     lock_path,
     read_spec,
@@ -86,11 +88,21 @@ def check_shared_workdir(workdir: Path) -> None:
         )
 
 
-def _task(job_file: str, submitted: float, threads: int, gpus: float = 0) -> dict[str, Any]:
+def _task(
+    job_file: str, submitted: float, threads: int, gpus: float = 0, beat_s: float = 30.0
+) -> dict[str, Any]:
     device = task_device(gpus)  # a task given a GPU it cannot see refuses to train on the CPU
     job_id = ray.get_runtime_context().get_task_id()  # the same for every retry of this task
     attempt = retry_attempt(lock_path(read_spec(job_file)), job_id)
-    return run_job(job_file, device, threads=threads, job_id=job_id, attempt=attempt, submitted=submitted)
+    return run_job(
+        job_file,
+        device,
+        threads=threads,
+        job_id=job_id,
+        attempt=attempt,
+        submitted=submitted,
+        heartbeat_s=beat_s,
+    )
 
 
 def run_ray(
@@ -101,11 +113,14 @@ def run_ray(
     threads: int | None = None,
     gpus_per_task: float | None = None,
     cpus_per_task: int | None = None,
+    job_timeout: float = JOB_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
     """Run the jobs as Ray tasks on the cluster at ``address`` (None: a private local Ray); their rows.
 
     ``gpus_per_task`` (``--gpus-per-task``) is what each task asks for; default 1, or 0 for a private Ray on a
-    machine without CUDA. ``cpus_per_task`` defaults to each job's loader workers (at least 1).
+    machine without CUDA. ``cpus_per_task`` defaults to each job's loader workers (at least 1). A task whose
+    progress stands still for ``job_timeout`` seconds (``--job-timeout``) is cancelled as hung
+    (:class:`HangWatch`), its row failed.
 
     Raises:
         UserError: no alive node can ever hold one task (checked before the first is submitted).
@@ -123,14 +138,17 @@ def run_ray(
         check_nodes(gpus, max(cpus.values(), default=1))
         check_shared_workdir(workdir)
         task = ray.remote(_task)
+        beat_s = min(HEARTBEAT_S, job_timeout / 4)  # the watch reads progress at each beat
         opts = {"num_gpus": gpus, "max_retries": MAX_RETRIES, "retry_exceptions": False}
         opts["runtime_env"] = {"env_vars": _env()}
         refs = {}
         for f in job_files:
             refs[
-                task.options(**opts, num_cpus=cpus[f]).remote(str(f), time.time(), threads or cpus[f], gpus)
+                task.options(**opts, num_cpus=cpus[f]).remote(
+                    str(f), time.time(), threads or cpus[f], gpus, beat_s
+                )
             ] = f
-        return _collect(refs, log)
+        return _collect(refs, log, job_timeout)
     finally:
         if started_here:
             ray.shutdown()
@@ -160,20 +178,63 @@ def check_nodes(gpus: float, cpus: float, nodes: list[dict[str, Any]] | None = N
     )
 
 
-def _collect(refs: dict[Any, Path], log: Callable[[str], None]) -> list[dict[str, Any]]:
+class HangWatch:
+    """Which running tasks made no progress for ``job_timeout`` seconds: a task's fold lock, held under its task
+    id, carries the job's progress counter (batches loaded, trained or scored) with every heartbeat; a counter
+    that stands still that long (plus one heartbeat interval, the lag of what is read) is a hung job (a stuck
+    CUDA call, a wedged loader, a D-state read)."""
+
+    def __init__(
+        self, refs: dict[Any, Path], job_timeout: float, clock: Callable[[], float] = time.monotonic
+    ):
+        self.locks = {ref: lock_path(read_spec(f)) for ref, f in refs.items()}
+        self.job_timeout, self.clock = job_timeout, clock
+        self.seen: dict[Any, tuple[Any, float]] = {}  # ref -> (token and progress last read, since when)
+
+    def hung(self, pending: list[Any]) -> list[Any]:
+        """The pending tasks whose progress stood still for ``job_timeout`` (each named once)."""
+        now, out = self.clock(), []
+        for ref in pending:
+            owner = read_owner(self.locks[ref]) or {}
+            if owner.get("job_id") != ref.task_id().hex():
+                self.seen.pop(ref, None)  # not started yet (queued), or another sweep's job holds the fold
+                continue
+            key = (owner.get("token"), owner.get("progress"))
+            last = self.seen.get(ref)
+            if last is None or last[0] != key:
+                self.seen[ref] = (key, now)
+            elif last[1] is not None and now - last[1] >= self.job_timeout + float(
+                owner.get("heartbeat_s", 0)
+            ):
+                self.seen[ref] = (key, None)  # None: named already
+                out.append(ref)
+        return out
+
+
+def _collect(
+    refs: dict[Any, Path], log: Callable[[str], None], job_timeout: float = JOB_TIMEOUT_S
+) -> list[dict[str, Any]]:
     rows = []
     pending = list(refs)
+    watch, hung = HangWatch(refs, job_timeout), set()
+    step = max(0.05, min(5.0, job_timeout / 10))
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=step)
+        for ref in watch.hung(pending):
+            ray.cancel(ref, force=True)  # kills its worker process: the device and the lock are freed
+            hung.add(ref)
         for ref in ready:
             try:
                 row = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
                 row = result_row(read_spec(refs[ref]), "failed", error=error_line(e.cause or e))
             except ray.exceptions.RayError as e:  # crashed worker or lost node, after MAX_RETRIES retries
-                row = result_row(
-                    read_spec(refs[ref]), "failed", error=f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                error = (
+                    f"made no progress in {job_timeout:g}s (--job-timeout) and was cancelled"
+                    if ref in hung
+                    else f"{type(e).__name__}: {str(e).splitlines()[0]}"
                 )
+                row = result_row(read_spec(refs[ref]), "failed", error=error)
                 _record_failure(refs[ref], row["error"])
             log(
                 f"{row['run']} fold {row['fold']}: {row['state']}{' - ' + row['error'] if row['error'] else ''}"

@@ -229,8 +229,8 @@ def run_sweep(
         ray: GPUs and CPUs per task for ``--backend ray``.
         admit: local backend: asked with a job's ``job.json`` when a device is free for it; a job it refuses
             stays pending (``aivh-ens auto``'s clock). Other backends hand every job over at once.
-        job_timeout: local backend: seconds a job may go without progress (a batch) before it is killed as
-            hung (``--job-timeout``; default :data:`aivh_ens.scale.local.JOB_TIMEOUT_S`).
+        job_timeout: local and Ray backends: seconds a job may go without progress (a batch) before it is killed as
+            hung (``--job-timeout``; default :data:`aivh_ens.scale.jobs.JOB_TIMEOUT_S`).
         hooks: local backend: :class:`aivh_ens.scale.local.JobHooks` (a finished job's callback, the job
             processes' environment and output file).
         order: ``cost`` (longest jobs first) or ``plan`` (the plan's runs in their order, fold by fold).
@@ -298,15 +298,26 @@ def _dispatch(
 ) -> list[dict[str, Any]]:
     if not pending:
         return []
+    from aivh_ens.scale.jobs import JOB_TIMEOUT_S
+
     if backend == "local":
-        from aivh_ens.scale.local import JOB_TIMEOUT_S, run_local
+        from aivh_ens.scale.local import run_local
 
         return run_local(pending, devices, log, threads, admit, job_timeout or JOB_TIMEOUT_S, hooks)
     if backend == "ray":
         from aivh_ens.scale.ray import run_ray
 
         address, opts = engine
-        return run_ray(pending, workdir, address, log, threads, opts.gpus_per_task, opts.cpus_per_task)
+        return run_ray(
+            pending,
+            workdir,
+            address,
+            log,
+            threads,
+            opts.gpus_per_task,
+            opts.cpus_per_task,
+            job_timeout or JOB_TIMEOUT_S,
+        )
     from aivh_ens.scale.slurm import run_slurm
 
     return run_slurm(pending, workdir, engine or SlurmOptions(), log)

@@ -1,5 +1,6 @@
 """`sweep --backend ray` on one local Ray with two logical GPUs: each job sees its own GPU, a crashed worker is
-retried and resumes, an exception is not retried, and the other jobs finish."""
+retried and resumes, an exception is not retried, a hung task is cancelled after --job-timeout, and the other
+jobs finish."""
 
 from __future__ import annotations
 
@@ -43,10 +44,10 @@ def data(demo_data) -> Path:
     return demo_data(n=40, n_test=10, seed=13)
 
 
-def sweep(tmp_path: Path, data: Path):
+def sweep(tmp_path: Path, data: Path, *extra: str):
     plan = write_plan(tmp_path / "plan.toml", data, [{"name": "r", "model": "test_efficientnet"}])
     return CliRunner().invoke(
-        main, ["sweep", str(plan), "--backend", "ray", "--workdir", str(tmp_path / "w")]
+        main, ["sweep", str(plan), "--backend", "ray", "--workdir", str(tmp_path / "w"), *extra]
     )
 
 
@@ -90,6 +91,24 @@ def test_an_exception_is_not_retried_and_the_other_jobs_finish(tmp_path, data, m
     status = CliRunner().invoke(main, ["status", "--workdir", str(tmp_path / "w")]).output
     assert "RuntimeError: injected fault at job:r:0" in status
     assert not (tmp_path / "w" / "oof" / "r.csv").exists()
+
+
+def test_a_hung_task_is_cancelled_after_the_job_timeout_and_a_rerun_finishes_it(tmp_path, data, monkeypatch):
+    """Fold 0 hangs once it holds its lock (its progress stands still while its heartbeat goes on): the sweep
+    cancels it after --job-timeout, the other folds finish, and the next run trains it."""
+    monkeypatch.setenv("AIVH_ENS_KILL_AT", "job:r:0")
+    monkeypatch.setenv("AIVH_ENS_FAULT", "hang")
+    res = sweep(tmp_path, data, "--job-timeout", "10")
+    assert res.exit_code == 1, res.output
+    row = [ln for ln in res.output.splitlines() if ln.startswith("r ") and ln.split()[1] == "0"][-1]
+    assert "failed" in row and "made no progress in 10s (--job-timeout) and was cancelled" in row, res.output
+    assert all(fold_files(tmp_path, k)[1] is not None for k in (1, 2))
+    fold0 = tmp_path / "w" / "runs" / "r" / "fold0"
+    assert "made no progress" in json.loads((fold0 / "failed.json").read_text())["error"]
+    monkeypatch.delenv("AIVH_ENS_KILL_AT")
+    res = sweep(tmp_path, data)  # the cancelled task's worker was killed: its lock is free at once
+    assert res.exit_code == 0, res.output
+    assert fold_files(tmp_path, 0)[1] is not None and (tmp_path / "w" / "oof" / "r.csv").exists()
 
 
 def test_every_node_must_see_the_work_dir(tmp_path, monkeypatch):
