@@ -40,8 +40,8 @@ scale_options = options(
         "--job-timeout",
         type=click.FloatRange(min=0, min_open=True),
         default=None,
-        help="local, ray: seconds a job may go without finishing a single batch before it is killed as hung "
-        "and marked failed (it resumes on the next run).  [default: 3600]",
+        help="Seconds a job may go without finishing a single batch before it is killed (local) or cancelled "
+        "(ray, slurm) as hung and marked failed (it resumes on the next run).  [default: 3600]",
     ),
     click.option("--slurm-partition", default=None, help="slurm: the partition.  [default: the cluster's]"),
     click.option(
@@ -85,7 +85,6 @@ scale_options = options(
 BACKEND_FLAGS = {
     "devices": ("local",),
     "gpus": ("local",),
-    "job_timeout": ("local", "ray"),
     "ray_address": ("ray",),
     "slurm_partition": ("slurm",),
     "timeout_min": ("slurm",),

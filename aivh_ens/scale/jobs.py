@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,56 @@ def retry_attempt(lock: Path, job_id: str) -> int:
     owner = read_owner(lock) or {}
     theirs = owner.get("attempt")
     return theirs + 1 if owner.get("job_id") == job_id and isinstance(theirs, int) else 0
+
+
+def record_failure(job_file: Path, error: str) -> None:
+    """``failed.json`` beside a job file, for a failure the job could not record itself (a killed worker, a
+    cancelled task)."""
+    write_json(Path(job_file).parent / FAILED, {"error": error, "host": "", "time": time.time()})
+
+
+HANG_ERROR = "made no progress in {:g}s (--job-timeout) and was cancelled"
+"""The failed row of a task a backend cancelled as hung (:class:`HangWatch`)."""
+
+
+class HangWatch:
+    """Which running tasks of a backend made no progress for ``job_timeout`` seconds. ``tasks``: key -> (job
+    file, the backend's id of the task, which its fold lock records). The lock's heartbeat carries the job's
+    progress counter (batches loaded, trained or scored); a counter that stands still that long (plus one
+    heartbeat interval, the lag of what is read) is a hung job: a stuck CUDA call, a wedged loader, a D-state
+    read."""
+
+    def __init__(
+        self,
+        tasks: dict[Any, tuple[Path, str]],
+        job_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.tasks = {k: (lock_path(read_spec(f)), task_id) for k, (f, task_id) in tasks.items()}
+        self.job_timeout, self.clock = job_timeout, clock
+        self.seen: dict[
+            Any, tuple[Any, float | None]
+        ] = {}  # key -> (token and progress last read, since when)
+
+    def hung(self, pending: Iterable[Any]) -> list[Any]:
+        """The pending tasks whose progress stood still for ``job_timeout`` (each named once)."""
+        now, out = self.clock(), []
+        for k in pending:
+            lock, task_id = self.tasks[k]
+            owner = read_owner(lock) or {}
+            if owner.get("job_id") != task_id:
+                self.seen.pop(k, None)  # not started yet (queued), or another sweep's job holds the fold
+                continue
+            key = (owner.get("token"), owner.get("progress"))
+            last = self.seen.get(k)
+            if last is None or last[0] != key:
+                self.seen[k] = (key, now)
+            elif last[1] is not None and now - last[1] >= self.job_timeout + float(
+                owner.get("heartbeat_s", 0)
+            ):
+                self.seen[k] = (key, None)  # None: named already
+                out.append(k)
+        return out
 
 
 def fold_lock(

@@ -21,12 +21,15 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from aivh_ens.errors import UserError
-from aivh_ens.locks import HEARTBEAT_S, read_owner
+from aivh_ens.locks import HEARTBEAT_S
 from aivh_ens.scale.jobs import (
+    HANG_ERROR,
     JOB_TIMEOUT_S,
+    HangWatch,
     error_line,
     lock_path,
     read_spec,
+    record_failure,
     result_row,
     retry_attempt,
     run_job,
@@ -120,7 +123,7 @@ def run_ray(
     ``gpus_per_task`` (``--gpus-per-task``) is what each task asks for; default 1, or 0 for a private Ray on a
     machine without CUDA. ``cpus_per_task`` defaults to each job's loader workers (at least 1). A task whose
     progress stands still for ``job_timeout`` seconds (``--job-timeout``) is cancelled as hung
-    (:class:`HangWatch`), its row failed.
+    (:class:`aivh_ens.scale.jobs.HangWatch`), its row failed.
 
     Raises:
         UserError: no alive node can ever hold one task (checked before the first is submitted).
@@ -178,45 +181,12 @@ def check_nodes(gpus: float, cpus: float, nodes: list[dict[str, Any]] | None = N
     )
 
 
-class HangWatch:
-    """Which running tasks made no progress for ``job_timeout`` seconds: a task's fold lock, held under its task
-    id, carries the job's progress counter (batches loaded, trained or scored) with every heartbeat; a counter
-    that stands still that long (plus one heartbeat interval, the lag of what is read) is a hung job (a stuck
-    CUDA call, a wedged loader, a D-state read)."""
-
-    def __init__(
-        self, refs: dict[Any, Path], job_timeout: float, clock: Callable[[], float] = time.monotonic
-    ):
-        self.locks = {ref: lock_path(read_spec(f)) for ref, f in refs.items()}
-        self.job_timeout, self.clock = job_timeout, clock
-        self.seen: dict[Any, tuple[Any, float]] = {}  # ref -> (token and progress last read, since when)
-
-    def hung(self, pending: list[Any]) -> list[Any]:
-        """The pending tasks whose progress stood still for ``job_timeout`` (each named once)."""
-        now, out = self.clock(), []
-        for ref in pending:
-            owner = read_owner(self.locks[ref]) or {}
-            if owner.get("job_id") != ref.task_id().hex():
-                self.seen.pop(ref, None)  # not started yet (queued), or another sweep's job holds the fold
-                continue
-            key = (owner.get("token"), owner.get("progress"))
-            last = self.seen.get(ref)
-            if last is None or last[0] != key:
-                self.seen[ref] = (key, now)
-            elif last[1] is not None and now - last[1] >= self.job_timeout + float(
-                owner.get("heartbeat_s", 0)
-            ):
-                self.seen[ref] = (key, None)  # None: named already
-                out.append(ref)
-        return out
-
-
 def _collect(
     refs: dict[Any, Path], log: Callable[[str], None], job_timeout: float = JOB_TIMEOUT_S
 ) -> list[dict[str, Any]]:
     rows = []
     pending = list(refs)
-    watch, hung = HangWatch(refs, job_timeout), set()
+    watch, hung = HangWatch({ref: (f, ref.task_id().hex()) for ref, f in refs.items()}, job_timeout), set()
     step = max(0.05, min(5.0, job_timeout / 10))
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=step)
@@ -230,20 +200,14 @@ def _collect(
                 row = result_row(read_spec(refs[ref]), "failed", error=error_line(e.cause or e))
             except ray.exceptions.RayError as e:  # crashed worker or lost node, after MAX_RETRIES retries
                 error = (
-                    f"made no progress in {job_timeout:g}s (--job-timeout) and was cancelled"
+                    HANG_ERROR.format(job_timeout)
                     if ref in hung
                     else f"{type(e).__name__}: {str(e).splitlines()[0]}"
                 )
                 row = result_row(read_spec(refs[ref]), "failed", error=error)
-                _record_failure(refs[ref], row["error"])
+                record_failure(refs[ref], row["error"])
             log(
                 f"{row['run']} fold {row['fold']}: {row['state']}{' - ' + row['error'] if row['error'] else ''}"
             )
             rows.append(row)
     return rows
-
-
-def _record_failure(job_file: Path, error: str) -> None:
-    from aivh_ens.io import write_json
-
-    write_json(job_file.parent / "failed.json", {"error": error, "host": "", "time": time.time()})

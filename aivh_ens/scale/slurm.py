@@ -8,27 +8,46 @@ on preemption or at its time limit submitit requeues it, and the job resumes fro
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from aivh_ens.locks import current_attempt
-from aivh_ens.scale.jobs import error_line, read_spec, result_row, run_job, task_device
+from aivh_ens.locks import HEARTBEAT_S, current_attempt
+from aivh_ens.scale.jobs import (
+    HANG_ERROR,
+    JOB_TIMEOUT_S,
+    HangWatch,
+    error_line,
+    read_spec,
+    record_failure,
+    result_row,
+    run_job,
+    task_device,
+)
 
 
 class FoldTask(submitit.helpers.Checkpointable):
     """The array task's callable: run one job file; requeued as is (resuming) when time runs out."""
 
-    def __init__(self, threads: int = 1, gpus: int = 0):
-        self.threads, self.gpus = threads, gpus
+    def __init__(self, threads: int = 1, gpus: int = 0, beat_s: float = HEARTBEAT_S):
+        self.threads, self.gpus, self.beat_s = threads, gpus, beat_s
 
     def __call__(self, job_file: str) -> dict[str, Any]:
         env = submitit.JobEnvironment()
         device = task_device(getattr(self, "gpus", 0))  # given a GPU it cannot see: refuse, never the CPU
         attempt = current_attempt()  # Slurm's restart count: a requeue takes over its first attempt's lock
-        return run_job(job_file, device, threads=self.threads, job_id=str(env.job_id), attempt=attempt)
+        beat_s = getattr(self, "beat_s", HEARTBEAT_S)
+        return run_job(
+            job_file,
+            device,
+            threads=self.threads,
+            job_id=str(env.job_id),
+            attempt=attempt,
+            heartbeat_s=beat_s,
+        )
 
 
 def make_executor(folder: Path, opts: Any) -> Any:
@@ -62,35 +81,60 @@ def make_executor(folder: Path, opts: Any) -> Any:
     return ex
 
 
-def submit(job_files: list[Path], workdir: Path, opts: Any) -> list[Any]:
+def submit(job_files: list[Path], workdir: Path, opts: Any, job_timeout: float = JOB_TIMEOUT_S) -> list[Any]:
     """Submit the jobs as one array; the submitit jobs, in the same order."""
     ex = make_executor(workdir.resolve() / "runs" / "slurm", opts)
     threads = max(1, opts.cpus_per_task if opts.cluster == "slurm" else 1)
     gpus = opts.gpus_per_task if opts.cluster == "slurm" else 0  # submitit's local executor gives none
-    return ex.map_array(FoldTask(threads, gpus), [str(f) for f in job_files])
+    task = FoldTask(threads, gpus, min(HEARTBEAT_S, job_timeout / 4))  # the watch reads progress at each beat
+    return ex.map_array(task, [str(f) for f in job_files])
 
 
 def run_slurm(
-    job_files: list[Path], workdir: Path, opts: Any, log: Callable[[str], None]
+    job_files: list[Path],
+    workdir: Path,
+    opts: Any,
+    log: Callable[[str], None],
+    job_timeout: float = JOB_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
-    """Submit the jobs and wait for every one; their rows (a failed task is a failed row)."""
-    jobs = submit(job_files, workdir, opts)
+    """Submit the jobs and wait for every one; their rows (a failed task is a failed row). A task whose
+    progress stands still for ``job_timeout`` seconds (``--job-timeout``) is cancelled as hung."""
+    jobs = submit(job_files, workdir, opts, job_timeout)
     log(f"slurm: submitted {len(jobs)} task(s) as job {jobs[0].job_id.split('_')[0] if jobs else '-'}")
-    return wait(jobs, job_files, log)
+    return wait(jobs, job_files, log, job_timeout)
 
 
-def wait(jobs: list[Any], job_files: list[Path], log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Each submitit job's row, in order, as it finishes (a failed or uncompleted task is a failed row)."""
-    rows = []
-    for job, f in zip(jobs, job_files, strict=True):
-        try:
-            row = job.result()
-        except Exception as e:  # submitit's FailedJobError carries the task's traceback
-            text = [ln for ln in str(e).splitlines() if ln.strip()]
-            err = next(
-                (ln.strip() for ln in reversed(text) if "Error" in ln or "Exception" in ln), error_line(e)
-            )
-            row = result_row(read_spec(f), "failed", error=err[:300])
-        log(f"{row['run']} fold {row['fold']}: {row['state']}{' - ' + row['error'] if row['error'] else ''}")
-        rows.append(row)
-    return rows
+def wait(
+    jobs: list[Any], job_files: list[Path], log: Callable[[str], None], job_timeout: float = JOB_TIMEOUT_S
+) -> list[dict[str, Any]]:
+    """Each submitit job's row, in order (a failed, uncompleted or hung task is a failed row); logged as each
+    finishes."""
+    watch = HangWatch({i: (f, str(j.job_id)) for i, (j, f) in enumerate(zip(jobs, job_files, strict=True))},
+                      job_timeout)  # fmt: skip
+    rows: dict[int, dict[str, Any]] = {}
+    hung: set[int] = set()
+    while len(rows) < len(jobs):
+        pending = [i for i in range(len(jobs)) if i not in rows]
+        for i in watch.hung(pending):
+            jobs[i].cancel(check=False)
+            hung.add(i)
+        for i in pending:
+            if jobs[i].done():
+                rows[i] = _row(jobs[i], job_files[i], HANG_ERROR.format(job_timeout) if i in hung else None)
+                r = rows[i]
+                log(f"{r['run']} fold {r['fold']}: {r['state']}{' - ' + r['error'] if r['error'] else ''}")
+        if len(rows) < len(jobs):
+            time.sleep(max(0.05, min(5.0, job_timeout / 10)))
+    return [rows[i] for i in range(len(jobs))]
+
+
+def _row(job: Any, job_file: Path, hang: str | None) -> dict[str, Any]:
+    """A finished submitit job's row: its own, or failed with the task's error (``hang``: it was cancelled)."""
+    try:
+        return job.result()
+    except Exception as e:  # submitit's FailedJobError carries the task's traceback
+        text = [ln for ln in str(e).splitlines() if ln.strip()]
+        err = next((ln.strip() for ln in reversed(text) if "Error" in ln or "Exception" in ln), error_line(e))
+        if hang:
+            record_failure(job_file, hang)
+        return result_row(read_spec(job_file), "failed", error=hang or err[:300])

@@ -229,7 +229,7 @@ def run_sweep(
         ray: GPUs and CPUs per task for ``--backend ray``.
         admit: local backend: asked with a job's ``job.json`` when a device is free for it; a job it refuses
             stays pending (``aivh-ens auto``'s clock). Other backends hand every job over at once.
-        job_timeout: local and Ray backends: seconds a job may go without progress (a batch) before it is killed as
+        job_timeout: seconds a job may go without progress (a batch) before it is killed as
             hung (``--job-timeout``; default :data:`aivh_ens.scale.jobs.JOB_TIMEOUT_S`).
         hooks: local backend: :class:`aivh_ens.scale.local.JobHooks` (a finished job's callback, the job
             processes' environment and output file).
@@ -320,7 +320,7 @@ def _dispatch(
         )
     from aivh_ens.scale.slurm import run_slurm
 
-    return run_slurm(pending, workdir, engine or SlurmOptions(), log)
+    return run_slurm(pending, workdir, engine or SlurmOptions(), log, job_timeout or JOB_TIMEOUT_S)
 
 
 def finish(

@@ -70,3 +70,27 @@ def test_a_signalled_fold_is_requeued_and_resumes(tmp_path, demo_data, monkeypat
     logs = "".join(p.read_text() for p in (tmp_path / "w" / "runs" / "slurm").rglob("*.out"))
     assert "resuming after epoch 1" in logs, logs[-3000:]
     assert (tmp_path / "w" / "oof" / "s.csv").exists() and not os.environ.get("SLURM_JOB_ID")
+
+
+def test_a_hung_task_is_cancelled_after_the_job_timeout(tmp_path, demo_data, monkeypatch):
+    """A fold that stops making progress once it finished an epoch (its heartbeat goes on) is cancelled after
+    --job-timeout: a failed row and failed.json saying so, its lock released; the other fold finishes."""
+    data = demo_data(n=40, n_test=10, seed=17)
+    plan = load_plan(
+        write_plan(
+            tmp_path / "plan.toml", data, [{"name": "s", "model": "test_efficientnet"}], folds=2, epochs=2
+        )
+    )
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("AIVH_ENS_KILL_AT", "epoch-done@1")
+    monkeypatch.setenv("AIVH_ENS_FAULT", "hang")
+    monkeypatch.setenv("AIVH_ENS_FAULT_ONCE", str(tmp_path / "hung"))
+    opts = SlurmOptions(cluster="local", timeout_min=1.5, gpus_per_task=0, cpus_per_task=1)
+    result = run_sweep(plan, tmp_path / "w", backend="slurm", slurm=opts, log=print, job_timeout=8)
+    states = sorted((r["state"], r["error"] or "") for r in result.rows)
+    assert states[0][0] == "done" and states[1][0] == "failed", result.rows
+    assert "made no progress in 8s (--job-timeout) and was cancelled" in states[1][1]
+    k = next(r["fold"] for r in result.rows if r["state"] == "failed")
+    fdir = tmp_path / "w" / "runs" / "s" / f"fold{k}"
+    assert "made no progress" in json.loads((fdir / "failed.json").read_text())["error"]
+    assert not (fdir.parent / f"fold{k}.lock").exists()  # the cancelled job stopped and released it
