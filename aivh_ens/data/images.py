@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -294,3 +295,20 @@ def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
         a = _ORIENT[orientation](a)
     # Writable too: np.asarray of a Pillow image is read-only, and augmentations may work in place.
     return np.require(a, requirements=["C", "W"])
+
+
+def scan_files(
+    root: Path, files: list[str], check: Callable[[Path], object], workers: int = 8
+) -> dict[int, BadImageError]:
+    """Run ``check`` (a header read, or a full decode) on every file under ``root``, in threads (PIL releases
+    the GIL while decoding); {position in ``files``: its error} for the files it refused."""
+
+    def one(i: int) -> tuple[int, BadImageError | None]:
+        try:
+            check(root / files[i])
+            return i, None
+        except BadImageError as e:
+            return i, e
+
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        return {i: e for i, e in ex.map(one, range(len(files)), chunksize=256) if e is not None}

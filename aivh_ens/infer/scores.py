@@ -8,7 +8,6 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pandas as pd
 import torch
 
 from aivh_ens.config import training_identity
-from aivh_ens.data.images import BadImageError, image_size
+from aivh_ens.data.images import image_size, scan_files
 from aivh_ens.data.loader import FileSource
 from aivh_ens.data.transforms import storage_step
 from aivh_ens.errors import UserError
@@ -109,19 +108,11 @@ def write_cache(
 
 def scan_test_images(data_dir: str | Path, ids: Sequence[str], csv: str, workers: int = 8) -> None:
     """Read every test image's header; UserError naming the first unreadable one."""
-
-    def one(i: str) -> tuple[str, str | None]:
-        try:
-            image_size(Path(data_dir) / i)
-            return i, None
-        except BadImageError as e:
-            return i, e.reason
-
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        bad = [(i, r) for i, r in ex.map(one, ids, chunksize=256) if r is not None]
+    bad = scan_files(Path(data_dir), list(ids), image_size, workers)
     if bad:
+        first = min(bad)
         raise UserError(
-            f"{len(bad)} unreadable test image(s) in {csv}; first: {bad[0][0]}: {bad[0][1]}; "
+            f"{len(bad)} unreadable test image(s) in {csv}; first: {ids[first]}: {bad[first].reason}; "
             "replace the file (every test id needs a prediction)"
         )
 

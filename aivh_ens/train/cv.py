@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import pandas as pd
 from aivh_ens import faults, metrics
 from aivh_ens.config import CONFIG_VERSION, RunConfig, config_change, to_dict
 from aivh_ens.data.folds import ensure_fold_file
-from aivh_ens.data.images import BadImageError, image_size, load_image
+from aivh_ens.data.images import load_image, scan_files
 from aivh_ens.data.tables import read_train_table
 from aivh_ens.errors import UserError
 from aivh_ens.io import sha256_file, write_csv, write_json
@@ -50,23 +49,6 @@ def load_train_table(cfg: RunConfig) -> pd.DataFrame:
     return read_train_table(
         cfg.data, cfg.train_csv, file_col=cfg.file_col, label_col=cfg.label_col, group_col=group_col
     )
-
-
-def scan_images(root: Path, files: Iterable[str], decode: bool, workers: int = 8) -> dict[int, str]:
-    """Read every image's header (or fully decode it); returns {row: reason} for the bad ones."""
-    files = list(files)
-    check = (lambda p: load_image(p)) if decode else (lambda p: image_size(p))  # noqa: E731
-
-    def one(i: int) -> tuple[int, str | None]:
-        try:
-            check(root / files[i])
-            return i, None
-        except BadImageError as e:
-            return i, str(e)
-
-    with ThreadPoolExecutor(max_workers=workers) as ex:  # PIL releases the GIL while decoding
-        results = list(ex.map(one, range(len(files)), chunksize=256))
-    return {i: msg for i, msg in results if msg is not None}
 
 
 def write_run_config(
@@ -313,9 +295,9 @@ def load_checked_table(
     path = verdicts_path(default_cache_dir(cfg, workdir), root) if workdir is not None else None
     verdicts = Verdicts.read(path)
 
-    def decode(rows: list[int]) -> dict[int, str]:
-        found = scan_images(root, [files[i] for i in rows], decode=True)
-        return {rows[j]: reason for j, reason in found.items()}
+    def decode(rows: list[int]) -> dict[int, str]:  # load_image looked up here, at each call (tests count it)
+        found = scan_files(root, [files[i] for i in rows], lambda p: load_image(p))
+        return {rows[j]: str(e) for j, e in found.items()}
 
     bad, _ = verdicts.check(root, files, decode)
     table.attrs[VERDICTS] = verdicts

@@ -406,7 +406,7 @@ def test_opencv_failure_falls_back_to_pillow(tmp_path: Path, monkeypatch: pytest
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_threads_get_the_same_results_as_a_loop(tmp_path: Path) -> None:
-    # cv.scan_images and decode caches call these from thread pools.
+    # images.scan_files (cv's decode check, submit's test scan) and decode caches call these from thread pools.
     paths = []
     for i in range(24):
         kind = i % 4

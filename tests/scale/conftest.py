@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import faulthandler
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -16,3 +18,19 @@ def time_limit() -> Iterator[None]:
     faulthandler.dump_traceback_later(TEST_LIMIT_S, exit=True, file=sys.stderr)
     yield
     faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(scope="module")
+def start_s() -> float:
+    """Seconds this machine takes to start a Python process that imports torch and timm: every gap in a
+    healthy tiny job (its start, its first batch) is a few of these, so a job timeout derived from it only
+    trips on a hang, on any machine and under any load."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, timm"], check=True, timeout=TEST_LIMIT_S)
+    return time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def hang_timeout(start_s: float) -> int:
+    """A ``--job-timeout`` (seconds) that a healthy tiny job never reaches here (see :func:`start_s`)."""
+    return max(10, round(4 * start_s))

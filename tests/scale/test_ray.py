@@ -93,16 +93,18 @@ def test_an_exception_is_not_retried_and_the_other_jobs_finish(tmp_path, data, m
     assert not (tmp_path / "w" / "oof" / "r.csv").exists()
 
 
-def test_a_hung_task_is_cancelled_after_the_job_timeout_and_a_rerun_finishes_it(tmp_path, data, monkeypatch):
+def test_a_hung_task_is_cancelled_after_the_job_timeout_and_a_rerun_finishes_it(
+    tmp_path, data, monkeypatch, hang_timeout
+):
     """Fold 0 hangs once it holds its lock (its progress stands still while its heartbeat goes on): the sweep
     cancels it after --job-timeout, the other folds finish, and the next run trains it."""
     monkeypatch.setenv("AIVH_ENS_KILL_AT", "job:r:0")
     monkeypatch.setenv("AIVH_ENS_FAULT", "hang")
-    res = sweep(tmp_path, data, "--job-timeout", "10")
+    res = sweep(tmp_path, data, "--job-timeout", str(hang_timeout))
     assert res.exit_code == 1, res.output
     row = [ln for ln in res.output.splitlines() if ln.startswith("r ") and ln.split()[1] == "0"][-1]
-    assert "failed" in row and "made no progress in 10s (--job-timeout) and was cancelled" in row, res.output
-    assert all(fold_files(tmp_path, k)[1] is not None for k in (1, 2))
+    assert "failed" in row and f"made no progress in {hang_timeout}s (--job-timeout) and was cancelled" in row
+    assert all(fold_files(tmp_path, k)[1] is not None for k in (1, 2)), res.output
     fold0 = tmp_path / "w" / "runs" / "r" / "fold0"
     assert "made no progress" in json.loads((fold0 / "failed.json").read_text())["error"]
     monkeypatch.delenv("AIVH_ENS_KILL_AT")

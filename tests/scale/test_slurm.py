@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import submitit  # the slurm extra: make install (and CI) installs it; missing fails loudly
@@ -32,21 +33,23 @@ def _signal_when_hung(marker: Path, stop: threading.Event) -> None:
             return
 
 
-def test_a_signalled_fold_is_requeued_and_resumes(tmp_path, demo_data, monkeypatch):
+def hanging_fold(tmp_path: Path, demo_data, monkeypatch, epochs: int) -> tuple[Any, SlurmOptions]:
+    """(plan, Slurm options) of 2 folds on submitit's local executor, where the first fold to finish an epoch
+    hangs there (once: the marker file ``hung`` lets a second attempt through). The 90 s limit per attempt
+    (importing torch alone can take 30 s on a busy 2-core machine) is only a backstop."""
     data = demo_data(n=40, n_test=10, seed=17)
-    plan = load_plan(
-        write_plan(
-            tmp_path / "plan.toml", data, [{"name": "s", "model": "test_efficientnet"}], folds=2, epochs=3
-        )
-    )
+    runs = [{"name": "s", "model": "test_efficientnet"}]
+    plan = load_plan(write_plan(tmp_path / "plan.toml", data, runs, folds=2, epochs=epochs))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    # The first fold to finish an epoch hangs there until the test sends it the warning signal; submitit
-    # checkpoints and requeues it, and the marker file lets the second attempt through. The 90 s limit per
-    # attempt (importing torch alone can take 30 s on a busy 2-core machine) is only a backstop.
     monkeypatch.setenv("AIVH_ENS_KILL_AT", "epoch-done@1")
     monkeypatch.setenv("AIVH_ENS_FAULT", "hang")
     monkeypatch.setenv("AIVH_ENS_FAULT_ONCE", str(tmp_path / "hung"))
-    opts = SlurmOptions(cluster="local", timeout_min=1.5, gpus_per_task=0, cpus_per_task=1)
+    return plan, SlurmOptions(cluster="local", timeout_min=1.5, gpus_per_task=0, cpus_per_task=1)
+
+
+def test_a_signalled_fold_is_requeued_and_resumes(tmp_path, demo_data, monkeypatch):
+    # The hung fold waits for the warning signal, which the test sends; submitit checkpoints and requeues it.
+    plan, opts = hanging_fold(tmp_path, demo_data, monkeypatch, epochs=3)
     stop = threading.Event()
     watcher = threading.Thread(target=_signal_when_hung, args=(tmp_path / "hung", stop), daemon=True)
     watcher.start()
@@ -72,24 +75,14 @@ def test_a_signalled_fold_is_requeued_and_resumes(tmp_path, demo_data, monkeypat
     assert (tmp_path / "w" / "oof" / "s.csv").exists() and not os.environ.get("SLURM_JOB_ID")
 
 
-def test_a_hung_task_is_cancelled_after_the_job_timeout(tmp_path, demo_data, monkeypatch):
+def test_a_hung_task_is_cancelled_after_the_job_timeout(tmp_path, demo_data, monkeypatch, hang_timeout):
     """A fold that stops making progress once it finished an epoch (its heartbeat goes on) is cancelled after
     --job-timeout: a failed row and failed.json saying so, its lock released; the other fold finishes."""
-    data = demo_data(n=40, n_test=10, seed=17)
-    plan = load_plan(
-        write_plan(
-            tmp_path / "plan.toml", data, [{"name": "s", "model": "test_efficientnet"}], folds=2, epochs=2
-        )
-    )
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    monkeypatch.setenv("AIVH_ENS_KILL_AT", "epoch-done@1")
-    monkeypatch.setenv("AIVH_ENS_FAULT", "hang")
-    monkeypatch.setenv("AIVH_ENS_FAULT_ONCE", str(tmp_path / "hung"))
-    opts = SlurmOptions(cluster="local", timeout_min=1.5, gpus_per_task=0, cpus_per_task=1)
-    result = run_sweep(plan, tmp_path / "w", backend="slurm", slurm=opts, log=print, job_timeout=8)
+    plan, opts = hanging_fold(tmp_path, demo_data, monkeypatch, epochs=2)
+    result = run_sweep(plan, tmp_path / "w", backend="slurm", slurm=opts, log=print, job_timeout=hang_timeout)
     states = sorted((r["state"], r["error"] or "") for r in result.rows)
     assert states[0][0] == "done" and states[1][0] == "failed", result.rows
-    assert "made no progress in 8s (--job-timeout) and was cancelled" in states[1][1]
+    assert f"made no progress in {hang_timeout}s (--job-timeout) and was cancelled" in states[1][1]
     k = next(r["fold"] for r in result.rows if r["state"] == "failed")
     fdir = tmp_path / "w" / "runs" / "s" / f"fold{k}"
     assert "made no progress" in json.loads((fdir / "failed.json").read_text())["error"]
