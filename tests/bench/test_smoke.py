@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p for p in (ROOT / "bench").glob("*.py") if "__main__" in p.read_text())
 PRELOAD = ["torch", "timm", "pandas", "sklearn.metrics", "aivh_ens.cli", "aivh_ens.train", "aivh_ens.blend"]
 HANG_S = 600.0
