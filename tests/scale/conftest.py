@@ -34,3 +34,10 @@ def start_s() -> float:
 def hang_timeout(start_s: float) -> int:
     """A ``--job-timeout`` (seconds) that a healthy tiny job never reaches here (see :func:`start_s`)."""
     return max(10, round(4 * start_s))
+
+
+@pytest.fixture(scope="module")
+def task_hang_timeout(start_s: float) -> int:
+    """The same for a Ray or Slurm task, whose clock starts once its worker imported the training code and
+    took the fold lock (a local job's starts with its process): half the margin."""
+    return max(8, round(2 * start_s))

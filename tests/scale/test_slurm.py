@@ -75,14 +75,16 @@ def test_a_signalled_fold_is_requeued_and_resumes(tmp_path, demo_data, monkeypat
     assert (tmp_path / "w" / "oof" / "s.csv").exists() and not os.environ.get("SLURM_JOB_ID")
 
 
-def test_a_hung_task_is_cancelled_after_the_job_timeout(tmp_path, demo_data, monkeypatch, hang_timeout):
+def test_a_hung_task_is_cancelled_after_the_job_timeout(tmp_path, demo_data, monkeypatch, task_hang_timeout):
     """A fold that stops making progress once it finished an epoch (its heartbeat goes on) is cancelled after
     --job-timeout: a failed row and failed.json saying so, its lock released; the other fold finishes."""
     plan, opts = hanging_fold(tmp_path, demo_data, monkeypatch, epochs=2)
-    result = run_sweep(plan, tmp_path / "w", backend="slurm", slurm=opts, log=print, job_timeout=hang_timeout)
+    result = run_sweep(
+        plan, tmp_path / "w", backend="slurm", slurm=opts, log=print, job_timeout=task_hang_timeout
+    )
     states = sorted((r["state"], r["error"] or "") for r in result.rows)
     assert states[0][0] == "done" and states[1][0] == "failed", result.rows
-    assert f"made no progress in {hang_timeout}s (--job-timeout) and was cancelled" in states[1][1]
+    assert f"made no progress in {task_hang_timeout}s (--job-timeout) and was cancelled" in states[1][1]
     k = next(r["fold"] for r in result.rows if r["state"] == "failed")
     fdir = tmp_path / "w" / "runs" / "s" / f"fold{k}"
     assert "made no progress" in json.loads((fdir / "failed.json").read_text())["error"]
