@@ -290,8 +290,7 @@ def run_job(
         import torch
 
         torch.set_num_threads(threads)
-    import aivh_ens.train.cv  # noqa: F401  the training code, imported before the lock: the progress clock
-    import aivh_ens.train.fold  # noqa: F401  (--job-timeout) runs from the lock on, and this takes seconds
+    import aivh_ens.train.cv  # noqa: F401  training code (seconds) before the lock, where --job-timeout's clock starts
 
     lock = fold_lock(spec, job_id, attempt, heartbeat_s)
     try:
