@@ -200,6 +200,17 @@ HANG_ERROR = "made no progress in {:g}s (--job-timeout) and was cancelled"
 """The failed row of a task a backend cancelled as hung (:class:`HangWatch`)."""
 
 
+def poll_step(job_timeout: float) -> float:
+    """How often a backend looks for hung jobs: a tenth of the timeout, between 0.05 and 5 s."""
+    return max(0.05, min(5.0, job_timeout / 10))
+
+
+def beat_for(job_timeout: float) -> float:
+    """How often a task watched by :class:`HangWatch` beats: its progress is read at each beat, so a quarter of
+    the timeout at most (the lock's own 30 s where the timeout is long)."""
+    return min(HEARTBEAT_S, job_timeout / 4)
+
+
 class HangWatch:
     """Which running tasks of a backend made no progress for ``job_timeout`` seconds. ``tasks``: key -> (job
     file, the backend's id of the task, which its fold lock records). The lock's heartbeat carries the job's

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from aivh_ens.errors import UserError
-from aivh_ens.scale.jobs import JOB_TIMEOUT_S
+from aivh_ens.scale.jobs import JOB_TIMEOUT_S, poll_step
 from aivh_ens.system import interrupt_main
 
 Log = Callable[[str], None]
@@ -305,7 +305,7 @@ class Worker:
         """Wait for the job's reply (``reply``), its process's death (``died``), or ``job_timeout`` seconds
         in which its progress counter did not move (``hung``)."""
         last, since = self.beats.value, time.monotonic()
-        step = max(0.05, min(5.0, self.job_timeout / 10))
+        step = poll_step(self.job_timeout)
         while True:
             ready = mp_connection.wait([self.conn, self.proc.sentinel], timeout=step)
             if self.conn in ready:

@@ -26,8 +26,10 @@ from aivh_ens.scale.jobs import (
     HANG_ERROR,
     JOB_TIMEOUT_S,
     HangWatch,
+    beat_for,
     error_line,
     lock_path,
+    poll_step,
     read_spec,
     record_failure,
     result_row,
@@ -92,7 +94,7 @@ def check_shared_workdir(workdir: Path) -> None:
 
 
 def _task(
-    job_file: str, submitted: float, threads: int, gpus: float = 0, beat_s: float = 30.0
+    job_file: str, submitted: float, threads: int, gpus: float = 0, beat_s: float = HEARTBEAT_S
 ) -> dict[str, Any]:
     device = task_device(gpus)  # a task given a GPU it cannot see refuses to train on the CPU
     job_id = ray.get_runtime_context().get_task_id()  # the same for every retry of this task
@@ -141,7 +143,7 @@ def run_ray(
         check_nodes(gpus, max(cpus.values(), default=1))
         check_shared_workdir(workdir)
         task = ray.remote(_task)
-        beat_s = min(HEARTBEAT_S, job_timeout / 4)  # the watch reads progress at each beat
+        beat_s = beat_for(job_timeout)
         opts = {"num_gpus": gpus, "max_retries": MAX_RETRIES, "retry_exceptions": False}
         opts["runtime_env"] = {"env_vars": _env()}
         refs = {}
@@ -187,7 +189,7 @@ def _collect(
     rows = []
     pending = list(refs)
     watch, hung = HangWatch({ref: (f, ref.task_id().hex()) for ref, f in refs.items()}, job_timeout), set()
-    step = max(0.05, min(5.0, job_timeout / 10))
+    step = poll_step(job_timeout)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=step)
         for ref in watch.hung(pending):

@@ -20,7 +20,9 @@ from aivh_ens.scale.jobs import (
     HANG_ERROR,
     JOB_TIMEOUT_S,
     HangWatch,
+    beat_for,
     error_line,
+    poll_step,
     read_spec,
     record_failure,
     result_row,
@@ -86,7 +88,7 @@ def submit(job_files: list[Path], workdir: Path, opts: Any, job_timeout: float =
     ex = make_executor(workdir.resolve() / "runs" / "slurm", opts)
     threads = max(1, opts.cpus_per_task if opts.cluster == "slurm" else 1)
     gpus = opts.gpus_per_task if opts.cluster == "slurm" else 0  # submitit's local executor gives none
-    task = FoldTask(threads, gpus, min(HEARTBEAT_S, job_timeout / 4))  # the watch reads progress at each beat
+    task = FoldTask(threads, gpus, beat_for(job_timeout))
     return ex.map_array(task, [str(f) for f in job_files])
 
 
@@ -124,7 +126,7 @@ def wait(
                 r = rows[i]
                 log(f"{r['run']} fold {r['fold']}: {r['state']}{' - ' + r['error'] if r['error'] else ''}")
         if len(rows) < len(jobs):
-            time.sleep(max(0.05, min(5.0, job_timeout / 10)))
+            time.sleep(poll_step(job_timeout))
     return [rows[i] for i in range(len(jobs))]
 
 
