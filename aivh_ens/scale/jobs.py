@@ -171,7 +171,7 @@ def _mark_started(spec: JobSpec, job_id: str | None, device: str) -> dict[str, A
 
 
 JOB_TIMEOUT_S = 3600.0
-"""Seconds without a single batch (loaded, trained or scored) before a local or Ray job counts as hung.
+"""Seconds without a single batch (loaded, trained or scored) before a job counts as hung, on any backend.
 Progress is counted per batch, so a slow epoch never trips it; only a phase without batches (a model's first
 download, ``torch.compile``) must fit in it."""
 
@@ -183,8 +183,9 @@ def lock_path(spec: JobSpec) -> Path:
 
 def retry_attempt(lock: Path, job_id: str) -> int:
     """The attempt number of a job whose backend keeps its id across retries and never runs one id twice at
-    once (a Ray task): one more than the attempt recorded in a fold lock held under this id, else 0. The lock
-    (``lock``: :func:`lock_path`) of the attempt whose worker died is then taken over at once, not after its heartbeat's grace period."""
+    once (a Ray task): one more than the attempt recorded in the fold lock ``lock`` (:func:`lock_path`) when
+    this id holds it, else 0. The lock of an attempt whose worker died is then taken over at once, not after
+    its heartbeat's grace period."""
     owner = read_owner(lock) or {}
     theirs = owner.get("attempt")
     return theirs + 1 if owner.get("job_id") == job_id and isinstance(theirs, int) else 0
@@ -226,9 +227,8 @@ class HangWatch:
     ):
         self.tasks = {k: (lock_path(read_spec(f)), task_id) for k, (f, task_id) in tasks.items()}
         self.job_timeout, self.clock = job_timeout, clock
-        self.seen: dict[
-            Any, tuple[Any, float | None]
-        ] = {}  # key -> (token and progress last read, since when)
+        # key -> ((token, progress) last read, since when; None once named)
+        self.seen: dict[Any, tuple[Any, float | None]] = {}
 
     def hung(self, pending: Iterable[Any]) -> list[Any]:
         """The pending tasks whose progress stood still for ``job_timeout`` (each named once)."""
@@ -243,10 +243,10 @@ class HangWatch:
             last = self.seen.get(k)
             if last is None or last[0] != key:
                 self.seen[k] = (key, now)
-            elif last[1] is not None and now - last[1] >= self.job_timeout + float(
-                owner.get("heartbeat_s", 0)
-            ):
-                self.seen[k] = (key, None)  # None: named already
+                continue
+            lag = float(owner.get("heartbeat_s", 0))  # progress is read as of the last beat
+            if last[1] is not None and now - last[1] >= self.job_timeout + lag:
+                self.seen[k] = (key, None)
                 out.append(k)
         return out
 
