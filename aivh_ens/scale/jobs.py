@@ -251,6 +251,12 @@ class HangWatch:
         return out
 
 
+def preload_training() -> None:
+    """Import the training code (seconds) in a Ray or Slurm task before it takes its fold lock, where
+    :class:`HangWatch`'s clock starts: the imports are not a hang."""
+    import aivh_ens.train.cv  # noqa: F401  (it imports train.fold and the data code)
+
+
 def fold_lock(
     spec: JobSpec, job_id: str | None, attempt: int | None, heartbeat_s: float = HEARTBEAT_S
 ) -> FileLock:
@@ -301,8 +307,6 @@ def run_job(
         import torch
 
         torch.set_num_threads(threads)
-    import aivh_ens.train.cv  # noqa: F401  training code (seconds) before the lock, where --job-timeout's clock starts
-
     lock = fold_lock(spec, job_id, attempt, heartbeat_s)
     try:
         with fenced(lock, spec.fold_dir):  # no checkpoint is written once the lock is lost

@@ -30,6 +30,7 @@ from aivh_ens.scale.jobs import (
     error_line,
     lock_path,
     poll_step,
+    preload_training,
     read_spec,
     record_failure,
     result_row,
@@ -97,6 +98,7 @@ def _task(
     job_file: str, submitted: float, threads: int, gpus: float = 0, beat_s: float = HEARTBEAT_S
 ) -> dict[str, Any]:
     device = task_device(gpus)  # a task given a GPU it cannot see refuses to train on the CPU
+    preload_training()
     job_id = ray.get_runtime_context().get_task_id()  # the same for every retry of this task
     attempt = retry_attempt(lock_path(read_spec(job_file)), job_id)
     return run_job(

@@ -23,6 +23,7 @@ from aivh_ens.scale.jobs import (
     beat_for,
     error_line,
     poll_step,
+    preload_training,
     read_spec,
     record_failure,
     result_row,
@@ -42,6 +43,7 @@ class FoldTask(submitit.helpers.Checkpointable):
         device = task_device(getattr(self, "gpus", 0))  # given a GPU it cannot see: refuse, never the CPU
         attempt = current_attempt()  # Slurm's restart count: a requeue takes over its first attempt's lock
         beat_s = getattr(self, "beat_s", HEARTBEAT_S)
+        preload_training()
         return run_job(
             job_file,
             device,
