@@ -86,10 +86,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         faults.point(f"write:{path.name}")
-        if _guards:
-            _check_guards(path)
-        os.replace(tmp_path, path)
-        fsync_dir(path.parent)
+        _land(tmp_path, path)
         _sweep_orphans(path)
     finally:
         if tmp_path.exists():
@@ -102,6 +99,11 @@ def promote(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     is saved)."""
     dst = Path(dst)
     faults.point(f"promote:{dst.name}")
+    _land(Path(src), dst)
+
+
+def _land(src: Path, dst: Path) -> None:
+    """Rename ``src`` over ``dst`` once the folder's write guard allows it, then sync the folder's entries."""
     if _guards:
         _check_guards(dst)
     os.replace(src, dst)

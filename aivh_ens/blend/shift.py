@@ -243,9 +243,9 @@ def _moved(d: ShiftDiagnosis, rule: AutoRule, why: str) -> tuple[ThresholdMode, 
     if d.n_test < rule.share_min_n:
         return ThresholdMode(
             "oof"
-        ), f"{why}, but share: needs at least {rule.share_min_n} test images" + _hint(d, rule)
+        ), f"{why}, but share: needs at least {rule.share_min_n} test images{_hint(d, rule)}"
     if mix is None or not d.two_lumps(rule):
-        return ThresholdMode("oof"), f"{why}, but the test logits do not form two real lumps" + _hint(d, rule)
+        return ThresholdMode("oof"), f"{why}, but the test logits do not form two real lumps{_hint(d, rule)}"
     others = [(d.estimate(m), d.se(m)) for m in (EM, BBSE)]
     if rule.share_agree and not any(_agree(mix, se_mix, e, s, rule.z) for e, s in others):
         return ThresholdMode("oof"), (

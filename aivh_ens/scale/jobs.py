@@ -191,6 +191,11 @@ def retry_attempt(lock: Path, job_id: str) -> int:
     return theirs + 1 if owner.get("job_id") == job_id and isinstance(theirs, int) else 0
 
 
+def row_line(row: dict[str, Any]) -> str:
+    """A finished job's log line: run, fold, state and its error if any."""
+    return f"{row['run']} fold {row['fold']}: {row['state']}" + (f" - {row['error']}" if row["error"] else "")
+
+
 def record_failure(job_file: Path, error: str) -> None:
     """``failed.json`` beside a job file, for a failure the job could not record itself (a killed worker, a
     cancelled task)."""

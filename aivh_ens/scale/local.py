@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from aivh_ens.errors import UserError
-from aivh_ens.scale.jobs import JOB_TIMEOUT_S, poll_step
+from aivh_ens.scale.jobs import JOB_TIMEOUT_S, poll_step, row_line
 from aivh_ens.system import interrupt_main
 
 Log = Callable[[str], None]
@@ -180,8 +180,7 @@ def run_local(
 
 
 def _logged(row: dict[str, Any], log: Log) -> dict[str, Any]:
-    error = f" - {row['error']}" if row["error"] else ""
-    log(f"{row['run']} fold {row['fold']}: {row['state']}{error}")
+    log(row_line(row))
     return row
 
 

@@ -35,6 +35,7 @@ from aivh_ens.scale.jobs import (
     record_failure,
     result_row,
     retry_attempt,
+    row_line,
     run_job,
     task_device,
 )
@@ -210,8 +211,6 @@ def _collect(
                 )
                 row = result_row(read_spec(refs[ref]), "failed", error=error)
                 record_failure(refs[ref], row["error"])
-            log(
-                f"{row['run']} fold {row['fold']}: {row['state']}{' - ' + row['error'] if row['error'] else ''}"
-            )
+            log(row_line(row))
             rows.append(row)
     return rows

@@ -27,6 +27,7 @@ from aivh_ens.scale.jobs import (
     read_spec,
     record_failure,
     result_row,
+    row_line,
     run_job,
     task_device,
 )
@@ -125,8 +126,7 @@ def wait(
         for i in pending:
             if jobs[i].done():
                 rows[i] = _row(jobs[i], job_files[i], HANG_ERROR.format(job_timeout) if i in hung else None)
-                r = rows[i]
-                log(f"{r['run']} fold {r['fold']}: {r['state']}{' - ' + r['error'] if r['error'] else ''}")
+                log(row_line(rows[i]))
         if len(rows) < len(jobs):
             time.sleep(poll_step(job_timeout))
     return [rows[i] for i in range(len(jobs))]
@@ -137,8 +137,9 @@ def _row(job: Any, job_file: Path, hang: str | None) -> dict[str, Any]:
     try:
         return job.result()
     except Exception as e:  # submitit's FailedJobError carries the task's traceback
-        text = [ln for ln in str(e).splitlines() if ln.strip()]
-        err = next((ln.strip() for ln in reversed(text) if "Error" in ln or "Exception" in ln), error_line(e))
         if hang:
             record_failure(job_file, hang)
-        return result_row(read_spec(job_file), "failed", error=hang or err[:300])
+            return result_row(read_spec(job_file), "failed", error=hang)
+        text = [ln for ln in str(e).splitlines() if ln.strip()]
+        err = next((ln.strip() for ln in reversed(text) if "Error" in ln or "Exception" in ln), error_line(e))
+        return result_row(read_spec(job_file), "failed", error=err[:300])
