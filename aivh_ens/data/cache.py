@@ -6,29 +6,32 @@ The cache stores exactly what the storage step (:func:`aivh_ens.data.transforms.
 image, and training without the cache runs that same step on the fly: a run gives the same results with or
 without it.
 
-One file per (data folder, storage step, decoder versions): ``<cache_dir>/<data>-<tag>-<hash>.imgcache``::
-
-    [images: C-order (h, w, 3) uint8, back to back][index: UTF-8 JSON][offset: u64][length: u64][magic: 8 B]
-
-The index holds, per image path (relative to the data folder): byte offset, shape, file size and mtime (ns)
-at decode time, or the reason the image could not be decoded. One cache serves any subset of its images
-(``cv`` reads the train images of a cache that ``aivh-ens cache`` filled with train and test images).
+Each build writes a new version, an immutable file named by the sha256 of its index
+(:mod:`aivh_ens.data.cache_format`): ``<cache_dir>/<data>-<tag>-<hash>-<digest12>.imgcache``, where
+``<data>-<tag>-<hash>`` names the data folder, storage step and decoder versions. The index holds, per image
+path (relative to the data folder): byte offset, shape, file size and mtime (ns) at decode time, or the
+reason the image could not be decoded. Any complete version that holds every wanted image unchanged serves
+any subset of its images (``cv`` reads the train images while ``aivh-ens cache`` adds the test images in a
+new version); the newest is tried first, and it is the one current.
 
 Guarantees:
 
-- A build writes a temporary file next to the target, fsyncs it and renames it over the target: a reader
-  sees the previous complete file or the new one, never a half-written one. A file whose trailer or index
-  does not check out is treated as absent (rebuilt).
+- A build writes a temporary file, fsyncs it and renames it to its version's name, which no file had: a
+  reader sees complete versions only, and a version is never renamed over or modified (on shared storage,
+  other hosts may map it). A file whose trailer or index does not check out is treated as absent.
 - An image that is new, or whose size or mtime changed, is decoded again; the others are copied from the
-  previous file. Decoding runs in parallel (joblib threads: OpenCV and Pillow release the GIL).
-- One builder at a time per file (a lock file naming its PID); another process that needs the same cache
-  waits for it, then uses what it built.
+  newest complete version. Decoding runs in parallel (joblib threads: OpenCV and Pillow release the GIL).
+- One builder at a time per cache (a lock file naming its PID); another process that needs the same cache
+  waits for it, then uses what it built. With ``build=False`` (a sweep's jobs), a process never builds: with
+  no version to read, it decodes on the fly.
 - The size is computed from the image headers and printed before a build. A build that would not leave
   ``DISK_MARGIN`` free stops with a :class:`UserError` (``cache="on"``), or falls back to decoding on the
   fly (``"auto"``).
-- A reader keeps the version of the file its index came from (an open descriptor, inherited by forked
-  workers), so a rebuild by another process (``aivh-ens cache`` adding the test images while ``cv`` runs)
-  never pairs one version's offsets with another's pixels.
+- A reader keeps the version its index came from: it holds an open descriptor (inherited by forked
+  workers) under a shared ``flock``. After a build, the builder removes each older version on which it gets
+  an exclusive lock at once; one that is being read stays (on disk) until a later build finds it free. On
+  Linux NFS, flock is emulated with POSIX byte-range locks, honoured across hosts where the NFS lock
+  manager runs.
 - Readers map the file lazily in each process (a dataset sent to a worker carries no array), copy one
   image out per read and give the mapped pages back every ``RELEASE_BYTES`` (``MADV_DONTNEED``): resident
   memory stays bounded by the batches in flight, whatever the data set's size.
@@ -36,6 +39,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import glob
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -52,17 +56,22 @@ from aivh_ens.data.cache_format import (
     CachedSource,
     CacheIndex,
     CacheWriter,
+    _let_go,
     _open_index,
     _stat,
-    cache_file,
     cache_key,
+    cache_stem,
+    read_index,
+    remove_unused,
+    version_file,
+    versions,
 )
 from aivh_ens.data.images import BadImageError, image_size
 from aivh_ens.data.loader import FileSource, ImageSource
 from aivh_ens.data.tables import read_test_table, read_train_table
 from aivh_ens.data.transforms import StorageStep, storage_step
 from aivh_ens.errors import UserError
-from aivh_ens.io import atomic_path
+from aivh_ens.io import atomic_path, promote
 from aivh_ens.locks import FileLock, read_owner
 
 Log = Callable[[str], None]
@@ -122,9 +131,9 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.3g} GB"
 
 
-def _take_lock(path: Path, log: Log) -> FileLock:
-    """The build lock of a cache file; waits while another live process holds it."""
-    lock = FileLock(path.with_name(path.name + ".lock"), what=f"image cache {path.name}")
+def _take_lock(stem: Path, log: Log) -> FileLock:
+    """The build lock of a cache; waits while another live process holds it."""
+    lock = FileLock(stem.with_name(stem.name + ".lock"), what=f"image cache {stem.name}")
     told = False
     while True:
         try:
@@ -135,23 +144,29 @@ def _take_lock(path: Path, log: Log) -> FileLock:
             if owner.get("pid") == os.getpid():
                 raise
             if not told:
-                log(f"image cache {path.name}: waiting for PID {owner.get('pid', '?')}, which is building it")
+                log(f"image cache {stem.name}: waiting for PID {owner.get('pid', '?')}, which is building it")
                 told = True
             time.sleep(1.0)
 
 
 def _usable_source(
-    path: Path, key: str, root: Path, names: Sequence[str], wanted: list[str], stats: dict[str, Any]
+    path: Path, key: dict[str, Any], root: Path, names: Sequence[str], wanted: list[str], stats: dict
 ) -> CachedSource | None:
-    """A reader of the cache file when it exists, matches ``key`` and holds every wanted image unchanged."""
+    """A reader of the version at ``path`` when it is complete, matches ``key`` and holds every wanted image
+    unchanged."""
     opened = _open_index(path, key)
     if opened is None:
         return None
     fd, idx = opened
     if not all(idx.fresh(n, stats[n]) for n in wanted):
-        os.close(fd)
+        _let_go(idx.identity)
         return None
     return CachedSource(path, root, names, idx, fd)
+
+
+NOT_BUILT = (
+    "image cache: no built version holds these images; decoding on the fly (the sweep's driver builds it)"
+)
 
 
 def ensure_cache(
@@ -161,11 +176,13 @@ def ensure_cache(
     cache_dir: str | Path,
     *,
     required: bool = True,
+    build: bool = True,
     jobs: int | None = None,
     progress: bool = True,
     log: Log = print,
 ) -> CachedSource | None:
-    """A :class:`CachedSource` of ``names`` (paths relative to ``root``), building or updating the file.
+    """A :class:`CachedSource` of ``names`` (paths relative to ``root``) from any complete version that holds
+    them all unchanged (the newest first), building a new version when none does.
 
     Args:
         root: data folder.
@@ -174,6 +191,7 @@ def ensure_cache(
         cache_dir: folder of the cache files.
         required: a build that does not fit on the disk raises (True) or returns None (False: the caller
             decodes on the fly instead).
+        build: False: never build (a sweep's jobs read what its driver built); None when no version serves.
         jobs: decoding threads (default: every core).
         progress: show a progress bar while decoding.
         log: where the one-line messages go (size before a build, reuse, fallback).
@@ -183,38 +201,46 @@ def ensure_cache(
     """
     root, cache_dir = Path(root), Path(cache_dir)
     key = cache_key(root, storage)
-    path = cache_file(cache_dir, root, storage)
+    stem = cache_stem(cache_dir, root, storage)
     wanted = list(dict.fromkeys(names))
     jobs = jobs or system.cores()
     with ThreadPoolExecutor(max(1, jobs)) as ex:
         stats = dict(zip(wanted, ex.map(lambda n: _stat(root / n), wanted, chunksize=512), strict=True))
 
     def source_if_usable() -> CachedSource | None:
-        return _usable_source(path, key, root, names, wanted, stats)
+        for path in versions(stem):
+            src = _usable_source(path, key, root, names, wanted, stats)
+            if src is not None:
+                return src
+        return None
 
     src = source_if_usable()
     if src is not None:
-        log(f"image cache: {path} ({len(wanted)} images, {_gb(src.nbytes)}, storage {storage.tag})")
+        log(f"image cache: {src.path} ({len(wanted)} images, {_gb(src.nbytes)}, storage {storage.tag})")
         return src
+    if not build:
+        log(NOT_BUILT)
+        return None
     cache_dir.mkdir(parents=True, exist_ok=True)
-    lock = _take_lock(path, log)
+    lock = _take_lock(stem, log)
     try:
         src = source_if_usable()  # another process may have built it while we waited
         if src is None:
-            built = _build(path, key, root, wanted, stats, storage, required=required, jobs=jobs,
-                           progress=progress, log=log)  # fmt: skip
-            if not built:
+            path = _build(stem, key, root, wanted, stats, storage, required=required, jobs=jobs,
+                          progress=progress, log=log)  # fmt: skip
+            if path is None:
                 return None
-            src = source_if_usable()
+            src = _usable_source(path, key, root, names, wanted, stats)
             if src is None:
                 raise RuntimeError(f"image cache {path} was written but cannot be read back")
+            remove_unused(stem, keep=path)
     finally:
         lock.release()
     return src
 
 
 def _build(
-    path: Path,
+    stem: Path,
     key: dict[str, Any],
     root: Path,
     wanted: list[str],
@@ -225,30 +251,24 @@ def _build(
     jobs: int,
     progress: bool,
     log: Log,
-) -> bool:
-    """Write the cache file (under its lock). False if it would not fit and ``required`` is False."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed build; only we may build now
-        stale.unlink(missing_ok=True)
-    opened = _open_index(path, key)  # the previous version, if any: its fresh images are copied, not decoded
-    old_fd, old = opened if opened is not None else (-1, None)
+) -> Path | None:
+    """Write a new version (under the cache's lock); its path, or None if it would not fit and ``required``
+    is False. The newest complete version's unchanged images are copied, not decoded."""
+    staging = stem.with_name(stem.name + ".building")
+    for stale in [staging, *staging.parent.glob(f".{glob.escape(staging.name)}.*.tmp")]:
+        stale.unlink(missing_ok=True)  # left by a killed build: only we may build now
+    old, old_src = None, None
+    for path in versions(stem):
+        opened = _open_index(path, key)
+        if opened is not None:
+            old, old_src = opened[1], CachedSource(path, root, opened[1].names, opened[1], opened[0])
+            break
     try:
-        return _write(
-            path,
-            key,
-            root,
-            wanted,
-            stats,
-            old,
-            old_fd,
-            storage,
-            required=required,
-            jobs=jobs,
-            progress=progress,
-            log=log,
-        )
+        return _write(stem, key, root, wanted, stats, old, old_src, storage, required=required, jobs=jobs,
+                      progress=progress, log=log)  # fmt: skip
     finally:
-        if old_fd >= 0:
-            os.close(old_fd)
+        if old_src is not None:
+            old_src.close()  # before old versions are removed: this process's hold would keep it
 
 
 def _reusable_rows(
@@ -269,13 +289,13 @@ def _reusable_rows(
 
 
 def _copy_rows(writer: CacheWriter, src: CachedSource, old: CacheIndex, keep: list[int]) -> None:
-    """Copy the ``keep`` rows of the old file (images and unreadable entries) through ``src``."""
-    for j, i in enumerate(keep):
+    """Copy the ``keep`` rows of the old version (images and unreadable entries); ``src`` serves its rows."""
+    for i in keep:
         name, stat = old.names[i], tuple(old.stats[i])
         if name in old.bad:
             writer.add_bad(name, old.bad[name], stat)  # type: ignore[arg-type]
         else:
-            writer.add(name, src.get(j), tuple(old.shapes[i]), stat)  # type: ignore[arg-type]
+            writer.add(name, src.get(i), tuple(old.shapes[i]), stat)  # type: ignore[arg-type]
 
 
 def _decode_into(
@@ -302,21 +322,47 @@ def _decode_into(
 SMALLER_STORAGE = "--img-size, --train-resize, --eval-resize set the stored size"
 
 
+def _room(folder: Path, need: int, required: bool, log: Log) -> bool:
+    """Whether ``need`` bytes leave ``DISK_MARGIN`` free in ``folder``; raises instead when ``required``."""
+    free = system.free_bytes(folder)
+    if need + DISK_MARGIN <= free:
+        return True
+    msg = f"the image cache needs {_gb(need)} (plus {_gb(DISK_MARGIN)} spare) but {folder} has only "
+    msg += f"{_gb(free)} free"
+    if required:
+        raise UserError(
+            f"{msg}; free some space, or pass --cache-dir on a larger disk, a smaller stored size "
+            f"({SMALLER_STORAGE}), or --cache off"
+        )
+    log(f"{msg}: decoding on the fly instead (--cache-dir DIR puts the cache elsewhere; {SMALLER_STORAGE})")
+    return False
+
+
+def _place(staging: Path, path: Path, key: dict[str, Any]) -> Path:
+    """Make the complete file ``staging`` the version ``path``, unless that version (the same index, so the
+    same content) is already in place; a version is never renamed over, only a file that is not one."""
+    if read_index(path, key) is not None:
+        staging.unlink()
+    else:
+        promote(staging, path)
+    return path
+
+
 def _write(
-    path: Path,
+    stem: Path,
     key: dict[str, Any],
     root: Path,
     wanted: list[str],
     stats: dict[str, tuple[int, int]],
     old: CacheIndex | None,
-    old_fd: int,
+    old_src: CachedSource | None,
     storage: StorageStep,
     *,
     required: bool,
     jobs: int,
     progress: bool,
     log: Log,
-) -> bool:
+) -> Path | None:
     keep = _reusable_rows(old, root, stats, jobs)
     kept = {old.names[i] for i in keep} if old is not None else set()
     todo = [n for n in wanted if n not in kept]
@@ -324,38 +370,25 @@ def _write(
     need = reuse_bytes + _estimate(root, todo, storage, jobs)
     log(
         f"image cache: {_gb(need)} for {len(keep) + len(todo)} images ({len(todo)} to decode, {len(keep)} "
-        f"reused), storage {storage.tag}, at {path}"
+        f"reused), storage {storage.tag}, in {stem.parent}"
     )
-    free = system.free_bytes(path.parent)
-    if need + DISK_MARGIN > free:
-        msg = (
-            f"the image cache needs {_gb(need)} (plus {_gb(DISK_MARGIN)} spare) but {path.parent} has only "
-            f"{_gb(free)} free"
-        )
-        if required:
-            raise UserError(
-                f"{msg}; free some space, or pass --cache-dir on a larger disk, a smaller stored size "
-                f"({SMALLER_STORAGE}), or --cache off"
-            )
-        log(
-            f"{msg}: decoding on the fly instead (--cache-dir DIR puts the cache elsewhere; {SMALLER_STORAGE})"
-        )
-        return False
+    if not _room(stem.parent, need, required, log):
+        return None
     t0 = time.perf_counter()
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    staging = stem.with_name(stem.name + ".building")
+    with atomic_path(staging) as tmp, open(tmp, "wb") as f:
         writer = CacheWriter(f, key)
         if keep:
-            _copy_rows(
-                writer, CachedSource(path, root, [old.names[i] for i in keep], old, os.dup(old_fd)), old, keep
-            )  # type: ignore[arg-type]
+            _copy_rows(writer, old_src, old, keep)  # type: ignore[arg-type]
         _decode_into(writer, root, todo, stats, storage, jobs, progress)
-        writer.finish()
+        digest = writer.finish()
+    path = _place(staging, version_file(stem, digest), key)
     bad = sum(1 for n in wanted if n in writer.bad)
     log(
         f"image cache: wrote {path.name} ({_gb(writer.offset)}, {len(todo)} decoded in "
         f"{time.perf_counter() - t0:.1f}s{f', {bad} unreadable' if bad else ''})"
     )
-    return True
+    return path
 
 
 def model_img_size(cfg: RunConfig) -> int:
@@ -387,11 +420,13 @@ def open_source(
     workdir: str | Path = ".",
     *,
     img_size: int | None = None,
+    build: bool = True,
     progress: bool = True,
     log: Log = print,
 ) -> ImageSource:
     """The images a run reads: from the image cache (``cfg.cache`` on, or auto and it fits), else decoded on
-    the fly; both through the run's storage step, so they give the same pixels.
+    the fly; both through the run's storage step, so they give the same pixels. ``build=False`` reads only a
+    version already built (a sweep's jobs: its driver builds), else decodes on the fly.
 
     Raises:
         UserError: ``cfg.cache == "on"`` and the disk lacks room for the cache.
@@ -404,6 +439,7 @@ def open_source(
             storage,
             default_cache_dir(cfg, workdir),
             required=cfg.cache == "on",
+            build=build,
             jobs=None,
             progress=progress,
             log=log,
@@ -424,7 +460,8 @@ def cache_dataset(
 ) -> dict[str, Any]:
     """Cache every train and test image of ``cfg.data`` (test.csv when present) for ``cfg``'s pipeline.
 
-    Returns ``{"path", "images", "bytes", "storage", "bad"}``.
+    Returns ``{"path", "images", "bytes", "storage", "bad"}``; ``path`` is the version that holds them (the
+    newest that does).
 
     Raises:
         UserError: a table is invalid, or the disk lacks room.

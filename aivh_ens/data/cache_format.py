@@ -1,15 +1,22 @@
-"""The image cache's file format, its writer (:class:`CacheWriter`) and its reader (:class:`CachedSource`);
-building is in :mod:`aivh_ens.data.cache`.
+"""The image cache's file format, its versions, its writer (:class:`CacheWriter`) and its reader
+(:class:`CachedSource`); building is in :mod:`aivh_ens.data.cache`.
 
-One file per (data folder, storage step, decoder versions): ``<cache_dir>/<data>-<tag>-<hash>.imgcache``::
+A cache holds one data folder's images after one storage step, decoded by given decoder versions (its key,
+named ``<data>-<tag>-<hash>``, the stem). Each build writes a new version, an immutable file named after the
+sha256 of its index, ``<cache_dir>/<stem>-<digest12>.imgcache``::
 
     [images: C-order (h, w, 3) uint8, back to back][index: UTF-8 JSON][offset: u64][length: u64][magic: 8 B]
 
 The index holds, per image path (relative to the data folder): byte offset, shape, file size and mtime (ns)
-at decode time, or the reason the image could not be decoded.
+at decode time, or the reason the image could not be decoded. Versions with the same index have the same
+name; a version, once in place, is never renamed over or modified, only removed when nobody reads it.
 
-- A reader keeps the version of the file its index came from (an open descriptor, inherited by forked
-  workers), so a rebuild by another process never pairs one version's offsets with another's pixels.
+- A reader holds a shared ``flock`` on the descriptor it keeps (inherited by forked workers; the lock
+  belongs to the open file description, so it lasts while any process keeps the descriptor). A builder
+  removes an older version only when it gets an exclusive lock on it without waiting. On Linux NFS, flock
+  is emulated with POSIX byte-range locks: it is honoured across hosts where the NFS lock manager runs, a
+  lock is the process's (a forked worker relies on its parent's), and closing any descriptor of the file
+  drops it, so a process keeps one descriptor and one mapping per version (:func:`_hold`).
 - Readers map the file lazily in each process (a dataset sent to a worker carries no array), copy one
   image out per read and give the mapped pages back every ``RELEASE_BYTES`` (``MADV_DONTNEED``): resident
   memory stays bounded by the batches in flight, whatever the data set's size."""
@@ -17,11 +24,15 @@ at decode time, or the reason the image could not be decoded.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import mmap
 import os
+import re
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +51,9 @@ MAGIC = b"AIVHIMC1"
 
 
 FORMAT = 1
+
+
+DIGEST_CHARS = 12  # hex digits of the index's sha256 in a version's name
 
 
 _TRAILER = struct.Struct("<QQ8s")  # index offset, index length, magic
@@ -64,12 +78,136 @@ def cache_key(root: str | Path, storage: StorageStep) -> dict[str, Any]:
     }
 
 
-def cache_file(cache_dir: str | Path, root: str | Path, storage: StorageStep) -> Path:
-    """The cache file for a data folder and storage step."""
+def cache_stem(cache_dir: str | Path, root: str | Path, storage: StorageStep) -> Path:
+    """``<cache_dir>/<data>-<tag>-<hash>``: the common start of the names of a cache's versions (and lock)."""
     key = cache_key(root, storage)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(key["data"]).name) or "data"
-    return Path(cache_dir) / f"{stem}-{storage.tag}-{digest}{SUFFIX}"
+    return Path(cache_dir) / f"{stem}-{storage.tag}-{digest}"
+
+
+def version_file(stem: Path, digest: str) -> Path:
+    """The file of the version whose index has the sha256 ``digest`` (hex)."""
+    return stem.with_name(f"{stem.name}-{digest[:DIGEST_CHARS]}{SUFFIX}")
+
+
+def versions(stem: Path) -> list[Path]:
+    """The version files of a cache, newest (last modified) first; complete or not."""
+    name = re.compile(re.escape(stem.name) + f"-[0-9a-f]{{{DIGEST_CHARS}}}" + re.escape(SUFFIX))
+    found = []
+    for p in stem.parent.glob(glob.escape(stem.name) + "-*" + SUFFIX):
+        with contextlib.suppress(OSError):  # removed meanwhile
+            if name.fullmatch(p.name):
+                found.append((os.stat(p).st_mtime_ns, p.name, p))
+    return [p for *_, p in sorted(found, reverse=True)]
+
+
+Identity = tuple[int, int]  # (st_dev, st_ino): one version of a cache, whatever its name
+
+
+def _identity(path: str | Path) -> Identity | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return int(st.st_dev), int(st.st_ino)
+
+
+_held: dict[Identity, list[Any]] = {}  # identity -> [fd, readers, mmap | None]: versions this process reads
+_held_pid = os.getpid()
+_guard = threading.Lock()  # over _held: loader threads may open sources
+os.register_at_fork(after_in_child=lambda: globals().update(_guard=threading.Lock()))
+
+
+def _this_process() -> dict[Identity, list[Any]]:
+    """The versions this process holds; a forked child starts with none (its parent's are not its own)."""
+    global _held_pid
+    if _held_pid != os.getpid():
+        _held.clear()
+        _held_pid = os.getpid()
+    return _held
+
+
+def _hold(path: str | Path) -> tuple[int, Identity] | None:
+    """A descriptor of the version at ``path``, under a shared lock, and its identity; None if it is missing
+    or was removed while this waited for the lock. One descriptor per process and version, counted: give each
+    hold back with :func:`_let_go`."""
+    with _guard:
+        held = _this_process()
+        ident = _identity(path)
+        if ident is not None and ident in held:
+            held[ident][1] += 1
+            return held[ident][0], ident
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            with contextlib.suppress(OSError):  # a file system without locks: read unlocked (none removes it)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            st = os.fstat(fd)
+            if (int(st.st_dev), int(st.st_ino)) == ident == _identity(path):  # not removed meanwhile
+                held[ident] = [fd, 1, None]
+                return fd, ident
+        except OSError:
+            pass
+        os.close(fd)
+        return None
+
+
+def _let_go(ident: Identity) -> None:
+    """Give back one hold of a version; the last closes this process's mapping and descriptor (and lock)."""
+    with _guard:
+        held = _this_process()
+        entry = held.get(ident)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del held[ident]
+        if entry[2] is not None:
+            with contextlib.suppress(BufferError):  # a view is still out: the mapping closes when it goes
+                entry[2].close()
+        os.close(entry[0])
+
+
+def _mapping(ident: Identity) -> mmap.mmap:
+    """This process's one read-only mapping of a held version (one: closing a copy would drop an NFS lock)."""
+    with _guard:
+        entry = _this_process()[ident]
+        if entry[2] is None:
+            entry[2] = mmap.mmap(entry[0], 0, access=mmap.ACCESS_READ)
+        return entry[2]
+
+
+def remove_unused(stem: Path, keep: Path) -> list[Path]:
+    """Remove the versions of a cache other than ``keep`` that nobody reads: those this process does not hold
+    and on which an exclusive lock is free at once. The others stay for a later build. Returns the removed."""
+    removed = []
+    for p in versions(stem):
+        ident = _identity(p)
+        with _guard:
+            if p == keep or ident is None or ident in _this_process():
+                continue
+        try:  # NFS grants an exclusive (POSIX write) lock only through a descriptor open for writing
+            fd = os.open(p, os.O_RDWR)
+        except OSError:
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except OSError:
+                continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.fstat(fd)
+            if (int(st.st_dev), int(st.st_ino)) == ident == _identity(p):
+                os.unlink(p)
+                removed.append(p)
+        except OSError:
+            pass  # a reader holds it (or locks are not supported here): it stays
+        finally:
+            os.close(fd)
+    return removed
 
 
 @dataclass
@@ -97,31 +235,30 @@ class CacheIndex:
 
 
 def read_index(path: str | Path, key: dict[str, Any]) -> CacheIndex | None:
-    """The index of the cache file at ``path``; None if it is missing, incomplete, corrupt or another key's."""
+    """The index of the version at ``path``; None if it is missing, incomplete, corrupt or another key's."""
     opened = _open_index(path, key)
     if opened is None:
         return None
-    os.close(opened[0])
+    _let_go(opened[1].identity)
     return opened[1]
 
 
 def _open_index(path: str | Path, key: dict[str, Any]) -> tuple[int, CacheIndex] | None:
-    """An open file descriptor of the cache file and the index read through it (None as for read_index).
-
-    Index and pixels must come from one version of the file: a rebuild may rename a new one over the path
-    at any time, so the reader keeps this descriptor (see :class:`CachedSource`).
+    """A held descriptor of the version at ``path`` (see :func:`_hold`) and the index read through it (None as
+    for read_index). Index and pixels come from that one file: a reader keeps the descriptor
+    (:class:`CachedSource`), and a builder removes no version a reader holds.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+    held = _hold(path)
+    if held is None:
         return None
+    fd, ident = held
     try:
         idx = _parse_index(fd, key)
     except BaseException:
-        os.close(fd)
+        _let_go(ident)
         raise
     if idx is None:
-        os.close(fd)
+        _let_go(ident)
         return None
     return fd, idx
 
@@ -169,17 +306,17 @@ def _stat(path: Path) -> tuple[int, int]:
 
 
 class CachedSource:
-    """An :class:`~aivh_ens.data.loader.ImageSource` over a cache file, in the caller's order of images.
+    """An :class:`~aivh_ens.data.loader.ImageSource` over a cache version, in the caller's order of images.
 
-    It reads the version of the file its index came from: it owns an open descriptor of it (inherited by
-    forked workers), so a rebuild renamed over the path meanwhile changes nothing here. The file is mapped
-    lazily, once per process; pickling (to a spawned worker) carries neither the mapping nor the descriptor,
-    and the worker reopens the path, refusing a file other than the one the index came from. ``get`` returns
-    a writable copy, ``view`` a read-only view; mapped pages are given back every ``RELEASE_BYTES`` (see
-    :meth:`release`).
+    It holds the version its index came from (a descriptor under a shared lock, inherited by forked workers)
+    until it is closed or goes, so no build removes that file meanwhile. The file is mapped lazily, once per
+    process; pickling (to a spawned worker) carries neither the mapping nor the descriptor, and the worker
+    reopens the path, refusing a file other than the one the index came from. ``get`` returns a writable
+    copy, ``view`` a read-only view; mapped pages are given back every ``RELEASE_BYTES`` (:meth:`release`).
     """
 
     def __init__(self, path: str | Path, root: str | Path, names: Sequence[str], index: CacheIndex, fd: int):
+        """``fd``: one hold of the version (from :func:`_open_index`), given back by :meth:`close`."""
         self.path = Path(path)
         self.root = Path(root)
         self.names = list(names)
@@ -189,7 +326,7 @@ class CachedSource:
         self.reasons = {i: index.bad[n] for i, n in enumerate(self.names) if n in index.bad}
         self.data_bytes = index.data_bytes
         self.identity = index.identity
-        self._fd = fd  # owned: closed when this object goes
+        self._fd = fd  # held: given back when this object is closed or goes
         self._fd_pid = os.getpid()
         self.nbytes = int(
             sum(int(np.prod(s)) for s, o in zip(self.shapes, self.offsets, strict=True) if o >= 0)
@@ -205,9 +342,16 @@ class CachedSource:
         return state
 
     def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit the module may be gone: the OS closes it
+            self.close()
+
+    def close(self) -> None:
+        """Give back this process's hold of the version (views from :meth:`view` become invalid)."""
         if getattr(self, "_fd", -1) >= 0 and self._fd_pid == os.getpid():
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
+            self._arr = self._mm = None
+            self._pid = -1
+            self._fd = -1
+            _let_go(self.identity)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -216,17 +360,21 @@ class CachedSource:
     def array(self) -> np.ndarray:
         """The whole image area of the file: a read-only (data_bytes,) uint8 memory map."""
         if self._arr is None or self._pid != os.getpid():
-            if self._fd >= 0:  # this process or a fork of it: the very file the index came from
+            if self._fd >= 0 and self._fd_pid == os.getpid():
+                self._mm = _mapping(self.identity)
+            elif self._fd >= 0:  # a forked worker: the inherited descriptor of the file the index came from
                 self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
             else:
-                with open(self.path, "rb") as f:
-                    st = os.fstat(f.fileno())
-                    if (int(st.st_dev), int(st.st_ino)) != self.identity:
-                        raise UserError(
-                            f"image cache {self.path} was rebuilt while this run was reading it; "
-                            "run the command again"
-                        )
-                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                held = _hold(self.path)
+                if held is None or held[1] != self.identity:
+                    if held is not None:
+                        _let_go(held[1])
+                    raise UserError(
+                        f"image cache {self.path} was removed or replaced while this run was reading it; "
+                        "run the command again"
+                    )
+                self._fd, self._fd_pid = held[0], os.getpid()
+                self._mm = _mapping(self.identity)
             self._arr = np.frombuffer(self._mm, dtype=np.uint8, count=self.data_bytes)
             self._pid = os.getpid()
         return self._arr
@@ -236,7 +384,7 @@ class CachedSource:
 
     def view(self, i: int) -> np.ndarray:
         """Image ``i`` as a read-only (h, w, 3) uint8 view of the mapping, for readers that only read it
-        (valid while this object lives: a released page faults back in from the page cache)."""
+        (valid while this object is open: a released page faults back in from the page cache)."""
         if i in self.reasons:
             raise BadImageError(self.root / self.names[i], self.reasons[i])
         off = int(self.offsets[i])
@@ -296,7 +444,8 @@ class CacheWriter:
         self.shapes.append([int(v) for v in shape])  # plain ints: numpy's do not serialise to JSON
         self.stats.append([int(v) for v in stat])
 
-    def finish(self) -> None:
+    def finish(self) -> str:
+        """Write the index and the trailer; returns the index's sha256 (hex), which names the version."""
         doc = {
             "key": self.key,
             "names": self.names,
@@ -308,3 +457,4 @@ class CacheWriter:
         index = json.dumps(doc, separators=(",", ":")).encode()
         self.f.write(index)
         self.f.write(_TRAILER.pack(self.offset, len(index), MAGIC))
+        return hashlib.sha256(index).hexdigest()

@@ -374,7 +374,8 @@ def _train(spec: JobSpec, device: str, started: dict[str, Any]) -> dict[str, Any
         groups = rows["group"].to_numpy() if "group" in rows.columns else None
         summary = fit_probe_job(job, workdir, groups, log=_log(spec))
     else:
-        source = open_source(cfg, cfg.data, names, workdir, progress=False, log=_log(spec))
+        # the sweep's driver built the image cache; a job only reads it (or decodes on the fly)
+        source = open_source(cfg, cfg.data, names, workdir, build=False, progress=False, log=_log(spec))
         summary = fit_fold(job, source, resume=True, progress=False, log=_log(spec))
     assemble_oof(workdir, cfg, table, set(spec.exclude), _log(spec))
     return summary

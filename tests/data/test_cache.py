@@ -192,13 +192,15 @@ def test_interrupted_build_is_never_used(tmp_path, data, monkeypatch):
     monkeypatch.setattr(CF.CacheWriter, "add", add_then_die)
     with pytest.raises(KeyboardInterrupt):
         C.ensure_cache(root, names, storage, cdir, **QUIET)
-    path = CF.cache_file(cdir, root, storage)
-    assert not path.exists() and no_tmp(cdir)  # nothing half-written is left under any name
+    stem = CF.cache_stem(cdir, root, storage)
+    assert CF.versions(stem) == [] and no_tmp(cdir)  # nothing half-written is left under any name
     monkeypatch.setattr(CF.CacheWriter, "add", real_add)
     good = C.ensure_cache(root, names, storage, cdir, **QUIET)
+    path = good.path
+    good.close()
     old_bytes = path.read_bytes()
 
-    # A rebuild that dies leaves the previous complete file in place.
+    # A rebuild that dies leaves the previous complete version, and only it, in place.
     cv2.imwrite(str(root / names[0]), np.zeros((40, 40, 3), np.uint8))
     st = os.stat(root / names[0])
     os.utime(root / names[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
@@ -206,19 +208,22 @@ def test_interrupted_build_is_never_used(tmp_path, data, monkeypatch):
     monkeypatch.setattr(CF.CacheWriter, "add", add_then_die)
     with pytest.raises(KeyboardInterrupt):
         C.ensure_cache(root, names, storage, cdir, **QUIET)
-    assert path.read_bytes() == old_bytes and no_tmp(cdir)
+    assert CF.versions(stem) == [path] and path.read_bytes() == old_bytes and no_tmp(cdir)
     monkeypatch.setattr(CF.CacheWriter, "add", real_add)
 
-    # What a killed process leaves (a temp file) is ignored and removed; a truncated file is rebuilt.
-    stale = cdir / f".{path.name}.abc123.tmp"
+    # What a killed build leaves (a temp file, a staged file) is ignored and removed; a truncated version
+    # is no version: a new one is built and the truncated file removed.
+    stale = cdir / f".{stem.name}.building.abc123.tmp"
     stale.write_bytes(b"garbage" * 100)
+    staged = cdir / f"{stem.name}.building"
+    staged.write_bytes(old_bytes)
     path.write_bytes(old_bytes[: len(old_bytes) // 2])
     assert CF.read_index(path, CF.cache_key(root, storage)) is None
     src = C.ensure_cache(root, names, storage, cdir, **QUIET)
-    assert not stale.exists() and no_tmp(cdir)
+    assert not stale.exists() and not staged.exists() and no_tmp(cdir)
     for i, n in enumerate(names):
         np.testing.assert_array_equal(src.get(i), storage.load(root / n))
-    assert good.path == src.path
+    assert CF.versions(stem) == [src.path] and src.path != path  # names[0] changed: another version
 
 
 def test_bad_images_are_recorded_not_fatal(tmp_path, data):
@@ -243,7 +248,7 @@ def test_disk_space_check(tmp_path, data, monkeypatch):
     with pytest.raises(UserError, match=r"needs .* GB .* free.*--cache-dir.*--img-size.*--cache off"):
         C.ensure_cache(root, names, storage, tmp_path / "c", **QUIET)
     assert C.ensure_cache(root, names, storage, tmp_path / "c", required=False, **QUIET) is None
-    assert not CF.cache_file(tmp_path / "c", root, storage).exists()
+    assert CF.versions(CF.cache_stem(tmp_path / "c", root, storage)) == []
     # cv's auto mode decodes on the fly instead, through the same storage step.
     cfg = resolve_config("tiny", img_size=32, cache="auto")
     src = C.open_source(cfg, root, names, tmp_path, **QUIET)
@@ -355,14 +360,16 @@ def test_loader_workers_stop_when_the_loader_is_dropped(tmp_path, data):
 
 
 def test_a_reader_keeps_the_version_it_opened(tmp_path, data):
-    """A rebuild renamed over the file while a run reads it: the run (and its forked workers) keep reading
-    the version its index describes; a spawned worker that would reopen another version refuses."""
+    """A rebuild while a run reads the cache writes a new version: the run (its forked workers, and copies
+    sent to spawned workers before or after the rebuild) keep reading the version its index describes; a
+    copy that finds another file under that version's name refuses it."""
     root, names = data
     storage = StorageStep("square", 32)
     src = C.ensure_cache(root, names[:10], storage, tmp_path / "c", **QUIET)
     expect = [src.get(i) for i in range(10)]
     fresh = pickle.loads(pickle.dumps(src))  # as a spawned worker gets it, before the rebuild
-    C.ensure_cache(root, names, storage, tmp_path / "c", **QUIET)  # more images: a new file, other offsets
+    more = C.ensure_cache(root, names, storage, tmp_path / "c", **QUIET)  # more images: a new version
+    assert more.path != src.path
     later = pickle.loads(pickle.dumps(src))
     reader = ImageDataset(
         src, np.arange(10), None, eval_transform(resolve_config("tiny", img_size=32), 32), 32
@@ -374,7 +381,13 @@ def test_a_reader_keeps_the_version_it_opened(tmp_path, data):
     )  # eval is the identity here
     for i in range(10):
         np.testing.assert_array_equal(src.get(i), expect[i])
-    with pytest.raises(UserError, match="rebuilt while this run was reading it"):
-        later.get(0)
-    with pytest.raises(UserError):
-        fresh.get(0)
+        np.testing.assert_array_equal(fresh.get(i), expect[i])
+        np.testing.assert_array_equal(later.get(i), expect[i])
+    close_loaders(reader)
+    stranger = pickle.loads(pickle.dumps(src))
+    copy = src.path.with_name("copy")
+    shutil.copy2(src.path, copy)
+    os.replace(copy, src.path)  # the same bytes in another file: not the file the index was read from
+    with pytest.raises(UserError, match="removed or replaced while this run was reading it"):
+        stranger.get(0)
+    np.testing.assert_array_equal(src.get(0), expect[0])
