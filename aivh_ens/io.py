@@ -73,8 +73,11 @@ def _sweep_orphans(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed over ``path``, on error removed."""
+def atomic_path(path: str | os.PathLike, digests: dict[str, str] | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed over ``path``, on error removed.
+
+    ``digests``: gets ``{file name: sha256}`` of the bytes this call wrote, taken from its own temporary file
+    before the rename (a record vouching for the file must not hash whatever a late writer left there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
@@ -85,6 +88,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        if digests is not None:
+            digests[path.name] = sha256_file(tmp_path)
         faults.point(f"write:{path.name}")
         _land(tmp_path, path)
         _sweep_orphans(path)
@@ -103,11 +108,17 @@ def promote(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def _land(src: Path, dst: Path) -> None:
-    """Rename ``src`` over ``dst`` once the folder's write guard allows it, then sync the folder's entries."""
-    if _guards:
+    """Rename ``src`` over ``dst`` once the folder's write guard allows it, then sync the folder's entries. The
+    guard is asked again after the rename: a writer whose rename was delayed past the loss of its lock stops
+    there (the file it landed is one that the newer holder's record does not vouch for)."""
+    guarded_now = bool(_guards)
+    if guarded_now:
         _check_guards(dst)
+    faults.point(f"land:{dst.name}")
     os.replace(src, dst)
     fsync_dir(dst.parent)
+    if guarded_now:
+        _check_guards(dst)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -124,15 +135,20 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _write_with(path: str | os.PathLike, mode: str, writer: Callable[[IO[Any]], None]) -> Path:
-    with atomic_path(path) as tmp, open(tmp, mode, newline="" if "b" not in mode else None) as f:
+def _write_with(
+    path: str | os.PathLike,
+    mode: str,
+    writer: Callable[[IO[Any]], None],
+    digests: dict[str, str] | None = None,
+) -> Path:
+    with atomic_path(path, digests) as tmp, open(tmp, mode, newline="" if "b" not in mode else None) as f:
         writer(f)
     return Path(path)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Atomically write ``text`` (UTF-8) to ``path``."""
-    return _write_with(path, "w", lambda f: f.write(text))
+def write_text(path: str | os.PathLike, text: str, digests: dict[str, str] | None = None) -> Path:
+    """Atomically write ``text`` (UTF-8) to ``path`` (``digests``: see :func:`atomic_path`)."""
+    return _write_with(path, "w", lambda f: f.write(text), digests)
 
 
 NAN_REASON = "not a finite number (a metric undefined on this data, e.g. the AUC of a fold with one class)"
@@ -161,9 +177,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def write_csv(path: str | os.PathLike, df: pd.DataFrame, float_format: str | None = None) -> Path:
-    """Atomically write a DataFrame as CSV without its index."""
-    return _write_with(path, "w", lambda f: df.to_csv(f, index=False, float_format=float_format))
+def write_csv(
+    path: str | os.PathLike,
+    df: pd.DataFrame,
+    float_format: str | None = None,
+    digests: dict[str, str] | None = None,
+) -> Path:
+    """Atomically write a DataFrame as CSV without its index (``digests``: see :func:`atomic_path`)."""
+    return _write_with(path, "w", lambda f: df.to_csv(f, index=False, float_format=float_format), digests)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -24,6 +24,12 @@ finds another token in its lock file has lost it: ``lost`` is set and
 ``on_lost`` is called (a heartbeat that cannot read or write the file, ESTALE, EIO or ENOSPC, retries
 with backoff and loses nothing); :meth:`FileLock.verify` (which a job runs before each checkpoint write, through
 :func:`aivh_ens.io.guarded`) raises :class:`LockLost`, so the job stops before its next checkpoint.
+
+Generations (fencing tokens): each acquisition of a lock gets a number one higher than any earlier holder's
+(kept in ``<lock>.gen``, and in the record of a stale lock taken over), recorded in the lock file. A holder
+that writes into a folder under :func:`fenced` first puts its generation in the folder's ``fence.json``;
+every later write there is refused once the fence holds a higher generation (a holder presumed dead, whose
+delayed write lands after a takeover, cannot replace a newer holder's files: see :mod:`aivh_ens.fence`).
 """
 
 from __future__ import annotations
@@ -39,12 +45,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from aivh_ens import progress
+from aivh_ens import fence, progress
 from aivh_ens.errors import UserError
 from aivh_ens.io import guarded
 from aivh_ens.liveness import pid_alive, record_alive, same_space, this_process
 
-__all__ = ["FileLock", "LockHeld", "LockLost", "pid_alive", "read_owner", "stale_reason", "watch_heartbeat"]
+__all__ = [
+    "FenceCrossed",
+    "FileLock",
+    "LockHeld",
+    "LockLost",
+    "pid_alive",
+    "read_owner",
+    "stale_reason",
+    "watch_heartbeat",
+]
 
 HEARTBEAT_S = 30.0
 """Seconds between two heartbeats of a held lock."""
@@ -66,6 +81,20 @@ def current_attempt() -> int | None:
     if count is not None and count.strip().isdigit():
         return int(count)
     return 0 if os.environ.get("SLURM_JOB_ID") else None
+
+
+def gen_path(path: Path) -> Path:
+    """The file that keeps lock ``path``'s last generation (``fold0.lock.gen``)."""
+    return Path(path).with_name(f"{Path(path).name}.gen")
+
+
+def read_generation(path: Path) -> int:
+    """The last generation handed out for lock ``path`` (0 before the first acquisition)."""
+    try:
+        text = gen_path(path).read_text().strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return 0
+    return int(text) if text.isdigit() else 0
 
 
 def _read_json(path: Path) -> dict | None:
@@ -174,14 +203,33 @@ class LockLost(RuntimeError):
     """This process's lock was taken over by another (it was presumed dead): it must write nothing more."""
 
 
+class FenceCrossed(LockLost):
+    """The folder's fence names a newer holder of the lock than this process: it must write nothing more."""
+
+
 @contextlib.contextmanager
 def fenced(lock: FileLock, folder: str | os.PathLike) -> Iterator[FileLock]:
-    """Hold ``lock`` while writing under ``folder``: once the lock is lost, no atomic write there lands
-    (:func:`aivh_ens.io.guarded`), and the heartbeat's interrupt (``on_lost``) or a refused write leaves the
-    block as one :class:`LockLost` that names the new owner."""
+    """Hold ``lock`` while writing under ``folder``: its generation is put in the folder's fence first, and
+    once the lock is lost, or the fence names a newer holder, no atomic write there lands
+    (:func:`aivh_ens.io.guarded`, checked before and after each rename); the heartbeat's interrupt
+    (``on_lost``) or a refused write leaves the block as one :class:`LockLost` that names the new owner."""
+
+    def check() -> None:
+        lock.verify()
+        newer = fence.newer_holder(folder, lock.generation, lock.token)
+        if newer is not None:
+            lock.lost.set()
+            raise FenceCrossed(
+                f"{lock.what}: {Path(folder) / fence.FENCE} names generation {newer['generation']} (PID "
+                f"{newer.get('pid')} on {newer.get('host')}), newer than this process's {lock.generation}"
+            )
+
     try:
-        with lock, guarded(folder, lock.verify):
+        with lock, guarded(folder, check):
+            fence.claim(folder, lock.generation, lock.token)
             yield lock
+    except FenceCrossed:
+        raise  # it names the newer holder already
     except (KeyboardInterrupt, LockLost):
         if not lock.lost.is_set():
             raise  # a real Ctrl-C, or another lock's loss
@@ -236,6 +284,8 @@ class FileLock:
         self.host = host or socket.gethostname()
         self.clock = clock
         self.token = ""
+        self.generation = 0  # this acquisition's fencing number (see the module docstring)
+        self._seen_generation = 0  # the highest generation of a stale record this lock took over
         self.held = False
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -249,6 +299,7 @@ class FileLock:
             "job_id": self.job_id,
             "attempt": self.attempt,
             "token": self.token,
+            "generation": self.generation,
             "time": now,
             "heartbeat": now,
             "beat": 0,
@@ -258,6 +309,7 @@ class FileLock:
 
     def _try_create(self) -> bool:
         self.token = uuid.uuid4().hex
+        self.generation = max(read_generation(self.path), self._seen_generation) + 1
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -267,6 +319,9 @@ class FileLock:
                 json.dump(self.record(), f)
                 f.flush()
                 os.fsync(f.fileno())
+            from aivh_ens.io import write_text  # io imports this module
+
+            write_text(gen_path(self.path), f"{self.generation}\n")
         except BaseException:  # ENOSPC, EIO, a signal: an empty or torn lock file must not stay behind
             self.path.unlink(missing_ok=True)
             raise
@@ -299,6 +354,9 @@ class FileLock:
                     "file if that process is gone",
                     owner,
                 )
+            gen = owner.get("generation")
+            if isinstance(gen, int):  # its holder may still write late: the next generation must be higher
+                self._seen_generation = max(self._seen_generation, gen)
             self._take_over(_holds_token(owner.get("token")))
         raise UserError(f"could not take the lock {self.path}; delete it if no process is using {self.what}")
 

@@ -10,12 +10,15 @@ from pathlib import Path
 EXE = str(Path(sys.executable).with_name("aivh-ens"))
 
 
-def spawn(args: list[str], kill_at: str | None = None) -> subprocess.Popen:
-    """``aivh-ens ARGS`` in a child process, offline and quiet; ``kill_at`` sets ``AIVH_ENS_KILL_AT``."""
+def spawn(args: list[str], kill_at: str | None = None, fault: str | None = None) -> subprocess.Popen:
+    """``aivh-ens ARGS`` in a child process, offline and quiet; ``kill_at`` sets ``AIVH_ENS_KILL_AT`` and
+    ``fault`` ``AIVH_ENS_FAULT`` (what happens there)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "TQDM_DISABLE": "1"}
     env.pop("AIVH_ENS_KILL_AT", None)
     if kill_at:
         env["AIVH_ENS_KILL_AT"] = kill_at
+    if fault:
+        env["AIVH_ENS_FAULT"] = fault
     return subprocess.Popen(
         [EXE, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

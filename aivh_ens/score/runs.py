@@ -20,6 +20,8 @@ from aivh_ens.blend.core import view_average as core_view_average
 from aivh_ens.config import RunConfig
 from aivh_ens.data.loader import ImageSource, Normalizer, default_workers, make_loader
 from aivh_ens.errors import UserError
+from aivh_ens.fence import unvouched
+from aivh_ens.io import sha256_file
 from aivh_ens.layout import DONE, run_dir
 from aivh_ens.layout import read_run_config as load_run
 from aivh_ens.score.tta import TTADataset, TTASpec, effective_spec, parse_tta, score_views
@@ -42,6 +44,7 @@ class RunInfo:
     doc: dict[str, Any]
     weights: tuple[Path, ...]
     oof_tta: str = "none"  # the TTA its OOF rows were scored with (fold 0's done.json; older runs: one view)
+    weights_sha256: tuple[str, ...] = ()  # of each fold's weights, checked against its done.json
 
 
 def check_run(workdir: str | Path, name: str) -> RunInfo:
@@ -58,8 +61,20 @@ def check_run(workdir: str | Path, name: str) -> RunInfo:
                 "without it (`aivh-ens blend --runs ...`)"
             )
         weights.append(w)
+    digests = tuple(_vouched_digest(name, k, w) for k, w in enumerate(weights))
     oof_tta = json.loads((rdir / "fold0" / DONE).read_text()).get("oof_tta", "none")
-    return RunInfo(name, cfg, doc, tuple(weights), oof_tta)
+    return RunInfo(name, cfg, doc, tuple(weights), oof_tta, digests)
+
+
+def _vouched_digest(run: str, k: int, weights: Path) -> str:
+    """The sha256 of a fold's weights, which must be the file its done.json vouches for."""
+    digest = sha256_file(weights)
+    why = unvouched(weights.parent, json.loads((weights.parent / DONE).read_text()), weights.name, digest)
+    if why:
+        raise UserError(
+            f"run {run}: fold {k}: {why}; retrain it: `aivh-ens cv --name {run} --fold {k} --force ...`"
+        )
+    return digest
 
 
 def load_models(info: RunInfo, device: torch.device) -> tuple[list[nn.Module], DataConfig]:

@@ -21,6 +21,7 @@ from aivh_ens.data.folds import ensure_fold_file
 from aivh_ens.data.images import load_image, scan_files
 from aivh_ens.data.tables import read_train_table
 from aivh_ens.errors import UserError
+from aivh_ens.fence import unvouched
 from aivh_ens.io import sha256_file, write_csv, write_json
 from aivh_ens.layout import config_path, fold_dir, inspect_dir, oof_path, read_run_config, run_dir
 from aivh_ens.locks import FileLock, LockLost, fenced
@@ -134,6 +135,11 @@ def assemble_oof(
     except UserError:
         return None  # another process is assembling it right now
     try:
+        sources = {d.name: sha256_file(d / FOLD_OOF) for d in fdirs}
+        for k, d in enumerate(fdirs):
+            why = unvouched(d, read_fold_summary(d), FOLD_OOF, sources[d.name])
+            if why:
+                raise UserError(f"run {cfg.name}: fold {k}: {why}; retrain it with --fold {k} --force")
         parts = [pd.read_csv(d / FOLD_OOF, dtype={"file_name": str}) for d in fdirs]
         oof = pd.concat(parts, ignore_index=True)
         order = {n: i for i, n in enumerate(fold_table["file_name"])}
@@ -152,7 +158,6 @@ def assemble_oof(
             oof["group"] = oof["_row"].map(fold_table["group"])
             cols.append("group")
         oof = oof.sort_values("_row").drop(columns="_row")[cols]
-        sources = {d.name: sha256_file(d / FOLD_OOF) for d in fdirs}
         meta_path = rdir / "oof_sources.json"
         if out.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == sources:
             return out  # already assembled from exactly these folds

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from aivh_ens import faults
+from aivh_ens import faults, fence
 from aivh_ens.config import RunConfig
 from aivh_ens.data.loader import (
     ImageDataset,
@@ -127,6 +127,7 @@ class _State:
     best_score: float = -math.inf
     best_epoch: int = -1
     bad_epochs: int = 0
+    best_sha256: str | None = None  # of the best epoch's weights as written (None: not recorded)
 
 
 UNCHECKED = {"val_loss": math.nan, "val_acc": math.nan, "val_f1": math.nan, "val_auc": math.nan}
@@ -304,6 +305,7 @@ def _resume(job: FoldJob, s: _Setup, resume: bool, log: Callable[[str], None]) -
         float(st["best_score"]),
         int(st["best_epoch"]),
         int(st["bad_epochs"]),
+        st.get("best_sha256"),
     )
     log(
         f"  fold {job.fold}: resuming after epoch {state.start_epoch} (best so far: epoch {state.best_epoch + 1})"
@@ -408,7 +410,9 @@ def _record_epoch(
     improved = cfg.select == "last" or (checked and score > state.best_score)
     if improved:
         state.best_score, state.best_epoch, state.bad_epochs = score, epoch, 0
-        stage_best(eval_model, fdir, epoch)  # best.safetensors itself changes once state.pt says so
+        state.best_sha256 = stage_best(
+            eval_model, fdir, epoch
+        )  # best.safetensors changes once state.pt says so
     elif checked:
         state.bad_epochs += 1
     write_csv(fdir / METRICS, pd.DataFrame(state.history), float_format="%.6g")
@@ -425,6 +429,8 @@ def _record_epoch(
             "best_score": state.best_score,
             "best_epoch": state.best_epoch,
             "bad_epochs": state.bad_epochs,
+            "best_sha256": state.best_sha256,
+            "generation": fence.read_fence(fdir).get("generation"),  # the lock holder that wrote it
         },
     )
     if improved:
@@ -466,7 +472,8 @@ def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, secon
     names = job.fold_table["file_name"].to_numpy()
     oof = pd.DataFrame({"file_name": names[rows], "label": vy, "fold": job.fold, "prob": vp,
                         **({"prob_logit": vp_logit} if spec.n_views > 1 else {})})  # fmt: skip
-    write_csv(fdir / FOLD_OOF, oof, float_format="%.8g")
+    digests: dict[str, str | None] = {BEST: state.best_sha256}
+    write_csv(fdir / FOLD_OOF, oof, float_format="%.8g", digests=digests)  # type: ignore[arg-type]
     if s.ctx.skipped:
         write_csv(fdir / "skipped.csv", pd.DataFrame({"file_name": names[sorted(s.ctx.skipped)]}))
     best = history[state.best_epoch] if 0 <= state.best_epoch < len(history) else history[-1]
@@ -486,6 +493,7 @@ def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, secon
         "skipped": sorted(names[sorted(s.ctx.skipped)].tolist()),
         "wall_minutes_this_process": seconds / 60,
         **job.meta,
+        **fence.vouch(fdir, digests),  # readers refuse a file that a late write replaced
     }
     write_json(fdir / DONE, summary)
     (fdir / STATE).unlink(missing_ok=True)  # the fold is finished: its resume state is no longer needed

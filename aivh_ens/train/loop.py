@@ -355,12 +355,12 @@ class CompileFallback(nn.Module):
         return self._orig_mod(*args, **kwargs)
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
+def save_weights(model: nn.Module, path: Path, digests: dict[str, str] | None = None) -> None:
     """Atomically write a model's weights as safetensors (contiguous CPU copies; shared tensors cloned). One
     metadata key only: safetensors writes several in no fixed order, and a seeded CPU run is reproducible to
-    the byte."""
+    the byte. ``digests``: see :func:`aivh_ens.io.atomic_path`."""
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in _unwrap(model).state_dict().items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, digests) as tmp:
         save_file(sd, str(tmp), metadata={"format": "pt"})
 
 
@@ -388,12 +388,15 @@ def staged_best(fold_dir: Path, epoch: int) -> Path:
     return fold_dir / f"{BEST}.{epoch}.next"
 
 
-def stage_best(model: nn.Module, fold_dir: Path, epoch: int) -> None:
-    """Step one of saving a new best epoch: its weights under :func:`staged_best`, ``best.safetensors`` untouched.
+def stage_best(model: nn.Module, fold_dir: Path, epoch: int) -> str:
+    """Step one of saving a new best epoch: its weights under :func:`staged_best`, ``best.safetensors`` untouched;
+    their sha256, as written (what ``state.pt`` and ``done.json`` vouch for).
 
     Step two, :func:`commit_best`, comes after ``state.pt``; a crash between the steps is settled on resume by
     :func:`settle_best`, so ``best.safetensors`` always holds the epoch that ``state.pt`` calls the best."""
-    save_weights(model, staged_best(fold_dir, epoch))
+    digests: dict[str, str] = {}
+    save_weights(model, staged_best(fold_dir, epoch), digests)
+    return digests[staged_best(fold_dir, epoch).name]
 
 
 def commit_best(fold_dir: Path, epoch: int) -> None:

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from aivh_ens import fence
 from aivh_ens.config import RunConfig
 from aivh_ens.data.loader import derive_seed
 from aivh_ens.errors import UserError
@@ -188,13 +189,14 @@ def fit_probe_fold(
         "head": cfg.head,
         **info,
     }
-    save_weights(head, fdir / BEST)
+    digests: dict[str, str] = {}
+    save_weights(head, fdir / BEST, digests)
     write_csv(fdir / METRICS, pd.DataFrame([row]), float_format="%.6g")
     names = job.fold_table["file_name"].to_numpy()
     oof = pd.DataFrame(
         {"file_name": names[val_rows], "label": labels[val_rows], "fold": job.fold, "prob": p_val}
     )
-    write_csv(fdir / FOLD_OOF, oof, float_format="%.8g")
+    write_csv(fdir / FOLD_OOF, oof, float_format="%.8g", digests=digests)
     c = f" (C={info['C']:g}, chosen by inner CV)" if "C" in info else ""
     log(
         f"  fold {job.fold}: {cfg.head} head{c} fit in {seconds:.2f}s on {len(train_rows)} rows; "
@@ -214,6 +216,7 @@ def fit_probe_fold(
         "head_seconds": seconds,
         **info,
         **job.meta,
+        **fence.vouch(fdir, dict(digests)),  # readers refuse a file that a late write replaced
     }
     write_json(fdir / DONE, summary)
     return summary

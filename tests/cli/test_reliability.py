@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from oof_project import make_project
 from safetensors.torch import load_file
 
+from aivh_ens import fence
 from aivh_ens.cli import main
 
 # One torch thread everywhere: the in-process reference and the killed subprocesses sum in the same order.
@@ -32,7 +33,12 @@ def _assert_every_file_whole(root: Path) -> None:
     for f in root.rglob("*"):
         if not f.is_file() or f.name.endswith(".tmp"):
             continue
-        if f.suffix == ".json":
+        if f.name == "done.json":  # it vouches for the fold's files as they are, whatever resumed in between
+            done = json.loads(f.read_text())
+            assert done["generation"] == fence.read_fence(f.parent)["generation"]
+            assert set(done["sha256"]) == {"best.safetensors", "oof.csv"}
+            assert not [n for n in done["sha256"] if fence.unvouched(f.parent, done, n)], done
+        elif f.suffix == ".json":
             json.loads(f.read_text())
         elif f.suffix == ".csv":
             df = pd.read_csv(f)
@@ -120,7 +126,7 @@ def test_two_processes_on_different_folds_assemble_once(tmp_path, data):
 
 def test_same_fold_twice_second_names_lock_and_pid(tmp_path, data):
     args = [*ARGS, "--data", str(data), "--workdir", str(tmp_path), "--fold", "0", "--epochs", "3"]
-    first = spawn(args)
+    first = spawn(args, kill_at="epoch-done", fault="hang")  # holds its lock until killed
     lock = tmp_path / "runs/k/fold0.lock"
     try:
         for _ in range(600):  # wait until the first process holds the lock
@@ -130,7 +136,9 @@ def test_same_fold_twice_second_names_lock_and_pid(tmp_path, data):
             assert first.returncode is None, first.communicate()[0]
             time.sleep(0.05)
         res = CliRunner().invoke(main, args)
-        assert res.exit_code == 2 and f"PID {first.pid}" in res.output and "fold0.lock" in res.output
+        assert res.exit_code == 2 and f"PID {first.pid}" in res.output and "fold0.lock" in res.output, (
+            res.output
+        )
         assert "Traceback" not in res.output
     finally:
         first.kill()

@@ -185,6 +185,7 @@ def _no_submission(work: Path) -> bool:
     [
         ("missing_run", ["'b'", "runs/b/config.json", "aivh-ens blend"]),
         ("missing_fold", ["run a: fold 1", "best.safetensors", "--resume"]),
+        ("late_weights", ["run a: fold 1", "not the file its done.json vouches for", "--fold 1 --force"]),
         ("oof_changed", ["oof/a.csv", "changed", "aivh-ens blend"]),
         ("unknown_test_id", ["not_here.jpg"]),
         ("corrupt_test_image", ["unreadable test image", "every test id"]),
@@ -208,6 +209,9 @@ def test_submit_refusals(copy, monkeypatch, case, needles):
     elif case == "missing_fold":
         two_run_blend(work)  # run a in the blend, whatever weight the fitted one gave it
         (work / "runs" / "a" / "fold1" / "best.safetensors").unlink()
+    elif case == "late_weights":  # a process that had lost the fold's lock renamed its weights in at last
+        two_run_blend(work)
+        shutil.copy(work / "runs" / "a" / "fold0" / "best.safetensors", work / "runs" / "a" / "fold1")
     elif case == "oof_changed":
         with open(work / "oof" / "a.csv", "a") as f:
             f.write("\n")
