@@ -45,7 +45,7 @@ from make_jpegs import link_copies, make_jpegs  # noqa: E402
 
 from aivh_ens.config import resolve_config
 from aivh_ens.data.cache import ensure_cache
-from aivh_ens.data.cache_format import CachedSource, CacheWriter, _stat, cache_file, cache_key
+from aivh_ens.data.cache_format import CachedSource, CacheWriter, _stat, cache_key, cache_stem, version_file
 from aivh_ens.data.loader import ImageDataset, Normalizer, close_loaders, make_loader
 from aivh_ens.data.transforms import storage_step, train_transform
 from aivh_ens.io import atomic_path  # noqa: E402
@@ -151,13 +151,15 @@ def replicate_cache(src: CachedSource, big: Path, cache_dir: Path, copies: int) 
     images instead of decoding them again: this measures reading, not building."""
     names = pd.read_csv(big / "train.csv")["file_name"].tolist()
     storage = storage_step(resolve_config("effnet-b4-adam", img_size=SIZE), SIZE)
-    key = cache_key(big, storage)
-    with atomic_path(cache_file(cache_dir, big, storage)) as tmp, open(tmp, "wb") as f:
+    key, stem = cache_key(big, storage), cache_stem(cache_dir, big, storage)
+    staging = stem.with_name(stem.name + ".staging")
+    with atomic_path(staging) as tmp, open(tmp, "wb") as f:
         w = CacheWriter(f, key)
         for j, name in enumerate(names):
             i = j % len(src)
             w.add(name, src.get(i), tuple(src.shapes[i]), _stat(big / name))
-        w.finish()
+        digest = w.finish()
+    staging.rename(version_file(stem, digest))  # a version, named by its index as a build names it
 
 
 def rss_child(data: str, cache_dir: str, workers: int) -> None:

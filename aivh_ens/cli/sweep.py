@@ -43,6 +43,14 @@ scale_options = options(
         help="Seconds a job may go without finishing a single batch before it is killed (local) or cancelled "
         "(ray, slurm) as hung and marked failed (it resumes on the next run).  [default: 3600]",
     ),
+    click.option(
+        "--max-jobs-per-worker",
+        type=click.IntRange(min=0),
+        default=None,
+        help="local, ray: start a fresh worker process after N jobs (ray: the task's max_calls), to shed "
+        "memory a job leaves behind; a failed job's process is always replaced (local), and each slurm task "
+        "is a process of its own.  [default: 0, no limit]",
+    ),
     click.option("--slurm-partition", default=None, help="slurm: the partition.  [default: the cluster's]"),
     click.option(
         "--timeout-min",
@@ -86,6 +94,7 @@ BACKEND_FLAGS = {
     "devices": ("local",),
     "gpus": ("local",),
     "ray_address": ("ray",),
+    "max_jobs_per_worker": ("local", "ray"),
     "slurm_partition": ("slurm",),
     "timeout_min": ("slurm",),
     "gpus_per_task": ("ray", "slurm"),
@@ -154,6 +163,7 @@ def run_plan(
         slurm=slurm,
         ray=ray,
         job_timeout=kw.get("job_timeout"),
+        max_jobs_per_worker=kw.get("max_jobs_per_worker") or 0,
         log=echo,
     )
     if dry_run:

@@ -152,6 +152,7 @@ SCALE_KEYS = (
     "devices",
     "gpus",
     "job_timeout",
+    "max_jobs_per_worker",
     "ray_address",
     "slurm_partition",
     "timeout_min",

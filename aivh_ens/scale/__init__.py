@@ -1,6 +1,7 @@
 """Sweeps: plans of several runs x folds, expanded into idempotent (run, fold) jobs that a backend runs.
 
-Backends: ``local`` (one process per device, pinned to it and its cores, replaced when a job kills it), ``ray`` (Ray tasks, the only module that
+Backends, each a :class:`~aivh_ens.scale.backend.Backend` (run the jobs, cancel them): ``local`` (one process
+per device, pinned to it and its cores, replaced when a job kills it), ``ray`` (Ray tasks, the only module that
 imports ray) and ``slurm`` (submitit job arrays, the only module that imports submitit).
 """
 
@@ -17,6 +18,8 @@ __getattr__, __dir__, __all__ = attach(
         "JobSpec": ".jobs",
         "run_job": ".jobs",
         "run_sweep": ".sweep",
+        "Backend": ".backend",
+        "SweepInterrupted": ".backend",
         "SweepResult": ".sweep",
         "SlurmOptions": ".sweep",
         "RayOptions": ".sweep",

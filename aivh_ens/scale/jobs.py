@@ -196,10 +196,10 @@ def row_line(row: dict[str, Any]) -> str:
     return f"{row['run']} fold {row['fold']}: {row['state']}" + (f" - {row['error']}" if row["error"] else "")
 
 
-def record_failure(job_file: Path, error: str) -> None:
+def record_failure(job_file: Path, error: str, host: str = "") -> None:
     """``failed.json`` beside a job file, for a failure the job could not record itself (a killed worker, a
-    cancelled task)."""
-    write_json(Path(job_file).parent / FAILED, {"error": error, "host": "", "time": time.time()})
+    cancelled task); ``host``: where it ran, when known."""
+    write_json(Path(job_file).parent / FAILED, {"error": error, "host": host, "time": time.time()})
 
 
 HANG_ERROR = "made no progress in {:g}s (--job-timeout) and was cancelled"

@@ -11,8 +11,9 @@ A job must show progress, not just presence: every batch it loads, trains or sco
 shared memory (:func:`aivh_ens.progress.beats`), and a job whose counter stands still for ``job_timeout``
 seconds (a stuck CUDA call, a wedged loader, a D-state read) is killed and reported ``failed`` with that
 reason. A process whose job failed is replaced by a fresh one before the next job (a sticky CUDA error
-would fail every later job on that device). SIGTERM, like Ctrl-C, stops every job (each releases its fold's
-lock), and the sweep still prints its table; a job process whose parent dies stops its job and exits.
+would fail every later job on that device), and so is one that ran ``max_jobs_per_worker`` jobs. SIGTERM,
+like Ctrl-C, stops every job (each releases its fold's lock), and the sweep still prints its table; a job
+process whose parent dies stops its job and exits.
 """
 
 from __future__ import annotations
@@ -27,26 +28,18 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aivh_ens.errors import UserError
-from aivh_ens.scale.jobs import JOB_TIMEOUT_S, poll_step, row_line
+from aivh_ens.scale.backend import Backend, Log, interrupted_row, release_lock
+from aivh_ens.scale.jobs import JOB_TIMEOUT_S, poll_step
 from aivh_ens.system import interrupt_main
 
-Log = Callable[[str], None]
 INTERRUPTED = 130  # a job process's exit code after Ctrl-C (128 + SIGINT): its job is pending, not failed
-
-
-class SweepInterrupted(Exception):
-    """SIGINT or SIGTERM stopped the local backend; ``rows`` are the jobs' rows so far (the rest: pending)."""
-
-    def __init__(self, rows: list[dict[str, Any]]):
-        super().__init__("the sweep was interrupted")
-        self.rows = rows
 
 
 def physical_device(index: int, visible: str | None) -> str:
@@ -121,85 +114,70 @@ def make_slots(devices: Sequence[str], visible: str | None, cpus: Sequence[int])
     return slots
 
 
-def run_local(
-    job_files: list[Path],
-    devices: list[str],
-    log: Log,
-    threads: int | None = None,
-    admit: Callable[[Path], bool] | None = None,
-    job_timeout: float = JOB_TIMEOUT_S,
-    hooks: JobHooks | None = None,
-) -> list[dict[str, Any]]:
-    """Run the jobs (in the given order), one at a time per device, each device's in its own process; rows.
+class LocalBackend(Backend):
+    """The jobs (in the given order), one at a time per device, each device's in its own process.
 
     Each device's process gets that device's share of the cores (its torch threads and loader workers count
     those); ``threads`` overrides its torch threads. A job that raises is a failed row; a job whose process
     dies, or whose progress stands still for ``job_timeout`` seconds, is a failed row naming the cause, and the
-    device gets a fresh process for its next job.
-    ``admit`` (a job file -> start it now?) is asked when a device is free for the job; a job it refuses stays
-    ``pending`` (``auto`` uses it to start no job that would end past its time limit). ``hooks``: see
-    :class:`JobHooks`.
-
-    Raises:
-        SweepInterrupted: SIGINT or SIGTERM; every job was stopped first (its lock released).
+    device gets a fresh process for its next job. ``max_jobs_per_worker`` (0: no limit) also gives a device a
+    fresh process after that many jobs. ``admit`` (a job file -> start it now?) is asked when a device is free
+    for the job; a job it refuses stays ``pending`` (``auto`` uses it to start no job that would end past its
+    time limit). ``hooks``: see :class:`JobHooks`.
     """
-    hooks = hooks or JobHooks()
-    slots = make_slots(devices, os.environ.get("CUDA_VISIBLE_DEVICES"), sorted(_affinity()))
-    free: queue.SimpleQueue[Worker] = queue.SimpleQueue()
-    workers = [Worker(s, threads, job_timeout, hooks) for s in slots]
-    for w in workers:
-        free.put(w)
-    rows: list[dict[str, Any]] = []
-    terminated: list[int] = []
-    interrupted = False
-    try:
-        with _sigterm_interrupts(terminated), ThreadPoolExecutor(len(workers)) as pool:
-            futures = [pool.submit(_run_on_free_worker, Path(f), free, admit) for f in job_files]
-            try:
-                for fut in as_completed(futures):
-                    row = _logged(fut.result(), log)
-                    rows.append(row)
-                    if hooks.on_done is not None:
-                        hooks.on_done(row)
-            except BaseException as e:
-                for fut in futures:
-                    fut.cancel()
-                stop_workers(workers, signalled=bool(terminated))  # the jobs resume from their last epoch
-                if not isinstance(e, KeyboardInterrupt):
-                    raise
-                interrupted = True
-        if interrupted:  # the rows of the jobs that ended while they were being stopped
-            seen = {id(r) for r in rows}
-            done = [f.result() for f in futures if f.done() and not f.cancelled() and f.exception() is None]
-            rows += [_logged(r, log) for r in done if id(r) not in seen]
-            raise SweepInterrupted(rows)
-    finally:
-        for w in workers:
+
+    def __init__(
+        self,
+        devices: list[str],
+        log: Log,
+        threads: int | None = None,
+        admit: Callable[[Path], bool] | None = None,
+        job_timeout: float = JOB_TIMEOUT_S,
+        hooks: JobHooks | None = None,
+        max_jobs_per_worker: int = 0,
+    ):
+        super().__init__(log)
+        self.devices, self.threads, self.admit, self.job_timeout = devices, threads, admit, job_timeout
+        self.hooks, self.max_jobs = hooks or JobHooks(), max_jobs_per_worker
+        self.workers: list[Worker] = []
+        self.free: queue.SimpleQueue[Worker] = queue.SimpleQueue()
+        self.futures: list[Future] = []
+        self.pool: ThreadPoolExecutor | None = None
+
+    def open(self) -> None:
+        slots = make_slots(self.devices, os.environ.get("CUDA_VISIBLE_DEVICES"), sorted(_affinity()))
+        self.workers = [Worker(s, self.threads, self.job_timeout, self.hooks, self.max_jobs) for s in slots]
+        for w in self.workers:
+            self.free.put(w)
+
+    def run(self, job_files: list[Path]) -> None:
+        self.pool = ThreadPoolExecutor(len(self.workers))
+        self.futures = [
+            self.pool.submit(_run_on_free_worker, Path(f), self.free, self.admit) for f in job_files
+        ]
+        for fut in as_completed(self.futures):
+            row = self.record(fut.result())
+            if self.hooks.on_done is not None:
+                self.hooks.on_done(row)
+        self.pool.shutdown()
+
+    def cancel(self, signalled: bool) -> None:
+        """Stop the running jobs (each releases its lock; see :func:`stop_workers`); unstarted ones stay
+        pending. The rows of the stopped jobs, and of those that ended meanwhile, are recorded."""
+        for fut in self.futures:
+            fut.cancel()
+        stop_workers(self.workers, signalled=signalled)  # the jobs resume from their last epoch
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        seen = {id(r) for r in self.rows}
+        ended = [f.result() for f in self.futures if f.done() and not f.cancelled() and f.exception() is None]
+        for row in ended:
+            if id(row) not in seen:
+                self.record(row)
+
+    def close(self) -> None:
+        for w in self.workers:
             w.close()
-    return rows
-
-
-def _logged(row: dict[str, Any], log: Log) -> dict[str, Any]:
-    log(row_line(row))
-    return row
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts(seen: list[int]) -> Iterator[None]:
-    """While inside, SIGTERM (``docker stop``, a Kaggle or Slurm stop) stops the sweep as Ctrl-C does."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        seen.append(signum)
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 @dataclass(frozen=True)
@@ -239,7 +217,7 @@ def _run_on_free_worker(
 
 class Worker:
     """The process of one slot: started on its first job, it runs jobs sent over a pipe, one at a time, and is
-    replaced by a fresh one when it dies, hangs or fails a job."""
+    replaced by a fresh one when it dies, hangs or fails a job, or has run ``max_jobs`` jobs (0: no limit)."""
 
     def __init__(
         self,
@@ -247,9 +225,11 @@ class Worker:
         threads: int | None,
         job_timeout: float = JOB_TIMEOUT_S,
         hooks: JobHooks | None = None,
+        max_jobs: int = 0,
     ):
         self.slot, self.threads, self.job_timeout = slot, threads, job_timeout
-        self.hooks = hooks or JobHooks()
+        self.hooks, self.max_jobs = hooks or JobHooks(), max_jobs
+        self.jobs_run = 0  # by the current process
         self.proc: Any = None
         self.conn: Any = None
         self.beats: Any = None  # the process's progress counter, in shared memory
@@ -269,6 +249,7 @@ class Worker:
         )
         self.proc.start()
         child.close()
+        self.jobs_run = 0
 
     def run(self, job_file: Path) -> dict[str, Any]:
         """The job's row; ``failed`` with the cause when the process died or hung running it."""
@@ -281,7 +262,8 @@ class Worker:
             outcome = self._wait()
             if outcome == "reply":
                 row = self.conn.recv()
-                if row["state"] == "failed":
+                self.jobs_run += 1
+                if row["state"] == "failed" or self.jobs_run == self.max_jobs:
                     self.close()  # a fresh process for the next job: a sticky CUDA error stays behind
                 return row
         except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -290,11 +272,7 @@ class Worker:
             self.proc.kill()
         self.proc.join()
         if self.stopped or self.proc.exitcode == INTERRUPTED:
-            from aivh_ens.scale.jobs import read_spec, result_row
-
-            return result_row(
-                read_spec(job_file), "pending", error="interrupted; run the sweep again to resume"
-            )
+            return interrupted_row(job_file)
         if outcome == "hung":
             cause = f"made no progress in {self.job_timeout:g}s (--job-timeout) and was killed"
             return failed_row(job_file, cause, -signal.SIGKILL)
@@ -353,18 +331,7 @@ def stop_workers(workers: list[Worker], grace_s: float = 5.0, signalled: bool = 
             w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
     for w in workers:
         if w.job is not None and w.proc is not None and w.proc.exitcode == -signal.SIGKILL:
-            _release_dead_lock(w.job, w.proc.pid)  # it could not release its own
-
-
-def _release_dead_lock(job_file: Path, pid: int) -> None:
-    """Remove the fold lock of ``job_file`` when its owner is ``pid``, a job process this sweep killed."""
-    from aivh_ens.layout import run_dir
-    from aivh_ens.locks import release_dead_owner
-    from aivh_ens.scale.jobs import read_spec
-
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        spec = read_spec(job_file)
-        release_dead_owner(run_dir(spec.workdir, spec.run) / f"fold{spec.fold}.lock", pid)
+            release_lock(w.job, w.proc.pid)  # it could not release its own
 
 
 def died_row(job_file: Path, exitcode: int | None) -> dict[str, Any]:
@@ -375,13 +342,8 @@ def died_row(job_file: Path, exitcode: int | None) -> dict[str, Any]:
 
 def failed_row(job_file: Path, cause: str, rc: int) -> dict[str, Any]:
     """The row (and ``failed.json``) of a job whose process ``cause`` (died, hung): resumable."""
-    from aivh_ens.io import write_json
-    from aivh_ens.scale.jobs import FAILED, read_spec, result_row
-
     error = f"the job's process {cause}; run the sweep again to resume it from its last epoch"
-    spec = read_spec(job_file)
-    write_json(spec.fold_dir / FAILED, {"error": error, "host": socket.gethostname(), "time": time.time()})
-    return result_row(spec, "failed", error=error, exit_code=rc)
+    return Backend.fail(job_file, error, host=socket.gethostname(), exit_code=rc)
 
 
 def exit_cause(rc: int) -> str:

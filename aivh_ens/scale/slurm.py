@@ -3,19 +3,20 @@
 Each array task runs one (run, fold) job through :class:`FoldTask`, a ``submitit.helpers.Checkpointable``:
 on preemption or at its time limit submitit requeues it, and the job resumes from its last finished epoch
 (the fold's ``state.pt``); the lock of the first attempt carries the same job id, so the requeue takes it.
+An interrupted sweep cancels every unfinished task of its array.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import submitit
 
 from aivh_ens.locks import HEARTBEAT_S, current_attempt
+from aivh_ens.scale.backend import STOP_GRACE_S, Backend, Log, interrupted_row, lock_owner, release_killed
 from aivh_ens.scale.jobs import (
     HANG_ERROR,
     JOB_TIMEOUT_S,
@@ -25,9 +26,7 @@ from aivh_ens.scale.jobs import (
     poll_step,
     preload_training,
     read_spec,
-    record_failure,
     result_row,
-    row_line,
     run_job,
     task_device,
 )
@@ -95,41 +94,65 @@ def submit(job_files: list[Path], workdir: Path, opts: Any, job_timeout: float =
     return ex.map_array(task, [str(f) for f in job_files])
 
 
-def run_slurm(
-    job_files: list[Path],
-    workdir: Path,
-    opts: Any,
-    log: Callable[[str], None],
-    job_timeout: float = JOB_TIMEOUT_S,
-) -> list[dict[str, Any]]:
-    """Submit the jobs and wait for every one; their rows (a failed task is a failed row). A task whose
-    progress stands still for ``job_timeout`` seconds (``--job-timeout``) is cancelled as hung."""
-    jobs = submit(job_files, workdir, opts, job_timeout)
-    log(f"slurm: submitted {len(jobs)} task(s) as job {jobs[0].job_id.split('_')[0] if jobs else '-'}")
-    return wait(jobs, job_files, log, job_timeout)
+class SlurmBackend(Backend):
+    """The jobs as one array (:func:`submit`); each task's row as it finishes (a failed task is a failed row).
+    A task whose progress stands still for ``job_timeout`` seconds (``--job-timeout``) is cancelled as hung.
+    Each task is a process of its own, so no process runs two jobs."""
+
+    def __init__(self, workdir: Path, opts: Any, log: Log, job_timeout: float = JOB_TIMEOUT_S):
+        super().__init__(log)
+        self.workdir, self.opts, self.job_timeout = workdir, opts, job_timeout
+        self.jobs: list[Any] = []
+        self.files: list[Path] = []
+        self.pending: list[int] = []  # indices of the tasks not yet finished
+
+    def run(self, job_files: list[Path]) -> None:
+        self.files = list(job_files)
+        self.jobs = submit(self.files, self.workdir, self.opts, self.job_timeout)
+        self.pending = list(range(len(self.jobs)))
+        self.log(f"slurm: submitted {len(self.jobs)} task(s) as job {_array_id(self.jobs)}")
+        tasks = {i: (f, str(j.job_id)) for i, (j, f) in enumerate(zip(self.jobs, self.files, strict=True))}
+        watch, hung = HangWatch(tasks, self.job_timeout), set()
+        hang = HANG_ERROR.format(self.job_timeout)
+        while self.pending:
+            for i in watch.hung(self.pending):
+                self.jobs[i].cancel(check=False)
+                hung.add(i)
+            for i in list(self.pending):
+                if self.jobs[i].done():
+                    row = _row(self.jobs[i], self.files[i], hang if i in hung else None)
+                    self.pending.remove(i)  # not before its row is read: an interrupt leaves it to cancel()
+                    self.record(row)
+            if self.pending:
+                time.sleep(poll_step(self.job_timeout))
+
+    def cancel(self, signalled: bool) -> None:
+        """Cancel every unfinished task (``scancel``; submitit's local executor sends SIGINT, and the job
+        releases its fold lock), wait for them to end, release the locks of killed tasks on this host; their
+        rows are pending."""
+        owners = {i: lock_owner(self.files[i]) for i in self.pending}
+        for i in self.pending:
+            self.jobs[i].cancel(check=False)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(not _ended(self.jobs[i]) for i in self.pending) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for i in self.pending:
+            if owners[i].get("job_id") == str(self.jobs[i].job_id):
+                release_killed(self.files[i], owners[i], within_s=max(0.0, deadline - time.monotonic()))
+            self.record(interrupted_row(self.files[i]))
+        self.pending = []
 
 
-def wait(
-    jobs: list[Any], job_files: list[Path], log: Callable[[str], None], job_timeout: float = JOB_TIMEOUT_S
-) -> list[dict[str, Any]]:
-    """Each submitit job's row, in order (a failed, uncompleted or hung task is a failed row); logged as each
-    finishes."""
-    watch = HangWatch({i: (f, str(j.job_id)) for i, (j, f) in enumerate(zip(jobs, job_files, strict=True))},
-                      job_timeout)  # fmt: skip
-    rows: dict[int, dict[str, Any]] = {}
-    hung: set[int] = set()
-    while len(rows) < len(jobs):
-        pending = [i for i in range(len(jobs)) if i not in rows]
-        for i in watch.hung(pending):
-            jobs[i].cancel(check=False)
-            hung.add(i)
-        for i in pending:
-            if jobs[i].done():
-                rows[i] = _row(jobs[i], job_files[i], HANG_ERROR.format(job_timeout) if i in hung else None)
-                log(row_line(rows[i]))
-        if len(rows) < len(jobs):
-            time.sleep(poll_step(job_timeout))
-    return [rows[i] for i in range(len(jobs))]
+def _array_id(jobs: list[Any]) -> str:
+    return jobs[0].job_id.split("_")[0] if jobs else "-"
+
+
+def _ended(job: Any) -> bool:
+    """Whether a cancelled job has ended (an error asking the scheduler counts as ended: it was cancelled)."""
+    try:
+        return job.done(force_check=True)
+    except Exception:
+        return True
 
 
 def _row(job: Any, job_file: Path, hang: str | None) -> dict[str, Any]:
@@ -138,8 +161,7 @@ def _row(job: Any, job_file: Path, hang: str | None) -> dict[str, Any]:
         return job.result()
     except Exception as e:  # submitit's FailedJobError carries the task's traceback
         if hang:
-            record_failure(job_file, hang)
-            return result_row(read_spec(job_file), "failed", error=hang)
+            return Backend.fail(job_file, hang)
         text = [ln for ln in str(e).splitlines() if ln.strip()]
         err = next((ln.strip() for ln in reversed(text) if "Error" in ln or "Exception" in ln), error_line(e))
         return result_row(read_spec(job_file), "failed", error=err[:300])

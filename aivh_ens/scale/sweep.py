@@ -44,7 +44,7 @@ class SlurmOptions:
 
 @dataclass(frozen=True)
 class RayOptions:
-    """What ``--backend ray`` asks for per task (None: see :func:`aivh_ens.scale.ray.run_ray`)."""
+    """What ``--backend ray`` asks for per task (None: see :class:`aivh_ens.scale.ray.RayBackend`)."""
 
     gpus_per_task: float | None = None
     cpus_per_task: int | None = None
@@ -212,6 +212,7 @@ def run_sweep(
     job_timeout: float | None = None,
     hooks: Any = None,
     order: str = "cost",
+    max_jobs_per_worker: int = 0,
     log: Log = print,
 ) -> SweepResult:
     """Train every fold of every run in the plan on the chosen backend; skip jobs already done.
@@ -234,11 +235,13 @@ def run_sweep(
         hooks: local backend: :class:`aivh_ens.scale.local.JobHooks` (a finished job's callback, the job
             processes' environment and output file).
         order: ``cost`` (longest jobs first) or ``plan`` (the plan's runs in their order, fold by fold).
+        max_jobs_per_worker: local and ray: a worker process is replaced by a fresh one after this many jobs
+            (``--max-jobs-per-worker``; 0: never, only after a failed job). Slurm runs each job in its own task.
 
     Raises:
         UserError: a bad plan or input, or a missing extra, before anything is written or decoded.
     """
-    _check_arguments(backend, admit is not None or hooks is not None, order)
+    _check_arguments(backend, admit is not None or hooks is not None, order, max_jobs_per_worker)
     workdir = Path(workdir)
     device_list = _local_devices(backend, devices, gpus)
     checked = check_plan(plan, workdir, force, device_list[0] if device_list else "cpu")
@@ -251,24 +254,28 @@ def run_sweep(
     pending = [s.path for s, st in jobs if st == "pending"]
     log(f"sweep: {len(jobs)} jobs, {len(pending)} to run, backend {backend}")
     engine = (ray_address, ray or RayOptions()) if backend == "ray" else slurm
-    from aivh_ens.scale.local import SweepInterrupted
+    from aivh_ens.scale.backend import SweepInterrupted, run_jobs
+    from aivh_ens.scale.jobs import JOB_TIMEOUT_S
 
+    runner = _backend(backend, workdir, device_list, threads, engine, log, admit,
+                      job_timeout or JOB_TIMEOUT_S, hooks, max_jobs_per_worker)  # fmt: skip
     try:
-        rows = _dispatch(
-            backend, pending, workdir, device_list, threads, engine, log, admit, job_timeout, hooks
-        )
+        rows = run_jobs(runner, pending) if pending else []
     except SweepInterrupted as stop:  # every job stopped and its lock released: still print the table
         log("sweep: interrupted; the stopped jobs resume on the next run")
         return dataclasses.replace(finish(checked, jobs, stop.rows, workdir, log), interrupted=True)
     return finish(checked, jobs, rows, workdir, log)
 
 
-def _check_arguments(backend: str, local_only: bool, order: str) -> None:
-    """The backend is known and its extra installed; ``admit``/``hooks`` (``local_only``) only on local."""
+def _check_arguments(backend: str, local_only: bool, order: str, max_jobs_per_worker: int = 0) -> None:
+    """The backend is known and its extra installed; ``admit``/``hooks`` (``local_only``) only on local;
+    ``max_jobs_per_worker`` not on slurm, whose tasks are a process each."""
     if backend not in BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
     if local_only and backend != "local":
         raise ValueError(f"admit= and hooks= are for the local backend, not {backend}")
+    if max_jobs_per_worker < 0 or (max_jobs_per_worker and backend == "slurm"):
+        raise ValueError(f"max_jobs_per_worker= is 0 or more, for local or ray (got {max_jobs_per_worker})")
     if order not in ("cost", "plan"):
         raise ValueError(f"order= is 'cost' or 'plan', not {order!r}")
     check_extra(backend)
@@ -284,43 +291,34 @@ def _local_devices(backend: str, devices: str | None, gpus: int | None) -> list[
     return parse_devices(devices, gpus)
 
 
-def _dispatch(
+def _backend(
     backend: str,
-    pending: list[Path],
     workdir: Path,
     devices: list[str],
     threads: int | None,
     engine: Any,
     log: Log,
-    admit: Callable[[Path], bool] | None = None,
-    job_timeout: float | None = None,
-    hooks: Any = None,
-) -> list[dict[str, Any]]:
-    if not pending:
-        return []
-    from aivh_ens.scale.jobs import JOB_TIMEOUT_S
-
+    admit: Callable[[Path], bool] | None,
+    job_timeout: float,
+    hooks: Any,
+    max_jobs_per_worker: int,
+) -> Any:
+    """The :class:`aivh_ens.scale.backend.Backend` that runs the sweep's jobs."""
     if backend == "local":
-        from aivh_ens.scale.local import run_local
+        from aivh_ens.scale.local import LocalBackend
 
-        return run_local(pending, devices, log, threads, admit, job_timeout or JOB_TIMEOUT_S, hooks)
+        return LocalBackend(devices, log, threads, admit, job_timeout, hooks, max_jobs_per_worker)
     if backend == "ray":
-        from aivh_ens.scale.ray import run_ray
+        from aivh_ens.scale.ray import RayBackend
 
         address, opts = engine
-        return run_ray(
-            pending,
-            workdir,
-            address,
-            log,
-            threads,
-            opts.gpus_per_task,
-            opts.cpus_per_task,
-            job_timeout or JOB_TIMEOUT_S,
-        )
-    from aivh_ens.scale.slurm import run_slurm
+        return RayBackend(
+            workdir, address, log, threads, opts.gpus_per_task, opts.cpus_per_task, job_timeout,
+            max_jobs_per_worker,
+        )  # fmt: skip
+    from aivh_ens.scale.slurm import SlurmBackend
 
-    return run_slurm(pending, workdir, engine or SlurmOptions(), log, job_timeout or JOB_TIMEOUT_S)
+    return SlurmBackend(workdir, engine or SlurmOptions(), log, job_timeout)
 
 
 def finish(

@@ -116,3 +116,16 @@ def test_stopping_the_sweep_stops_its_jobs_and_releases_their_locks(tmp_path, da
         assert "Traceback" not in err
     else:
         assert p.returncode == -signal.SIGKILL
+
+
+def test_max_jobs_per_worker_gives_the_device_a_fresh_process_after_n_jobs(tmp_path, data):
+    """--max-jobs-per-worker 2, three jobs on one device: the first two run in one process, which then exits;
+    the third runs in a fresh one."""
+    from aivh_ens.scale.plan import load_plan
+    from aivh_ens.scale.sweep import run_sweep
+
+    plan = load_plan(write_plan(tmp_path / "plan.toml", data, RUNS, folds=3))
+    result = run_sweep(plan, tmp_path / "w", devices="cpu", max_jobs_per_worker=2, log=print)
+    assert [r["state"] for r in result.rows] == ["done"] * 3, result.rows
+    pids = [started(tmp_path / "w", k)["pid"] for k in range(3)]  # the jobs ran in plan order, one at a time
+    assert pids[0] == pids[1] != pids[2] and not pid_alive(pids[0]), pids

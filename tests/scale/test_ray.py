@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from click.testing import CliRunner
 from sweep_plans import write_plan
 
 from aivh_ens.cli import main
+from aivh_ens.liveness import pid_alive
 from aivh_ens.locks import read_owner, stale_reason
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,9 +52,11 @@ def data(demo_data) -> Path:
 
 def sweep(tmp_path: Path, data: Path, *extra: str):
     plan = write_plan(tmp_path / "plan.toml", data, [{"name": "r", "model": "test_efficientnet"}])
-    return CliRunner().invoke(
-        main, ["sweep", str(plan), "--backend", "ray", "--workdir", str(tmp_path / "w"), *extra]
-    )
+    return sweep_plan(plan, tmp_path / "w", *extra)
+
+
+def sweep_plan(plan: Path, work: Path, *extra: str):
+    return CliRunner().invoke(main, ["sweep", str(plan), "--backend", "ray", "--workdir", str(work), *extra])
 
 
 def fold_files(tmp_path: Path, k: int) -> tuple[dict, dict | None]:
@@ -148,3 +154,38 @@ def test_a_node_whose_read_of_the_work_dir_hangs_is_named_not_waited_for(tmp_pat
     with pytest.raises(UserError, match=r"did not read a file in the work dir .* within 3 s"):
         check_shared_workdir(tmp_path)
     assert not list((tmp_path / "runs").glob(".ray-probe-*"))
+
+
+def test_an_interrupted_ray_sweep_cancels_its_tasks_and_releases_their_locks(tmp_path, data):
+    """SIGINT to a sweep driver whose two tasks train for ever: it exits 130 with both folds pending, their
+    workers are killed and their locks released. The sweep then finishes, and with --max-jobs-per-worker 1
+    (Ray's max_calls) each worker process exits after its job."""
+    plan = write_plan(tmp_path / "plan.toml", data, [{"name": "r", "model": "test_efficientnet"}], folds=2)
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "aivh_ens", "sweep", str(plan), "--backend", "ray", "--ray-address", address]
+    cmd += ["--workdir", str(tmp_path / "w")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    hang = {"AIVH_ENS_KILL_AT": "batch", "AIVH_ENS_FAULT": "hang"}  # every job trains for ever
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env | hang)
+    locks = [tmp_path / "w" / "runs" / "r" / f"fold{k}.lock" for k in range(2)]
+    deadline = time.monotonic() + 300
+    while not all((read_owner(lock) or {}).get("job_id") for lock in locks):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.2)
+    pids = [read_owner(lock)["pid"] for lock in locks]
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, out + err
+    rows = [ln for ln in out.splitlines() if ln.startswith("r ") and ln.split()[1].isdigit()]
+    assert len(rows) == 2 and all("pending" in r and "interrupted" in r for r in rows), out
+    assert "Traceback" not in err, err
+    assert not any(pid_alive(pid) for pid in pids), pids
+    assert not any(lock.exists() for lock in locks), "a lock was left held"
+    # Ray's max_calls: each worker exits after its one job (an idle worker is otherwise kept for the next)
+    again = sweep_plan(plan, tmp_path / "w", "--max-jobs-per-worker", "1")
+    assert again.exit_code == 0, again.output
+    done = [fold_files(tmp_path, k)[1] for k in range(2)]
+    gone = time.monotonic() + 60
+    while any(pid_alive(d["pid"]) for d in done) and time.monotonic() < gone:
+        time.sleep(0.1)
+    assert not any(pid_alive(d["pid"]) for d in done), done

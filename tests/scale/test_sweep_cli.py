@@ -43,6 +43,10 @@ def sweep(plan: Path, *extra: str):
         (["--timeout-min", "60", "--backend", "ray"], ["--timeout-min is for --backend slurm", "ray"]),
         (["--ray-address", "auto"], ["--ray-address is for --backend ray"]),
         (["--gpus-per-task", "1"], ["--gpus-per-task is for --backend ray or --backend slurm"]),
+        (
+            ["--max-jobs-per-worker", "2", "--backend", "slurm"],
+            ["--max-jobs-per-worker is for --backend local or --backend ray"],
+        ),
         (["--devices", "cpu", "--backend", "slurm"], ["--devices is for --backend local"]),
         (["--gpus", "2", "--backend", "ray"], ["--gpus is for --backend local"]),
         (["--backend", "slurm", "--gpus-per-task", "0.5"], ["--gpus-per-task", "whole number", "0.5"]),
