@@ -14,37 +14,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+from auto_checks import run_auto
 from cli_checks import assert_user_error
-from click.testing import CliRunner
 
 from aivh_ens.auto.budget import format_duration, parse_time_limit
 from aivh_ens.auto.plan import read_plan
 from aivh_ens.auto.stage import submit_threads
-from aivh_ens.cli import main
 from aivh_ens.layout import oof_path
 
 HEADROOM = 1.5
 """The tests' budget over the planner's least limit: room for one timing to read slower than the other."""
-
-
-def _auto(data: Path, work: Path, limit: str, *extra: str):
-    return CliRunner().invoke(
-        main,
-        [
-            "auto",
-            "--data",
-            str(data),
-            "--time-limit",
-            limit,
-            "--devices",
-            "cpu",
-            "--threads",
-            "1",
-            "--workdir",
-            str(work),
-            *extra,
-        ],
-    )
 
 
 def _done_files(work: Path) -> dict[Path, int]:
@@ -63,7 +42,7 @@ def asked(demo_data, tmp_path_factory):
     """``auto --time-limit 1s``: too small for one run anywhere; the error names the least limit."""
     data = demo_data(n=64, n_test=16, seed=5)
     work = tmp_path_factory.mktemp("auto") / "work"
-    res = _auto(data, work, "1s")
+    res = run_auto(data, work, "1s")
     return data, work, res, work.exists()
 
 
@@ -71,7 +50,7 @@ def asked(demo_data, tmp_path_factory):
 def first(asked):
     data, work, too_small, _ = asked
     limit = math.ceil(HEADROOM * least_limit(too_small))
-    res = _auto(data, work, f"{limit}s")
+    res = run_auto(data, work, f"{limit}s")
     return data, work, res, limit
 
 
@@ -101,7 +80,7 @@ def test_second_call_resumes_without_retraining_and_quiet_prints_only_the_table(
     old = read_plan(work, data)
     before = _done_files(work)
     assert before  # the first call trained something
-    res = _auto(data, work, f"{limit}s", "--quiet")
+    res = run_auto(data, work, f"{limit}s", "--quiet")
     assert res.exit_code == 0, res.output
     assert res.output.startswith("run ") and "budget: used" in res.output  # --quiet: the final table only
     assert "plan:" not in res.output and "sweep:" not in res.output
@@ -115,7 +94,7 @@ def test_a_larger_limit_extends_the_plan_without_retraining(first, asked):
     bigger = limit + least_limit(asked[2])  # room for at least the smallest further run
     old = read_plan(work, data)
     before = _done_files(work)
-    res = _auto(data, work, f"{bigger}s")
+    res = run_auto(data, work, f"{bigger}s")
     assert res.exit_code == 0, res.output
     assert f"plan: extended for {format_duration(bigger)} with " in res.output
     new = read_plan(work, data)
@@ -130,20 +109,6 @@ def test_a_larger_limit_extends_the_plan_without_retraining(first, asked):
     assert all(name in table for name in added)
 
 
-def test_dry_run_prints_candidates_plan_and_estimates_and_writes_nothing(demo_data, tmp_path):
-    data = demo_data(n=64, n_test=16, seed=5)
-    res = _auto(data, tmp_path / "w", "1h", "--dry-run", "--on-bad-image", "skip")
-    assert res.exit_code == 0, res.output
-    assert "inspect: reading" in res.output and "timing: " in res.output  # the slow steps announce themselves
-    assert re.search(r"^candidate +kind +model", res.output, re.M)
-    assert re.search(
-        r"^plan: \d+ runs x \d folds on cpu; shared settings: .*on_bad_image = skip", res.output, re.M
-    )
-    assert re.search(r"^estimates: inspect \+ timing .* of 60\.0m \(\d+%\)$", res.output, re.M)
-    assert "dry run: nothing was trained or written" in res.output
-    assert not (tmp_path / "w").exists()
-
-
 def test_jobs_that_all_fail_are_named_as_failures(first, asked, tmp_path, monkeypatch):
     data, work, _, _ = first
     # the first call's probes, as a rerun in place reuses them: the least limit (which prices the probes) then
@@ -153,7 +118,7 @@ def test_jobs_that_all_fail_are_named_as_failures(first, asked, tmp_path, monkey
     limit = least_limit(asked[2])
     monkeypatch.setenv("AIVH_ENS_KILL_AT", "epoch-done")  # every fold's job raises after its first epoch
     monkeypatch.setenv("AIVH_ENS_FAULT", "raise")
-    res = _auto(data, tmp_path / "w", f"{limit}s")
+    res = run_auto(data, tmp_path / "w", f"{limit}s")
     assert res.exit_code == 1, res.output
     assert re.search(r"^\[0/\d+\] \S+ fold \d FAILED: ", res.output, re.M)
     assert re.search(r"^no run finished: \d+ jobs FAILED; the first, \S+ fold \d: ", res.output, re.M)
@@ -170,7 +135,7 @@ def test_budget_too_small_for_one_run_stops_before_training(asked):
 
 @pytest.mark.parametrize("limit", ["abc", "0", "-5m"])
 def test_bad_time_limit_is_one_line_exit_2(demo_data, tmp_path, limit):
-    res = _auto(demo_data(n=64, n_test=16, seed=5), tmp_path / "w", limit)
+    res = run_auto(demo_data(n=64, n_test=16, seed=5), tmp_path / "w", limit)
     assert_user_error(res, "--time-limit")
     assert not (tmp_path / "w").exists()
 
