@@ -88,14 +88,20 @@ def test_each_job_gets_its_own_gpu_and_a_crashed_worker_is_retried(tmp_path, dat
 
 
 def test_an_exception_is_not_retried_and_the_other_jobs_finish(tmp_path, data, monkeypatch):
+    """...and with --max-jobs-per-worker 1 (Ray's max_calls) each worker process exits after its one job (an
+    idle worker is otherwise kept for the next)."""
     monkeypatch.setenv("AIVH_ENS_KILL_AT", "job:r:0")
     monkeypatch.setenv("AIVH_ENS_FAULT", "raise")
-    res = sweep(tmp_path, data)
+    res = sweep(tmp_path, data, "--max-jobs-per-worker", "1")
     assert res.exit_code == 1, res.output
     started, done = fold_files(tmp_path, 0)
     assert done is None and started["attempt"] == 1  # not retried: a bug or an OOM would only fail again
-    for k in (1, 2):
-        assert fold_files(tmp_path, k)[1] is not None
+    finished = [fold_files(tmp_path, k)[1] for k in (1, 2)]
+    assert all(d is not None for d in finished)
+    gone = time.monotonic() + 60
+    while any(pid_alive(d["pid"]) for d in finished) and time.monotonic() < gone:
+        time.sleep(0.1)
+    assert not any(pid_alive(d["pid"]) for d in finished), finished
     row = [ln for ln in res.output.splitlines() if ln.startswith("r ") and ln.split()[1] == "0"][-1]
     assert "failed" in row and "RuntimeError: injected fault at job:r:0" in row
     status = CliRunner().invoke(main, ["status", "--workdir", str(tmp_path / "w")]).output
@@ -158,8 +164,7 @@ def test_a_node_whose_read_of_the_work_dir_hangs_is_named_not_waited_for(tmp_pat
 
 def test_an_interrupted_ray_sweep_cancels_its_tasks_and_releases_their_locks(tmp_path, data):
     """SIGINT to a sweep driver whose two tasks train for ever: it exits 130 with both folds pending, their
-    workers are killed and their locks released. The sweep then finishes, and with --max-jobs-per-worker 1
-    (Ray's max_calls) each worker process exits after its job."""
+    workers are killed and their locks released."""
     plan = write_plan(tmp_path / "plan.toml", data, [{"name": "r", "model": "test_efficientnet"}], folds=2)
     address = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "aivh_ens", "sweep", str(plan), "--backend", "ray", "--ray-address", address]
@@ -181,11 +186,3 @@ def test_an_interrupted_ray_sweep_cancels_its_tasks_and_releases_their_locks(tmp
     assert "Traceback" not in err, err
     assert not any(pid_alive(pid) for pid in pids), pids
     assert not any(lock.exists() for lock in locks), "a lock was left held"
-    # Ray's max_calls: each worker exits after its one job (an idle worker is otherwise kept for the next)
-    again = sweep_plan(plan, tmp_path / "w", "--max-jobs-per-worker", "1")
-    assert again.exit_code == 0, again.output
-    done = [fold_files(tmp_path, k)[1] for k in range(2)]
-    gone = time.monotonic() + 60
-    while any(pid_alive(d["pid"]) for d in done) and time.monotonic() < gone:
-        time.sleep(0.1)
-    assert not any(pid_alive(d["pid"]) for d in done), done
