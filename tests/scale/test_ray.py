@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 import ray  # the ray extra: make install (and CI) installs it, so a missing one fails loudly
 from click.testing import CliRunner
-from sweep_plans import write_plan
+from sweep_plans import stop_hung_sweep, write_plan
 
 from aivh_ens.cli import main
 from aivh_ens.liveness import pid_alive
@@ -167,22 +165,7 @@ def test_an_interrupted_ray_sweep_cancels_its_tasks_and_releases_their_locks(tmp
     workers are killed and their locks released."""
     plan = write_plan(tmp_path / "plan.toml", data, [{"name": "r", "model": "test_efficientnet"}], folds=2)
     address = ray.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "aivh_ens", "sweep", str(plan), "--backend", "ray", "--ray-address", address]
-    cmd += ["--workdir", str(tmp_path / "w")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    hang = {"AIVH_ENS_KILL_AT": "batch", "AIVH_ENS_FAULT": "hang"}  # every job trains for ever
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env | hang)
-    locks = [tmp_path / "w" / "runs" / "r" / f"fold{k}.lock" for k in range(2)]
-    deadline = time.monotonic() + 300
-    while not all((read_owner(lock) or {}).get("job_id") for lock in locks):
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-        time.sleep(0.2)
-    pids = [read_owner(lock)["pid"] for lock in locks]
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, out + err
-    rows = [ln for ln in out.splitlines() if ln.startswith("r ") and ln.split()[1].isdigit()]
-    assert len(rows) == 2 and all("pending" in r and "interrupted" in r for r in rows), out
+    _, err = stop_hung_sweep(
+        plan, tmp_path / "w", "r", 2, signal.SIGINT, "--backend", "ray", "--ray-address", address
+    )
     assert "Traceback" not in err, err
-    assert not any(pid_alive(pid) for pid in pids), pids
-    assert not any(lock.exists() for lock in locks), "a lock was left held"

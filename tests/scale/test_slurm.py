@@ -7,8 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,10 +14,8 @@ from typing import Any
 
 import pandas as pd
 import submitit  # the slurm extra: make install (and CI) installs it; missing fails loudly
-from sweep_plans import write_plan
+from sweep_plans import stop_hung_sweep, write_plan
 
-from aivh_ens.liveness import pid_alive
-from aivh_ens.locks import read_owner
 from aivh_ens.scale.plan import load_plan
 from aivh_ens.scale.sweep import SlurmOptions, run_sweep
 
@@ -100,28 +96,6 @@ def test_a_stopped_sweep_cancels_its_array_and_releases_the_locks(tmp_path, demo
     and the tasks are cancelled (gone) with their locks released."""
     data = demo_data(n=40, n_test=10, seed=17)
     plan = write_plan(tmp_path / "plan.toml", data, [{"name": "s", "model": "test_efficientnet"}], folds=2)
-    cmd = [sys.executable, "-m", "aivh_ens", "sweep", str(plan), "--backend", "slurm", "--slurm-cluster"]
-    cmd += ["local", "--timeout-min", "5", "--gpus-per-task", "0", "--cpus-per-task", "1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    env |= {"AIVH_ENS_KILL_AT": "batch", "AIVH_ENS_FAULT": "hang"}  # every job trains for ever
-    p = subprocess.Popen(
-        [*cmd, "--workdir", str(tmp_path / "w")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    locks = [tmp_path / "w" / "runs" / "s" / f"fold{k}.lock" for k in range(2)]
-    deadline = time.monotonic() + 300
-    while not all((read_owner(lock) or {}).get("job_id") for lock in locks):
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-        time.sleep(0.2)
-    pids = [read_owner(lock)["pid"] for lock in locks]
-    p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, out + err
-    rows = [ln for ln in out.splitlines() if ln.startswith("s ") and ln.split()[1].isdigit()]
-    assert len(rows) == 2 and all("pending" in r and "interrupted" in r for r in rows), out
+    slurm = ["--backend", "slurm", "--slurm-cluster", "local", "--timeout-min", "5", "--gpus-per-task", "0"]
+    _, err = stop_hung_sweep(plan, tmp_path / "w", "s", 2, signal.SIGTERM, *slurm, "--cpus-per-task", "1")
     assert "aivh_ens/" not in err, err  # no traceback of ours (submitit's local controllers print theirs)
-    assert not any(pid_alive(pid) for pid in pids), pids
-    assert not any(lock.exists() for lock in locks), "a lock was left held"
