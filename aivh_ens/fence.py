@@ -17,8 +17,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from aivh_ens.io import sha256_file, write_json
 
 FENCE = "fence.json"
 
@@ -47,19 +50,15 @@ def newer_holder(folder: str | os.PathLike, generation: int, token: str) -> dict
 def claim(folder: str | os.PathLike, generation: int, token: str) -> None:
     """Put this holder's generation in the folder's fence (the caller's write guard refuses it when a newer
     holder's fence is already there)."""
-    from aivh_ens.io import write_json  # io imports the lock module, which imports this one
-
     record = {"generation": generation, "token": token, "host": socket.gethostname(), "pid": os.getpid()}
     write_json(Path(folder) / FENCE, record)
 
 
-def vouch(folder: str | os.PathLike, digests: dict[str, str | None]) -> dict[str, Any]:
+def vouch(folder: str | os.PathLike, digests: Mapping[str, str | None]) -> dict[str, Any]:
     """What a finished folder's last record says of its files: the fence's generation and each file's sha256.
 
     ``digests``: ``{file name: sha256}`` of the bytes this holder wrote, taken when it wrote them
     (:func:`aivh_ens.io.atomic_path`); a file given None (one an earlier holder wrote) is hashed as it is now."""
-    from aivh_ens.io import sha256_file
-
     folder = Path(folder)
     return {
         "generation": read_fence(folder).get("generation"),
@@ -72,8 +71,6 @@ def unvouched(
 ) -> str | None:
     """Why file ``name`` of ``folder`` is not the one ``record`` (a ``done.json``) vouches for, or None when it
     is (or when the record names no digest for it). ``digest``: the file's sha256, when the caller has it."""
-    from aivh_ens.io import sha256_file
-
     want = (record.get("sha256") or {}).get(name)
     if not want:
         return None

@@ -47,7 +47,7 @@ from typing import Any
 
 from aivh_ens import fence, progress
 from aivh_ens.errors import UserError
-from aivh_ens.io import guarded
+from aivh_ens.io import guarded, write_json, write_text
 from aivh_ens.liveness import pid_alive, record_alive, same_space, this_process
 
 __all__ = [
@@ -319,8 +319,6 @@ class FileLock:
                 json.dump(self.record(), f)
                 f.flush()
                 os.fsync(f.fileno())
-            from aivh_ens.io import write_text  # io imports this module
-
             write_text(gen_path(self.path), f"{self.generation}\n")
         except BaseException:  # ENOSPC, EIO, a signal: an empty or torn lock file must not stay behind
             self.path.unlink(missing_ok=True)
@@ -398,8 +396,6 @@ class FileLock:
         self._beater.start()
 
     def _beat(self) -> None:
-        from aivh_ens.io import write_json  # io imports this module
-
         missing = failures = beats = 0
         wait = self.heartbeat_s
         while not self._stop.wait(wait):

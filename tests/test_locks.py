@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from aivh_ens import io, locks
+from aivh_ens import locks
 from aivh_ens.errors import UserError
 from aivh_ens.liveness import start_time, this_process
 from aivh_ens.locks import FileLock, LockHeld, pid_alive, read_owner, stale_reason
@@ -127,7 +127,7 @@ def test_a_failed_create_leaves_no_lock_file(tmp_path, monkeypatch):
 
 
 def test_the_heartbeat_survives_transient_os_errors(tmp_path, monkeypatch):
-    real, failures = io.write_json, []
+    real, failures = locks.write_json, []
 
     def flaky(path, obj):  # ESTALE on shared storage, three times in a row
         if len(failures) < 3:
@@ -135,7 +135,7 @@ def test_the_heartbeat_survives_transient_os_errors(tmp_path, monkeypatch):
             raise OSError(errno.ESTALE, "Stale file handle")
         return real(path, obj)
 
-    monkeypatch.setattr(io, "write_json", flaky)
+    monkeypatch.setattr(locks, "write_json", flaky)  # the heartbeat's writes
     path = tmp_path / "h.lock"
     with FileLock(path, "fold 0", heartbeat_s=0.05) as lock:
         deadline = time.monotonic() + 60  # only a hang reaches it

@@ -107,9 +107,12 @@ Identity = tuple[int, int]  # (st_dev, st_ino): one version of a cache, whatever
 
 def _identity(path: str | Path) -> Identity | None:
     try:
-        st = os.stat(path)
+        return _st_identity(os.stat(path))
     except OSError:
         return None
+
+
+def _st_identity(st: os.stat_result) -> Identity:
     return int(st.st_dev), int(st.st_ino)
 
 
@@ -145,8 +148,7 @@ def _hold(path: str | Path) -> tuple[int, Identity] | None:
         try:
             with contextlib.suppress(OSError):  # a file system without locks: read unlocked (none removes it)
                 fcntl.flock(fd, fcntl.LOCK_SH)
-            st = os.fstat(fd)
-            if (int(st.st_dev), int(st.st_ino)) == ident == _identity(path):  # not removed meanwhile
+            if _st_identity(os.fstat(fd)) == ident == _identity(path):  # not removed meanwhile
                 held[ident] = [fd, 1, None]
                 return fd, ident
         except OSError:
@@ -199,8 +201,7 @@ def remove_unused(stem: Path, keep: Path) -> list[Path]:
                 continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            st = os.fstat(fd)
-            if (int(st.st_dev), int(st.st_ino)) == ident == _identity(p):
+            if _st_identity(os.fstat(fd)) == ident == _identity(p):
                 os.unlink(p)
                 removed.append(p)
         except OSError:
@@ -284,7 +285,7 @@ def _parse_index(fd: int, key: dict[str, Any]) -> CacheIndex | None:
             np.asarray(doc["stats"], np.int64).reshape(-1, 2),
             dict(doc["bad"]),
             int(offset),
-            (int(st.st_dev), int(st.st_ino)),
+            _st_identity(st),
         )
     except (KeyError, TypeError, ValueError):
         return None

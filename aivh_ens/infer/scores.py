@@ -62,7 +62,7 @@ def scores_key(
         "version": CACHE_VERSION,
         "run": info.name,
         "config_sha256": sha256_text(json.dumps(training_identity(info.cfg), sort_keys=True)),
-        "weights_sha256": list(info.weights_sha256) or [sha256_file(w) for w in info.weights],
+        "weights_sha256": list(info.weights_sha256),
         "tta": spec.name,
         "average": average,
         "adapt_bn": adapt_bn,

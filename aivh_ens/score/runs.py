@@ -37,14 +37,14 @@ AVERAGES: tuple[str, ...] = ("prob", "logit")
 
 @dataclass(frozen=True)
 class RunInfo:
-    """A finished run: its config, config.json document and one weights file per fold."""
+    """A finished run: its config, config.json document and one weights file per fold (with its sha256)."""
 
     name: str
     cfg: RunConfig
     doc: dict[str, Any]
     weights: tuple[Path, ...]
+    weights_sha256: tuple[str, ...]  # of each fold's weights, checked against its done.json
     oof_tta: str = "none"  # the TTA its OOF rows were scored with (fold 0's done.json; older runs: one view)
-    weights_sha256: tuple[str, ...] = ()  # of each fold's weights, checked against its done.json
 
 
 def check_run(workdir: str | Path, name: str) -> RunInfo:
@@ -63,7 +63,7 @@ def check_run(workdir: str | Path, name: str) -> RunInfo:
         weights.append(w)
     digests = tuple(_vouched_digest(name, k, w) for k, w in enumerate(weights))
     oof_tta = json.loads((rdir / "fold0" / DONE).read_text()).get("oof_tta", "none")
-    return RunInfo(name, cfg, doc, tuple(weights), oof_tta, digests)
+    return RunInfo(name, cfg, doc, tuple(weights), digests, oof_tta)
 
 
 def _vouched_digest(run: str, k: int, weights: Path) -> str:

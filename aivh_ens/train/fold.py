@@ -410,9 +410,8 @@ def _record_epoch(
     improved = cfg.select == "last" or (checked and score > state.best_score)
     if improved:
         state.best_score, state.best_epoch, state.bad_epochs = score, epoch, 0
-        state.best_sha256 = stage_best(
-            eval_model, fdir, epoch
-        )  # best.safetensors changes once state.pt says so
+        # best.safetensors itself changes once state.pt says so
+        state.best_sha256 = stage_best(eval_model, fdir, epoch)
     elif checked:
         state.bad_epochs += 1
     write_csv(fdir / METRICS, pd.DataFrame(state.history), float_format="%.6g")
@@ -472,8 +471,8 @@ def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, secon
     names = job.fold_table["file_name"].to_numpy()
     oof = pd.DataFrame({"file_name": names[rows], "label": vy, "fold": job.fold, "prob": vp,
                         **({"prob_logit": vp_logit} if spec.n_views > 1 else {})})  # fmt: skip
-    digests: dict[str, str | None] = {BEST: state.best_sha256}
-    write_csv(fdir / FOLD_OOF, oof, float_format="%.8g", digests=digests)  # type: ignore[arg-type]
+    digests: dict[str, str] = {}
+    write_csv(fdir / FOLD_OOF, oof, float_format="%.8g", digests=digests)
     if s.ctx.skipped:
         write_csv(fdir / "skipped.csv", pd.DataFrame({"file_name": names[sorted(s.ctx.skipped)]}))
     best = history[state.best_epoch] if 0 <= state.best_epoch < len(history) else history[-1]
@@ -493,7 +492,8 @@ def _write_outputs(job: FoldJob, s: _Setup, state: _State, progress: bool, secon
         "skipped": sorted(names[sorted(s.ctx.skipped)].tolist()),
         "wall_minutes_this_process": seconds / 60,
         **job.meta,
-        **fence.vouch(fdir, digests),  # readers refuse a file that a late write replaced
+        # what readers check: they refuse a file that a late write replaced
+        **fence.vouch(fdir, {BEST: state.best_sha256, **digests}),
     }
     write_json(fdir / DONE, summary)
     (fdir / STATE).unlink(missing_ok=True)  # the fold is finished: its resume state is no longer needed

@@ -394,9 +394,10 @@ def stage_best(model: nn.Module, fold_dir: Path, epoch: int) -> str:
 
     Step two, :func:`commit_best`, comes after ``state.pt``; a crash between the steps is settled on resume by
     :func:`settle_best`, so ``best.safetensors`` always holds the epoch that ``state.pt`` calls the best."""
+    staged = staged_best(fold_dir, epoch)
     digests: dict[str, str] = {}
-    save_weights(model, staged_best(fold_dir, epoch), digests)
-    return digests[staged_best(fold_dir, epoch).name]
+    save_weights(model, staged, digests)
+    return digests[staged.name]
 
 
 def commit_best(fold_dir: Path, epoch: int) -> None:

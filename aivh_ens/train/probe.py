@@ -216,7 +216,7 @@ def fit_probe_fold(
         "head_seconds": seconds,
         **info,
         **job.meta,
-        **fence.vouch(fdir, dict(digests)),  # readers refuse a file that a late write replaced
+        **fence.vouch(fdir, digests),  # readers refuse a file that a late write replaced
     }
     write_json(fdir / DONE, summary)
     return summary

@@ -201,11 +201,11 @@ def test_the_heartbeat_advances_while_the_lock_is_held(tmp_path):
 def test_a_heartbeat_delayed_past_a_takeover_cannot_bring_the_old_owner_back(tmp_path, monkeypatch):
     """An NFS stall holds a heartbeat write while another host takes the lock over; when the write lands, the
     new owner's lock is untouched and the old holder learns at its next beat that it lost."""
-    from aivh_ens import io
+    from aivh_ens import locks
 
     path = tmp_path / "fold0.lock"
     stalled, release = threading.Event(), threading.Event()
-    real = io.write_json
+    real = locks.write_json
 
     def stalling(p, obj):  # the second heartbeat write stalls until the takeover is done
         if p.name.endswith(".beat") and obj["beat"] == 2:
@@ -213,7 +213,7 @@ def test_a_heartbeat_delayed_past_a_takeover_cannot_bring_the_old_owner_back(tmp
             release.wait(60)
         return real(p, obj)
 
-    monkeypatch.setattr(io, "write_json", stalling)
+    monkeypatch.setattr(locks, "write_json", stalling)  # the heartbeat's writes
     lock = FileLock(path, "fold 0", heartbeat_s=0.05)
     lock.acquire()
     try:
